@@ -1,0 +1,688 @@
+//! The sans-IO relay core of one CPU core: sessions, legs, latching, counters, timers.
+//!
+//! Fed datagrams and time by a driver (see `driver`), it answers where each datagram goes and
+//! queues events. It never touches a socket or reads the clock, so every rule here is tested
+//! without I/O.
+//!
+//! Architecture invariant: one `Shard` is owned by one thread; nothing in it is shared or locked.
+
+use crate::ports::PortPool;
+use crate::rtp::{self, Packet};
+use crate::stats::ReceptionStats;
+use siptg_proto::{
+    CommandError, Event, LegId, LegInfo, LegSpec, LegStats, SessionId, SessionStats,
+    SessionSummary, ShardStatus,
+};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Which of a leg's sockets a datagram used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// The RTP port (also carries RTCP with rtcp-mux).
+    Rtp,
+    /// The RTP port + 1, when rtcp-mux is off.
+    Rtcp,
+}
+
+/// Where the driver must send a datagram it just handed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    pub session: SessionId,
+    /// The leg whose socket sends it.
+    pub leg: LegId,
+    pub channel: Channel,
+    pub dest: SocketAddr,
+}
+
+/// Timing knobs of a shard.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardTimers {
+    /// Silence after which a leg reports [`Event::RtpTimeout`].
+    pub rtp_timeout: Duration,
+    /// Period of [`Event::StreamStats`]; `None` disables them.
+    pub stats_interval: Option<Duration>,
+}
+
+/// How a leg knows where its remote is. Only `Latched`/`Fixed` legs can be sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Remote {
+    /// No address and no latching: the leg only receives.
+    Unknown,
+    /// Configured address; packets from elsewhere are foreign.
+    Fixed(SocketAddr),
+    /// Waiting for the first packet; `hint` (from SDP) is used for sending until then.
+    Latching { hint: Option<SocketAddr> },
+    /// Learnt from the first packet; packets from elsewhere are foreign.
+    Latched(SocketAddr),
+}
+
+impl Remote {
+    fn from_spec(spec: &LegSpec) -> Self {
+        match (spec.latch, spec.remote) {
+            (true, hint) => Remote::Latching { hint },
+            (false, Some(addr)) => Remote::Fixed(addr),
+            (false, None) => Remote::Unknown,
+        }
+    }
+
+    fn send_to(&self) -> Option<SocketAddr> {
+        match *self {
+            Remote::Fixed(a) | Remote::Latched(a) => Some(a),
+            Remote::Latching { hint } => hint,
+            Remote::Unknown => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Leg {
+    spec: LegSpec,
+    port: u16,
+    local: SocketAddr,
+    remote: Remote,
+    peer: Option<LegId>,
+    rx: ReceptionStats,
+    counters: LegStats,
+    last_activity: Instant,
+    seen_packet: bool,
+    timeout_reported: bool,
+    /// RTP timestamp of the last telephone-event reported, so its repeated end packets count once.
+    last_dtmf_ts: Option<u32>,
+    active_since_report: bool,
+}
+
+impl Leg {
+    fn stats(&self, leg: LegId, now: Instant) -> LegStats {
+        LegStats {
+            leg,
+            local: Some(self.local),
+            remote: self.remote.send_to(),
+            peer: self.peer,
+            lost: self.rx.lost(),
+            jitter_ms: self.rx.jitter_ms(self.spec.codec.clock_rate),
+            idle_ms: self
+                .seen_packet
+                .then(|| now.saturating_duration_since(self.last_activity).as_millis() as u64),
+            ..self.counters.clone()
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    tag: String,
+    created: Instant,
+    next_leg: LegId,
+    legs: BTreeMap<LegId, Leg>,
+}
+
+/// One core's sessions and ports.
+pub struct Shard {
+    core: u16,
+    epoch: Instant,
+    pool: PortPool,
+    timers: ShardTimers,
+    sessions: HashMap<SessionId, Session>,
+    events: Vec<Event>,
+    last_stats: Instant,
+    packets_relayed: u64,
+}
+
+impl Shard {
+    /// A shard for `core` owning the ports `ports` (inclusive); `now` starts its clock.
+    pub fn new(core: u16, ports: (u16, u16), timers: ShardTimers, now: Instant) -> Self {
+        Self {
+            core,
+            epoch: now,
+            pool: PortPool::new(ports.0, ports.1),
+            timers,
+            sessions: HashMap::new(),
+            events: Vec::new(),
+            last_stats: now,
+            packets_relayed: 0,
+        }
+    }
+
+    /// The core this shard runs on.
+    pub fn core(&self) -> u16 {
+        self.core
+    }
+
+    /// Opens an empty session with an id the caller chose (unique across shards).
+    pub fn create_session(&mut self, id: SessionId, tag: String, now: Instant) {
+        self.sessions.insert(
+            id,
+            Session {
+                tag,
+                created: now,
+                next_leg: 1,
+                legs: BTreeMap::new(),
+            },
+        );
+    }
+
+    /// Checks a leg request and reserves a port for it; the driver then binds the port and calls
+    /// [`Shard::complete_add_leg`] or [`Shard::abort_add_leg`].
+    pub fn begin_add_leg(&mut self, session: SessionId, spec: &LegSpec) -> Result<u16, CommandError> {
+        if !self.sessions.contains_key(&session) {
+            return Err(CommandError::UnknownSession(session));
+        }
+        validate_spec(spec)?;
+        let (min, max) = self.pool.range();
+        self.pool.take().ok_or(CommandError::PortsExhausted {
+            core: self.core,
+            min,
+            max,
+        })
+    }
+
+    /// Gives back a reserved port whose bind failed; `unusable` keeps it out of the pool (another
+    /// program holds it).
+    pub fn abort_add_leg(&mut self, port: u16, unusable: bool) {
+        if !unusable {
+            self.pool.give_back(port);
+        }
+    }
+
+    /// Records a leg whose sockets are bound at `local`.
+    pub fn complete_add_leg(
+        &mut self,
+        session: SessionId,
+        spec: LegSpec,
+        port: u16,
+        local: SocketAddr,
+        now: Instant,
+    ) -> Result<LegInfo, CommandError> {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            self.pool.give_back(port);
+            return Err(CommandError::UnknownSession(session));
+        };
+        let leg = s.next_leg;
+        s.next_leg += 1;
+        s.legs.insert(
+            leg,
+            Leg {
+                remote: Remote::from_spec(&spec),
+                spec,
+                port,
+                local,
+                peer: None,
+                rx: ReceptionStats::default(),
+                counters: LegStats::default(),
+                last_activity: now,
+                seen_packet: false,
+                timeout_reported: false,
+                last_dtmf_ts: None,
+                active_since_report: false,
+            },
+        );
+        Ok(LegInfo {
+            session,
+            leg,
+            local,
+        })
+    }
+
+    /// Applies a re-negotiated spec; a latching leg learns its remote again.
+    pub fn update_leg(
+        &mut self,
+        session: SessionId,
+        leg: LegId,
+        spec: LegSpec,
+    ) -> Result<LegInfo, CommandError> {
+        validate_spec(&spec)?;
+        let l = self.leg_mut(session, leg)?;
+        l.remote = Remote::from_spec(&spec);
+        if l.spec.codec != spec.codec {
+            l.rx = ReceptionStats::default();
+        }
+        l.spec = spec;
+        Ok(LegInfo {
+            session,
+            leg,
+            local: l.local,
+        })
+    }
+
+    /// Bridges `a` and `b` both ways, unbridging whatever either was bridged to.
+    pub fn bridge(&mut self, session: SessionId, a: LegId, b: LegId) -> Result<(), CommandError> {
+        if a == b {
+            return Err(CommandError::Invalid(format!("cannot bridge leg {a} to itself")));
+        }
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(CommandError::UnknownSession(session))?;
+        for leg in [a, b] {
+            if !s.legs.contains_key(&leg) {
+                return Err(CommandError::UnknownLeg { session, leg });
+            }
+        }
+        for leg in [a, b] {
+            if let Some(old) = s.legs.get(&leg).and_then(|l| l.peer) {
+                if let Some(o) = s.legs.get_mut(&old) {
+                    o.peer = None;
+                }
+            }
+        }
+        if let Some(l) = s.legs.get_mut(&a) {
+            l.peer = Some(b);
+        }
+        if let Some(l) = s.legs.get_mut(&b) {
+            l.peer = Some(a);
+        }
+        Ok(())
+    }
+
+    /// Removes a leg; returns its port so the driver closes the sockets (the port goes back to
+    /// the pool here).
+    pub fn delete_leg(&mut self, session: SessionId, leg: LegId) -> Result<u16, CommandError> {
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(CommandError::UnknownSession(session))?;
+        let l = s
+            .legs
+            .remove(&leg)
+            .ok_or(CommandError::UnknownLeg { session, leg })?;
+        if let Some(p) = l.peer.and_then(|p| s.legs.get_mut(&p)) {
+            p.peer = None;
+        }
+        self.pool.give_back(l.port);
+        Ok(l.port)
+    }
+
+    /// Removes a session; returns the legs whose sockets the driver must close.
+    pub fn delete_session(&mut self, session: SessionId) -> Result<Vec<LegId>, CommandError> {
+        let s = self
+            .sessions
+            .remove(&session)
+            .ok_or(CommandError::UnknownSession(session))?;
+        let legs = s.legs.keys().copied().collect();
+        for l in s.legs.into_values() {
+            self.pool.give_back(l.port);
+        }
+        Ok(legs)
+    }
+
+    /// Per-leg counters of a session.
+    pub fn stats(&self, session: SessionId, now: Instant) -> Result<SessionStats, CommandError> {
+        let s = self
+            .sessions
+            .get(&session)
+            .ok_or(CommandError::UnknownSession(session))?;
+        Ok(SessionStats {
+            session,
+            legs: s.legs.iter().map(|(&id, l)| l.stats(id, now)).collect(),
+        })
+    }
+
+    /// Every session of this shard.
+    pub fn summaries(&self, now: Instant) -> Vec<SessionSummary> {
+        self.sessions
+            .iter()
+            .map(|(&id, s)| SessionSummary {
+                session: id,
+                tag: s.tag.clone(),
+                core: self.core,
+                legs: s
+                    .legs
+                    .iter()
+                    .map(|(&leg, l)| LegInfo {
+                        session: id,
+                        leg,
+                        local: l.local,
+                    })
+                    .collect(),
+                age_ms: now.saturating_duration_since(s.created).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// Health numbers of this shard.
+    pub fn status(&self) -> ShardStatus {
+        let (port_min, port_max) = self.pool.range();
+        ShardStatus {
+            core: self.core,
+            running: true,
+            sessions: self.sessions.len() as u32,
+            legs: self.sessions.values().map(|s| s.legs.len() as u32).sum(),
+            port_min,
+            port_max,
+            ports_free: self.pool.free(),
+            packets_relayed: self.packets_relayed,
+        }
+    }
+
+    /// Handles one datagram received on a leg's socket; returns where to relay it, if anywhere.
+    pub fn on_datagram(
+        &mut self,
+        session: SessionId,
+        leg: LegId,
+        channel: Channel,
+        src: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) -> Option<Forward> {
+        let epoch = self.epoch;
+        let s = self.sessions.get_mut(&session)?;
+        let l = s.legs.get_mut(&leg)?;
+        let Some(packet) = rtp::classify(data) else {
+            l.counters.dropped_malformed += 1;
+            return None;
+        };
+        // RTCP on its own port comes from the remote's RTP port + 1 (RFC 3550 §11).
+        let src_rtp = match channel {
+            Channel::Rtp => src,
+            Channel::Rtcp => SocketAddr::new(src.ip(), src.port().wrapping_sub(1)),
+        };
+        match l.remote {
+            Remote::Fixed(a) | Remote::Latched(a) if a != src_rtp => {
+                l.counters.dropped_foreign += 1;
+                return None;
+            }
+            Remote::Latching { .. } if channel == Channel::Rtp => {
+                l.remote = Remote::Latched(src);
+            }
+            _ => {}
+        }
+        l.counters.packets_in += 1;
+        l.counters.bytes_in += data.len() as u64;
+        l.last_activity = now;
+        l.seen_packet = true;
+        l.timeout_reported = false;
+        l.active_since_report = true;
+        if let Packet::Rtp(h) = packet {
+            l.rx.on_packet(h.sequence, h.timestamp, now, epoch, l.spec.codec.clock_rate);
+            if Some(h.payload_type) == l.spec.codec.telephone_event {
+                detect_dtmf(session, leg, l, &h, data, &mut self.events);
+            }
+        }
+        let peer_id = l.peer?;
+        let peer = s.legs.get_mut(&peer_id)?;
+        let dest = peer.remote.send_to()?;
+        let (out_channel, dest) = match packet {
+            Packet::Rtcp if !peer.spec.rtcp_mux => (
+                Channel::Rtcp,
+                SocketAddr::new(dest.ip(), dest.port().wrapping_add(1)),
+            ),
+            _ => (Channel::Rtp, dest),
+        };
+        peer.counters.packets_out += 1;
+        peer.counters.bytes_out += data.len() as u64;
+        self.packets_relayed += 1;
+        Some(Forward {
+            session,
+            leg: peer_id,
+            channel: out_channel,
+            dest,
+        })
+    }
+
+    /// Runs timers: RTP timeouts and periodic stream stats. Call at least every few hundred ms.
+    pub fn on_tick(&mut self, now: Instant) {
+        let timeout = self.timers.rtp_timeout;
+        let report_stats = self
+            .timers
+            .stats_interval
+            .is_some_and(|iv| now.saturating_duration_since(self.last_stats) >= iv);
+        if report_stats {
+            self.last_stats = now;
+        }
+        for (&sid, s) in &mut self.sessions {
+            for (&lid, l) in &mut s.legs {
+                let idle = now.saturating_duration_since(l.last_activity);
+                if !l.timeout_reported && idle >= timeout {
+                    l.timeout_reported = true;
+                    self.events.push(Event::RtpTimeout {
+                        session: sid,
+                        leg: lid,
+                        idle_ms: idle.as_millis() as u64,
+                    });
+                }
+                if report_stats && l.active_since_report {
+                    l.active_since_report = false;
+                    self.events.push(Event::StreamStats {
+                        session: sid,
+                        stats: l.stats(lid, now),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Moves queued events into `out`.
+    pub fn drain_events(&mut self, out: &mut Vec<Event>) {
+        out.append(&mut self.events);
+    }
+
+    fn leg_mut(&mut self, session: SessionId, leg: LegId) -> Result<&mut Leg, CommandError> {
+        self.sessions
+            .get_mut(&session)
+            .ok_or(CommandError::UnknownSession(session))?
+            .legs
+            .get_mut(&leg)
+            .ok_or(CommandError::UnknownLeg { session, leg })
+    }
+}
+
+fn validate_spec(spec: &LegSpec) -> Result<(), CommandError> {
+    if spec.codec.clock_rate == 0 {
+        return Err(CommandError::Invalid(format!(
+            "codec {} has clock rate 0",
+            spec.codec.name
+        )));
+    }
+    if spec.codec.payload_type > 127 {
+        return Err(CommandError::Invalid(format!(
+            "payload type {} is not 0-127",
+            spec.codec.payload_type
+        )));
+    }
+    if spec.srtp.is_some() {
+        return Err(CommandError::Unsupported(
+            "SDES-SRTP legs (this dataplane relays plain RTP only)".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn detect_dtmf(
+    session: SessionId,
+    leg: LegId,
+    l: &mut Leg,
+    h: &rtp::RtpHeader,
+    data: &[u8],
+    events: &mut Vec<Event>,
+) {
+    let Some(ev) = data.get(h.payload_offset..).and_then(rtp::telephone_event) else {
+        return;
+    };
+    // RFC 4733 §2.5.1.4: the end packet is sent three times with the same timestamp.
+    if !ev.end || l.last_dtmf_ts == Some(h.timestamp) {
+        return;
+    }
+    l.last_dtmf_ts = Some(h.timestamp);
+    if let Some(digit) = rtp::dtmf_digit(ev.event) {
+        let rate = l.spec.codec.clock_rate.max(1);
+        events.push(Event::Dtmf {
+            session,
+            leg,
+            digit,
+            duration_ms: (ev.duration as u64 * 1000 / rate as u64) as u32,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use siptg_proto::Codec;
+
+    fn spec(remote: Option<&str>, latch: bool) -> LegSpec {
+        LegSpec {
+            remote: remote.map(|r| r.parse().unwrap()),
+            latch,
+            local_ip: None,
+            rtcp_mux: true,
+            codec: Codec::pcma(),
+            srtp: None,
+        }
+    }
+
+    fn rtp(pt: u8, seq: u16, ts: u32) -> Vec<u8> {
+        let mut p = vec![0x80, pt, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        p[2..4].copy_from_slice(&seq.to_be_bytes());
+        p[4..8].copy_from_slice(&ts.to_be_bytes());
+        p.extend_from_slice(&[0xd5; 160]);
+        p
+    }
+
+    fn timers() -> ShardTimers {
+        ShardTimers {
+            rtp_timeout: Duration::from_secs(10),
+            stats_interval: None,
+        }
+    }
+
+    /// A shard with session 1 holding legs 1 and 2 bridged.
+    fn bridged(a: LegSpec, b: LegSpec, now: Instant) -> Shard {
+        let mut sh = Shard::new(0, (40_000, 40_099), timers(), now);
+        sh.create_session(1, "t".into(), now);
+        for s in [a, b] {
+            let port = sh.begin_add_leg(1, &s).unwrap();
+            let local = SocketAddr::from(([127, 0, 0, 1], port));
+            sh.complete_add_leg(1, s, port, local, now).unwrap();
+        }
+        sh.bridge(1, 1, 2).unwrap();
+        sh
+    }
+
+    #[test]
+    fn bridged_rtp_goes_to_the_peer_remote() {
+        let now = Instant::now();
+        let mut sh = bridged(spec(Some("127.0.0.1:5000"), false), spec(Some("127.0.0.1:6000"), false), now);
+        let fwd = sh.on_datagram(1, 1, Channel::Rtp, "127.0.0.1:5000".parse().unwrap(), &rtp(8, 1, 0), now);
+        assert_eq!(
+            fwd,
+            Some(Forward {
+                session: 1,
+                leg: 2,
+                channel: Channel::Rtp,
+                dest: "127.0.0.1:6000".parse().unwrap()
+            })
+        );
+        let st = sh.stats(1, now).unwrap();
+        assert_eq!(st.legs[0].packets_in, 1);
+        assert_eq!(st.legs[1].packets_out, 1);
+        assert_eq!(st.legs[1].bytes_out, 172);
+    }
+
+    #[test]
+    fn latching_leg_learns_first_source_and_then_drops_others() {
+        let now = Instant::now();
+        let mut sh = bridged(spec(None, true), spec(Some("127.0.0.1:6000"), false), now);
+        let first: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let other: SocketAddr = "127.0.0.1:7002".parse().unwrap();
+        assert!(sh.on_datagram(1, 1, Channel::Rtp, first, &rtp(8, 1, 0), now).is_some());
+        assert!(sh.on_datagram(1, 1, Channel::Rtp, other, &rtp(8, 2, 160), now).is_none());
+        // And the latched address is where the peer's media now goes.
+        let back = sh.on_datagram(1, 2, Channel::Rtp, "127.0.0.1:6000".parse().unwrap(), &rtp(8, 1, 0), now);
+        assert_eq!(back.map(|f| f.dest), Some(first));
+        let st = sh.stats(1, now).unwrap();
+        assert_eq!(st.legs[0].dropped_foreign, 1);
+        assert_eq!(st.legs[0].remote, Some(first));
+    }
+
+    #[test]
+    fn update_leg_relatches_after_reinvite() {
+        let now = Instant::now();
+        let mut sh = bridged(spec(None, true), spec(Some("127.0.0.1:6000"), false), now);
+        sh.on_datagram(1, 1, Channel::Rtp, "127.0.0.1:7000".parse().unwrap(), &rtp(8, 1, 0), now);
+        sh.update_leg(1, 1, spec(Some("127.0.0.1:8000"), true)).unwrap();
+        let moved: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        assert!(sh.on_datagram(1, 1, Channel::Rtp, moved, &rtp(8, 2, 160), now).is_some());
+    }
+
+    #[test]
+    fn unbridged_leg_counts_but_does_not_forward() {
+        let now = Instant::now();
+        let mut sh = bridged(spec(None, true), spec(None, true), now);
+        sh.delete_leg(1, 2).unwrap();
+        assert!(sh.on_datagram(1, 1, Channel::Rtp, "127.0.0.1:7000".parse().unwrap(), &rtp(8, 1, 0), now).is_none());
+        assert_eq!(sh.stats(1, now).unwrap().legs[0].packets_in, 1);
+    }
+
+    #[test]
+    fn rtp_timeout_reported_once_until_media_resumes() {
+        let t0 = Instant::now();
+        let mut sh = bridged(spec(None, true), spec(None, true), t0);
+        let mut ev = Vec::new();
+        sh.on_tick(t0 + Duration::from_secs(5));
+        sh.drain_events(&mut ev);
+        assert!(ev.is_empty());
+        sh.on_tick(t0 + Duration::from_secs(11));
+        sh.on_tick(t0 + Duration::from_secs(12));
+        sh.drain_events(&mut ev);
+        assert_eq!(ev.len(), 2, "{ev:?}"); // one per leg, not repeated
+        assert!(matches!(ev[0], Event::RtpTimeout { session: 1, .. }));
+    }
+
+    #[test]
+    fn dtmf_end_packets_report_one_digit() {
+        let now = Instant::now();
+        let mut sh = bridged(spec(None, true), spec(None, true), now);
+        let src: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        for (seq, end) in [(1u16, false), (2, true), (3, true), (4, true)] {
+            let mut p = rtp(101, seq, 8000);
+            p.truncate(12);
+            p.extend_from_slice(&[5, if end { 0x80 } else { 0 }, 0x03, 0x20]);
+            sh.on_datagram(1, 1, Channel::Rtp, src, &p, now);
+        }
+        let mut ev = Vec::new();
+        sh.drain_events(&mut ev);
+        assert_eq!(
+            ev,
+            vec![Event::Dtmf {
+                session: 1,
+                leg: 1,
+                digit: '5',
+                duration_ms: 100
+            }]
+        );
+    }
+
+    #[test]
+    fn ports_return_to_the_pool_on_delete() {
+        let now = Instant::now();
+        let mut sh = bridged(spec(None, true), spec(None, true), now);
+        let before = sh.status().ports_free;
+        sh.delete_session(1).unwrap();
+        assert_eq!(sh.status().ports_free, before + 2);
+        assert_eq!(sh.status().sessions, 0);
+    }
+
+    #[test]
+    fn exhausted_ports_are_a_clear_error() {
+        let now = Instant::now();
+        let mut sh = Shard::new(3, (50_000, 50_003), timers(), now);
+        sh.create_session(1, "t".into(), now);
+        for _ in 0..2 {
+            let p = sh.begin_add_leg(1, &spec(None, true)).unwrap();
+            sh.complete_add_leg(1, spec(None, true), p, SocketAddr::from(([127, 0, 0, 1], p)), now)
+                .unwrap();
+        }
+        let err = sh.begin_add_leg(1, &spec(None, true)).unwrap_err();
+        assert_eq!(err, CommandError::PortsExhausted { core: 3, min: 50_000, max: 50_003 });
+    }
+
+    #[test]
+    fn junk_datagram_is_counted_not_forwarded() {
+        let now = Instant::now();
+        let mut sh = bridged(spec(None, true), spec(Some("127.0.0.1:6000"), false), now);
+        assert!(sh.on_datagram(1, 1, Channel::Rtp, "127.0.0.1:7000".parse().unwrap(), b"hello", now).is_none());
+        assert_eq!(sh.stats(1, now).unwrap().legs[0].dropped_malformed, 1);
+    }
+}
