@@ -1,1 +1,249 @@
-fn main(){}
+//! The `siptg` command: wires the CLI to the roles in `siptg-control` and `siptg-dataplane`.
+
+mod status_view;
+
+use clap::{Parser, Subcommand};
+use siptg_control::config::{self, Loaded, TelegramBackend};
+use siptg_control::run::{self, Invocation};
+use siptg_control::{admin, observability, tls};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "siptg", version, about = "SIP <-> Telegram voice gateway")]
+struct Cli {
+    /// Configuration file (default: the built-in example, config/siptg.example.toml).
+    #[arg(long, short, global = true, env = "SIPTG_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every role on this host: manager, worker, storage, and the dataplane as a child.
+    Up,
+    /// Run the gateway like `up`, with the simulated Telegram cloud.
+    Demo,
+    /// Run the Manager alone (links to workers and storages over mutual TLS).
+    Manager,
+    /// Run a Worker alone (SIP, media via the dataplane; its Manager connects over mutual TLS).
+    Worker,
+    /// Run a Session Storage alone (Telegram sessions; its Manager connects over mutual TLS).
+    Storage,
+    /// Run the media dataplane: one pinned relay shard per configured core.
+    Dataplane,
+    /// Validate a configuration file; errors name the key and line.
+    CheckConfig {
+        /// The file to check (or use --config).
+        file: Option<PathBuf>,
+    },
+    /// Show the roles, links, dataplane cores and sessions of a running siptg.
+    Status {
+        /// Admin address (default: [admin] listen from the config).
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the CA and node certificates for mutual-TLS links.
+    Certs {
+        #[command(subcommand)]
+        action: CertsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a new CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long, default_value = "var/certs")]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "siptg CA")]
+        name: String,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate for node NAME (its CN and DNS name), signed by the CA in DIR.
+    Issue {
+        name: String,
+        #[arg(long, default_value = "var/certs")]
+        dir: PathBuf,
+        /// Certificate output (default: DIR/NAME.pem).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// Private key output (default: DIR/NAME.key).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long, default_value_t = tls::NODE_CERT_DAYS)]
+        days: i64,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn load(path: Option<&Path>) -> Result<Loaded, String> {
+    config::load(path, std::env::vars()).map_err(|e| e.to_string())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn run_role(
+    cli_config: Option<PathBuf>,
+    demo: bool,
+    f: fn(Invocation) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), run::RunError>>>>,
+) -> Result<(), String> {
+    let mut loaded = load(cli_config.as_deref())?;
+    if demo {
+        loaded.config.telegram.backend = TelegramBackend::Sim;
+    }
+    observability::init(&loaded.config.log);
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the siptg binary: {e}"))?;
+    let config_path = cli_config.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+    if demo {
+        print_demo_banner(&loaded);
+    }
+    let inv = Invocation {
+        loaded,
+        config_path,
+        exe,
+    };
+    runtime()?.block_on(f(inv)).map_err(|e| e.to_string())
+}
+
+fn print_demo_banner(loaded: &Loaded) {
+    let c = &loaded.config;
+    let sip: Vec<String> = c.sip.listen.iter().map(|l| format!("udp:{}", l.addr)).collect();
+    eprintln!(
+        "siptg demo — all roles on this host, Telegram backend: simulated cloud\n  \
+         config:  {}\n  SIP:     {}\n  status:  siptg status   (http://{}/status)\n  \
+         metrics: http://{}/metrics\n  try:     sipp -sn uac -m 1 {}   (OPTIONS/INVITE get SIP.TG's answers)\n",
+        loaded.source_name,
+        sip.join(", "),
+        c.admin.listen,
+        c.admin.listen,
+        c.sip.listen.first().map(|l| l.addr.to_string()).unwrap_or_default(),
+    );
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Up => run_role(cli.config, false, |i| Box::pin(run::up(i))),
+        Cmd::Demo => run_role(cli.config, true, |i| Box::pin(run::up(i))),
+        Cmd::Manager => run_role(cli.config, false, |i| Box::pin(run::manager(i))),
+        Cmd::Worker => run_role(cli.config, false, |i| Box::pin(run::worker(i))),
+        Cmd::Storage => run_role(cli.config, false, |i| Box::pin(run::storage(i))),
+        Cmd::Dataplane => run_dataplane(cli.config),
+        Cmd::CheckConfig { file } => check_config(file.or(cli.config)),
+        Cmd::Status { admin, json } => status(cli.config, admin, json),
+        Cmd::Certs { action } => certs(action),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("siptg: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_dataplane(cli_config: Option<PathBuf>) -> Result<(), String> {
+    let loaded = load(cli_config.as_deref())?;
+    observability::init(&loaded.config.log);
+    let dp = &loaded.config.dataplane;
+    let cfg = siptg_dataplane::DataplaneConfig {
+        cores: dp.core_list(),
+        pin_cores: dp.pin_cores,
+        port_min: dp.rtp_port_min,
+        port_max: dp.rtp_port_max,
+        media_ip: dp.media_ip,
+        socket: loaded.path(&dp.socket),
+        rtp_timeout: dp.rtp_timeout,
+        stats_interval: (!dp.stats_interval.is_zero()).then_some(dp.stats_interval),
+    };
+    siptg_dataplane::run(&cfg).map_err(|e| e.to_string())
+}
+
+fn check_config(file: Option<PathBuf>) -> Result<(), String> {
+    let loaded = load(file.as_deref())?;
+    let c = &loaded.config;
+    let dp = &c.dataplane;
+    println!(
+        "{}: OK\n  dataplane: cores {:?}, RTP ports {}-{}, socket {}\n  sip: {}\n  telegram: {:?}, database: {:?}",
+        loaded.source_name,
+        dp.core_list(),
+        dp.rtp_port_min,
+        dp.rtp_port_max,
+        loaded.path(&dp.socket).display(),
+        c.sip
+            .listen
+            .iter()
+            .map(|l| format!("udp:{}", l.addr))
+            .collect::<Vec<_>>()
+            .join(", "),
+        c.telegram.backend,
+        c.database.backend,
+    );
+    Ok(())
+}
+
+fn status(cli_config: Option<PathBuf>, admin_addr: Option<SocketAddr>, json: bool) -> Result<(), String> {
+    let addr = match admin_addr {
+        Some(a) => a,
+        None => load(cli_config.as_deref())?.config.admin.listen,
+    };
+    let body = runtime()?
+        .block_on(admin::fetch(addr, "/status"))
+        .map_err(|e| e.to_string())?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("status is not JSON: {e}"))?;
+    print!("{}", status_view::render(&v));
+    Ok(())
+}
+
+fn certs(action: CertsCmd) -> Result<(), String> {
+    match action {
+        CertsCmd::Init { dir, name, force } => {
+            let files = tls::init_ca(&dir, &name, force).map_err(|e| e.to_string())?;
+            println!(
+                "CA created: {} (certificate), {} (private key — keep it off worker hosts)",
+                files.cert.display(),
+                files.key.display()
+            );
+        }
+        CertsCmd::Issue {
+            name,
+            dir,
+            cert,
+            key,
+            days,
+            force,
+        } => {
+            let cert = cert.unwrap_or_else(|| dir.join(format!("{name}.pem")));
+            let key = key.unwrap_or_else(|| dir.join(format!("{name}.key")));
+            let ca = tls::CaFiles::in_dir(&dir);
+            tls::issue(&ca, &name, &cert, &key, days, force).map_err(|e| e.to_string())?;
+            println!(
+                "certificate for {name:?} valid {days} days: {} and {}; put them with {} in the node's [tls] section",
+                cert.display(),
+                key.display(),
+                ca.cert.display()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1009 @@
+//! The one TOML configuration file: typed sections, environment overrides, validation whose
+//! every error names the key and the line.
+//!
+//! Loading goes text → TOML table → environment overrides → typed [`Config`] (type errors carry
+//! the key path) → semantic checks (ranges, cores present, credentials). Spans come from
+//! `toml_edit`, so each message points at the line an operator has to fix.
+
+use serde::{de, Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The commented example shipped in the repository; `siptg up` uses it when given no file.
+pub const EXAMPLE: &str = include_str!("../../config/siptg.example.toml");
+
+/// Prefix of environment variables that override keys: `SIPTG__SECTION__KEY=value`.
+pub const ENV_PREFIX: &str = "SIPTG__";
+
+/// A whole siptg configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    pub manager: Option<ManagerConfig>,
+    pub worker: Option<WorkerConfig>,
+    pub storage: Option<StorageConfig>,
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub dataplane: DataplaneSection,
+    #[serde(default)]
+    pub sip: SipConfig,
+    #[serde(default)]
+    pub telegram: TelegramConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+}
+
+/// Where this node keeps its state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            state_dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("var")
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// Per-module levels: `tracing` target → level.
+    #[serde(default)]
+    pub modules: BTreeMap<String, String>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: default_level(),
+            modules: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+/// Human-readable or one JSON object per line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+/// The admin HTTP endpoint (metrics and status).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin(),
+        }
+    }
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9600))
+}
+
+/// A peer the Manager dials.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAddr {
+    /// Node name; must be in the peer's certificate.
+    pub name: String,
+    pub address: String,
+}
+
+/// The Manager role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagerConfig {
+    /// This Manager's node name (its certificate's name on TLS links).
+    #[serde(default = "default_manager_name")]
+    pub name: String,
+    #[serde(default = "default_heartbeat", deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    #[serde(default = "default_link_timeout", deserialize_with = "duration")]
+    pub link_timeout: Duration,
+    #[serde(default)]
+    pub workers: Vec<PeerAddr>,
+    #[serde(default)]
+    pub storages: Vec<PeerAddr>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            name: default_manager_name(),
+            heartbeat_interval: default_heartbeat(),
+            link_timeout: default_link_timeout(),
+            workers: Vec::new(),
+            storages: Vec::new(),
+        }
+    }
+}
+
+fn default_manager_name() -> String {
+    "manager-1".into()
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_link_timeout() -> Duration {
+    Duration::from_secs(6)
+}
+
+/// The Worker role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    #[serde(default = "default_worker_name")]
+    pub name: String,
+    #[serde(default = "default_worker_link")]
+    pub link_listen: SocketAddr,
+    #[serde(default = "default_manager_timeout", deserialize_with = "duration")]
+    pub manager_timeout: Duration,
+    /// How long media sessions found on the dataplane after a control restart wait to be claimed
+    /// by a call before they are deleted.
+    #[serde(default = "default_orphan_grace", deserialize_with = "duration")]
+    pub orphan_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            name: default_worker_name(),
+            link_listen: default_worker_link(),
+            manager_timeout: default_manager_timeout(),
+            orphan_grace: default_orphan_grace(),
+        }
+    }
+}
+
+fn default_worker_name() -> String {
+    "worker-1".into()
+}
+fn default_worker_link() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50001))
+}
+fn default_orphan_grace() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_manager_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// The Session Storage role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    #[serde(default = "default_storage_name")]
+    pub name: String,
+    #[serde(default = "default_storage_link")]
+    pub link_listen: SocketAddr,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            name: default_storage_name(),
+            link_listen: default_storage_link(),
+        }
+    }
+}
+
+fn default_storage_name() -> String {
+    "storage-1".into()
+}
+fn default_storage_link() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50002))
+}
+
+/// Certificates for the mTLS links between nodes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The `[dataplane]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneSection {
+    #[serde(default)]
+    pub cores: Cores,
+    #[serde(default = "yes")]
+    pub pin_cores: bool,
+    /// Start (and restart) the dataplane process when none answers on the socket.
+    #[serde(default = "yes")]
+    pub spawn: bool,
+    #[serde(default = "default_port_min")]
+    pub rtp_port_min: u16,
+    #[serde(default = "default_port_max")]
+    pub rtp_port_max: u16,
+    #[serde(default = "default_media_ip")]
+    pub media_ip: IpAddr,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_rtp_timeout", deserialize_with = "duration")]
+    pub rtp_timeout: Duration,
+    #[serde(default = "default_stats_interval", deserialize_with = "duration")]
+    pub stats_interval: Duration,
+}
+
+impl Default for DataplaneSection {
+    fn default() -> Self {
+        Self {
+            cores: Cores::All,
+            pin_cores: true,
+            spawn: true,
+            rtp_port_min: default_port_min(),
+            rtp_port_max: default_port_max(),
+            media_ip: default_media_ip(),
+            socket: default_socket(),
+            rtp_timeout: default_rtp_timeout(),
+            stats_interval: default_stats_interval(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_port_min() -> u16 {
+    30000
+}
+fn default_port_max() -> u16 {
+    39999
+}
+fn default_media_ip() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("var/dataplane.sock")
+}
+fn default_rtp_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_stats_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl DataplaneSection {
+    /// The core list with `all` expanded to this machine's CPUs.
+    pub fn core_list(&self) -> Vec<u16> {
+        match &self.cores {
+            Cores::All => available_cores(),
+            Cores::List(l) => l.clone(),
+        }
+    }
+
+}
+
+/// Which CPU cores get a dataplane shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Cores {
+    #[default]
+    All,
+    List(Vec<u16>),
+}
+
+impl<'de> Deserialize<'de> for Cores {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Cores;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"all\" or a list of CPU core numbers such as [0, 1]")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Cores, E> {
+                if v == "all" {
+                    Ok(Cores::All)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Cores, A::Error> {
+                let mut out = Vec::new();
+                while let Some(c) = seq.next_element::<u16>()? {
+                    out.push(c);
+                }
+                Ok(Cores::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// CPUs this process may run on.
+pub fn available_cores() -> Vec<u16> {
+    // SAFETY: CPU_ZERO/sched_getaffinity write only into the zeroed set we own and pass by
+    // pointer with its exact size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let cores: Vec<u16> = (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .map(|c| c as u16)
+                .collect();
+            if !cores.is_empty() {
+                return cores;
+            }
+        }
+    }
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (0..n as u16).collect()
+}
+
+/// The SIP edge.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipConfig {
+    #[serde(default = "default_sip_listen")]
+    pub listen: Vec<SipListen>,
+    #[serde(default = "default_user_agent")]
+    pub user_agent: String,
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_sip_listen(),
+            user_agent: default_user_agent(),
+        }
+    }
+}
+
+fn default_sip_listen() -> Vec<SipListen> {
+    vec![SipListen {
+        transport: SipTransport::Udp,
+        addr: SocketAddr::from(([127, 0, 0, 1], 5060)),
+    }]
+}
+fn default_user_agent() -> String {
+    "siptg".into()
+}
+
+/// SIP transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SipTransport {
+    Udp,
+}
+
+/// One SIP listener, written `"udp:127.0.0.1:5060"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SipListen {
+    pub transport: SipTransport,
+    pub addr: SocketAddr,
+}
+
+impl<'de> Deserialize<'de> for SipListen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let (t, addr) = s.split_once(':').ok_or_else(|| {
+            de::Error::custom(format!("{s:?} is not \"transport:address:port\" (e.g. \"udp:0.0.0.0:5060\")"))
+        })?;
+        let transport = match t {
+            "udp" => SipTransport::Udp,
+            "tcp" | "tls" => {
+                return Err(de::Error::custom(format!(
+                    "transport {t:?} is not available in this build; use \"udp\""
+                )))
+            }
+            other => return Err(de::Error::custom(format!("unknown SIP transport {other:?}"))),
+        };
+        let addr = addr
+            .parse()
+            .map_err(|e| de::Error::custom(format!("{addr:?} is not an address:port ({e})")))?;
+        Ok(SipListen { transport, addr })
+    }
+}
+
+/// How the gateway reaches Telegram.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramConfig {
+    #[serde(default)]
+    pub backend: TelegramBackend,
+    pub api_id: Option<i64>,
+    pub api_hash: Option<String>,
+}
+
+impl Default for TelegramConfig {
+    fn default() -> Self {
+        Self {
+            backend: TelegramBackend::Sim,
+            api_id: None,
+            api_hash: None,
+        }
+    }
+}
+
+/// The simulated cloud or the real MTProto client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TelegramBackend {
+    #[default]
+    Sim,
+    Mtproto,
+}
+
+/// Where shared state lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    #[serde(default)]
+    pub backend: DatabaseBackend,
+    #[serde(default = "default_db_path")]
+    pub path: PathBuf,
+    pub url: Option<String>,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            backend: DatabaseBackend::Redb,
+            path: default_db_path(),
+            url: None,
+        }
+    }
+}
+
+fn default_db_path() -> PathBuf {
+    PathBuf::from("var/siptg.redb")
+}
+
+/// Embedded file or PostgreSQL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseBackend {
+    #[default]
+    Redb,
+    Postgres,
+}
+
+/// Accepts `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like \"500ms\", \"10s\", \"5m\""))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        u => return Err(format!("unknown duration unit {u:?} in {s:?} (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(de::Error::custom)
+}
+
+/// Resolves a configured path against the config file's directory.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// One thing wrong with a config, tied to a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    /// Dotted key path, e.g. `dataplane.cores`.
+    pub key: String,
+    /// 1-based line in the file, when the key is in the file.
+    pub line: Option<usize>,
+    /// Set when the value came from an environment variable.
+    pub env: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        write!(f, "`{}`: {}", self.key, self.message)?;
+        if let Some(env) = &self.env {
+            write!(f, " (set by environment variable {env})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{source_name}: TOML syntax error: {message}")]
+    Syntax { source_name: String, message: String },
+    #[error("{source_name}: invalid configuration:\n{}", list(.issues))]
+    Invalid {
+        source_name: String,
+        issues: Vec<Issue>,
+    },
+}
+
+fn list(issues: &[Issue]) -> String {
+    issues
+        .iter()
+        .map(|i| format!("  {i}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A loaded, validated configuration and where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// Directory relative paths are resolved against.
+    pub base: PathBuf,
+    /// File name, or `built-in example`.
+    pub source_name: String,
+}
+
+impl Loaded {
+    /// The state directory, absolute.
+    pub fn state_dir(&self) -> PathBuf {
+        resolve(&self.base, &self.config.node.state_dir)
+    }
+
+    /// A configured path, absolute.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        resolve(&self.base, p)
+    }
+}
+
+/// Loads `path`, or the built-in example when `None`, applying `SIPTG__…` overrides from `env`.
+pub fn load(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigError> {
+    let (text, source_name, base) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?;
+            let base = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+            (text, p.display().to_string(), base)
+        }
+        None => (
+            EXAMPLE.to_string(),
+            "built-in example config".to_string(),
+            PathBuf::from("."),
+        ),
+    };
+    let config = parse(&text, &source_name, env)?;
+    Ok(Loaded {
+        config,
+        base: std::fs::canonicalize(&base).unwrap_or(base),
+        source_name,
+    })
+}
+
+/// Parses and validates config text.
+pub fn parse(
+    text: &str,
+    source_name: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+        source_name: source_name.to_string(),
+        message: e.to_string(),
+    })?;
+    let spans = toml_edit::ImDocument::parse(text.to_string()).ok();
+    let line_of = |key: &str| spans.as_ref().and_then(|d| line_of_key(d, key));
+    let overridden = apply_env(&mut table, env);
+    let env_of = |key: &str| {
+        overridden
+            .iter()
+            .find(|(k, _)| key == k || key.starts_with(&format!("{k}.")))
+            .map(|(_, v)| v.clone())
+    };
+    let invalid = |issues: Vec<Issue>| ConfigError::Invalid {
+        source_name: source_name.to_string(),
+        issues,
+    };
+    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let mut key = e.path().to_string();
+        let message = e.inner().to_string();
+        if let Some(field) = unknown_field(&message) {
+            key = if key == "." { field } else { format!("{key}.{field}") };
+        }
+        invalid(vec![Issue {
+            line: line_of(&key),
+            env: env_of(&key),
+            key,
+            message,
+        }])
+    })?;
+    let issues: Vec<Issue> = validate(&config)
+        .into_iter()
+        .map(|(key, message)| Issue {
+            line: line_of(&key),
+            env: env_of(&key),
+            key,
+            message,
+        })
+        .collect();
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        Err(invalid(issues))
+    }
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// 1-based line of a dotted key (array indices like `manager.workers[1].name` included).
+fn line_of_key(doc: &toml_edit::ImDocument<String>, key: &str) -> Option<usize> {
+    let mut item: &toml_edit::Item = doc.as_item();
+    let mut span = None;
+    for part in key.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let next = item.get(name)?;
+        span = next.span().or(span);
+        item = next;
+        if let Some(i) = index {
+            let next = item.get(i)?;
+            span = next.span().or(span);
+            item = next;
+        }
+        if let Some(t) = item.as_table_like() {
+            if let Some((k, _)) = t.get_key_value(name) {
+                span = k.span().or(span);
+            }
+        }
+    }
+    let offset = span?.start;
+    Some(doc.raw()[..offset].matches('\n').count() + 1)
+}
+
+/// Applies `SIPTG__SECTION__KEY=value` overrides; returns (dotted key, variable name) of each.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Vec<(String, String)> {
+    let mut applied = Vec::new();
+    for (name, raw) in env {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if parts.iter().any(String::is_empty) {
+            continue;
+        }
+        // `key = <raw>` parsed as TOML gives numbers, booleans and lists their types.
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let (last, sections) = parts.split_last().expect("non-empty");
+        if let Some(t) = table_at(table, sections) {
+            t.insert(last.clone(), value);
+            applied.push((parts.join("."), name.clone()));
+        }
+    }
+    applied
+}
+
+/// The table at `path`, creating missing tables; `None` if a non-table is in the way.
+fn table_at<'a>(t: &'a mut toml::Table, path: &[String]) -> Option<&'a mut toml::Table> {
+    let Some((first, rest)) = path.split_first() else {
+        return Some(t);
+    };
+    match t
+        .entry(first.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+    {
+        toml::Value::Table(inner) => table_at(inner, rest),
+        _ => None,
+    }
+}
+
+/// Semantic checks; each finding is (dotted key, message).
+fn validate(c: &Config) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut bad = |k: &str, m: String| out.push((k.to_string(), m));
+
+    if let Err(e) = crate::observability::filter_directives(&c.log) {
+        bad("log.level", e);
+    }
+
+    let dp = &c.dataplane;
+    if let Cores::List(list) = &dp.cores {
+        if list.is_empty() {
+            bad("dataplane.cores", "lists no core; use \"all\" or e.g. [0]".into());
+        }
+        let available = available_cores();
+        for core in list {
+            if !available.contains(core) {
+                bad(
+                    "dataplane.cores",
+                    format!("core {core} is not available on this machine (available: {available:?})"),
+                );
+            }
+        }
+        let mut seen = list.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != list.len() {
+            bad("dataplane.cores", "lists a core twice".into());
+        }
+    }
+    if dp.rtp_port_min < 1024 {
+        bad(
+            "dataplane.rtp_port_min",
+            format!("{} is a privileged port; use 1024 or above", dp.rtp_port_min),
+        );
+    }
+    if dp.rtp_port_min >= dp.rtp_port_max {
+        bad(
+            "dataplane.rtp_port_max",
+            format!(
+                "must be above rtp_port_min ({} >= {})",
+                dp.rtp_port_min, dp.rtp_port_max
+            ),
+        );
+    } else {
+        let pairs = (dp.rtp_port_max - dp.rtp_port_min) as usize / 2;
+        let cores = dp.core_list().len().max(1);
+        if pairs < cores {
+            bad(
+                "dataplane.rtp_port_max",
+                format!("range {}-{} has fewer port pairs than cores ({cores})", dp.rtp_port_min, dp.rtp_port_max),
+            );
+        }
+    }
+    if dp.rtp_timeout < Duration::from_secs(1) {
+        bad("dataplane.rtp_timeout", "must be at least 1s".into());
+    }
+
+    if c.telegram.backend == TelegramBackend::Mtproto {
+        match c.telegram.api_id {
+            Some(id) if id > 0 && id <= i32::MAX as i64 => {}
+            Some(id) => bad("telegram.api_id", format!("{id} is not a valid api_id")),
+            None => bad("telegram.api_id", "required when backend = \"mtproto\" (get it at https://my.telegram.org)".into()),
+        }
+        match &c.telegram.api_hash {
+            Some(h) if h.len() == 32 && h.chars().all(|ch| ch.is_ascii_hexdigit()) => {}
+            Some(_) => bad("telegram.api_hash", "must be 32 hexadecimal characters".into()),
+            None => bad("telegram.api_hash", "required when backend = \"mtproto\"".into()),
+        }
+    }
+
+    match c.database.backend {
+        DatabaseBackend::Redb => {
+            if c.database.path.as_os_str().is_empty() {
+                bad("database.path", "is empty".into());
+            }
+        }
+        DatabaseBackend::Postgres => match &c.database.url {
+            None => bad("database.url", "required when backend = \"postgres\"".into()),
+            Some(u) => match url::Url::parse(u) {
+                Ok(parsed) if matches!(parsed.scheme(), "postgres" | "postgresql") => {
+                    if parsed.host_str().is_none_or(str::is_empty) {
+                        bad("database.url", "names no host".into());
+                    }
+                }
+                Ok(parsed) => bad(
+                    "database.url",
+                    format!("scheme {:?} is not postgres:// or postgresql://", parsed.scheme()),
+                ),
+                Err(e) => bad("database.url", format!("is not a URL: {e}")),
+            },
+        },
+    }
+
+    if let Some(m) = &c.manager {
+        if m.heartbeat_interval.is_zero() {
+            bad("manager.heartbeat_interval", "must be above 0".into());
+        }
+        if m.link_timeout <= m.heartbeat_interval {
+            bad(
+                "manager.link_timeout",
+                "must be longer than heartbeat_interval (3× is usual)".into(),
+            );
+        }
+        for (kind, peers) in [("workers", &m.workers), ("storages", &m.storages)] {
+            let mut names = std::collections::HashSet::new();
+            for (i, p) in peers.iter().enumerate() {
+                if !crate::tls::valid_node_name(&p.name) {
+                    bad(
+                        &format!("manager.{kind}[{i}].name"),
+                        format!("{:?} is not a node name (letters, digits, '-', '.')", p.name),
+                    );
+                }
+                if !names.insert(p.name.clone()) {
+                    bad(&format!("manager.{kind}[{i}].name"), format!("{:?} appears twice", p.name));
+                }
+                if p.address.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                    bad(
+                        &format!("manager.{kind}[{i}].address"),
+                        format!("{:?} is not host:port", p.address),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(m) = &c.manager {
+        if !crate::tls::valid_node_name(&m.name) {
+            bad("manager.name", format!("{:?} is not a node name (letters, digits, '-', '.')", m.name));
+        }
+    }
+    for (key, name) in [
+        ("worker.name", c.worker.as_ref().map(|w| &w.name)),
+        ("storage.name", c.storage.as_ref().map(|s| &s.name)),
+    ] {
+        if let Some(name) = name {
+            if !crate::tls::valid_node_name(name) {
+                bad(key, format!("{name:?} is not a node name (letters, digits, '-', '.')"));
+            }
+        }
+    }
+    if c.sip.listen.is_empty() {
+        bad("sip.listen", "needs at least one listener".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> Vec<Issue> {
+        match parse(text, "t.toml", Vec::new()) {
+            Err(ConfigError::Invalid { issues, .. }) => issues,
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        parse(EXAMPLE, "example", Vec::new()).unwrap();
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let issues = err("[node]\nstate_dir = \"x\"\n\n[dataplane]\ncores = \"many\"\n");
+        assert_eq!(issues[0].key, "dataplane.cores");
+        assert_eq!(issues[0].line, Some(5));
+        assert!(issues[0].message.contains("\"all\""), "{}", issues[0].message);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let issues = err("[dataplane]\nrtp_port_minimum = 3\n");
+        assert_eq!(issues[0].key, "dataplane.rtp_port_minimum");
+        assert_eq!(issues[0].line, Some(2));
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line() {
+        let issues = err("[dataplane]\nrtp_port_min = 40000\nrtp_port_max = 30000\n");
+        assert_eq!(issues[0].key, "dataplane.rtp_port_max");
+        assert_eq!(issues[0].line, Some(3));
+    }
+
+    #[test]
+    fn core_missing_from_machine_is_rejected() {
+        let issues = err("[dataplane]\ncores = [0, 4000]\n");
+        assert!(issues[0].message.contains("core 4000"), "{issues:?}");
+    }
+
+    #[test]
+    fn mtproto_needs_credentials() {
+        let issues = err("[telegram]\nbackend = \"mtproto\"\napi_hash = \"xyz\"\n");
+        let keys: Vec<_> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["telegram.api_id", "telegram.api_hash"]);
+        assert_eq!(issues[1].line, Some(3));
+    }
+
+    #[test]
+    fn postgres_url_is_checked() {
+        let issues = err("[database]\nbackend = \"postgres\"\nurl = \"mysql://x/y\"\n");
+        assert_eq!(issues[0].key, "database.url");
+    }
+
+    #[test]
+    fn bad_peer_in_array_points_at_its_line() {
+        let issues = err("[manager]\nworkers = [\n  { name = \"w1\", address = \"127.0.0.1:1\" },\n  { name = \"w 2\", address = \"nope\" },\n]\n");
+        assert_eq!(issues[0].key, "manager.workers[1].name");
+        assert_eq!(issues[0].line, Some(4));
+        assert_eq!(issues[1].key, "manager.workers[1].address");
+    }
+
+    #[test]
+    fn environment_overrides_keys_and_is_blamed_for_errors() {
+        let env = vec![
+            ("SIPTG__DATAPLANE__RTP_PORT_MIN".to_string(), "32000".to_string()),
+            ("SIPTG__LOG__FORMAT".to_string(), "json".to_string()),
+            ("UNRELATED".to_string(), "1".to_string()),
+        ];
+        let c = parse("[dataplane]\nrtp_port_min = 30000\n", "t", env).unwrap();
+        assert_eq!(c.dataplane.rtp_port_min, 32000);
+        assert_eq!(c.log.format, LogFormat::Json);
+
+        let env = vec![("SIPTG__DATAPLANE__CORES".to_string(), "many".to_string())];
+        match parse("", "t", env) {
+            Err(ConfigError::Invalid { issues, .. }) => {
+                assert_eq!(issues[0].env.as_deref(), Some("SIPTG__DATAPLANE__CORES"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn syntax_error_reports_position() {
+        match parse("[dataplane\n", "t", Vec::new()) {
+            Err(ConfigError::Syntax { message, .. }) => assert!(message.contains("line 1"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("10 parsecs").is_err());
+    }
+}

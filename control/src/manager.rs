@@ -1,0 +1,218 @@
+//! The Manager role: dials every configured Worker and Storage, keeps each link alive
+//! (reconnecting with backoff), and answers Workers' routing questions.
+
+use crate::config::ManagerConfig;
+use crate::link::{
+    self, Handler, LinkError, LinkHandle, Request as LinkRequest, Response as LinkResponse, Role,
+    RouteQuery,
+};
+use crate::linkserver::{link_status, LinkStatus};
+use crate::metrics::Metrics;
+use crate::sip::reasons;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A byte stream a link can run over (TLS socket or in-process pipe).
+pub trait LinkStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> LinkStream for T {}
+
+/// Opens a fresh stream to a peer.
+pub type Connector = Arc<
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Box<dyn LinkStream>, LinkError>> + Send>>
+        + Send
+        + Sync,
+>;
+
+#[derive(Default)]
+struct PeerSlot {
+    role: Option<Role>,
+    address: String,
+    link: Option<LinkHandle>,
+    last_error: Option<String>,
+    down_since: Option<Instant>,
+    connects: u64,
+}
+
+/// A peer as shown by `siptg status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub role: Option<Role>,
+    pub address: String,
+    pub state: &'static str,
+    pub link: Option<LinkStatus>,
+    pub down_for_s: Option<u64>,
+    pub last_error: Option<String>,
+    pub connects: u64,
+}
+
+/// A running Manager.
+pub struct Manager {
+    name: String,
+    cfg: ManagerConfig,
+    peers: Mutex<BTreeMap<String, PeerSlot>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Manager {
+    /// A Manager named `name` (its certificate's name on TLS links).
+    pub fn new(name: String, cfg: ManagerConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            cfg,
+            peers: Mutex::new(BTreeMap::new()),
+            metrics,
+        })
+    }
+
+    fn peers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PeerSlot>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts keeping a link to peer `name` of `role`, opened by `connect`.
+    pub fn add_peer(self: &Arc<Self>, role: Role, name: String, address: String, connect: Connector) {
+        self.peers().insert(
+            name.clone(),
+            PeerSlot {
+                role: Some(role),
+                address,
+                down_since: Some(Instant::now()),
+                ..Default::default()
+            },
+        );
+        let me = self.clone();
+        tokio::spawn(async move { me.keep_link(role, name, connect).await });
+    }
+
+    async fn keep_link(self: Arc<Self>, role: Role, name: String, connect: Connector) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.open(role, &name, &connect).await {
+                Ok(link) => {
+                    backoff = Duration::from_millis(200);
+                    {
+                        let mut peers = self.peers();
+                        if let Some(p) = peers.get_mut(&name) {
+                            p.link = Some(link.clone());
+                            p.last_error = None;
+                            p.down_since = None;
+                            p.connects += 1;
+                        }
+                    }
+                    self.metrics
+                        .inc("siptg_link_connects_total", &[("peer", &name)]);
+                    link.closed().await;
+                    if let Some(p) = self.peers().get_mut(&name) {
+                        p.link = None;
+                        p.down_since = Some(Instant::now());
+                        p.last_error = Some("link lost".into());
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let mut peers = self.peers();
+                    if let Some(p) = peers.get_mut(&name) {
+                        if p.last_error.as_deref() != Some(msg.as_str()) {
+                            tracing::warn!(peer = %name, %role, error = %msg, "cannot link to peer");
+                        }
+                        p.last_error = Some(msg);
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn open(&self, role: Role, name: &str, connect: &Connector) -> Result<LinkHandle, LinkError> {
+        let mut stream = connect().await?;
+        let hb = self.cfg.heartbeat_interval;
+        let peer = link::client_handshake(&mut stream, Role::Manager, &self.name, hb, role, name).await?;
+        Ok(link::spawn(
+            stream,
+            peer,
+            Some(hb),
+            self.cfg.link_timeout,
+            self.handler(),
+        ))
+    }
+
+    /// Answers Workers' questions.
+    fn handler(self: &Self) -> Handler {
+        let metrics = self.metrics.clone();
+        Arc::new(move |req| {
+            let metrics = metrics.clone();
+            Box::pin(async move {
+                match req {
+                    LinkRequest::Route(q) => {
+                        let (code, reason) = route(&q);
+                        metrics.inc("siptg_route_decisions_total", &[("code", &code.to_string())]);
+                        LinkResponse::Route { code, reason }
+                    }
+                    other => LinkResponse::Error {
+                        message: format!("a manager does not answer {other:?}"),
+                    },
+                }
+            })
+        })
+    }
+
+    /// Link state of every configured peer.
+    pub fn peer_status(&self) -> Vec<PeerStatus> {
+        self.peers()
+            .iter()
+            .map(|(name, p)| PeerStatus {
+                name: name.clone(),
+                role: p.role,
+                address: p.address.clone(),
+                state: if p.link.as_ref().is_some_and(LinkHandle::is_up) {
+                    "up"
+                } else {
+                    "down"
+                },
+                link: p.link.as_ref().filter(|l| l.is_up()).map(link_status),
+                down_for_s: p.down_since.map(|t| t.elapsed().as_secs()),
+                last_error: p.last_error.clone(),
+                connects: p.connects,
+            })
+            .collect()
+    }
+
+    /// Asks every linked peer for its status (for `siptg status` on a Manager host).
+    pub async fn remote_status(&self) -> BTreeMap<String, serde_json::Value> {
+        let links: Vec<(String, LinkHandle)> = self
+            .peers()
+            .iter()
+            .filter_map(|(n, p)| p.link.clone().filter(LinkHandle::is_up).map(|l| (n.clone(), l)))
+            .collect();
+        let mut out = BTreeMap::new();
+        for (name, l) in links {
+            let v = match l.request(LinkRequest::Status, Duration::from_secs(2)).await {
+                Ok(LinkResponse::Status { status }) => status,
+                Ok(other) => serde_json::json!({"error": format!("{other:?}")}),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            };
+            out.insert(name, v);
+        }
+        out
+    }
+}
+
+/// The routing decision for a Worker's request. No SIP connection is configured on this Manager
+/// yet, so every request is answered `404 Route not found` — SIP.TG's answer for an unknown route.
+pub fn route(q: &RouteQuery) -> (u16, String) {
+    tracing::info!(
+        method = %q.method,
+        uri = %q.request_uri,
+        from = ?q.from_user,
+        to = ?q.to_user,
+        source = %q.source,
+        "no connection matches; 404"
+    );
+    (404, reasons::ROUTE_NOT_FOUND.to_string())
+}

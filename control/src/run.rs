@@ -1,0 +1,299 @@
+//! Starting roles as processes: `up` (all roles, in-process links), or `manager`, `worker`,
+//! `storage` each on its own with mutual-TLS links.
+
+use crate::admin;
+use crate::config::{Loaded, ManagerConfig, StorageConfig, WorkerConfig};
+use crate::dataplane::{SpawnSpec, Supervisor};
+use crate::link::{LinkError, Role};
+use crate::linkserver::LinkServer;
+use crate::manager::{Connector, LinkStream, Manager};
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::storage::Storage;
+use crate::store::{Store, StoreError};
+use crate::tls::{self, NodeTls, TlsError};
+use crate::worker::Worker;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// What the CLI was started with.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub loaded: Loaded,
+    /// The `--config` file, passed on to the dataplane child.
+    pub config_path: Option<PathBuf>,
+    /// This binary, to start `siptg dataplane`.
+    pub exe: PathBuf,
+}
+
+/// Why a role could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+}
+
+fn node_tls(inv: &Invocation, role: Role) -> Result<NodeTls, RunError> {
+    let t = inv.loaded.config.tls.as_ref().ok_or_else(|| {
+        RunError::Setup(format!(
+            "the {role} role on its own needs a [tls] section (ca, cert, key) for its links; \
+             create them with `siptg certs init` and `siptg certs issue NAME`, or run `siptg up`"
+        ))
+    })?;
+    Ok(NodeTls {
+        ca: inv.loaded.path(&t.ca),
+        cert: inv.loaded.path(&t.cert),
+        key: inv.loaded.path(&t.key),
+    })
+}
+
+fn prepare_state_dir(inv: &Invocation) -> Result<(), RunError> {
+    let dir = inv.loaded.state_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        RunError::Setup(format!("cannot create state directory {}: {e}", dir.display()))
+    })
+}
+
+fn start_worker(inv: &Invocation, metrics: &Arc<Metrics>) -> Arc<Worker> {
+    let cfg = &inv.loaded.config;
+    let wcfg = cfg.worker.clone().unwrap_or_default();
+    let dp = &cfg.dataplane;
+    let spawn = dp.spawn.then(|| SpawnSpec {
+        exe: inv.exe.clone(),
+        config: inv.config_path.clone(),
+    });
+    let sup = Supervisor::new(
+        inv.loaded.path(&dp.socket),
+        format!("worker {} pid {}", wcfg.name, std::process::id()),
+        spawn,
+        wcfg.orphan_grace,
+        metrics.clone(),
+    );
+    tokio::spawn(sup.clone().run());
+    let links = LinkServer::new(Role::Worker, wcfg.name.clone());
+    Worker::new(wcfg, links, sup, metrics.clone())
+}
+
+async fn start_storage(inv: &Invocation, name_cfg: StorageConfig) -> Result<Arc<Storage>, RunError> {
+    let cfg = &inv.loaded.config;
+    let store = Store::open(&cfg.database, &inv.loaded.base).await?;
+    let links = LinkServer::new(Role::Storage, name_cfg.name.clone());
+    Ok(Storage::new(name_cfg, cfg.telegram.clone(), links, store))
+}
+
+async fn serve_admin(inv: &Invocation, node: Node) -> Result<(), RunError> {
+    let listener = admin::bind(inv.loaded.config.admin.listen).await?;
+    tokio::spawn(admin::serve(listener, Arc::new(node)));
+    Ok(())
+}
+
+fn in_process<F>(accept: F) -> Connector
+where
+    F: Fn(tokio::io::DuplexStream) + Send + Sync + 'static,
+{
+    let accept = Arc::new(accept);
+    Arc::new(move || {
+        let accept = accept.clone();
+        Box::pin(async move {
+            let (ours, theirs) = tokio::io::duplex(256 * 1024);
+            accept(theirs);
+            Ok(Box::new(ours) as Box<dyn LinkStream>)
+        })
+    })
+}
+
+fn tls_connector(address: String, name: String, cfg: Arc<rustls::ClientConfig>) -> Connector {
+    Arc::new(move || {
+        let (address, name, cfg) = (address.clone(), name.clone(), cfg.clone());
+        Box::pin(async move {
+            let limit = Duration::from_secs(5);
+            let tcp = tokio::time::timeout(limit, TcpStream::connect(&address))
+                .await
+                .map_err(|_| LinkError::Timeout(limit))??;
+            let sn = tls::server_name(&name).map_err(|e| LinkError::Handshake(e.to_string()))?;
+            let stream = TlsConnector::from(cfg)
+                .connect(sn, tcp)
+                .await
+                .map_err(|e| LinkError::Handshake(format!("TLS with {name} at {address}: {e}")))?;
+            Ok(Box::new(stream) as Box<dyn LinkStream>)
+        })
+    })
+}
+
+async fn wait_for_shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down (the dataplane keeps running if it was adopted; it ends with its process group)");
+}
+
+/// All roles in one process, linked in-process; the dataplane as a supervised child.
+pub async fn up(inv: Invocation) -> Result<(), RunError> {
+    prepare_state_dir(&inv)?;
+    let metrics = Arc::new(Metrics::default());
+    let cfg = &inv.loaded.config;
+    let worker = start_worker(&inv, &metrics);
+    worker.start_sip(&cfg.sip).await?;
+    let storage = start_storage(&inv, cfg.storage.clone().unwrap_or_default()).await?;
+    let mcfg = cfg.manager.clone().unwrap_or_default();
+    let manager = Manager::new(mcfg.name.clone(), mcfg, metrics.clone());
+    let w = worker.clone();
+    manager.add_peer(
+        Role::Worker,
+        worker.name().to_string(),
+        "in-process".into(),
+        in_process(move |stream| {
+            let w = w.clone();
+            tokio::spawn(async move {
+                if let Err(e) = w.links().accept(stream, None, w.handler()).await {
+                    tracing::warn!(error = %e, "in-process worker link failed");
+                }
+            });
+        }),
+    );
+    let s = storage.clone();
+    manager.add_peer(
+        Role::Storage,
+        storage.name().to_string(),
+        "in-process".into(),
+        in_process(move |stream| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                if let Err(e) = s.links().accept(stream, None, s.handler()).await {
+                    tracing::warn!(error = %e, "in-process storage link failed");
+                }
+            });
+        }),
+    );
+    serve_admin(
+        &inv,
+        Node {
+            started: Instant::now(),
+            config_source: inv.loaded.source_name.clone(),
+            manager: Some(manager),
+            worker: Some(worker),
+            storage: Some(storage),
+            metrics,
+        },
+    )
+    .await?;
+    tracing::info!(config = %inv.loaded.source_name, "siptg up: manager, worker, storage running");
+    wait_for_shutdown().await;
+    Ok(())
+}
+
+/// The Manager alone: dials the configured Workers and Storages over mutual TLS.
+pub async fn manager(inv: Invocation) -> Result<(), RunError> {
+    prepare_state_dir(&inv)?;
+    let metrics = Arc::new(Metrics::default());
+    let mcfg: ManagerConfig = inv.loaded.config.manager.clone().ok_or_else(|| {
+        RunError::Setup("the manager role needs a [manager] section listing its workers and storages".into())
+    })?;
+    let client = tls::client_config(&node_tls(&inv, Role::Manager)?)?;
+    let manager = Manager::new(mcfg.name.clone(), mcfg.clone(), metrics.clone());
+    for (role, peers) in [(Role::Worker, &mcfg.workers), (Role::Storage, &mcfg.storages)] {
+        for p in peers {
+            manager.add_peer(
+                role,
+                p.name.clone(),
+                p.address.clone(),
+                tls_connector(p.address.clone(), p.name.clone(), client.clone()),
+            );
+        }
+    }
+    serve_admin(
+        &inv,
+        Node {
+            started: Instant::now(),
+            config_source: inv.loaded.source_name.clone(),
+            manager: Some(manager),
+            worker: None,
+            storage: None,
+            metrics,
+        },
+    )
+    .await?;
+    wait_for_shutdown().await;
+    Ok(())
+}
+
+/// A Worker alone: SIP, the dataplane, and a mutual-TLS listener for its Manager.
+pub async fn worker(inv: Invocation) -> Result<(), RunError> {
+    prepare_state_dir(&inv)?;
+    let metrics = Arc::new(Metrics::default());
+    let server = tls::server_config(&node_tls(&inv, Role::Worker)?)?;
+    let wcfg: WorkerConfig = inv.loaded.config.worker.clone().unwrap_or_default();
+    let worker = start_worker(&inv, &metrics);
+    worker.start_sip(&inv.loaded.config.sip).await?;
+    let links = worker.links().clone();
+    let handler = worker.handler();
+    let listen = wcfg.link_listen;
+    tokio::spawn(async move {
+        if let Err(e) = links.listen_tls(listen, server, handler).await {
+            tracing::error!(error = %e, "worker link listener failed");
+        }
+    });
+    serve_admin(
+        &inv,
+        Node {
+            started: Instant::now(),
+            config_source: inv.loaded.source_name.clone(),
+            manager: None,
+            worker: Some(worker),
+            storage: None,
+            metrics,
+        },
+    )
+    .await?;
+    wait_for_shutdown().await;
+    Ok(())
+}
+
+/// A Session Storage alone: the database and a mutual-TLS listener for its Manager.
+pub async fn storage(inv: Invocation) -> Result<(), RunError> {
+    prepare_state_dir(&inv)?;
+    let metrics = Arc::new(Metrics::default());
+    let server = tls::server_config(&node_tls(&inv, Role::Storage)?)?;
+    let scfg = inv.loaded.config.storage.clone().unwrap_or_default();
+    let listen = scfg.link_listen;
+    let storage = start_storage(&inv, scfg).await?;
+    let links = storage.links().clone();
+    let handler = storage.handler();
+    tokio::spawn(async move {
+        if let Err(e) = links.listen_tls(listen, server, handler).await {
+            tracing::error!(error = %e, "storage link listener failed");
+        }
+    });
+    serve_admin(
+        &inv,
+        Node {
+            started: Instant::now(),
+            config_source: inv.loaded.source_name.clone(),
+            manager: None,
+            worker: None,
+            storage: Some(storage),
+            metrics,
+        },
+    )
+    .await?;
+    wait_for_shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! UDP SIP listeners of a Worker. Each request is parsed, handed to a [`Responder`] (the Worker,
+//! which consults its Manager), and answered from the socket it arrived on, to its source
+//! address and port (RFC 3581 symmetric response).
+
+use super::message::{parse_request, response, Request};
+use crate::metrics::Metrics;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::net::UdpSocket;
+
+/// Largest SIP datagram accepted (RFC 3261 allows up to 65,535; real ones are far smaller).
+const MAX_DATAGRAM: usize = 65_535;
+
+/// A final answer to a request: status code and reason phrase; `None` sends nothing (ACK).
+pub type Answer = Option<(u16, String)>;
+
+/// Decides how to answer a request.
+pub trait Responder: Send + Sync + 'static {
+    /// Answers one request from `source`.
+    fn answer(&self, req: Request, source: SocketAddr) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>>;
+}
+
+/// Binds a UDP listener; fails with the address in the message.
+pub async fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    UdpSocket::bind(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen for SIP on udp:{addr}: {e}"))
+    })
+}
+
+/// Serves one UDP socket forever.
+pub async fn serve_udp(
+    sock: Arc<UdpSocket>,
+    responder: Arc<dyn Responder>,
+    server: String,
+    metrics: Arc<Metrics>,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, source) = match sock.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "SIP receive error");
+                continue;
+            }
+        };
+        let data = &buf[..n];
+        // Keepalive CRLFs (RFC 5626) and stray bytes.
+        if data.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        let req = match parse_request(data) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%source, error = %e, "unparseable SIP datagram dropped");
+                metrics.inc("siptg_sip_malformed_total", &[]);
+                continue;
+            }
+        };
+        metrics.inc("siptg_sip_requests_total", &[("method", &req.method)]);
+        let sock = sock.clone();
+        let responder = responder.clone();
+        let server = server.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let tag = format!("{:08x}", rand::random::<u32>());
+            if req.method == "INVITE" {
+                // Stops INVITE retransmissions while the Manager is consulted.
+                let trying = response(&req, 100, "Trying", source, &tag, &server, &[]);
+                let _ = sock.send_to(trying.as_bytes(), source).await;
+            }
+            let method = req.method.clone();
+            let call_id = req.header("Call-ID").unwrap_or("").to_string();
+            let Some((code, reason)) = responder.answer(req.clone(), source).await else {
+                return;
+            };
+            let extra: &[(&str, &str)] = if method == "OPTIONS" && code == 200 {
+                &[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, MESSAGE")]
+            } else {
+                &[]
+            };
+            let text = response(&req, code, &reason, source, &tag, &server, extra);
+            tracing::info!(%source, %method, %call_id, code, %reason, "SIP response");
+            metrics.inc("siptg_sip_responses_total", &[("code", &code.to_string())]);
+            if let Err(e) = sock.send_to(text.as_bytes(), source).await {
+                tracing::warn!(%source, error = %e, "cannot send SIP response");
+            }
+        });
+    }
+}

@@ -1,0 +1,5 @@
+//! The Worker's SIP edge: listeners, request parsing, and the reason phrases SIP.TG uses.
+
+pub mod edge;
+pub mod message;
+pub mod reasons;

@@ -1,0 +1,141 @@
+//! Renders `/status` JSON for people.
+
+use serde_json::Value;
+use std::fmt::Write;
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn links(out: &mut String, links: &Value, indent: &str) {
+    match links.as_array() {
+        Some(l) if !l.is_empty() => {
+            for link in l {
+                let rtt = link["rtt_ms"]
+                    .as_f64()
+                    .map(|r| format!(", rtt {r:.2} ms"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{indent}{} ({}) up {}s{rtt}",
+                    s(&link["peer"]),
+                    s(&link["role"]),
+                    s(&link["up_for_s"])
+                );
+            }
+        }
+        _ => {
+            let _ = writeln!(out, "{indent}none (SIP requests get 503 No response from Manager)");
+        }
+    }
+}
+
+fn worker(out: &mut String, w: &Value) {
+    let _ = writeln!(out, "worker {}", s(&w["name"]));
+    let _ = writeln!(out, "  SIP: {}", s(&w["sip_listen"]));
+    let _ = writeln!(out, "  manager links:");
+    links(out, &w["manager_links"], "    ");
+    let sup = &w["dataplane"]["supervisor"];
+    let proc_ = &w["dataplane"]["process"];
+    if sup["connected"].as_bool() == Some(true) {
+        let _ = writeln!(
+            out,
+            "  dataplane: running, pid {}, driver {}, socket {}, restarts {}, sessions tracked {} (orphaned {})",
+            s(&proc_["pid"]),
+            s(&proc_["driver"]),
+            s(&sup["socket"]),
+            s(&sup["restarts"]),
+            s(&sup["tracked_sessions"]),
+            s(&sup["orphaned_sessions"]),
+        );
+        for shard in proc_["shards"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "    core {}: {}, sessions {}, legs {}, ports {}-{} ({} pairs free), packets relayed {}",
+                s(&shard["core"]),
+                if shard["running"].as_bool() == Some(true) { "running" } else { "DOWN" },
+                s(&shard["sessions"]),
+                s(&shard["legs"]),
+                s(&shard["port_min"]),
+                s(&shard["port_max"]),
+                s(&shard["ports_free"]),
+                s(&shard["packets_relayed"]),
+            );
+        }
+    } else {
+        let _ = writeln!(
+            out,
+            "  dataplane: NOT CONNECTED ({}), socket {}",
+            s(&sup["last_error"]),
+            s(&sup["socket"])
+        );
+    }
+}
+
+/// Human-readable status.
+pub fn render(v: &Value) -> String {
+    let mut out = String::new();
+    let roles: Vec<String> = v["roles"]
+        .as_array()
+        .map(|r| r.iter().map(s).collect())
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "siptg {} (pid {}), up {}s, config: {}",
+        s(&v["version"]),
+        s(&v["pid"]),
+        s(&v["uptime_s"]),
+        s(&v["config"])
+    );
+    let _ = writeln!(out, "roles: {}", roles.join(", "));
+    if !v["manager"].is_null() {
+        let _ = writeln!(out, "manager links:");
+        for p in v["manager"]["peers"].as_array().into_iter().flatten() {
+            let err = if p["state"] == "up" {
+                String::new()
+            } else {
+                format!(" — {}", s(&p["last_error"]))
+            };
+            let rtt = p["link"]["rtt_ms"]
+                .as_f64()
+                .map(|r| format!(", rtt {r:.2} ms"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {} ({}) at {}: {}{rtt}{err}",
+                s(&p["name"]),
+                s(&p["role"]),
+                s(&p["address"]),
+                s(&p["state"])
+            );
+        }
+        if let Some(remote) = v["manager"]["remote"].as_object() {
+            for (name, st) in remote {
+                if st.get("dataplane").is_some() {
+                    worker(&mut out, st);
+                } else {
+                    let _ = writeln!(out, "{name}: {st}");
+                }
+            }
+        }
+    }
+    if !v["worker"].is_null() {
+        worker(&mut out, &v["worker"]);
+    }
+    let st = &v["storage"];
+    if !st.is_null() {
+        let _ = writeln!(
+            out,
+            "storage {}: database {}, {} Telegram sessions, Telegram backend {}",
+            s(&st["name"]),
+            s(&st["database"]),
+            s(&st["telegram_sessions"]),
+            s(&st["telegram_backend"])
+        );
+    }
+    out
+}
