@@ -142,7 +142,7 @@ async fn wait_for_shutdown() {
         _ = tokio::signal::ctrl_c() => {},
         _ = term => {},
     }
-    tracing::info!("shutting down (the dataplane keeps running if it was adopted; it ends with its process group)");
+    tracing::info!("shutting down");
 }
 
 /// All roles in one process, linked in-process; the dataplane as a supervised child.
@@ -151,6 +151,7 @@ pub async fn up(inv: Invocation) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let cfg = &inv.loaded.config;
     let worker = start_worker(&inv, &metrics);
+    let dataplane = worker.dataplane().clone();
     worker.start_sip(&cfg.sip).await?;
     let storage = start_storage(&inv, cfg.storage.clone().unwrap_or_default()).await?;
     let mcfg = cfg.manager.clone().unwrap_or_default();
@@ -197,6 +198,7 @@ pub async fn up(inv: Invocation) -> Result<(), RunError> {
     .await?;
     tracing::info!(config = %inv.loaded.source_name, "siptg up: manager, worker, storage running");
     wait_for_shutdown().await;
+    dataplane.stop_child();
     Ok(())
 }
 
@@ -242,6 +244,7 @@ pub async fn worker(inv: Invocation) -> Result<(), RunError> {
     let server = tls::server_config(&node_tls(&inv, Role::Worker)?)?;
     let wcfg: WorkerConfig = inv.loaded.config.worker.clone().unwrap_or_default();
     let worker = start_worker(&inv, &metrics);
+    let dataplane = worker.dataplane().clone();
     worker.start_sip(&inv.loaded.config.sip).await?;
     let links = worker.links().clone();
     let handler = worker.handler();
@@ -264,6 +267,7 @@ pub async fn worker(inv: Invocation) -> Result<(), RunError> {
     )
     .await?;
     wait_for_shutdown().await;
+    dataplane.stop_child();
     Ok(())
 }
 

@@ -136,6 +136,20 @@ impl Supervisor {
         }
     }
 
+    /// Stops the dataplane process this supervisor started (a graceful stop of the gateway). A
+    /// dataplane that was adopted, or one whose parent crashed, is left running.
+    pub fn stop_child(&self) {
+        let Some(pid) = lock(&self.state).child_pid.take() else {
+            return;
+        };
+        tracing::info!(pid, "stopping the dataplane process");
+        // SAFETY: kill(2) with a pid we spawned and SIGTERM has no memory effects; if the process
+        // is already gone the call fails harmlessly with ESRCH.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+
     /// Connects, spawns and reconnects forever.
     pub async fn run(self: Arc<Self>) {
         let mut child: Option<tokio::process::Child> = None;
@@ -162,7 +176,11 @@ impl Supervisor {
         let mut st = lock(&self.state);
         let msg = e.to_string();
         if st.last_error.as_deref() != Some(msg.as_str()) {
-            tracing::warn!(error = %msg, "dataplane unavailable");
+            if self.spawn.is_some() && st.child_pid.is_none() {
+                tracing::info!(socket = %self.socket.display(), "no dataplane running; starting one");
+            } else {
+                tracing::warn!(error = %msg, "dataplane unavailable");
+            }
         }
         st.last_error = Some(msg);
     }

@@ -1,0 +1,222 @@
+//! Helpers for tests that run the real `siptg` binary: temp state, free ports, process groups
+//! that are killed when the test ends, and waiting for conditions.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn siptg() -> &'static str {
+    env!("CARGO_BIN_EXE_siptg")
+}
+
+/// A free TCP port on loopback (the OS picks it; a race with other tests is unlikely).
+pub fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A free UDP port on loopback.
+pub fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// An RTP port range of `len` ports that no other test in this run uses.
+pub fn rtp_range(len: u16) -> (u16, u16) {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Spread by process id too, so parallel test binaries do not collide.
+    let base = 20_000 + (std::process::id() % 20) as u16 * 1_000;
+    let start = base + NEXT.fetch_add(len, Ordering::Relaxed) % 1000;
+    (start, start + len - 1)
+}
+
+/// A child process in its own process group, killed (with its children) on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `siptg args…` with output to `log`.
+    pub fn start(args: &[&str], log: &Path) -> Proc {
+        let out = std::fs::File::create(log).unwrap();
+        let child = Command::new(siptg())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL to this process only (its children, e.g. the dataplane, survive).
+    pub fn kill_only(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signals the process group we created for this child; no memory is touched.
+        unsafe {
+            libc::kill(-self.pid(), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills a process by pid (e.g. an adopted dataplane) on drop.
+pub struct PidGuard(pub i32);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A config for one test: its own state dir, admin port, SIP port and RTP range.
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub admin: SocketAddr,
+    pub sip: SocketAddr,
+    pub rtp: (u16, u16),
+}
+
+impl TestNode {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            admin: free_tcp(),
+            sip: free_udp(),
+            rtp: rtp_range(100),
+        }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Writes `siptg.toml` with the common sections plus `extra`, returns its path.
+    pub fn write_config(&self, name: &str, extra: &str) -> PathBuf {
+        let text = format!(
+            r#"
+[node]
+state_dir = "var"
+[log]
+format = "pretty"
+level = "info"
+[admin]
+listen = "{admin}"
+[dataplane]
+cores = "all"
+pin_cores = false
+rtp_port_min = {rmin}
+rtp_port_max = {rmax}
+media_ip = "127.0.0.1"
+socket = "var/dp.sock"
+stats_interval = "0s"
+[sip]
+listen = ["udp:{sip}"]
+{extra}
+"#,
+            admin = self.admin,
+            rmin = self.rtp.0,
+            rmax = self.rtp.1,
+            sip = self.sip,
+        );
+        let path = self.path(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// GET /status as JSON.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        http_get(self.admin, "/status").and_then(|b| serde_json::from_str(&b).ok())
+    }
+}
+
+/// A blocking HTTP GET against an admin endpoint; `None` when unreachable or not 200.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// Sends one SIP request over UDP and returns the first final (non-1xx) response line.
+pub fn sip_request(to: SocketAddr, method: &str) -> Option<String> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let me = sock.local_addr().unwrap();
+    let branch: u32 = rand_u32();
+    let msg = format!(
+        "{method} sip:gw@{to} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {me};branch=z9hG4bK{branch};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:pbx@{me}>;tag=t{branch}\r\n\
+         To: <sip:gw@{to}>\r\n\
+         Call-ID: {branch}@test\r\n\
+         CSeq: 1 {method}\r\n\
+         Contact: <sip:pbx@{me}>\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    sock.send_to(msg.as_bytes(), to).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        let (n, _) = sock.recv_from(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        let line = text.lines().next()?.to_string();
+        if !line.starts_with("SIP/2.0 1") {
+            return Some(line);
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}

@@ -1,0 +1,226 @@
+//! The control ↔ dataplane Unix socket against a real `siptg dataplane` process: sessions are
+//! created, bridged, relayed through, measured and deleted; they outlive the control side.
+
+mod common;
+
+use common::{wait_for, PidGuard, Proc, TestNode};
+use siptg_control::dataplane::{latching_leg, DataplaneClient};
+use siptg_proto::{Codec, CommandError, LegInfo, SessionId};
+use std::net::{SocketAddr, UdpSocket};
+use std::time::Duration;
+
+fn rtp(seq: u16) -> Vec<u8> {
+    let mut p = vec![0x80, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+    p[2..4].copy_from_slice(&seq.to_be_bytes());
+    p[4..8].copy_from_slice(&(seq as u32 * 160).to_be_bytes());
+    p.extend_from_slice(&[0xd5; 160]);
+    p
+}
+
+/// A phone: a UDP socket that sends RTP to a leg and counts what comes back.
+struct Phone {
+    sock: UdpSocket,
+}
+
+impl Phone {
+    fn new() -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        Self { sock }
+    }
+    fn send(&self, to: SocketAddr, seq: u16) {
+        self.sock.send_to(&rtp(seq), to).unwrap();
+    }
+    fn receive(&self, n: usize) -> usize {
+        let mut buf = [0u8; 2048];
+        let mut got = 0;
+        while got < n {
+            match self.sock.recv_from(&mut buf) {
+                Ok((172, _)) => got += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        got
+    }
+}
+
+async fn connect(socket: &std::path::Path) -> DataplaneClient {
+    for _ in 0..100 {
+        if let Ok(c) = DataplaneClient::connect(socket, "test control").await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("dataplane never answered on {}", socket.display());
+}
+
+/// Creates a session with two latching PCMA legs bridged; returns it and the legs.
+async fn bridged_call(c: &DataplaneClient, tag: &str) -> (SessionId, LegInfo, LegInfo) {
+    let s = c.create_session(tag).await.unwrap();
+    let a = c.add_leg(s, latching_leg(Codec::pcma(), None)).await.unwrap();
+    let b = c.add_leg(s, latching_leg(Codec::pcma(), None)).await.unwrap();
+    c.bridge(s, a.leg, b.leg).await.unwrap();
+    (s, a, b)
+}
+
+/// Both phones latch, then 50 packets each way; returns (a received, b received).
+fn talk(pa: &Phone, pb: &Phone, a: &LegInfo, b: &LegInfo) -> (usize, usize) {
+    pa.send(a.local, 0);
+    pb.send(b.local, 0);
+    // The first packet of each side may be relayed before the other side latched.
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = pa.receive(1);
+    let _ = pb.receive(1);
+    for seq in 1..=50 {
+        pa.send(a.local, seq);
+        pb.send(b.local, seq);
+    }
+    (pa.receive(50), pb.receive(50))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_bridge_relay_stats_delete_through_the_socket() {
+    let node = TestNode::new();
+    let cfg = node.write_config("siptg.toml", "");
+    let _dp = Proc::start(&["dataplane", "--config", cfg.to_str().unwrap()], &node.path("dp.log"));
+    let c = connect(&node.path("var/dp.sock")).await;
+    assert_eq!(c.welcome().driver, "glommio");
+
+    let status = c.status().await.unwrap();
+    let free_before: u32 = status.shards.iter().map(|s| s.ports_free).sum();
+    assert!(status.shards.iter().all(|s| s.running));
+
+    let (s, a, b) = bridged_call(&c, "call-1").await;
+    assert_ne!(a.local.port(), b.local.port());
+    let (pa, pb) = (Phone::new(), Phone::new());
+    let (got_a, got_b) = tokio::task::spawn_blocking(move || talk(&pa, &pb, &a, &b))
+        .await
+        .unwrap();
+    assert_eq!((got_a, got_b), (50, 50), "every packet relayed both ways");
+
+    let stats = c.stats(s).await.unwrap();
+    assert_eq!(stats.legs.len(), 2);
+    for leg in &stats.legs {
+        assert_eq!(leg.packets_in, 51, "{leg:?}");
+        assert!(leg.packets_out >= 50, "{leg:?}");
+        assert_eq!(leg.bytes_in, 51 * 172);
+        assert_eq!(leg.lost, 0);
+        assert!(leg.remote.is_some(), "latched");
+        assert!(leg.peer.is_some());
+    }
+
+    let listed = c.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].tag, "call-1");
+
+    c.delete_session(s).await.unwrap();
+    assert!(c.list().await.unwrap().is_empty());
+    let free_after: u32 = c.status().await.unwrap().shards.iter().map(|s| s.ports_free).sum();
+    assert_eq!(free_after, free_before, "ports return to the pool");
+    match c.stats(s).await {
+        Err(siptg_control::dataplane::DpError::Command(CommandError::UnknownSession(id))) => {
+            assert_eq!(id, s)
+        }
+        other => panic!("stats of a deleted session: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_commands_get_clear_errors() {
+    let node = TestNode::new();
+    let cfg = node.write_config("siptg.toml", "");
+    let _dp = Proc::start(&["dataplane", "--config", cfg.to_str().unwrap()], &node.path("dp.log"));
+    let c = connect(&node.path("var/dp.sock")).await;
+    let s = c.create_session("x").await.unwrap();
+    let a = c.add_leg(s, latching_leg(Codec::pcma(), None)).await.unwrap();
+    let err = c.bridge(s, a.leg, 99).await.unwrap_err().to_string();
+    assert!(err.contains("has no leg 99"), "{err}");
+    let err = c.bridge(s, a.leg, a.leg).await.unwrap_err().to_string();
+    assert!(err.contains("itself"), "{err}");
+    let mut bad = latching_leg(Codec::pcma(), None);
+    bad.codec.clock_rate = 0;
+    let err = c.add_leg(s, bad).await.unwrap_err().to_string();
+    assert!(err.contains("clock rate 0"), "{err}");
+    let err = c.delete_session(424242).await.unwrap_err().to_string();
+    assert!(err.contains("no session 424242"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_survive_a_killed_control_side_which_reconciles_on_restart() {
+    let node = TestNode::new();
+    let cfg = node.write_config("siptg.toml", "[worker]\norphan_grace = \"10m\"\n");
+    let cfg_s = cfg.to_str().unwrap().to_string();
+    let socket = node.path("var/dp.sock");
+
+    // The control side (`siptg up`) starts the dataplane as its child.
+    let mut up = Proc::start(&["up", "--config", &cfg_s], &node.path("up1.log"));
+    let dp_pid = wait_for("the dataplane child", Duration::from_secs(20), || {
+        node.status()?["worker"]["dataplane"]["process"]["pid"].as_i64()
+    });
+    let _dp_guard = PidGuard(dp_pid as i32);
+
+    let c = connect(&socket).await;
+    let boot = c.welcome().boot_id;
+    let (s, a, b) = bridged_call(&c, "call-survivor").await;
+    wait_for("up to adopt the test's session", Duration::from_secs(10), || {
+        let st = node.status()?;
+        (st["worker"]["dataplane"]["process"]["shards"]
+            .as_array()?
+            .iter()
+            .map(|s| s["sessions"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            == 1)
+            .then_some(())
+    });
+
+    // Kill the control side hard; the dataplane (another process) must keep the session.
+    up.kill_only();
+    drop(c);
+    let c = connect(&socket).await;
+    assert_eq!(c.welcome().boot_id, boot, "same dataplane process");
+    let listed = c.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].session, s);
+    assert_eq!(listed[0].tag, "call-survivor");
+    // And it still relays.
+    let (pa, pb) = (Phone::new(), Phone::new());
+    let (got_a, got_b) = tokio::task::spawn_blocking(move || talk(&pa, &pb, &a, &b))
+        .await
+        .unwrap();
+    assert_eq!((got_a, got_b), (50, 50));
+
+    // A restarted control side adopts the running dataplane instead of starting another, and
+    // reconciles: the session it did not create is tracked as an orphan awaiting its call.
+    let up2 = Proc::start(&["up", "--config", &cfg_s], &node.path("up2.log"));
+    let sup = wait_for("restarted up to reconcile", Duration::from_secs(20), || {
+        let st = node.status()?;
+        let sup = st["worker"]["dataplane"]["supervisor"].clone();
+        (sup["connected"] == true && sup["tracked_sessions"] == 1).then_some(st)
+    });
+    assert_eq!(sup["worker"]["dataplane"]["process"]["pid"].as_i64(), Some(dp_pid));
+    assert_eq!(sup["worker"]["dataplane"]["supervisor"]["orphaned_sessions"], 1);
+    assert_eq!(sup["worker"]["dataplane"]["supervisor"]["restarts"], 0);
+    assert!(up2.log().contains("adopted=1"), "{}", up2.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_dataplane_is_restarted_by_its_supervisor() {
+    let node = TestNode::new();
+    let cfg = node.write_config("siptg.toml", "");
+    let up = Proc::start(&["up", "--config", cfg.to_str().unwrap()], &node.path("up.log"));
+    let first = wait_for("the dataplane child", Duration::from_secs(20), || {
+        node.status()?["worker"]["dataplane"]["process"]["pid"].as_i64()
+    });
+    // SAFETY: kills the dataplane child the test's `up` started.
+    unsafe {
+        libc::kill(first as i32, libc::SIGKILL);
+    }
+    let second = wait_for("a new dataplane", Duration::from_secs(20), || {
+        let st = node.status()?;
+        let pid = st["worker"]["dataplane"]["process"]["pid"].as_i64()?;
+        (pid != first).then_some(st)
+    });
+    assert_eq!(second["worker"]["dataplane"]["supervisor"]["restarts"], 1);
+    assert!(up.log().contains("dataplane process exited; restarting it"), "{}", up.log());
+}
