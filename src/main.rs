@@ -97,11 +97,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-fn run_role(
-    cli_config: Option<PathBuf>,
-    demo: bool,
-    f: fn(Invocation) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), run::RunError>>>>,
-) -> Result<(), String> {
+/// A role's entry point, boxed so the CLI can pick one.
+type RoleMain =
+    fn(
+        Invocation,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), run::RunError>>>>;
+
+fn run_role(cli_config: Option<PathBuf>, demo: bool, f: RoleMain) -> Result<(), String> {
     let mut loaded = load(cli_config.as_deref())?;
     if demo {
         loaded.config.telegram.backend = TelegramBackend::Sim;
@@ -122,7 +124,12 @@ fn run_role(
 
 fn print_demo_banner(loaded: &Loaded) {
     let c = &loaded.config;
-    let sip: Vec<String> = c.sip.listen.iter().map(|l| format!("udp:{}", l.addr)).collect();
+    let sip: Vec<String> = c
+        .sip
+        .listen
+        .iter()
+        .map(|l| format!("udp:{}", l.addr))
+        .collect();
     eprintln!(
         "siptg demo — all roles on this host, Telegram backend: simulated cloud\n  \
          config:  {}\n  SIP:     {}\n  status:  siptg status   (http://{}/status)\n  \
@@ -197,7 +204,11 @@ fn check_config(file: Option<PathBuf>) -> Result<(), String> {
     Ok(())
 }
 
-fn status(cli_config: Option<PathBuf>, admin_addr: Option<SocketAddr>, json: bool) -> Result<(), String> {
+fn status(
+    cli_config: Option<PathBuf>,
+    admin_addr: Option<SocketAddr>,
+    json: bool,
+) -> Result<(), String> {
     let addr = match admin_addr {
         Some(a) => a,
         None => load(cli_config.as_deref())?.config.admin.listen,

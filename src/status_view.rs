@@ -29,7 +29,10 @@ fn links(out: &mut String, links: &Value, indent: &str) {
             }
         }
         _ => {
-            let _ = writeln!(out, "{indent}none (SIP requests get 503 No response from Manager)");
+            let _ = writeln!(
+                out,
+                "{indent}none (SIP requests get 503 No response from Manager)"
+            );
         }
     }
 }

@@ -25,7 +25,8 @@ struct Phone {
 impl Phone {
     fn new() -> Self {
         let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         Self { sock }
     }
     fn send(&self, to: SocketAddr, seq: u16) {
@@ -58,8 +59,14 @@ async fn connect(socket: &std::path::Path) -> DataplaneClient {
 /// Creates a session with two latching PCMA legs bridged; returns it and the legs.
 async fn bridged_call(c: &DataplaneClient, tag: &str) -> (SessionId, LegInfo, LegInfo) {
     let s = c.create_session(tag).await.unwrap();
-    let a = c.add_leg(s, latching_leg(Codec::pcma(), None)).await.unwrap();
-    let b = c.add_leg(s, latching_leg(Codec::pcma(), None)).await.unwrap();
+    let a = c
+        .add_leg(s, latching_leg(Codec::pcma(), None))
+        .await
+        .unwrap();
+    let b = c
+        .add_leg(s, latching_leg(Codec::pcma(), None))
+        .await
+        .unwrap();
     c.bridge(s, a.leg, b.leg).await.unwrap();
     (s, a, b)
 }
@@ -83,7 +90,10 @@ fn talk(pa: &Phone, pb: &Phone, a: &LegInfo, b: &LegInfo) -> (usize, usize) {
 async fn create_bridge_relay_stats_delete_through_the_socket() {
     let node = TestNode::new();
     let cfg = node.write_config("siptg.toml", "");
-    let _dp = Proc::start(&["dataplane", "--config", cfg.to_str().unwrap()], &node.path("dp.log"));
+    let _dp = Proc::start(
+        &["dataplane", "--config", cfg.to_str().unwrap()],
+        &node.path("dp.log"),
+    );
     let c = connect(&node.path("var/dp.sock")).await;
     assert_eq!(c.welcome().driver, "glommio");
 
@@ -116,7 +126,14 @@ async fn create_bridge_relay_stats_delete_through_the_socket() {
 
     c.delete_session(s).await.unwrap();
     assert!(c.list().await.unwrap().is_empty());
-    let free_after: u32 = c.status().await.unwrap().shards.iter().map(|s| s.ports_free).sum();
+    let free_after: u32 = c
+        .status()
+        .await
+        .unwrap()
+        .shards
+        .iter()
+        .map(|s| s.ports_free)
+        .sum();
     assert_eq!(free_after, free_before, "ports return to the pool");
     match c.stats(s).await {
         Err(siptg_control::dataplane::DpError::Command(CommandError::UnknownSession(id))) => {
@@ -130,10 +147,16 @@ async fn create_bridge_relay_stats_delete_through_the_socket() {
 async fn bad_commands_get_clear_errors() {
     let node = TestNode::new();
     let cfg = node.write_config("siptg.toml", "");
-    let _dp = Proc::start(&["dataplane", "--config", cfg.to_str().unwrap()], &node.path("dp.log"));
+    let _dp = Proc::start(
+        &["dataplane", "--config", cfg.to_str().unwrap()],
+        &node.path("dp.log"),
+    );
     let c = connect(&node.path("var/dp.sock")).await;
     let s = c.create_session("x").await.unwrap();
-    let a = c.add_leg(s, latching_leg(Codec::pcma(), None)).await.unwrap();
+    let a = c
+        .add_leg(s, latching_leg(Codec::pcma(), None))
+        .await
+        .unwrap();
     let err = c.bridge(s, a.leg, 99).await.unwrap_err().to_string();
     assert!(err.contains("has no leg 99"), "{err}");
     let err = c.bridge(s, a.leg, a.leg).await.unwrap_err().to_string();
@@ -163,16 +186,20 @@ async fn sessions_survive_a_killed_control_side_which_reconciles_on_restart() {
     let c = connect(&socket).await;
     let boot = c.welcome().boot_id;
     let (s, a, b) = bridged_call(&c, "call-survivor").await;
-    wait_for("up to adopt the test's session", Duration::from_secs(10), || {
-        let st = node.status()?;
-        (st["worker"]["dataplane"]["process"]["shards"]
-            .as_array()?
-            .iter()
-            .map(|s| s["sessions"].as_u64().unwrap_or(0))
-            .sum::<u64>()
-            == 1)
-            .then_some(())
-    });
+    wait_for(
+        "up to adopt the test's session",
+        Duration::from_secs(10),
+        || {
+            let st = node.status()?;
+            (st["worker"]["dataplane"]["process"]["shards"]
+                .as_array()?
+                .iter()
+                .map(|s| s["sessions"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+                == 1)
+                .then_some(())
+        },
+    );
 
     // Kill the control side hard; the dataplane (another process) must keep the session.
     up.kill_only();
@@ -198,8 +225,14 @@ async fn sessions_survive_a_killed_control_side_which_reconciles_on_restart() {
         let sup = st["worker"]["dataplane"]["supervisor"].clone();
         (sup["connected"] == true && sup["tracked_sessions"] == 1).then_some(st)
     });
-    assert_eq!(sup["worker"]["dataplane"]["process"]["pid"].as_i64(), Some(dp_pid));
-    assert_eq!(sup["worker"]["dataplane"]["supervisor"]["orphaned_sessions"], 1);
+    assert_eq!(
+        sup["worker"]["dataplane"]["process"]["pid"].as_i64(),
+        Some(dp_pid)
+    );
+    assert_eq!(
+        sup["worker"]["dataplane"]["supervisor"]["orphaned_sessions"],
+        1
+    );
     assert_eq!(sup["worker"]["dataplane"]["supervisor"]["restarts"], 0);
     assert!(up2.log().contains("adopted=1"), "{}", up2.log());
 }
@@ -208,7 +241,10 @@ async fn sessions_survive_a_killed_control_side_which_reconciles_on_restart() {
 async fn a_dead_dataplane_is_restarted_by_its_supervisor() {
     let node = TestNode::new();
     let cfg = node.write_config("siptg.toml", "");
-    let up = Proc::start(&["up", "--config", cfg.to_str().unwrap()], &node.path("up.log"));
+    let up = Proc::start(
+        &["up", "--config", cfg.to_str().unwrap()],
+        &node.path("up.log"),
+    );
     let first = wait_for("the dataplane child", Duration::from_secs(20), || {
         node.status()?["worker"]["dataplane"]["process"]["pid"].as_i64()
     });
@@ -222,5 +258,9 @@ async fn a_dead_dataplane_is_restarted_by_its_supervisor() {
         (pid != first).then_some(st)
     });
     assert_eq!(second["worker"]["dataplane"]["supervisor"]["restarts"], 1);
-    assert!(up.log().contains("dataplane process exited; restarting it"), "{}", up.log());
+    assert!(
+        up.log().contains("dataplane process exited; restarting it"),
+        "{}",
+        up.log()
+    );
 }

@@ -312,7 +312,6 @@ impl DataplaneSection {
             Cores::List(l) => l.clone(),
         }
     }
-
 }
 
 /// Which CPU cores get a dataplane shard.
@@ -416,7 +415,9 @@ impl<'de> Deserialize<'de> for SipListen {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         let (t, addr) = s.split_once(':').ok_or_else(|| {
-            de::Error::custom(format!("{s:?} is not \"transport:address:port\" (e.g. \"udp:0.0.0.0:5060\")"))
+            de::Error::custom(format!(
+                "{s:?} is not \"transport:address:port\" (e.g. \"udp:0.0.0.0:5060\")"
+            ))
         })?;
         let transport = match t {
             "udp" => SipTransport::Udp,
@@ -425,7 +426,11 @@ impl<'de> Deserialize<'de> for SipListen {
                     "transport {t:?} is not available in this build; use \"udp\""
                 )))
             }
-            other => return Err(de::Error::custom(format!("unknown SIP transport {other:?}"))),
+            other => {
+                return Err(de::Error::custom(format!(
+                    "unknown SIP transport {other:?}"
+                )))
+            }
         };
         let addr = addr
             .parse()
@@ -510,7 +515,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        u => return Err(format!("unknown duration unit {u:?} in {s:?} (use ms, s, m or h)")),
+        u => {
+            return Err(format!(
+                "unknown duration unit {u:?} in {s:?} (use ms, s, m or h)"
+            ))
+        }
     };
     Ok(d)
 }
@@ -563,7 +572,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{source_name}: TOML syntax error: {message}")]
-    Syntax { source_name: String, message: String },
+    Syntax {
+        source_name: String,
+        message: String,
+    },
     #[error("{source_name}: invalid configuration:\n{}", list(.issues))]
     Invalid {
         source_name: String,
@@ -638,10 +650,12 @@ pub fn parse(
     source_name: &str,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-        source_name: source_name.to_string(),
-        message: e.to_string(),
-    })?;
+    let mut table: toml::Table =
+        text.parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                source_name: source_name.to_string(),
+                message: e.to_string(),
+            })?;
     let spans = toml_edit::ImDocument::parse(text.to_string()).ok();
     let line_of = |key: &str| spans.as_ref().and_then(|d| line_of_key(d, key));
     let overridden = apply_env(&mut table, env);
@@ -655,19 +669,24 @@ pub fn parse(
         source_name: source_name.to_string(),
         issues,
     };
-    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-        let mut key = e.path().to_string();
-        let message = e.inner().to_string();
-        if let Some(field) = unknown_field(&message) {
-            key = if key == "." { field } else { format!("{key}.{field}") };
-        }
-        invalid(vec![Issue {
-            line: line_of(&key),
-            env: env_of(&key),
-            key,
-            message,
-        }])
-    })?;
+    let config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let mut key = e.path().to_string();
+            let message = e.inner().to_string();
+            if let Some(field) = unknown_field(&message) {
+                key = if key == "." {
+                    field
+                } else {
+                    format!("{key}.{field}")
+                };
+            }
+            invalid(vec![Issue {
+                line: line_of(&key),
+                env: env_of(&key),
+                key,
+                message,
+            }])
+        })?;
     let issues: Vec<Issue> = validate(&config)
         .into_iter()
         .map(|(key, message)| Issue {
@@ -771,14 +790,19 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     let dp = &c.dataplane;
     if let Cores::List(list) = &dp.cores {
         if list.is_empty() {
-            bad("dataplane.cores", "lists no core; use \"all\" or e.g. [0]".into());
+            bad(
+                "dataplane.cores",
+                "lists no core; use \"all\" or e.g. [0]".into(),
+            );
         }
         let available = available_cores();
         for core in list {
             if !available.contains(core) {
                 bad(
                     "dataplane.cores",
-                    format!("core {core} is not available on this machine (available: {available:?})"),
+                    format!(
+                        "core {core} is not available on this machine (available: {available:?})"
+                    ),
                 );
             }
         }
@@ -792,7 +816,10 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     if dp.rtp_port_min < 1024 {
         bad(
             "dataplane.rtp_port_min",
-            format!("{} is a privileged port; use 1024 or above", dp.rtp_port_min),
+            format!(
+                "{} is a privileged port; use 1024 or above",
+                dp.rtp_port_min
+            ),
         );
     }
     if dp.rtp_port_min >= dp.rtp_port_max {
@@ -809,7 +836,10 @@ fn validate(c: &Config) -> Vec<(String, String)> {
         if pairs < cores {
             bad(
                 "dataplane.rtp_port_max",
-                format!("range {}-{} has fewer port pairs than cores ({cores})", dp.rtp_port_min, dp.rtp_port_max),
+                format!(
+                    "range {}-{} has fewer port pairs than cores ({cores})",
+                    dp.rtp_port_min, dp.rtp_port_max
+                ),
             );
         }
     }
@@ -821,12 +851,21 @@ fn validate(c: &Config) -> Vec<(String, String)> {
         match c.telegram.api_id {
             Some(id) if id > 0 && id <= i32::MAX as i64 => {}
             Some(id) => bad("telegram.api_id", format!("{id} is not a valid api_id")),
-            None => bad("telegram.api_id", "required when backend = \"mtproto\" (get it at https://my.telegram.org)".into()),
+            None => bad(
+                "telegram.api_id",
+                "required when backend = \"mtproto\" (get it at https://my.telegram.org)".into(),
+            ),
         }
         match &c.telegram.api_hash {
             Some(h) if h.len() == 32 && h.chars().all(|ch| ch.is_ascii_hexdigit()) => {}
-            Some(_) => bad("telegram.api_hash", "must be 32 hexadecimal characters".into()),
-            None => bad("telegram.api_hash", "required when backend = \"mtproto\"".into()),
+            Some(_) => bad(
+                "telegram.api_hash",
+                "must be 32 hexadecimal characters".into(),
+            ),
+            None => bad(
+                "telegram.api_hash",
+                "required when backend = \"mtproto\"".into(),
+            ),
         }
     }
 
@@ -837,7 +876,10 @@ fn validate(c: &Config) -> Vec<(String, String)> {
             }
         }
         DatabaseBackend::Postgres => match &c.database.url {
-            None => bad("database.url", "required when backend = \"postgres\"".into()),
+            None => bad(
+                "database.url",
+                "required when backend = \"postgres\"".into(),
+            ),
             Some(u) => match url::Url::parse(u) {
                 Ok(parsed) if matches!(parsed.scheme(), "postgres" | "postgresql") => {
                     if parsed.host_str().is_none_or(str::is_empty) {
@@ -846,7 +888,10 @@ fn validate(c: &Config) -> Vec<(String, String)> {
                 }
                 Ok(parsed) => bad(
                     "database.url",
-                    format!("scheme {:?} is not postgres:// or postgresql://", parsed.scheme()),
+                    format!(
+                        "scheme {:?} is not postgres:// or postgresql://",
+                        parsed.scheme()
+                    ),
                 ),
                 Err(e) => bad("database.url", format!("is not a URL: {e}")),
             },
@@ -869,13 +914,23 @@ fn validate(c: &Config) -> Vec<(String, String)> {
                 if !crate::tls::valid_node_name(&p.name) {
                     bad(
                         &format!("manager.{kind}[{i}].name"),
-                        format!("{:?} is not a node name (letters, digits, '-', '.')", p.name),
+                        format!(
+                            "{:?} is not a node name (letters, digits, '-', '.')",
+                            p.name
+                        ),
                     );
                 }
                 if !names.insert(p.name.clone()) {
-                    bad(&format!("manager.{kind}[{i}].name"), format!("{:?} appears twice", p.name));
+                    bad(
+                        &format!("manager.{kind}[{i}].name"),
+                        format!("{:?} appears twice", p.name),
+                    );
                 }
-                if p.address.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                if p.address
+                    .rsplit_once(':')
+                    .and_then(|(_, port)| port.parse::<u16>().ok())
+                    .is_none()
+                {
                     bad(
                         &format!("manager.{kind}[{i}].address"),
                         format!("{:?} is not host:port", p.address),
@@ -886,7 +941,13 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     }
     if let Some(m) = &c.manager {
         if !crate::tls::valid_node_name(&m.name) {
-            bad("manager.name", format!("{:?} is not a node name (letters, digits, '-', '.')", m.name));
+            bad(
+                "manager.name",
+                format!(
+                    "{:?} is not a node name (letters, digits, '-', '.')",
+                    m.name
+                ),
+            );
         }
     }
     for (key, name) in [
@@ -895,7 +956,10 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     ] {
         if let Some(name) = name {
             if !crate::tls::valid_node_name(name) {
-                bad(key, format!("{name:?} is not a node name (letters, digits, '-', '.')"));
+                bad(
+                    key,
+                    format!("{name:?} is not a node name (letters, digits, '-', '.')"),
+                );
             }
         }
     }
@@ -926,7 +990,11 @@ mod tests {
         let issues = err("[node]\nstate_dir = \"x\"\n\n[dataplane]\ncores = \"many\"\n");
         assert_eq!(issues[0].key, "dataplane.cores");
         assert_eq!(issues[0].line, Some(5));
-        assert!(issues[0].message.contains("\"all\""), "{}", issues[0].message);
+        assert!(
+            issues[0].message.contains("\"all\""),
+            "{}",
+            issues[0].message
+        );
     }
 
     #[test]
@@ -974,7 +1042,10 @@ mod tests {
     #[test]
     fn environment_overrides_keys_and_is_blamed_for_errors() {
         let env = vec![
-            ("SIPTG__DATAPLANE__RTP_PORT_MIN".to_string(), "32000".to_string()),
+            (
+                "SIPTG__DATAPLANE__RTP_PORT_MIN".to_string(),
+                "32000".to_string(),
+            ),
             ("SIPTG__LOG__FORMAT".to_string(), "json".to_string()),
             ("UNRELATED".to_string(), "1".to_string()),
         ];
@@ -994,7 +1065,9 @@ mod tests {
     #[test]
     fn syntax_error_reports_position() {
         match parse("[dataplane\n", "t", Vec::new()) {
-            Err(ConfigError::Syntax { message, .. }) => assert!(message.contains("line 1"), "{message}"),
+            Err(ConfigError::Syntax { message, .. }) => {
+                assert!(message.contains("line 1"), "{message}")
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -103,9 +103,16 @@ pub struct RouteQuery {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
     /// A final SIP response to send, with SIP.TG's reason phrase.
-    Route { code: u16, reason: String },
-    Status { status: serde_json::Value },
-    Error { message: String },
+    Route {
+        code: u16,
+        reason: String,
+    },
+    Status {
+        status: serde_json::Value,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Why a link could not be set up or a request failed.
@@ -138,7 +145,9 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, LinkError>
     r.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(LinkError::Handshake(format!("frame of {len} bytes exceeds {MAX_FRAME}")));
+        return Err(LinkError::Handshake(format!(
+            "frame of {len} bytes exceeds {MAX_FRAME}"
+        )));
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
@@ -194,7 +203,9 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             })
         }
         Frame::Refused { reason } => Err(LinkError::Refused(reason)),
-        other => Err(LinkError::Handshake(format!("unexpected first frame {other:?}"))),
+        other => Err(LinkError::Handshake(format!(
+            "unexpected first frame {other:?}"
+        ))),
     }
 }
 
@@ -223,9 +234,13 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     let refusal = if magic != LINK_MAGIC {
         Some("not a siptg link".to_string())
     } else if version != LINK_VERSION {
-        Some(format!("link version {version} unsupported; this node speaks {LINK_VERSION}"))
+        Some(format!(
+            "link version {version} unsupported; this node speaks {LINK_VERSION}"
+        ))
     } else if peer_role != accept_role {
-        Some(format!("a {role} accepts links from a {accept_role}, not a {peer_role}"))
+        Some(format!(
+            "a {role} accepts links from a {accept_role}, not a {peer_role}"
+        ))
     } else if cert_name.is_some_and(|cn| cn != peer_name) {
         Some(format!(
             "peer calls itself {peer_name:?} but its certificate is for {:?}",
@@ -237,7 +252,13 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         None
     };
     if let Some(reason) = refusal {
-        let _ = write_frame(stream, &Frame::Refused { reason: reason.clone() }).await;
+        let _ = write_frame(
+            stream,
+            &Frame::Refused {
+                reason: reason.clone(),
+            },
+        )
+        .await;
         return Err(LinkError::Handshake(reason));
     }
     write_frame(
@@ -488,9 +509,20 @@ mod tests {
     async fn requests_flow_both_ways_and_heartbeats_measure_rtt() {
         let (m, w) = pair(Duration::from_millis(20), Duration::from_millis(500)).await;
         assert_eq!(w.peer().name, "m1");
-        let r = m.request(Request::Status, Duration::from_secs(1)).await.unwrap();
-        assert_eq!(r, Response::Status { status: serde_json::json!({"ok": true}) });
-        let r = w.request(Request::Status, Duration::from_secs(1)).await.unwrap();
+        let r = m
+            .request(Request::Status, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            r,
+            Response::Status {
+                status: serde_json::json!({"ok": true})
+            }
+        );
+        let r = w
+            .request(Request::Status, Duration::from_secs(1))
+            .await
+            .unwrap();
         assert!(matches!(r, Response::Status { .. }));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(m.rtt().is_some());
@@ -503,10 +535,20 @@ mod tests {
         let server = tokio::spawn(async move {
             server_handshake(&mut b, Role::Worker, "w1", Role::Manager, None).await
         });
-        let err = client_handshake(&mut a, Role::Storage, "s1", Duration::from_secs(1), Role::Worker, "w1")
-            .await
-            .unwrap_err();
-        assert!(matches!(err, LinkError::Refused(ref r) if r.contains("not a storage")), "{err}");
+        let err = client_handshake(
+            &mut a,
+            Role::Storage,
+            "s1",
+            Duration::from_secs(1),
+            Role::Worker,
+            "w1",
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(err, LinkError::Refused(ref r) if r.contains("not a storage")),
+            "{err}"
+        );
         assert!(server.await.unwrap().is_err());
     }
 
@@ -516,15 +558,26 @@ mod tests {
         let server = tokio::spawn(async move {
             server_handshake(&mut b, Role::Worker, "w1", Role::Manager, Some("manager-2")).await
         });
-        let err = client_handshake(&mut a, Role::Manager, "m1", Duration::from_secs(1), Role::Worker, "w1")
-            .await
-            .unwrap_err();
+        let err = client_handshake(
+            &mut a,
+            Role::Manager,
+            "m1",
+            Duration::from_secs(1),
+            Role::Worker,
+            "w1",
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, LinkError::Refused(_)));
         drop(server);
     }
 
     fn peer() -> PeerInfo {
-        PeerInfo { role: Role::Worker, name: "w".into(), version: 1 }
+        PeerInfo {
+            role: Role::Worker,
+            name: "w".into(),
+            version: 1,
+        }
     }
 
     #[tokio::test]
@@ -532,7 +585,9 @@ mod tests {
         let (a, b) = tokio::io::duplex(4096);
         let link = spawn(a, peer(), None, Duration::from_secs(5), no_requests());
         drop(b);
-        tokio::time::timeout(Duration::from_secs(2), link.closed()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), link.closed())
+            .await
+            .unwrap();
         assert!(!link.is_up());
         assert!(matches!(
             link.request(Request::Status, Duration::from_secs(1)).await,
@@ -544,7 +599,9 @@ mod tests {
     async fn silent_peer_times_out() {
         let (a, _silent) = tokio::io::duplex(4096);
         let link = spawn(a, peer(), None, Duration::from_millis(100), no_requests());
-        tokio::time::timeout(Duration::from_secs(2), link.closed()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), link.closed())
+            .await
+            .unwrap();
         assert!(!link.is_up());
     }
 }

@@ -112,7 +112,9 @@ impl LinkServer {
                 };
                 let cn = crate::tls::peer_common_name(tls.get_ref().1.peer_certificates());
                 match this.accept(tls, cn, handler).await {
-                    Ok(link) => tracing::info!(%remote, peer = %link.peer().name, "Manager link accepted"),
+                    Ok(link) => {
+                        tracing::info!(%remote, peer = %link.peer().name, "Manager link accepted")
+                    }
                     Err(e) => tracing::warn!(%remote, error = %e, "link refused"),
                 }
             });

@@ -75,7 +75,13 @@ impl Manager {
     }
 
     /// Starts keeping a link to peer `name` of `role`, opened by `connect`.
-    pub fn add_peer(self: &Arc<Self>, role: Role, name: String, address: String, connect: Connector) {
+    pub fn add_peer(
+        self: &Arc<Self>,
+        role: Role,
+        name: String,
+        address: String,
+        connect: Connector,
+    ) {
         self.peers().insert(
             name.clone(),
             PeerSlot {
@@ -129,10 +135,16 @@ impl Manager {
         }
     }
 
-    async fn open(&self, role: Role, name: &str, connect: &Connector) -> Result<LinkHandle, LinkError> {
+    async fn open(
+        &self,
+        role: Role,
+        name: &str,
+        connect: &Connector,
+    ) -> Result<LinkHandle, LinkError> {
         let mut stream = connect().await?;
         let hb = self.cfg.heartbeat_interval;
-        let peer = link::client_handshake(&mut stream, Role::Manager, &self.name, hb, role, name).await?;
+        let peer =
+            link::client_handshake(&mut stream, Role::Manager, &self.name, hb, role, name).await?;
         Ok(link::spawn(
             stream,
             peer,
@@ -143,7 +155,7 @@ impl Manager {
     }
 
     /// Answers Workers' questions.
-    fn handler(self: &Self) -> Handler {
+    fn handler(&self) -> Handler {
         let metrics = self.metrics.clone();
         Arc::new(move |req| {
             let metrics = metrics.clone();
@@ -151,7 +163,10 @@ impl Manager {
                 match req {
                     LinkRequest::Route(q) => {
                         let (code, reason) = route(&q);
-                        metrics.inc("siptg_route_decisions_total", &[("code", &code.to_string())]);
+                        metrics.inc(
+                            "siptg_route_decisions_total",
+                            &[("code", &code.to_string())],
+                        );
                         LinkResponse::Route { code, reason }
                     }
                     other => LinkResponse::Error {
@@ -188,7 +203,12 @@ impl Manager {
         let links: Vec<(String, LinkHandle)> = self
             .peers()
             .iter()
-            .filter_map(|(n, p)| p.link.clone().filter(LinkHandle::is_up).map(|l| (n.clone(), l)))
+            .filter_map(|(n, p)| {
+                p.link
+                    .clone()
+                    .filter(LinkHandle::is_up)
+                    .map(|l| (n.clone(), l))
+            })
             .collect();
         let mut out = BTreeMap::new();
         for (name, l) in links {

@@ -8,6 +8,27 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+/// A value read at scrape time.
+pub struct Gauge {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Gauge {
+    /// A gauge with string labels.
+    pub fn new(name: &str, labels: &[(&str, String)], value: f64) -> Self {
+        Self {
+            name: name.to_string(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            value,
+        }
+    }
+}
+
 /// Labelled counters, keyed by metric name then rendered label set.
 #[derive(Default)]
 pub struct Metrics {
@@ -45,7 +66,7 @@ impl Metrics {
     }
 
     /// Renders the counters, then `gauges` (name, labels, value) computed by the caller at scrape time.
-    pub fn render(&self, gauges: &[(String, Vec<(String, String)>, f64)]) -> String {
+    pub fn render(&self, gauges: &[Gauge]) -> String {
         let mut out = String::new();
         let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         for (name, series) in c.iter() {
@@ -55,12 +76,18 @@ impl Metrics {
             }
         }
         let mut last = "";
-        for (name, l, v) in gauges {
+        for Gauge {
+            name,
+            labels: l,
+            value: v,
+        } in gauges
+        {
             if name != last {
                 let _ = writeln!(out, "# TYPE {name} gauge");
                 last = name;
             }
-            let pairs: Vec<(&str, &str)> = l.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            let pairs: Vec<(&str, &str)> =
+                l.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
             let _ = writeln!(out, "{name}{} {v}", labels(&pairs));
         }
         out
@@ -76,10 +103,17 @@ mod tests {
         let m = Metrics::default();
         m.inc("siptg_sip_requests_total", &[("method", "OPTIONS")]);
         m.inc("siptg_sip_requests_total", &[("method", "OPTIONS")]);
-        let text = m.render(&[("siptg_up".into(), vec![("role".into(), "worker".into())], 1.0)]);
+        let text = m.render(&[(
+            "siptg_up".into(),
+            vec![("role".into(), "worker".into())],
+            1.0,
+        )]);
         assert!(text.contains("# TYPE siptg_sip_requests_total counter\n"));
         assert!(text.contains("siptg_sip_requests_total{method=\"OPTIONS\"} 2\n"));
         assert!(text.contains("siptg_up{role=\"worker\"} 1\n"));
-        assert_eq!(m.get("siptg_sip_requests_total", &[("method", "OPTIONS")]), 2);
+        assert_eq!(
+            m.get("siptg_sip_requests_total", &[("method", "OPTIONS")]),
+            2
+        );
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::link::Role;
 use crate::manager::Manager;
-use crate::metrics::Metrics;
+use crate::metrics::{Gauge, Metrics};
 use crate::storage::Storage;
 use crate::worker::Worker;
 use serde_json::{json, Value};
@@ -70,65 +70,73 @@ impl Node {
 
     /// Prometheus text: counters plus gauges read now.
     pub async fn metrics_text(&self) -> String {
-        let mut g: Vec<(String, Vec<(String, String)>, f64)> = Vec::new();
-        let l = |pairs: &[(&str, String)]| -> Vec<(String, String)> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
-        };
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        let mut g: Vec<Gauge> = Vec::new();
         for role in self.roles() {
-            g.push(("siptg_role_up".into(), l(&[("role", role.to_string())]), 1.0));
+            g.push(Gauge::new(
+                "siptg_role_up",
+                &[("role", role.to_string())],
+                1.0,
+            ));
         }
-        g.push((
-            "siptg_uptime_seconds".into(),
-            vec![],
+        g.push(Gauge::new(
+            "siptg_uptime_seconds",
+            &[],
             self.started.elapsed().as_secs_f64(),
         ));
         if let Some(m) = &self.manager {
             for p in m.peer_status() {
                 let role = p.role.map(|r| r.to_string()).unwrap_or_default();
-                let up = if p.state == "up" { 1.0 } else { 0.0 };
-                g.push(("siptg_link_up".into(), l(&[("peer", p.name.clone()), ("role", role)]), up));
+                g.push(Gauge::new(
+                    "siptg_link_up",
+                    &[("peer", p.name.clone()), ("role", role)],
+                    flag(p.state == "up"),
+                ));
             }
         }
         if let Some(w) = &self.worker {
-            g.push((
-                "siptg_manager_link_up".into(),
-                l(&[("node", w.name().to_string())]),
-                if w.links().manager().is_some() { 1.0 } else { 0.0 },
+            g.push(Gauge::new(
+                "siptg_manager_link_up",
+                &[("node", w.name().to_string())],
+                flag(w.links().manager().is_some()),
             ));
             let sup = w.dataplane().status();
-            g.push((
-                "siptg_dataplane_connected".into(),
-                vec![],
-                if sup.connected { 1.0 } else { 0.0 },
+            g.push(Gauge::new(
+                "siptg_dataplane_connected",
+                &[],
+                flag(sup.connected),
             ));
-            g.push(("siptg_dataplane_tracked_sessions".into(), vec![], sup.tracked_sessions as f64));
-            if let Some(status) = match w.dataplane().client() {
+            g.push(Gauge::new(
+                "siptg_dataplane_tracked_sessions",
+                &[],
+                sup.tracked_sessions as f64,
+            ));
+            let status = match w.dataplane().client() {
                 Some(c) => c.status().await.ok(),
                 None => None,
-            } {
-                for (name, f) in [
-                    ("siptg_dataplane_shard_running", 0),
-                    ("siptg_dataplane_sessions", 1),
-                    ("siptg_dataplane_legs", 2),
-                    ("siptg_dataplane_ports_free", 3),
-                    ("siptg_dataplane_packets_relayed", 4),
-                ] {
-                    for s in &status.shards {
-                        let v = match f {
-                            0 => f64::from(u8::from(s.running)),
-                            1 => s.sessions as f64,
-                            2 => s.legs as f64,
-                            3 => s.ports_free as f64,
-                            _ => s.packets_relayed as f64,
-                        };
-                        g.push((name.into(), l(&[("core", s.core.to_string())]), v));
-                    }
+            };
+            let shards = status.map(|s| s.shards).unwrap_or_default();
+            type Field = fn(&siptg_proto::ShardStatus) -> f64;
+            let fields: [(&str, Field); 5] = [
+                ("siptg_dataplane_shard_running", |s| {
+                    f64::from(u8::from(s.running))
+                }),
+                ("siptg_dataplane_sessions", |s| s.sessions as f64),
+                ("siptg_dataplane_legs", |s| s.legs as f64),
+                ("siptg_dataplane_ports_free", |s| s.ports_free as f64),
+                ("siptg_dataplane_packets_relayed", |s| {
+                    s.packets_relayed as f64
+                }),
+            ];
+            for (name, field) in fields {
+                for s in &shards {
+                    g.push(Gauge::new(name, &[("core", s.core.to_string())], field(s)));
                 }
             }
         }
         if let Some(s) = &self.storage {
             if let Ok(n) = s.store().count_sessions().await {
-                g.push(("siptg_storage_telegram_sessions".into(), vec![], n as f64));
+                g.push(Gauge::new("siptg_storage_telegram_sessions", &[], n as f64));
             }
         }
         self.metrics.render(&g)

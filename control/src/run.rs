@@ -59,7 +59,10 @@ fn node_tls(inv: &Invocation, role: Role) -> Result<NodeTls, RunError> {
 fn prepare_state_dir(inv: &Invocation) -> Result<(), RunError> {
     let dir = inv.loaded.state_dir();
     std::fs::create_dir_all(&dir).map_err(|e| {
-        RunError::Setup(format!("cannot create state directory {}: {e}", dir.display()))
+        RunError::Setup(format!(
+            "cannot create state directory {}: {e}",
+            dir.display()
+        ))
     })
 }
 
@@ -83,7 +86,10 @@ fn start_worker(inv: &Invocation, metrics: &Arc<Metrics>) -> Arc<Worker> {
     Worker::new(wcfg, links, sup, metrics.clone())
 }
 
-async fn start_storage(inv: &Invocation, name_cfg: StorageConfig) -> Result<Arc<Storage>, RunError> {
+async fn start_storage(
+    inv: &Invocation,
+    name_cfg: StorageConfig,
+) -> Result<Arc<Storage>, RunError> {
     let cfg = &inv.loaded.config;
     let store = Store::open(&cfg.database, &inv.loaded.base).await?;
     let links = LinkServer::new(Role::Storage, name_cfg.name.clone());
@@ -207,11 +213,16 @@ pub async fn manager(inv: Invocation) -> Result<(), RunError> {
     prepare_state_dir(&inv)?;
     let metrics = Arc::new(Metrics::default());
     let mcfg: ManagerConfig = inv.loaded.config.manager.clone().ok_or_else(|| {
-        RunError::Setup("the manager role needs a [manager] section listing its workers and storages".into())
+        RunError::Setup(
+            "the manager role needs a [manager] section listing its workers and storages".into(),
+        )
     })?;
     let client = tls::client_config(&node_tls(&inv, Role::Manager)?)?;
     let manager = Manager::new(mcfg.name.clone(), mcfg.clone(), metrics.clone());
-    for (role, peers) in [(Role::Worker, &mcfg.workers), (Role::Storage, &mcfg.storages)] {
+    for (role, peers) in [
+        (Role::Worker, &mcfg.workers),
+        (Role::Storage, &mcfg.storages),
+    ] {
         for p in peers {
             manager.add_peer(
                 role,

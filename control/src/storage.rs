@@ -18,7 +18,12 @@ pub struct Storage {
 
 impl Storage {
     /// A Storage over an open database.
-    pub fn new(cfg: StorageConfig, telegram: TelegramConfig, links: Arc<LinkServer>, store: Store) -> Arc<Self> {
+    pub fn new(
+        cfg: StorageConfig,
+        telegram: TelegramConfig,
+        links: Arc<LinkServer>,
+        store: Store,
+    ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
             telegram,

@@ -64,7 +64,10 @@ impl Store {
                 let url = cfg.url.clone().unwrap_or_default();
                 let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
                     .await
-                    .map_err(|source| StoreError::Postgres { op: "connect", source })?;
+                    .map_err(|source| StoreError::Postgres {
+                        op: "connect",
+                        source,
+                    })?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::error!(error = %e, "postgres connection lost");
@@ -76,7 +79,10 @@ impl Store {
                             name TEXT PRIMARY KEY, data BYTEA NOT NULL)",
                     )
                     .await
-                    .map_err(|source| StoreError::Postgres { op: "create table", source })?;
+                    .map_err(|source| StoreError::Postgres {
+                        op: "create table",
+                        source,
+                    })?;
                 tracing::info!("postgres database open");
                 Ok(Store::Postgres(Arc::new(client)))
             }
@@ -110,7 +116,10 @@ impl Store {
                 )
                 .await
                 .map(drop)
-                .map_err(|source| StoreError::Postgres { op: "insert", source }),
+                .map_err(|source| StoreError::Postgres {
+                    op: "insert",
+                    source,
+                }),
         }
     }
 
@@ -124,10 +133,16 @@ impl Store {
                 Ok(v.map(|g| g.value().to_vec()))
             }
             Store::Postgres(c) => c
-                .query_opt("SELECT data FROM telegram_sessions WHERE name = $1", &[&name])
+                .query_opt(
+                    "SELECT data FROM telegram_sessions WHERE name = $1",
+                    &[&name],
+                )
                 .await
                 .map(|row| row.map(|r| r.get::<_, Vec<u8>>(0)))
-                .map_err(|source| StoreError::Postgres { op: "select", source }),
+                .map_err(|source| StoreError::Postgres {
+                    op: "select",
+                    source,
+                }),
         }
     }
 
@@ -143,7 +158,10 @@ impl Store {
                 .query_one("SELECT count(*) FROM telegram_sessions", &[])
                 .await
                 .map(|r| r.get::<_, i64>(0) as u64)
-                .map_err(|source| StoreError::Postgres { op: "count", source }),
+                .map_err(|source| StoreError::Postgres {
+                    op: "count",
+                    source,
+                }),
         }
     }
 }
@@ -166,7 +184,10 @@ mod tests {
             assert_eq!(s.count_sessions().await.unwrap(), 1);
         }
         let s = Store::open(&cfg, dir.path()).await.unwrap();
-        assert_eq!(s.get_session("acc1").await.unwrap().as_deref(), Some(&b"authkey"[..]));
+        assert_eq!(
+            s.get_session("acc1").await.unwrap().as_deref(),
+            Some(&b"authkey"[..])
+        );
         assert_eq!(s.get_session("nope").await.unwrap(), None);
     }
 }

@@ -97,7 +97,10 @@ fn write_file(path: &Path, contents: &str, secret: bool, force: bool) -> Result<
         source,
     })?;
     f.write_all(contents.as_bytes())
-        .map_err(|source| TlsError::Write { path: shown, source })
+        .map_err(|source| TlsError::Write {
+            path: shown,
+            source,
+        })
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
@@ -111,7 +114,9 @@ fn read(path: &Path) -> Result<String, TlsError> {
 pub fn init_ca(dir: &Path, common_name: &str, force: bool) -> Result<CaFiles, TlsError> {
     let files = CaFiles::in_dir(dir);
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, common_name);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
     params
         .distinguished_name
         .push(DnType::OrganizationName, "siptg");
@@ -221,9 +226,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 /// Server side of a link (Worker, Storage): requires a client certificate from our CA.
 pub fn server_config(tls: &NodeTls) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&tls.ca)?), provider())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&tls.ca)?), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

@@ -102,7 +102,9 @@ impl Worker {
         let dp = self.dataplane.status();
         let shards = match self.dataplane.client() {
             Some(c) => match c.status().await {
-                Ok(s) => json!({"pid": s.pid, "driver": s.driver, "uptime_ms": s.uptime_ms, "shards": s.shards}),
+                Ok(s) => {
+                    json!({"pid": s.pid, "driver": s.driver, "uptime_ms": s.uptime_ms, "shards": s.shards})
+                }
                 Err(e) => json!({"error": e.to_string()}),
             },
             None => json!(null),
@@ -148,7 +150,11 @@ impl Worker {
 }
 
 impl Responder for Worker {
-    fn answer(&self, req: Request, source: SocketAddr) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>> {
+    fn answer(
+        &self,
+        req: Request,
+        source: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>> {
         Box::pin(async move {
             if req.method == "ACK" {
                 return None;

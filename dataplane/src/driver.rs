@@ -85,18 +85,25 @@ pub fn spawn_shard(spec: ShardSpec, events: Sender<Event>) -> io::Result<ShardHa
 }
 
 type SocketKey = (SessionId, LegId, Channel);
+/// Receive tasks per leg.
+type LegTasks = HashMap<(SessionId, LegId), Vec<Task<()>>>;
 
 struct Ctx {
     shard: RefCell<Shard>,
     media_ip: IpAddr,
     sockets: RefCell<HashMap<SocketKey, Rc<UdpSocket>>>,
     /// Receive tasks of each leg; dropping them cancels them and closes the sockets.
-    tasks: RefCell<HashMap<(SessionId, LegId), Vec<Task<()>>>>,
+    tasks: RefCell<LegTasks>,
 }
 
 async fn run_shard(spec: ShardSpec, rx: Receiver<ShardRequest>, events: Sender<Event>) {
     let ctx = Rc::new(Ctx {
-        shard: RefCell::new(Shard::new(spec.core, spec.ports, spec.timers, Instant::now())),
+        shard: RefCell::new(Shard::new(
+            spec.core,
+            spec.ports,
+            spec.timers,
+            Instant::now(),
+        )),
         media_ip: spec.media_ip,
         sockets: RefCell::new(HashMap::new()),
         tasks: RefCell::new(HashMap::new()),
@@ -153,12 +160,16 @@ fn handle(ctx: &Rc<Ctx>, op: ShardOp) -> ShardReply {
 fn command(ctx: &Rc<Ctx>, cmd: Command, now: Instant) -> Result<Reply, CommandError> {
     match cmd {
         Command::AddLeg { session, spec } => add_leg(ctx, session, spec, now).map(Reply::Leg),
-        Command::UpdateLeg { session, leg, spec } => {
-            ctx.shard.borrow_mut().update_leg(session, leg, spec).map(Reply::Leg)
-        }
-        Command::Bridge { session, a, b } => {
-            ctx.shard.borrow_mut().bridge(session, a, b).map(|()| Reply::Bridged)
-        }
+        Command::UpdateLeg { session, leg, spec } => ctx
+            .shard
+            .borrow_mut()
+            .update_leg(session, leg, spec)
+            .map(Reply::Leg),
+        Command::Bridge { session, a, b } => ctx
+            .shard
+            .borrow_mut()
+            .bridge(session, a, b)
+            .map(|()| Reply::Bridged),
         Command::DeleteLeg { session, leg } => {
             ctx.shard.borrow_mut().delete_leg(session, leg)?;
             close_leg(ctx, session, leg);
@@ -267,10 +278,14 @@ async fn receive_loop(
                 continue;
             }
         };
-        let fwd = ctx
-            .shard
-            .borrow_mut()
-            .on_datagram(session, leg, channel, src, &buf[..n], Instant::now());
+        let fwd = ctx.shard.borrow_mut().on_datagram(
+            session,
+            leg,
+            channel,
+            src,
+            &buf[..n],
+            Instant::now(),
+        );
         let Some(fwd) = fwd else { continue };
         let out = ctx
             .sockets

@@ -41,10 +41,8 @@ pub struct DataplaneConfig {
 /// Starts the dataplane and serves its control socket until the process ends.
 pub fn run(cfg: &DataplaneConfig) -> Result<(), StartError> {
     let running = Running::start(cfg)?;
-    running
-        .serve()
-        .map_err(|source| StartError::Listen {
-            path: cfg.socket.display().to_string(),
-            source,
-        })
+    running.serve().map_err(|source| StartError::Listen {
+        path: cfg.socket.display().to_string(),
+        source,
+    })
 }

@@ -86,10 +86,7 @@ mod tests {
     fn split_covers_range_without_overlap() {
         let parts = split_range(30_000, 30_999, 3);
         assert_eq!(parts.len(), 3);
-        let total: u32 = parts
-            .iter()
-            .map(|&(a, b)| PortPool::new(a, b).free())
-            .sum();
+        let total: u32 = parts.iter().map(|&(a, b)| PortPool::new(a, b).free()).sum();
         assert_eq!(total, 500);
         for w in parts.windows(2) {
             assert!(w[0].1 < w[1].0);

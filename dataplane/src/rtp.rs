@@ -100,7 +100,10 @@ mod tests {
         let Some(Packet::Rtp(h)) = classify(&rtp(8, 513, 160)) else {
             panic!("not rtp")
         };
-        assert_eq!((h.payload_type, h.sequence, h.timestamp, h.ssrc), (8, 513, 160, 1));
+        assert_eq!(
+            (h.payload_type, h.sequence, h.timestamp, h.ssrc),
+            (8, 513, 160, 1)
+        );
         assert_eq!(h.payload_offset, 12);
     }
 
@@ -125,7 +128,14 @@ mod tests {
     #[test]
     fn telephone_event_digits() {
         let ev = telephone_event(&[11, 0x8a, 0x03, 0x20]).unwrap();
-        assert_eq!(ev, TelephoneEvent { event: 11, end: true, duration: 800 });
+        assert_eq!(
+            ev,
+            TelephoneEvent {
+                event: 11,
+                end: true,
+                duration: 800
+            }
+        );
         assert_eq!(dtmf_digit(ev.event), Some('#'));
         assert_eq!(dtmf_digit(16), None);
     }

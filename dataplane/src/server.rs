@@ -168,7 +168,10 @@ fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
             })?;
         }
     }
-    UnixListener::bind(path).map_err(|source| StartError::Listen { path: shown, source })
+    UnixListener::bind(path).map_err(|source| StartError::Listen {
+        path: shown,
+        source,
+    })
 }
 
 impl Server {
@@ -292,7 +295,9 @@ impl Server {
         let core = self.shards.get(shard).map_or(u16::MAX, |s| s.core);
         match self.ask(shard, op) {
             Some(ShardReply::Proto(r)) => r,
-            Some(ShardReply::Status(_)) => Err(CommandError::Invalid("unexpected shard reply".into())),
+            Some(ShardReply::Status(_)) => {
+                Err(CommandError::Invalid("unexpected shard reply".into()))
+            }
             None => Err(CommandError::ShardDown { core }),
         }
     }
@@ -315,7 +320,9 @@ impl Server {
             Command::List => {
                 let mut all = Vec::new();
                 for shard in 0..self.shards.len() {
-                    if let Ok(Reply::Sessions(s)) = self.ask_proto(shard, ShardOp::Command(Command::List)) {
+                    if let Ok(Reply::Sessions(s)) =
+                        self.ask_proto(shard, ShardOp::Command(Command::List))
+                    {
                         all.extend(s);
                     }
                 }

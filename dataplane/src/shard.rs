@@ -102,9 +102,10 @@ impl Leg {
             peer: self.peer,
             lost: self.rx.lost(),
             jitter_ms: self.rx.jitter_ms(self.spec.codec.clock_rate),
-            idle_ms: self
-                .seen_packet
-                .then(|| now.saturating_duration_since(self.last_activity).as_millis() as u64),
+            idle_ms: self.seen_packet.then(|| {
+                now.saturating_duration_since(self.last_activity)
+                    .as_millis() as u64
+            }),
             ..self.counters.clone()
         }
     }
@@ -165,7 +166,11 @@ impl Shard {
 
     /// Checks a leg request and reserves a port for it; the driver then binds the port and calls
     /// [`Shard::complete_add_leg`] or [`Shard::abort_add_leg`].
-    pub fn begin_add_leg(&mut self, session: SessionId, spec: &LegSpec) -> Result<u16, CommandError> {
+    pub fn begin_add_leg(
+        &mut self,
+        session: SessionId,
+        spec: &LegSpec,
+    ) -> Result<u16, CommandError> {
         if !self.sessions.contains_key(&session) {
             return Err(CommandError::UnknownSession(session));
         }
@@ -249,7 +254,9 @@ impl Shard {
     /// Bridges `a` and `b` both ways, unbridging whatever either was bridged to.
     pub fn bridge(&mut self, session: SessionId, a: LegId, b: LegId) -> Result<(), CommandError> {
         if a == b {
-            return Err(CommandError::Invalid(format!("cannot bridge leg {a} to itself")));
+            return Err(CommandError::Invalid(format!(
+                "cannot bridge leg {a} to itself"
+            )));
         }
         let s = self
             .sessions
@@ -563,8 +570,19 @@ mod tests {
     #[test]
     fn bridged_rtp_goes_to_the_peer_remote() {
         let now = Instant::now();
-        let mut sh = bridged(spec(Some("127.0.0.1:5000"), false), spec(Some("127.0.0.1:6000"), false), now);
-        let fwd = sh.on_datagram(1, 1, Channel::Rtp, "127.0.0.1:5000".parse().unwrap(), &rtp(8, 1, 0), now);
+        let mut sh = bridged(
+            spec(Some("127.0.0.1:5000"), false),
+            spec(Some("127.0.0.1:6000"), false),
+            now,
+        );
+        let fwd = sh.on_datagram(
+            1,
+            1,
+            Channel::Rtp,
+            "127.0.0.1:5000".parse().unwrap(),
+            &rtp(8, 1, 0),
+            now,
+        );
         assert_eq!(
             fwd,
             Some(Forward {
@@ -586,10 +604,21 @@ mod tests {
         let mut sh = bridged(spec(None, true), spec(Some("127.0.0.1:6000"), false), now);
         let first: SocketAddr = "127.0.0.1:7000".parse().unwrap();
         let other: SocketAddr = "127.0.0.1:7002".parse().unwrap();
-        assert!(sh.on_datagram(1, 1, Channel::Rtp, first, &rtp(8, 1, 0), now).is_some());
-        assert!(sh.on_datagram(1, 1, Channel::Rtp, other, &rtp(8, 2, 160), now).is_none());
+        assert!(sh
+            .on_datagram(1, 1, Channel::Rtp, first, &rtp(8, 1, 0), now)
+            .is_some());
+        assert!(sh
+            .on_datagram(1, 1, Channel::Rtp, other, &rtp(8, 2, 160), now)
+            .is_none());
         // And the latched address is where the peer's media now goes.
-        let back = sh.on_datagram(1, 2, Channel::Rtp, "127.0.0.1:6000".parse().unwrap(), &rtp(8, 1, 0), now);
+        let back = sh.on_datagram(
+            1,
+            2,
+            Channel::Rtp,
+            "127.0.0.1:6000".parse().unwrap(),
+            &rtp(8, 1, 0),
+            now,
+        );
         assert_eq!(back.map(|f| f.dest), Some(first));
         let st = sh.stats(1, now).unwrap();
         assert_eq!(st.legs[0].dropped_foreign, 1);
@@ -600,10 +629,20 @@ mod tests {
     fn update_leg_relatches_after_reinvite() {
         let now = Instant::now();
         let mut sh = bridged(spec(None, true), spec(Some("127.0.0.1:6000"), false), now);
-        sh.on_datagram(1, 1, Channel::Rtp, "127.0.0.1:7000".parse().unwrap(), &rtp(8, 1, 0), now);
-        sh.update_leg(1, 1, spec(Some("127.0.0.1:8000"), true)).unwrap();
+        sh.on_datagram(
+            1,
+            1,
+            Channel::Rtp,
+            "127.0.0.1:7000".parse().unwrap(),
+            &rtp(8, 1, 0),
+            now,
+        );
+        sh.update_leg(1, 1, spec(Some("127.0.0.1:8000"), true))
+            .unwrap();
         let moved: SocketAddr = "127.0.0.1:8000".parse().unwrap();
-        assert!(sh.on_datagram(1, 1, Channel::Rtp, moved, &rtp(8, 2, 160), now).is_some());
+        assert!(sh
+            .on_datagram(1, 1, Channel::Rtp, moved, &rtp(8, 2, 160), now)
+            .is_some());
     }
 
     #[test]
@@ -611,7 +650,16 @@ mod tests {
         let now = Instant::now();
         let mut sh = bridged(spec(None, true), spec(None, true), now);
         sh.delete_leg(1, 2).unwrap();
-        assert!(sh.on_datagram(1, 1, Channel::Rtp, "127.0.0.1:7000".parse().unwrap(), &rtp(8, 1, 0), now).is_none());
+        assert!(sh
+            .on_datagram(
+                1,
+                1,
+                Channel::Rtp,
+                "127.0.0.1:7000".parse().unwrap(),
+                &rtp(8, 1, 0),
+                now
+            )
+            .is_none());
         assert_eq!(sh.stats(1, now).unwrap().legs[0].packets_in, 1);
     }
 
@@ -671,18 +719,40 @@ mod tests {
         sh.create_session(1, "t".into(), now);
         for _ in 0..2 {
             let p = sh.begin_add_leg(1, &spec(None, true)).unwrap();
-            sh.complete_add_leg(1, spec(None, true), p, SocketAddr::from(([127, 0, 0, 1], p)), now)
-                .unwrap();
+            sh.complete_add_leg(
+                1,
+                spec(None, true),
+                p,
+                SocketAddr::from(([127, 0, 0, 1], p)),
+                now,
+            )
+            .unwrap();
         }
         let err = sh.begin_add_leg(1, &spec(None, true)).unwrap_err();
-        assert_eq!(err, CommandError::PortsExhausted { core: 3, min: 50_000, max: 50_003 });
+        assert_eq!(
+            err,
+            CommandError::PortsExhausted {
+                core: 3,
+                min: 50_000,
+                max: 50_003
+            }
+        );
     }
 
     #[test]
     fn junk_datagram_is_counted_not_forwarded() {
         let now = Instant::now();
         let mut sh = bridged(spec(None, true), spec(Some("127.0.0.1:6000"), false), now);
-        assert!(sh.on_datagram(1, 1, Channel::Rtp, "127.0.0.1:7000".parse().unwrap(), b"hello", now).is_none());
+        assert!(sh
+            .on_datagram(
+                1,
+                1,
+                Channel::Rtp,
+                "127.0.0.1:7000".parse().unwrap(),
+                b"hello",
+                now
+            )
+            .is_none());
         assert_eq!(sh.stats(1, now).unwrap().legs[0].dropped_malformed, 1);
     }
 }

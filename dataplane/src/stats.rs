@@ -27,7 +27,8 @@ impl ReceptionStats {
         epoch: Instant,
         clock_rate: u32,
     ) {
-        let arrival_units = arrival.saturating_duration_since(epoch).as_secs_f64() * clock_rate as f64;
+        let arrival_units =
+            arrival.saturating_duration_since(epoch).as_secs_f64() * clock_rate as f64;
         let transit = arrival_units - ts as f64;
         if !self.started {
             self.started = true;
@@ -94,7 +95,10 @@ mod tests {
         }
         assert_eq!(s.expected(), 20);
         assert_eq!(s.lost(), 2);
-        assert!(s.jitter_ms(8000) < 0.01, "evenly paced stream has no jitter");
+        assert!(
+            s.jitter_ms(8000) < 0.01,
+            "evenly paced stream has no jitter"
+        );
     }
 
     #[test]

@@ -2,9 +2,8 @@
 //! id, and a broadcast of the dataplane's events.
 
 use siptg_proto::{
-    encode_frame, Codec, Command, CommandError, DataplaneStatus, Event, FrameDecoder, Hello,
-    LegId, LegInfo, LegSpec, Message, Reply, SessionId, SessionStats, SessionSummary, Welcome,
-    MAGIC,
+    encode_frame, Codec, Command, CommandError, DataplaneStatus, Event, FrameDecoder, Hello, LegId,
+    LegInfo, LegSpec, Message, Reply, SessionId, SessionStats, SessionSummary, Welcome, MAGIC,
 };
 use std::collections::HashMap;
 use std::path::Path;
@@ -66,7 +65,8 @@ impl DataplaneClient {
                 source,
             })?;
         let mut out = Vec::new();
-        encode_frame(&Hello::new(client), &mut out).map_err(|e| DpError::Protocol(e.to_string()))?;
+        encode_frame(&Hello::new(client), &mut out)
+            .map_err(|e| DpError::Protocol(e.to_string()))?;
         let mut dec = FrameDecoder::new();
         let welcome: Welcome = tokio::time::timeout(COMMAND_TIMEOUT, async {
             stream.write_all(&out).await.map_err(|_| DpError::Closed)?;
@@ -209,7 +209,10 @@ impl DataplaneClient {
 
     /// Creates a session; returns its id.
     pub async fn create_session(&self, tag: &str) -> Result<SessionId, DpError> {
-        match self.request(Command::CreateSession { tag: tag.into() }).await? {
+        match self
+            .request(Command::CreateSession { tag: tag.into() })
+            .await?
+        {
             Reply::SessionCreated { session, .. } => Ok(session),
             other => Err(unexpected(other)),
         }
@@ -224,8 +227,16 @@ impl DataplaneClient {
     }
 
     /// Re-targets a leg.
-    pub async fn update_leg(&self, session: SessionId, leg: LegId, spec: LegSpec) -> Result<LegInfo, DpError> {
-        match self.request(Command::UpdateLeg { session, leg, spec }).await? {
+    pub async fn update_leg(
+        &self,
+        session: SessionId,
+        leg: LegId,
+        spec: LegSpec,
+    ) -> Result<LegInfo, DpError> {
+        match self
+            .request(Command::UpdateLeg { session, leg, spec })
+            .await?
+        {
             Reply::Leg(l) => Ok(l),
             other => Err(unexpected(other)),
         }
@@ -233,12 +244,16 @@ impl DataplaneClient {
 
     /// Bridges two legs.
     pub async fn bridge(&self, session: SessionId, a: LegId, b: LegId) -> Result<(), DpError> {
-        self.request(Command::Bridge { session, a, b }).await.map(drop)
+        self.request(Command::Bridge { session, a, b })
+            .await
+            .map(drop)
     }
 
     /// Deletes a session.
     pub async fn delete_session(&self, session: SessionId) -> Result<(), DpError> {
-        self.request(Command::DeleteSession { session }).await.map(drop)
+        self.request(Command::DeleteSession { session })
+            .await
+            .map(drop)
     }
 
     /// Per-leg counters.

@@ -261,7 +261,10 @@ impl Supervisor {
         if previous.is_some_and(|b| b != boot_id) {
             let lost = std::mem::take(&mut *lock(&self.registry));
             if !lost.is_empty() {
-                tracing::error!(sessions = lost.len(), "dataplane restarted: its sessions are gone");
+                tracing::error!(
+                    sessions = lost.len(),
+                    "dataplane restarted: its sessions are gone"
+                );
             }
         }
         let listed = c.list().await?;
@@ -292,7 +295,10 @@ impl Supervisor {
     async fn sweep_orphans(&self, c: &DataplaneClient) {
         let expired: Vec<SessionId> = lock(&self.registry)
             .iter()
-            .filter(|(_, t)| t.orphan_since.is_some_and(|s| s.elapsed() >= self.orphan_grace))
+            .filter(|(_, t)| {
+                t.orphan_since
+                    .is_some_and(|s| s.elapsed() >= self.orphan_grace)
+            })
             .map(|(&id, _)| id)
             .collect();
         for id in expired {
@@ -301,18 +307,29 @@ impl Supervisor {
                     tracing::info!(session = id, "deleted orphaned session nobody claimed");
                     self.untrack(id);
                 }
-                Err(e) => tracing::warn!(session = id, error = %e, "cannot delete orphaned session"),
+                Err(e) => {
+                    tracing::warn!(session = id, error = %e, "cannot delete orphaned session")
+                }
             }
         }
     }
 
     fn on_event(&self, ev: Event) {
         let kind = match &ev {
-            Event::RtpTimeout { session, leg, idle_ms } => {
+            Event::RtpTimeout {
+                session,
+                leg,
+                idle_ms,
+            } => {
                 tracing::info!(session, leg, idle_ms, "RTP timeout");
                 "rtp_timeout"
             }
-            Event::Dtmf { session, leg, digit, duration_ms } => {
+            Event::Dtmf {
+                session,
+                leg,
+                digit,
+                duration_ms,
+            } => {
                 tracing::info!(session, leg, %digit, duration_ms, "DTMF");
                 "dtmf"
             }

@@ -19,13 +19,20 @@ pub type Answer = Option<(u16, String)>;
 /// Decides how to answer a request.
 pub trait Responder: Send + Sync + 'static {
     /// Answers one request from `source`.
-    fn answer(&self, req: Request, source: SocketAddr) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>>;
+    fn answer(
+        &self,
+        req: Request,
+        source: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = Answer> + Send + '_>>;
 }
 
 /// Binds a UDP listener; fails with the address in the message.
 pub async fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen for SIP on udp:{addr}: {e}"))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for SIP on udp:{addr}: {e}"),
+        )
     })
 }
 
@@ -76,7 +83,10 @@ pub async fn serve_udp(
                 return;
             };
             let extra: &[(&str, &str)] = if method == "OPTIONS" && code == 200 {
-                &[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, MESSAGE")]
+                &[(
+                    "Allow",
+                    "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, MESSAGE",
+                )]
             } else {
                 &[]
             };

@@ -162,7 +162,11 @@ pub fn response(
 ) -> String {
     let mut out = format!("SIP/2.0 {code} {reason}\r\n");
     for (i, via) in req.headers("Via").enumerate() {
-        let via = if i == 0 { stamp_via(via, source) } else { via.to_string() };
+        let via = if i == 0 {
+            stamp_via(via, source)
+        } else {
+            via.to_string()
+        };
         out.push_str(&format!("Via: {via}\r\n"));
     }
     if let Some(from) = req.header("From") {
@@ -193,7 +197,12 @@ fn stamp_via(via: &str, source: SocketAddr) -> String {
     let mut params: Vec<String> = via.split(';').map(str::to_string).collect();
     let mut has_received = false;
     for p in params.iter_mut().skip(1) {
-        let key = p.trim().split('=').next().unwrap_or("").to_ascii_lowercase();
+        let key = p
+            .trim()
+            .split('=')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
         if key == "rport" && !p.contains('=') {
             *p = format!("rport={}", source.port());
         }
@@ -224,9 +233,19 @@ mod tests {
     fn answers_echo_dialog_headers_and_stamp_via() {
         let req = parse_request(OPTIONS.as_bytes()).unwrap();
         let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        let resp = response(&req, 503, "No response from Manager", src, "t1", "siptg", &[]);
+        let resp = response(
+            &req,
+            503,
+            "No response from Manager",
+            src,
+            "t1",
+            "siptg",
+            &[],
+        );
         assert!(resp.starts_with("SIP/2.0 503 No response from Manager\r\n"));
-        assert!(resp.contains("Via: SIP/2.0/UDP 10.0.0.1:5062;branch=z9hG4bK1;rport=40000;received=127.0.0.1\r\n"));
+        assert!(resp.contains(
+            "Via: SIP/2.0/UDP 10.0.0.1:5062;branch=z9hG4bK1;rport=40000;received=127.0.0.1\r\n"
+        ));
         assert!(resp.contains("To: <sip:gw@127.0.0.1>;tag=t1\r\n"));
         assert!(resp.contains("CSeq: 1 OPTIONS\r\n"));
         assert!(resp.ends_with("Content-Length: 0\r\n\r\n"));
@@ -258,9 +277,18 @@ mod tests {
 
     #[test]
     fn users_from_uris() {
-        assert_eq!(uri_user("\"PBX\" <sip:100@pbx.local;transport=udp>;tag=1").as_deref(), Some("100"));
-        assert_eq!(uri_user("sip:+15551234567@gw;user=phone").as_deref(), Some("+15551234567"));
-        assert_eq!(uri_user("<tel:+15551234567>").as_deref(), Some("+15551234567"));
+        assert_eq!(
+            uri_user("\"PBX\" <sip:100@pbx.local;transport=udp>;tag=1").as_deref(),
+            Some("100")
+        );
+        assert_eq!(
+            uri_user("sip:+15551234567@gw;user=phone").as_deref(),
+            Some("+15551234567")
+        );
+        assert_eq!(
+            uri_user("<tel:+15551234567>").as_deref(),
+            Some("+15551234567")
+        );
         assert_eq!(uri_user("sip:gw.example.com").as_deref(), None);
     }
 }
