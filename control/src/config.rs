@@ -674,11 +674,11 @@ pub fn parse(
             let mut key = e.path().to_string();
             let message = e.inner().to_string();
             if let Some(field) = unknown_field(&message) {
-                key = if key == "." {
-                    field
-                } else {
-                    format!("{key}.{field}")
-                };
+                if key == "." {
+                    key = field;
+                } else if !key.ends_with(&field) {
+                    key = format!("{key}.{field}");
+                }
             }
             invalid(vec![Issue {
                 line: line_of(&key),

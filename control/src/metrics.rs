@@ -103,11 +103,7 @@ mod tests {
         let m = Metrics::default();
         m.inc("siptg_sip_requests_total", &[("method", "OPTIONS")]);
         m.inc("siptg_sip_requests_total", &[("method", "OPTIONS")]);
-        let text = m.render(&[(
-            "siptg_up".into(),
-            vec![("role".into(), "worker".into())],
-            1.0,
-        )]);
+        let text = m.render(&[Gauge::new("siptg_up", &[("role", "worker".into())], 1.0)]);
         assert!(text.contains("# TYPE siptg_sip_requests_total counter\n"));
         assert!(text.contains("siptg_sip_requests_total{method=\"OPTIONS\"} 2\n"));
         assert!(text.contains("siptg_up{role=\"worker\"} 1\n"));
