@@ -54,7 +54,6 @@ pub struct ShardRequest {
 pub struct ShardHandle {
     pub core: u16,
     pub tx: Sender<ShardRequest>,
-    pub thread: glommio::ExecutorJoinHandle<()>,
 }
 
 /// What a shard needs to start.
@@ -77,11 +76,23 @@ pub fn spawn_shard(spec: ShardSpec, events: Sender<Event>) -> io::Result<ShardHa
     } else {
         Placement::Unbound
     };
+    let shard_events = events.clone();
     let thread = LocalExecutorBuilder::new(placement)
         .name(&format!("dp-core{core}"))
-        .spawn(move || async move { run_shard(spec, rx, events).await })
+        .spawn(move || async move { run_shard(spec, rx, shard_events).await })
         .map_err(|e| io::Error::other(format!("cannot start shard on core {core}: {e}")))?;
-    Ok(ShardHandle { core, tx, thread })
+    // A shard only ends by panicking (a bug) or when the server is gone; either way say so.
+    std::thread::Builder::new()
+        .name(format!("dp-watch{core}"))
+        .spawn(move || {
+            let reason = match thread.join() {
+                Ok(()) => "shard stopped".to_string(),
+                Err(e) => format!("shard failed: {e}"),
+            };
+            tracing::error!(core, %reason, "dataplane shard ended");
+            let _ = events.send(Event::ShardDown { core, reason });
+        })?;
+    Ok(ShardHandle { core, tx })
 }
 
 type SocketKey = (SessionId, LegId, Channel);

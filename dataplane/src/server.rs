@@ -168,10 +168,19 @@ fn bind_socket(path: &Path) -> Result<UnixListener, StartError> {
             })?;
         }
     }
-    UnixListener::bind(path).map_err(|source| StartError::Listen {
-        path: shown,
+    let listener = UnixListener::bind(path).map_err(|source| StartError::Listen {
+        path: shown.clone(),
         source,
-    })
+    })?;
+    // Only the owner and its group may drive the dataplane.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+        StartError::Listen {
+            path: shown,
+            source,
+        }
+    })?;
+    Ok(listener)
 }
 
 impl Server {
