@@ -264,3 +264,73 @@ async fn a_dead_dataplane_is_restarted_by_its_supervisor() {
         up.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_arrive_over_the_socket_dtmf_stats_and_rtp_timeout() {
+    let node = TestNode::new();
+    let cfg = node.write_config("siptg.toml", "");
+    // Short timers so the test sees every event kind quickly.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "stats_interval = \"0s\"",
+        "stats_interval = \"1s\"\nrtp_timeout = \"1s\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let _dp = Proc::start(
+        &["dataplane", "--config", cfg.to_str().unwrap()],
+        &node.path("dp.log"),
+    );
+    let c = connect(&node.path("var/dp.sock")).await;
+    let mut events = c.events();
+    let (s, a, _b) = bridged_call(&c, "dtmf-call").await;
+
+    // RFC 4733 digit '7': start, then the end packet three times (same timestamp).
+    let phone = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (seq, end) in [(1u16, false), (2, true), (3, true), (4, true)] {
+        let mut p = vec![0x80, 101, 0, 0, 0, 0, 0x1f, 0x40, 0, 0, 0, 7];
+        p[2..4].copy_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&[7, if end { 0x8a } else { 0x0a }, 0x03, 0x20]);
+        phone.send_to(&p, a.local).unwrap();
+    }
+
+    let mut dtmf = Vec::new();
+    let mut stats = false;
+    let mut timeout_legs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while (dtmf.is_empty() || !stats || timeout_legs.len() < 2)
+        && tokio::time::Instant::now() < deadline
+    {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(siptg_proto::Event::Dtmf {
+                session,
+                leg,
+                digit,
+                duration_ms,
+            })) => {
+                assert_eq!((session, leg), (s, a.leg));
+                assert_eq!(duration_ms, 100);
+                dtmf.push(digit);
+            }
+            Ok(Ok(siptg_proto::Event::StreamStats { session, stats: st })) => {
+                assert_eq!(session, s);
+                assert_eq!(st.packets_in, 4);
+                stats = true;
+            }
+            Ok(Ok(siptg_proto::Event::RtpTimeout {
+                session,
+                leg,
+                idle_ms,
+            })) => {
+                assert_eq!(session, s);
+                assert!(idle_ms >= 1000);
+                timeout_legs.push(leg);
+            }
+            Ok(Ok(other)) => panic!("unexpected event {other:?}"),
+            Ok(Err(e)) => panic!("event stream: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(dtmf, vec!['7'], "one digit, reported once");
+    assert!(stats, "a stream-stats event for the leg with traffic");
+    timeout_legs.sort_unstable();
+    assert_eq!(timeout_legs, vec![1, 2], "each silent leg times out once");
+}

@@ -672,7 +672,15 @@ pub fn parse(
     let config: Config =
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let mut key = e.path().to_string();
-            let message = e.inner().to_string();
+            // toml appends "in `key`" on its own line; the key is reported separately.
+            let message = e
+                .inner()
+                .to_string()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("in `"))
+                .collect::<Vec<_>>()
+                .join(" ");
             if let Some(field) = unknown_field(&message) {
                 if key == "." {
                     key = field;
