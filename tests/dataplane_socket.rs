@@ -56,6 +56,16 @@ async fn connect(socket: &std::path::Path) -> DataplaneClient {
     panic!("dataplane never answered on {}", socket.display());
 }
 
+/// A `siptg dataplane` process and a client connected to it.
+async fn start_dataplane(node: &TestNode, cfg: &std::path::Path) -> (Proc, DataplaneClient) {
+    let dp = Proc::start(
+        &["dataplane", "--config", cfg.to_str().unwrap()],
+        &node.path("dp.log"),
+    );
+    let c = connect(&node.path("var/dp.sock")).await;
+    (dp, c)
+}
+
 /// Creates a session with two latching PCMA legs bridged; returns it and the legs.
 async fn bridged_call(c: &DataplaneClient, tag: &str) -> (SessionId, LegInfo, LegInfo) {
     let s = c.create_session(tag).await.unwrap();
@@ -90,11 +100,7 @@ fn talk(pa: &Phone, pb: &Phone, a: &LegInfo, b: &LegInfo) -> (usize, usize) {
 async fn create_bridge_relay_stats_delete_through_the_socket() {
     let node = TestNode::new();
     let cfg = node.write_config("siptg.toml", "");
-    let _dp = Proc::start(
-        &["dataplane", "--config", cfg.to_str().unwrap()],
-        &node.path("dp.log"),
-    );
-    let c = connect(&node.path("var/dp.sock")).await;
+    let (_dp, c) = start_dataplane(&node, &cfg).await;
     assert_eq!(c.welcome().driver, "glommio");
 
     let status = c.status().await.unwrap();
@@ -147,11 +153,7 @@ async fn create_bridge_relay_stats_delete_through_the_socket() {
 async fn bad_commands_get_clear_errors() {
     let node = TestNode::new();
     let cfg = node.write_config("siptg.toml", "");
-    let _dp = Proc::start(
-        &["dataplane", "--config", cfg.to_str().unwrap()],
-        &node.path("dp.log"),
-    );
-    let c = connect(&node.path("var/dp.sock")).await;
+    let (_dp, c) = start_dataplane(&node, &cfg).await;
     let s = c.create_session("x").await.unwrap();
     let a = c
         .add_leg(s, latching_leg(Codec::pcma(), None))
@@ -275,11 +277,7 @@ async fn events_arrive_over_the_socket_dtmf_stats_and_rtp_timeout() {
         "stats_interval = \"1s\"\nrtp_timeout = \"1s\"",
     );
     std::fs::write(&cfg, text).unwrap();
-    let _dp = Proc::start(
-        &["dataplane", "--config", cfg.to_str().unwrap()],
-        &node.path("dp.log"),
-    );
-    let c = connect(&node.path("var/dp.sock")).await;
+    let (_dp, c) = start_dataplane(&node, &cfg).await;
     let mut events = c.events();
     let (s, a, _b) = bridged_call(&c, "dtmf-call").await;
 

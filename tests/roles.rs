@@ -40,6 +40,23 @@ fn worker_config(node: &TestNode, ca_dir: &Path, link: std::net::SocketAddr) -> 
     )
 }
 
+/// A `siptg worker` with certificates from `ca_dir`, running and answering on its admin port.
+fn start_worker(ca_dir: &Path) -> (TestNode, std::net::SocketAddr, Proc) {
+    let wnode = TestNode::new();
+    let link = common::free_tcp();
+    let wcfg = worker_config(&wnode, ca_dir, link);
+    let worker = Proc::start(
+        &["worker", "--config", wcfg.to_str().unwrap()],
+        &wnode.path("w.log"),
+    );
+    wait_for(
+        "the worker's admin endpoint",
+        Duration::from_secs(20),
+        || wnode.status(),
+    );
+    (wnode, link, worker)
+}
+
 fn manager_config(node: &TestNode, tls: &str, link: std::net::SocketAddr) -> std::path::PathBuf {
     node.write_config(
         "manager.toml",
@@ -149,18 +166,7 @@ fn worker_without_manager_answers_503_until_the_mtls_link_is_back() {
     certs(ca.path(), &["init"]);
     certs(ca.path(), &["issue", "worker-1"]);
     certs(ca.path(), &["issue", "manager-1"]);
-    let wnode = TestNode::new();
-    let link = common::free_tcp();
-    let wcfg = worker_config(&wnode, ca.path(), link);
-    let worker = Proc::start(
-        &["worker", "--config", wcfg.to_str().unwrap()],
-        &wnode.path("w.log"),
-    );
-    wait_for(
-        "the worker's admin endpoint",
-        Duration::from_secs(20),
-        || wnode.status(),
-    );
+    let (wnode, link, worker) = start_worker(ca.path());
 
     for method in ["OPTIONS", "REGISTER", "INVITE"] {
         assert_eq!(
@@ -215,18 +221,7 @@ fn a_node_with_a_certificate_from_another_ca_is_refused() {
     certs(rogue.path(), &["init", "--name", "rogue CA"]);
     certs(rogue.path(), &["issue", "manager-1"]);
 
-    let wnode = TestNode::new();
-    let link = common::free_tcp();
-    let wcfg = worker_config(&wnode, ca.path(), link);
-    let worker = Proc::start(
-        &["worker", "--config", wcfg.to_str().unwrap()],
-        &wnode.path("w.log"),
-    );
-    wait_for(
-        "the worker's admin endpoint",
-        Duration::from_secs(20),
-        || wnode.status(),
-    );
+    let (wnode, link, worker) = start_worker(ca.path());
 
     // The rogue Manager trusts the real CA (so it would accept the Worker) but presents a
     // certificate from its own CA: the Worker must refuse it.

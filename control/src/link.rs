@@ -284,6 +284,29 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 pub type Handler =
     Arc<dyn Fn(Request) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync>;
 
+/// A handler for the passive side of a link (Worker, Storage): answers `Status` with what
+/// `status` returns and refuses every other request, naming `role`.
+pub fn status_handler<F, Fut>(role: Role, status: F) -> Handler
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = serde_json::Value> + Send + 'static,
+{
+    let status = Arc::new(status);
+    Arc::new(move |req| {
+        let status = status.clone();
+        Box::pin(async move {
+            match req {
+                Request::Status => Response::Status {
+                    status: status().await,
+                },
+                other => Response::Error {
+                    message: format!("a {role} does not answer {other:?}"),
+                },
+            }
+        })
+    })
+}
+
 /// A handler that answers every request with an error (for sides that expect none).
 pub fn no_requests() -> Handler {
     Arc::new(|req| {

@@ -4,7 +4,7 @@
 use crate::admin;
 use crate::config::{Loaded, ManagerConfig, StorageConfig, WorkerConfig};
 use crate::dataplane::{SpawnSpec, Supervisor};
-use crate::link::{LinkError, Role};
+use crate::link::{Handler, LinkError, Role};
 use crate::linkserver::LinkServer;
 use crate::manager::{Connector, LinkStream, Manager};
 use crate::metrics::Metrics;
@@ -96,22 +96,42 @@ async fn start_storage(
     Ok(Storage::new(name_cfg, cfg.telegram.clone(), links, store))
 }
 
-async fn serve_admin(inv: &Invocation, node: Node) -> Result<(), RunError> {
+/// The roles a process runs.
+struct Roles {
+    manager: Option<Arc<Manager>>,
+    worker: Option<Arc<Worker>>,
+    storage: Option<Arc<Storage>>,
+}
+
+async fn serve_admin(
+    inv: &Invocation,
+    roles: Roles,
+    metrics: Arc<Metrics>,
+) -> Result<(), RunError> {
     let listener = admin::bind(inv.loaded.config.admin.listen).await?;
+    let node = Node {
+        started: Instant::now(),
+        config_source: inv.loaded.source_name.clone(),
+        manager: roles.manager,
+        worker: roles.worker,
+        storage: roles.storage,
+        metrics,
+    };
     tokio::spawn(admin::serve(listener, Arc::new(node)));
     Ok(())
 }
 
-fn in_process<F>(accept: F) -> Connector
-where
-    F: Fn(tokio::io::DuplexStream) + Send + Sync + 'static,
-{
-    let accept = Arc::new(accept);
+/// Opens links to a role in this same process: an in-memory pipe, the same frames as over TLS.
+fn in_process(links: Arc<LinkServer>, handler: Handler) -> Connector {
     Arc::new(move || {
-        let accept = accept.clone();
+        let (links, handler) = (links.clone(), handler.clone());
         Box::pin(async move {
             let (ours, theirs) = tokio::io::duplex(256 * 1024);
-            accept(theirs);
+            tokio::spawn(async move {
+                if let Err(e) = links.accept(theirs, None, handler).await {
+                    tracing::warn!(error = %e, "in-process link failed");
+                }
+            });
             Ok(Box::new(ours) as Box<dyn LinkStream>)
         })
     })
@@ -162,46 +182,24 @@ pub async fn up(inv: Invocation) -> Result<(), RunError> {
     let storage = start_storage(&inv, cfg.storage.clone().unwrap_or_default()).await?;
     let mcfg = cfg.manager.clone().unwrap_or_default();
     let manager = Manager::new(mcfg.name.clone(), mcfg, metrics.clone());
-    let w = worker.clone();
     manager.add_peer(
         Role::Worker,
         worker.name().to_string(),
         "in-process".into(),
-        in_process(move |stream| {
-            let w = w.clone();
-            tokio::spawn(async move {
-                if let Err(e) = w.links().accept(stream, None, w.handler()).await {
-                    tracing::warn!(error = %e, "in-process worker link failed");
-                }
-            });
-        }),
+        in_process(worker.links().clone(), worker.handler()),
     );
-    let s = storage.clone();
     manager.add_peer(
         Role::Storage,
         storage.name().to_string(),
         "in-process".into(),
-        in_process(move |stream| {
-            let s = s.clone();
-            tokio::spawn(async move {
-                if let Err(e) = s.links().accept(stream, None, s.handler()).await {
-                    tracing::warn!(error = %e, "in-process storage link failed");
-                }
-            });
-        }),
+        in_process(storage.links().clone(), storage.handler()),
     );
-    serve_admin(
-        &inv,
-        Node {
-            started: Instant::now(),
-            config_source: inv.loaded.source_name.clone(),
-            manager: Some(manager),
-            worker: Some(worker),
-            storage: Some(storage),
-            metrics,
-        },
-    )
-    .await?;
+    let roles = Roles {
+        manager: Some(manager),
+        worker: Some(worker),
+        storage: Some(storage),
+    };
+    serve_admin(&inv, roles, metrics).await?;
     tracing::info!(config = %inv.loaded.source_name, "siptg up: manager, worker, storage running");
     wait_for_shutdown().await;
     dataplane.stop_child();
@@ -232,18 +230,12 @@ pub async fn manager(inv: Invocation) -> Result<(), RunError> {
             );
         }
     }
-    serve_admin(
-        &inv,
-        Node {
-            started: Instant::now(),
-            config_source: inv.loaded.source_name.clone(),
-            manager: Some(manager),
-            worker: None,
-            storage: None,
-            metrics,
-        },
-    )
-    .await?;
+    let roles = Roles {
+        manager: Some(manager),
+        worker: None,
+        storage: None,
+    };
+    serve_admin(&inv, roles, metrics).await?;
     wait_for_shutdown().await;
     Ok(())
 }
@@ -265,18 +257,12 @@ pub async fn worker(inv: Invocation) -> Result<(), RunError> {
             tracing::error!(error = %e, "worker link listener failed");
         }
     });
-    serve_admin(
-        &inv,
-        Node {
-            started: Instant::now(),
-            config_source: inv.loaded.source_name.clone(),
-            manager: None,
-            worker: Some(worker),
-            storage: None,
-            metrics,
-        },
-    )
-    .await?;
+    let roles = Roles {
+        manager: None,
+        worker: Some(worker),
+        storage: None,
+    };
+    serve_admin(&inv, roles, metrics).await?;
     wait_for_shutdown().await;
     dataplane.stop_child();
     Ok(())
@@ -297,18 +283,12 @@ pub async fn storage(inv: Invocation) -> Result<(), RunError> {
             tracing::error!(error = %e, "storage link listener failed");
         }
     });
-    serve_admin(
-        &inv,
-        Node {
-            started: Instant::now(),
-            config_source: inv.loaded.source_name.clone(),
-            manager: None,
-            worker: None,
-            storage: Some(storage),
-            metrics,
-        },
-    )
-    .await?;
+    let roles = Roles {
+        manager: None,
+        worker: None,
+        storage: Some(storage),
+    };
+    serve_admin(&inv, roles, metrics).await?;
     wait_for_shutdown().await;
     Ok(())
 }

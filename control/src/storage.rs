@@ -2,7 +2,7 @@
 //! answers its Manager over a link.
 
 use crate::config::{StorageConfig, TelegramBackend, TelegramConfig};
-use crate::link::{Handler, Request as LinkRequest, Response as LinkResponse};
+use crate::link::{self, Handler, Role};
 use crate::linkserver::LinkServer;
 use crate::store::Store;
 use serde_json::json;
@@ -50,18 +50,9 @@ impl Storage {
     /// Answers the Manager's requests.
     pub fn handler(self: &Arc<Self>) -> Handler {
         let me = self.clone();
-        Arc::new(move |req| {
+        link::status_handler(Role::Storage, move || {
             let me = me.clone();
-            Box::pin(async move {
-                match req {
-                    LinkRequest::Status => LinkResponse::Status {
-                        status: me.status().await,
-                    },
-                    other => LinkResponse::Error {
-                        message: format!("a storage does not answer {other:?}"),
-                    },
-                }
-            })
+            async move { me.status().await }
         })
     }
 

@@ -6,7 +6,9 @@
 
 use crate::config::{SipConfig, WorkerConfig};
 use crate::dataplane::Supervisor;
-use crate::link::{Handler, Request as LinkRequest, Response as LinkResponse, RouteQuery};
+use crate::link::{
+    self, Handler, Request as LinkRequest, Response as LinkResponse, Role, RouteQuery,
+};
 use crate::linkserver::LinkServer;
 use crate::metrics::Metrics;
 use crate::sip::edge::{self, Answer, Responder};
@@ -62,18 +64,9 @@ impl Worker {
     /// Answers the Manager's requests on a link.
     pub fn handler(self: &Arc<Self>) -> Handler {
         let me = self.clone();
-        Arc::new(move |req| {
+        link::status_handler(Role::Worker, move || {
             let me = me.clone();
-            Box::pin(async move {
-                match req {
-                    LinkRequest::Status => LinkResponse::Status {
-                        status: me.status().await,
-                    },
-                    other => LinkResponse::Error {
-                        message: format!("a worker does not answer {other:?}"),
-                    },
-                }
-            })
+            async move { me.status().await }
         })
     }
 
