@@ -26,6 +26,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>) {
     }
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let node = node.clone();

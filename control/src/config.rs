@@ -180,6 +180,9 @@ pub struct WorkerConfig {
     /// by a call before they are deleted.
     #[serde(default = "default_orphan_grace", deserialize_with = "duration")]
     pub orphan_grace: Duration,
+    /// Manager names (certificate CNs) allowed to link; empty allows any Manager from the CA.
+    #[serde(default)]
+    pub managers: Vec<String>,
 }
 
 impl Default for WorkerConfig {
@@ -189,6 +192,7 @@ impl Default for WorkerConfig {
             link_listen: default_worker_link(),
             manager_timeout: default_manager_timeout(),
             orphan_grace: default_orphan_grace(),
+            managers: Vec::new(),
         }
     }
 }
@@ -214,6 +218,9 @@ pub struct StorageConfig {
     pub name: String,
     #[serde(default = "default_storage_link")]
     pub link_listen: SocketAddr,
+    /// Manager names (certificate CNs) allowed to link; empty allows any Manager from the CA.
+    #[serde(default)]
+    pub managers: Vec<String>,
 }
 
 impl Default for StorageConfig {
@@ -221,6 +228,7 @@ impl Default for StorageConfig {
         Self {
             name: default_storage_name(),
             link_listen: default_storage_link(),
+            managers: Vec::new(),
         }
     }
 }
@@ -510,18 +518,32 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like \"500ms\", \"10s\", \"5m\""))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+    let secs_per = match unit.trim() {
+        "ms" => return Ok(Duration::from_millis(n)).and_then(|d| cap(d, s)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
         u => {
             return Err(format!(
                 "unknown duration unit {u:?} in {s:?} (use ms, s, m or h)"
             ))
         }
     };
-    Ok(d)
+    let secs = n
+        .checked_mul(secs_per)
+        .ok_or_else(|| format!("{s:?} is too long"))?;
+    cap(Duration::from_secs(secs), s)
+}
+
+/// Durations in the config are at most a week; anything longer is a typo.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn cap(d: Duration, text: &str) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        Err(format!("{text:?} is longer than a week"))
+    } else {
+        Ok(d)
+    }
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -854,6 +876,15 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     if dp.rtp_timeout < Duration::from_secs(1) {
         bad("dataplane.rtp_timeout", "must be at least 1s".into());
     }
+    if dp.media_ip.is_unspecified() || dp.media_ip.is_multicast() {
+        bad(
+            "dataplane.media_ip",
+            format!(
+                "{} is not a unicast address of this host (it is put in SDP)",
+                dp.media_ip
+            ),
+        );
+    }
 
     if c.telegram.backend == TelegramBackend::Mtproto {
         match c.telegram.api_id {
@@ -910,14 +941,17 @@ fn validate(c: &Config) -> Vec<(String, String)> {
         if m.heartbeat_interval.is_zero() {
             bad("manager.heartbeat_interval", "must be above 0".into());
         }
+        if m.heartbeat_interval > Duration::from_secs(60) {
+            bad("manager.heartbeat_interval", "must be at most 60s".into());
+        }
         if m.link_timeout <= m.heartbeat_interval {
             bad(
                 "manager.link_timeout",
                 "must be longer than heartbeat_interval (3× is usual)".into(),
             );
         }
+        let mut names = std::collections::HashSet::new();
         for (kind, peers) in [("workers", &m.workers), ("storages", &m.storages)] {
-            let mut names = std::collections::HashSet::new();
             for (i, p) in peers.iter().enumerate() {
                 if !crate::tls::valid_node_name(&p.name) {
                     bad(
@@ -969,6 +1003,31 @@ fn validate(c: &Config) -> Vec<(String, String)> {
                     format!("{name:?} is not a node name (letters, digits, '-', '.')"),
                 );
             }
+        }
+    }
+    if let Some(w) = &c.worker {
+        if w.manager_timeout < Duration::from_millis(100)
+            || w.manager_timeout > Duration::from_secs(30)
+        {
+            bad(
+                "worker.manager_timeout",
+                "must be between 100ms and 30s".into(),
+            );
+        }
+        if w.orphan_grace < Duration::from_secs(5) {
+            bad(
+                "worker.orphan_grace",
+                "must be at least 5s, or calls lose their media when the control side restarts"
+                    .into(),
+            );
+        }
+    }
+    if let (Some(w), Some(s)) = (&c.worker, &c.storage) {
+        if w.name == s.name {
+            bad(
+                "storage.name",
+                format!("{:?} is also the worker's name", s.name),
+            );
         }
     }
     if c.sip.listen.is_empty() {
@@ -1078,6 +1137,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn absurd_durations_and_addresses_are_rejected() {
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("999999h").is_err());
+        let issues = err("[manager]\nheartbeat_interval = \"5m\"\nlink_timeout = \"1h\"\n[dataplane]\nmedia_ip = \"0.0.0.0\"\n[worker]\norphan_grace = \"0s\"\n");
+        let keys: Vec<_> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert!(keys.contains(&"manager.heartbeat_interval"), "{keys:?}");
+        assert!(keys.contains(&"dataplane.media_ip"), "{keys:?}");
+        assert!(keys.contains(&"worker.orphan_grace"), "{keys:?}");
+    }
+
+    #[test]
+    fn peer_names_are_unique_across_workers_and_storages() {
+        let issues = err("[manager]\nworkers = [{ name = \"n1\", address = \"127.0.0.1:1\" }]\nstorages = [{ name = \"n1\", address = \"127.0.0.1:2\" }]\n");
+        assert_eq!(issues[0].key, "manager.storages[0].name");
     }
 
     #[test]

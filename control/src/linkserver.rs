@@ -24,15 +24,19 @@ pub struct LinkStatus {
 pub struct LinkServer {
     role: Role,
     name: String,
+    /// Manager names (certificate CNs) allowed to link; empty allows any Manager certified by
+    /// the CA.
+    allowed: Vec<String>,
     links: Mutex<Vec<LinkHandle>>,
 }
 
 impl LinkServer {
-    /// A server with no links yet.
-    pub fn new(role: Role, name: String) -> Arc<Self> {
+    /// A server with no links yet, accepting the Managers named in `allowed` (any if empty).
+    pub fn new(role: Role, name: String, allowed: Vec<String>) -> Arc<Self> {
         Arc::new(Self {
             role,
             name,
+            allowed,
             links: Mutex::new(Vec::new()),
         })
     }
@@ -74,6 +78,12 @@ impl LinkServer {
             cert_name.as_deref(),
         )
         .await?;
+        if cert_name.is_some() && !self.allowed.is_empty() && !self.allowed.contains(&peer.name) {
+            return Err(LinkError::Handshake(format!(
+                "{:?} is not in this {}'s allowed managers {:?}",
+                peer.name, self.role, self.allowed
+            )));
+        }
         let handle = link::spawn(stream, peer, None, heartbeat * 3, handler);
         self.links().push(handle.clone());
         Ok(handle)
@@ -95,7 +105,9 @@ impl LinkServer {
             let (tcp, remote) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "link accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             };
@@ -103,9 +115,14 @@ impl LinkServer {
             let this = self.clone();
             let handler = handler.clone();
             tokio::spawn(async move {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(t) => t,
-                    Err(e) => {
+                let limit = std::time::Duration::from_secs(10);
+                let tls = match tokio::time::timeout(limit, acceptor.accept(tcp)).await {
+                    Ok(Ok(t)) => t,
+                    Err(_) => {
+                        tracing::warn!(%remote, "link refused: no TLS handshake within {limit:?}");
+                        return;
+                    }
+                    Ok(Err(e)) => {
                         tracing::warn!(%remote, error = %e, "link refused: TLS handshake failed (certificate not from our CA?)");
                         return;
                     }

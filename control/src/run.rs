@@ -66,6 +66,12 @@ fn prepare_state_dir(inv: &Invocation) -> Result<(), RunError> {
     })
 }
 
+fn warn_open_links(role: Role, managers: &[String]) {
+    if managers.is_empty() {
+        tracing::info!(%role, "any Manager certified by the CA may link; list names in [{role}] managers to restrict");
+    }
+}
+
 fn start_worker(inv: &Invocation, metrics: &Arc<Metrics>) -> Arc<Worker> {
     let cfg = &inv.loaded.config;
     let wcfg = cfg.worker.clone().unwrap_or_default();
@@ -82,7 +88,8 @@ fn start_worker(inv: &Invocation, metrics: &Arc<Metrics>) -> Arc<Worker> {
         metrics.clone(),
     );
     tokio::spawn(sup.clone().run());
-    let links = LinkServer::new(Role::Worker, wcfg.name.clone());
+    warn_open_links(Role::Worker, &wcfg.managers);
+    let links = LinkServer::new(Role::Worker, wcfg.name.clone(), wcfg.managers.clone());
     Worker::new(wcfg, links, sup, metrics.clone())
 }
 
@@ -92,7 +99,12 @@ async fn start_storage(
 ) -> Result<Arc<Storage>, RunError> {
     let cfg = &inv.loaded.config;
     let store = Store::open(&cfg.database, &inv.loaded.base).await?;
-    let links = LinkServer::new(Role::Storage, name_cfg.name.clone());
+    warn_open_links(Role::Storage, &name_cfg.managers);
+    let links = LinkServer::new(
+        Role::Storage,
+        name_cfg.name.clone(),
+        name_cfg.managers.clone(),
+    );
     Ok(Storage::new(name_cfg, cfg.telegram.clone(), links, store))
 }
 

@@ -4,10 +4,11 @@
 //! path is not latency-critical; a few milliseconds per command is fine). Each leg socket has its
 //! own receive task; receiving, deciding and sending happen on the same core with no lock.
 //!
-//! Architecture invariant: no per-packet allocation here — each receive task owns one buffer for
-//! its lifetime; forwarding borrows it.
+//! Architecture invariant: the relay logic allocates nothing per packet — each receive task owns
+//! one buffer for its lifetime; forwarding borrows it. (glommio 0.9's `recv_from` itself falls
+//! back to an io_uring op with an allocated buffer when no datagram is waiting.)
 
-use crate::shard::{Channel, Shard, ShardTimers};
+use crate::shard::{Channel, Shard, ShardTimers, MAX_DATAGRAM};
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use glommio::net::UdpSocket;
 use glommio::{LocalExecutorBuilder, Placement, Task};
@@ -17,14 +18,14 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often an idle shard looks for commands; bounds command latency.
 const COMMAND_POLL: Duration = Duration::from_millis(2);
 /// How often timers (RTP timeout, stats) run.
 const TICK: Duration = Duration::from_millis(200);
-/// Largest datagram relayed; bigger ones are truncated by the kernel and counted as malformed.
-const MAX_DATAGRAM: usize = 2048;
 
 /// What the server asks of one shard.
 #[derive(Debug)]
@@ -54,6 +55,8 @@ pub struct ShardRequest {
 pub struct ShardHandle {
     pub core: u16,
     pub tx: Sender<ShardRequest>,
+    /// Cleared when the shard's thread ends; a dead shard gets no new sessions.
+    pub alive: Arc<AtomicBool>,
 }
 
 /// What a shard needs to start.
@@ -82,6 +85,8 @@ pub fn spawn_shard(spec: ShardSpec, events: Sender<Event>) -> io::Result<ShardHa
         .spawn(move || async move { run_shard(spec, rx, shard_events).await })
         .map_err(|e| io::Error::other(format!("cannot start shard on core {core}: {e}")))?;
     // A shard only ends by panicking (a bug) or when the server is gone; either way say so.
+    let alive = Arc::new(AtomicBool::new(true));
+    let flag = alive.clone();
     std::thread::Builder::new()
         .name(format!("dp-watch{core}"))
         .spawn(move || {
@@ -89,10 +94,11 @@ pub fn spawn_shard(spec: ShardSpec, events: Sender<Event>) -> io::Result<ShardHa
                 Ok(()) => "shard stopped".to_string(),
                 Err(e) => format!("shard failed: {e}"),
             };
+            flag.store(false, Ordering::Release);
             tracing::error!(core, %reason, "dataplane shard ended");
             let _ = events.send(Event::ShardDown { core, reason });
         })?;
-    Ok(ShardHandle { core, tx })
+    Ok(ShardHandle { core, tx, alive })
 }
 
 type SocketKey = (SessionId, LegId, Channel);
@@ -208,32 +214,26 @@ fn add_leg(
     now: Instant,
 ) -> Result<siptg_proto::LegInfo, CommandError> {
     let ip = spec.local_ip.unwrap_or(ctx.media_ip);
-    // A port another program holds is skipped (and kept out of the pool); try a few.
+    // A port another program holds (EADDRINUSE) is skipped; try a few. Any other bind error (an
+    // address not on this host, say) fails the command at once and burns no port.
     for _ in 0..16 {
         let port = ctx.shard.borrow_mut().begin_add_leg(session, &spec)?;
-        let rtp_addr = SocketAddr::new(ip, port);
-        let rtp = match UdpSocket::bind(rtp_addr) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(%rtp_addr, error = %e, "RTP port unusable, skipping it");
-                ctx.shard.borrow_mut().abort_add_leg(port, true);
-                continue;
-            }
-        };
-        let rtcp = if spec.rtcp_mux {
-            None
-        } else {
-            let rtcp_addr = SocketAddr::new(ip, port + 1);
-            match UdpSocket::bind(rtcp_addr) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(%rtcp_addr, error = %e, "RTCP port unusable, skipping the pair");
-                    ctx.shard.borrow_mut().abort_add_leg(port, true);
+        let sockets = bind_pair(ip, port, !spec.rtcp_mux);
+        let (rtp, rtcp) = match sockets {
+            Ok(pair) => pair,
+            Err((addr, e)) => {
+                ctx.shard.borrow_mut().abort_add_leg(port);
+                if e.kind() == io::ErrorKind::AddrInUse {
+                    tracing::warn!(%addr, "port held by another program, skipping it");
                     continue;
                 }
+                return Err(CommandError::Bind {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                });
             }
         };
-        let local = rtp.local_addr().unwrap_or(rtp_addr);
+        let local = rtp.local_addr().unwrap_or(SocketAddr::new(ip, port));
         let info = ctx
             .shard
             .borrow_mut()
@@ -258,8 +258,27 @@ fn add_leg(
     }
     Err(CommandError::Bind {
         addr: ip.to_string(),
-        reason: "16 consecutive ports of the range are held by other programs".into(),
+        reason: "16 ports in a row are held by other programs".into(),
     })
+}
+
+/// Binds the RTP port and, when asked, the RTCP port above it.
+fn bind_pair(
+    ip: IpAddr,
+    port: u16,
+    with_rtcp: bool,
+) -> Result<(UdpSocket, Option<UdpSocket>), (SocketAddr, io::Error)> {
+    let rtp_addr = SocketAddr::new(ip, port);
+    let rtp = UdpSocket::bind(rtp_addr).map_err(|e| (rtp_addr, io::Error::from(e)))?;
+    if !with_rtcp {
+        return Ok((rtp, None));
+    }
+    let Some(rtcp_port) = port.checked_add(1) else {
+        return Err((rtp_addr, io::ErrorKind::AddrNotAvailable.into()));
+    };
+    let rtcp_addr = SocketAddr::new(ip, rtcp_port);
+    let rtcp = UdpSocket::bind(rtcp_addr).map_err(|e| (rtcp_addr, io::Error::from(e)))?;
+    Ok((rtp, Some(rtcp)))
 }
 
 fn close_leg(ctx: &Rc<Ctx>, session: SessionId, leg: LegId) {
@@ -278,7 +297,8 @@ async fn receive_loop(
     channel: Channel,
     sock: Rc<UdpSocket>,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    // One byte more than relayed, so an oversized datagram is seen as such and dropped.
+    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     loop {
         let (n, src) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,

@@ -1,8 +1,8 @@
 //! Each core's slice of the RTP port range.
 //!
 //! Ports are handed out in even/odd pairs (RTP on the even port, RTCP on the next one when
-//! rtcp-mux is off), least recently freed last, so a just-closed port is not reused at once and
-//! late packets of an old call do not reach a new one.
+//! rtcp-mux is off). A freed port goes to the back of the queue, so the most recently closed port
+//! is the last to be reused and late packets of an old call do not reach a new one.
 
 use std::collections::VecDeque;
 

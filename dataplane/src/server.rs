@@ -29,6 +29,8 @@ const SHARD_TIMEOUT: Duration = Duration::from_secs(3);
 /// Events kept while no control side is connected (oldest dropped beyond this).
 const EVENT_BACKLOG: usize = 4096;
 const DRIVER: &str = "glommio";
+/// A client that does not take a frame within this long is dropped.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the dataplane could not start.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,12 @@ impl Running {
                 cfg.port_min, cfg.port_max
             )));
         }
+        if let Err(e) = std::net::UdpSocket::bind((cfg.media_ip, 0)) {
+            return Err(StartError::Config(format!(
+                "media_ip {} is not usable on this host: {e}",
+                cfg.media_ip
+            )));
+        }
         let listener = bind_socket(&cfg.socket)?;
         let (ev_tx, ev_rx) = crossbeam::channel::bounded::<Event>(16 * 1024);
         let ranges = split_range(cfg.port_min, cfg.port_max, cfg.cores.len());
@@ -95,11 +103,14 @@ impl Running {
             shards.push(spawn_shard(spec, ev_tx.clone()).map_err(StartError::Shard)?);
         }
         drop(ev_tx);
+        let boot_id: u64 = rand::random();
         let server = Arc::new(Server {
             shards,
             owner: Mutex::new(HashMap::new()),
-            next_session: AtomicU64::new(1),
-            boot_id: rand::random(),
+            // Ids never repeat across dataplane restarts, so a stale id held by a control side
+            // cannot reach another call's session.
+            next_session: AtomicU64::new((boot_id & 0xffff_ffff) << 31 | 1),
+            boot_id,
             started: Instant::now(),
             clients: Mutex::new(Clients {
                 next: 0,
@@ -216,6 +227,8 @@ impl Server {
         }
         tracing::info!(client = %hello.client, version = welcome.version, "control client connected");
         conn.set_read_timeout(None)?;
+        // A control side that stops reading must not stall event delivery to the others.
+        conn.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT))?;
         let writer = Arc::new(Mutex::new(conn.try_clone()?));
         let id = self.register_client(writer.clone());
         let result = self.request_loop(&mut conn, &mut dec, &writer);
@@ -269,24 +282,44 @@ impl Server {
     fn pump_events(&self, rx: Receiver<Event>) {
         let mut out = Vec::new();
         for ev in rx {
-            let mut clients = self.lock_clients();
-            if let Event::ShardDown { .. } = ev {
-                tracing::error!(?ev, "shard down");
-            }
-            if clients.writers.is_empty() {
-                if clients.backlog.len() == EVENT_BACKLOG {
-                    clients.backlog.pop_front();
+            if let Event::ShardDown { core, .. } = &ev {
+                // Its sessions are gone with it.
+                if let Some(idx) = self.shards.iter().position(|s| s.core == *core) {
+                    self.owners().retain(|_, s| *s != idx);
                 }
-                clients.backlog.push_back(ev);
-                continue;
             }
+            let writers: Vec<(u64, Arc<Mutex<UnixStream>>)> = {
+                let mut clients = self.lock_clients();
+                if clients.writers.is_empty() {
+                    if clients.backlog.len() == EVENT_BACKLOG {
+                        clients.backlog.pop_front();
+                    }
+                    clients.backlog.push_back(ev);
+                    continue;
+                }
+                clients.writers.clone()
+            };
             out.clear();
             if encode_frame(&Message::Event(ev), &mut out).is_err() {
                 continue;
             }
-            clients
-                .writers
-                .retain(|(_, w)| lock(w).write_all(&out).is_ok());
+            // Written outside the clients lock; a stuck client times out and is dropped.
+            let failed: Vec<u64> = writers
+                .iter()
+                .filter(|(_, w)| lock(w).write_all(&out).is_err())
+                .map(|(id, _)| *id)
+                .collect();
+            if !failed.is_empty() {
+                tracing::warn!(clients = ?failed, "dropping control clients that stopped reading");
+                let mut clients = self.lock_clients();
+                clients.writers.retain(|(id, w)| {
+                    let keep = !failed.contains(id);
+                    if !keep {
+                        let _ = lock(w).shutdown(std::net::Shutdown::Both);
+                    }
+                    keep
+                });
+            }
         }
     }
 
@@ -320,11 +353,17 @@ impl Server {
         match command {
             Command::Status => Ok(Reply::Status(self.status())),
             Command::CreateSession { tag } => {
-                let shard = self.least_loaded_shard();
+                let shard = self.least_loaded_shard().ok_or(CommandError::ShardDown {
+                    core: self.shards.first().map_or(0, |s| s.core),
+                })?;
                 let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-                let reply = self.ask_proto(shard, ShardOp::Create { id, tag })?;
+                // Owned before the shard answers, so a slow shard's session stays reachable.
                 self.owners().insert(id, shard);
-                Ok(reply)
+                let reply = self.ask_proto(shard, ShardOp::Create { id, tag });
+                if let Err(CommandError::Invalid(_) | CommandError::Unsupported(_)) = &reply {
+                    self.owners().remove(&id);
+                }
+                reply
             }
             Command::List => {
                 let mut all = Vec::new();
@@ -356,7 +395,8 @@ impl Server {
                     .ok_or(CommandError::UnknownSession(session))?;
                 let deleting = matches!(cmd, Command::DeleteSession { .. });
                 let reply = self.ask_proto(shard, ShardOp::Command(cmd));
-                if deleting && reply.is_ok() {
+                let gone = matches!(reply, Err(CommandError::UnknownSession(_)));
+                if gone || (deleting && reply.is_ok()) {
                     self.owners().remove(&session);
                 }
                 reply
@@ -364,7 +404,8 @@ impl Server {
         }
     }
 
-    fn least_loaded_shard(&self) -> usize {
+    /// The live shard with the fewest sessions; `None` when every shard is down.
+    fn least_loaded_shard(&self) -> Option<usize> {
         let owners = self.owners();
         let mut load = vec![0usize; self.shards.len()];
         for &s in owners.values() {
@@ -373,14 +414,20 @@ impl Server {
             }
         }
         (0..self.shards.len())
-            .filter(|&i| !self.shards[i].tx.is_full())
+            .filter(|&i| {
+                self.shards[i].alive.load(Ordering::Acquire) && !self.shards[i].tx.is_full()
+            })
             .min_by_key(|&i| load[i])
-            .unwrap_or(0)
     }
 
     fn status(&self) -> DataplaneStatus {
         let shards = (0..self.shards.len())
-            .map(|i| match self.ask(i, ShardOp::Status) {
+            .map(|i| match self.shards[i].alive.load(Ordering::Acquire) {
+                true => self.ask(i, ShardOp::Status),
+                false => None,
+            })
+            .enumerate()
+            .map(|(i, reply)| match reply {
                 Some(ShardReply::Status(s)) => s,
                 _ => ShardStatus {
                     core: self.shards[i].core,

@@ -8,7 +8,7 @@
 
 use crate::ports::PortPool;
 use crate::rtp::{self, Packet};
-use crate::stats::ReceptionStats;
+use crate::stats::{Arrival, ReceptionStats};
 use siptg_proto::{
     CommandError, Event, LegId, LegInfo, LegSpec, LegStats, SessionId, SessionStats,
     SessionSummary, ShardStatus,
@@ -16,6 +16,10 @@ use siptg_proto::{
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+/// Largest datagram relayed. Drivers receive into a buffer one byte larger, so a longer datagram
+/// shows up as `MAX_DATAGRAM + 1` bytes and is dropped as malformed instead of cut short.
+pub const MAX_DATAGRAM: usize = 2048;
 
 /// Which of a leg's sockets a datagram used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,6 +86,9 @@ struct Leg {
     port: u16,
     local: SocketAddr,
     remote: Remote,
+    /// Where RTCP comes from when it has its own port: learnt from the first RTCP packet (behind
+    /// NAT it is not the RTP port + 1).
+    rtcp_remote: Option<SocketAddr>,
     peer: Option<LegId>,
     rx: ReceptionStats,
     counters: LegStats,
@@ -183,12 +190,10 @@ impl Shard {
         })
     }
 
-    /// Gives back a reserved port whose bind failed; `unusable` keeps it out of the pool (another
-    /// program holds it).
-    pub fn abort_add_leg(&mut self, port: u16, unusable: bool) {
-        if !unusable {
-            self.pool.give_back(port);
-        }
+    /// Gives back a reserved port whose bind failed. It goes to the back of the queue, so a port
+    /// another program holds is retried only after every other free port.
+    pub fn abort_add_leg(&mut self, port: u16) {
+        self.pool.give_back(port);
     }
 
     /// Records a leg whose sockets are bound at `local`.
@@ -210,6 +215,7 @@ impl Shard {
             leg,
             Leg {
                 remote: Remote::from_spec(&spec),
+                rtcp_remote: None,
                 spec,
                 port,
                 local,
@@ -239,7 +245,13 @@ impl Shard {
     ) -> Result<LegInfo, CommandError> {
         validate_spec(&spec)?;
         let l = self.leg_mut(session, leg)?;
+        if l.spec.rtcp_mux != spec.rtcp_mux || l.spec.local_ip != spec.local_ip {
+            return Err(CommandError::Invalid(format!(
+                "leg {leg}: rtcp_mux and local_ip cannot change on a live leg; add a new leg"
+            )));
+        }
         l.remote = Remote::from_spec(&spec);
+        l.rtcp_remote = None;
         if l.spec.codec != spec.codec {
             l.rx = ReceptionStats::default();
         }
@@ -376,46 +388,52 @@ impl Shard {
         let epoch = self.epoch;
         let s = self.sessions.get_mut(&session)?;
         let l = s.legs.get_mut(&leg)?;
-        let Some(packet) = rtp::classify(data) else {
+        let packet = if data.len() <= MAX_DATAGRAM {
+            rtp::classify(data)
+        } else {
+            None
+        };
+        let Some(packet) = packet else {
             l.counters.dropped_malformed += 1;
             return None;
         };
-        // RTCP on its own port comes from the remote's RTP port + 1 (RFC 3550 §11).
-        let src_rtp = match channel {
-            Channel::Rtp => src,
-            Channel::Rtcp => SocketAddr::new(src.ip(), src.port().wrapping_sub(1)),
-        };
-        match l.remote {
-            Remote::Fixed(a) | Remote::Latched(a) if a != src_rtp => {
-                l.counters.dropped_foreign += 1;
-                return None;
-            }
-            Remote::Latching { .. } if channel == Channel::Rtp => {
-                l.remote = Remote::Latched(src);
-            }
-            _ => {}
+        if !accept_source(l, channel, src) {
+            l.counters.dropped_foreign += 1;
+            return None;
         }
         l.counters.packets_in += 1;
         l.counters.bytes_in += data.len() as u64;
-        l.last_activity = now;
-        l.seen_packet = true;
-        l.timeout_reported = false;
-        l.active_since_report = true;
         if let Packet::Rtp(h) = packet {
-            l.rx.on_packet(h.sequence, h.timestamp, now, epoch, l.spec.codec.clock_rate);
-            if Some(h.payload_type) == l.spec.codec.telephone_event {
+            // Only media keeps a leg alive: RTCP alone does not stop an RTP timeout.
+            l.last_activity = now;
+            l.seen_packet = true;
+            l.timeout_reported = false;
+            l.active_since_report = true;
+            let is_event = Some(h.payload_type) == l.spec.codec.telephone_event;
+            let arrival = Arrival {
+                ssrc: h.ssrc,
+                seq: h.sequence,
+                timestamp: h.timestamp,
+                at: now,
+                clock_rate: l.spec.codec.clock_rate,
+                timed: !is_event,
+            };
+            l.rx.on_packet(arrival, epoch);
+            if is_event {
                 detect_dtmf(session, leg, l, &h, data, &mut self.events);
             }
         }
         let peer_id = l.peer?;
         let peer = s.legs.get_mut(&peer_id)?;
-        let dest = peer.remote.send_to()?;
         let (out_channel, dest) = match packet {
-            Packet::Rtcp if !peer.spec.rtcp_mux => (
-                Channel::Rtcp,
-                SocketAddr::new(dest.ip(), dest.port().wrapping_add(1)),
-            ),
-            _ => (Channel::Rtp, dest),
+            Packet::Rtcp if !peer.spec.rtcp_mux => {
+                let dest = peer.rtcp_remote.or_else(|| {
+                    let rtp = peer.remote.send_to()?;
+                    Some(SocketAddr::new(rtp.ip(), rtp.port().checked_add(1)?))
+                })?;
+                (Channel::Rtcp, dest)
+            }
+            _ => (Channel::Rtp, peer.remote.send_to()?),
         };
         peer.counters.packets_out += 1;
         peer.counters.bytes_out += data.len() as u64;
@@ -472,6 +490,34 @@ impl Shard {
             .legs
             .get_mut(&leg)
             .ok_or(CommandError::UnknownLeg { session, leg })
+    }
+}
+
+/// Whether a datagram from `src` on `channel` belongs to the leg; latches where the leg learns.
+fn accept_source(l: &mut Leg, channel: Channel, src: SocketAddr) -> bool {
+    match channel {
+        Channel::Rtp => match l.remote {
+            Remote::Fixed(a) | Remote::Latched(a) => a == src,
+            Remote::Latching { .. } => {
+                l.remote = Remote::Latched(src);
+                true
+            }
+            Remote::Unknown => true,
+        },
+        Channel::Rtcp => match l.rtcp_remote {
+            Some(a) => a == src,
+            None => {
+                // First RTCP: from the media peer's address (any port), or anyone while unknown.
+                let from_peer = match l.remote {
+                    Remote::Fixed(a) | Remote::Latched(a) => a.ip() == src.ip(),
+                    Remote::Latching { .. } | Remote::Unknown => true,
+                };
+                if from_peer {
+                    l.rtcp_remote = Some(src);
+                }
+                from_peer
+            }
+        },
     }
 }
 

@@ -1,70 +1,111 @@
-//! RFC 3550 receiver statistics of one RTP stream: extended sequence, loss, interarrival jitter.
+//! RFC 3550 receiver statistics of one RTP stream: extended sequence numbers with the A.1
+//! dropout/misorder rules, loss, and A.8 interarrival jitter.
 
 use std::time::Instant;
+
+/// A jump forward of more than this many sequence numbers is not trusted at once (A.1).
+const MAX_DROPOUT: u16 = 3000;
+/// A jump backward of up to this many is a late (reordered) packet, not a restart (A.1).
+const MAX_MISORDER: u16 = 100;
 
 /// Running reception statistics, updated once per received RTP packet, no allocation.
 #[derive(Debug, Clone, Default)]
 pub struct ReceptionStats {
     started: bool,
-    base_seq: u32,
+    ssrc: u32,
+    base_seq: u64,
     max_seq: u16,
-    cycles: u32,
+    cycles: u64,
+    /// Sequence number that would confirm a big jump as a sender restart (A.1 `bad_seq`).
+    bad_seq: Option<u16>,
     received: u64,
-    /// Previous relative transit time in RTP clock units (RFC 3550 A.8).
-    transit: f64,
+    /// Loss and reception of earlier SSRCs of this leg (re-INVITE, transfer, sender restart).
+    prior_lost: u64,
+    /// Previous relative transit time in RTP clock units (A.8).
+    transit: Option<f64>,
     /// Jitter estimate in RTP clock units.
     jitter: f64,
 }
 
+/// One received RTP packet, as the statistics see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub ssrc: u32,
+    pub seq: u16,
+    pub timestamp: u32,
+    pub at: Instant,
+    pub clock_rate: u32,
+    /// False for packets whose timestamp does not advance with time (RFC 4733 events).
+    pub timed: bool,
+}
+
 impl ReceptionStats {
-    /// Accounts one packet with sequence `seq` and RTP timestamp `ts`, arrived at `arrival`
-    /// measured against `epoch`, for a stream clocked at `clock_rate` Hz.
-    pub fn on_packet(
-        &mut self,
-        seq: u16,
-        ts: u32,
-        arrival: Instant,
-        epoch: Instant,
-        clock_rate: u32,
-    ) {
-        let arrival_units =
-            arrival.saturating_duration_since(epoch).as_secs_f64() * clock_rate as f64;
-        let transit = arrival_units - ts as f64;
-        if !self.started {
-            self.started = true;
-            self.base_seq = seq as u32;
-            self.max_seq = seq;
-            self.transit = transit;
-            self.received = 1;
-            return;
-        }
-        self.received += 1;
-        let delta = seq.wrapping_sub(self.max_seq);
-        if delta != 0 && delta < 0x8000 {
-            if seq < self.max_seq {
-                self.cycles += 1 << 16;
-            }
-            self.max_seq = seq;
-        }
-        let d = (transit - self.transit).abs();
-        self.transit = transit;
-        // A timestamp jump (new talk spurt after silence, SSRC change) is not jitter.
-        if d < clock_rate as f64 {
-            self.jitter += (d - self.jitter) / 16.0;
-        }
+    fn restart(&mut self, ssrc: u32, seq: u16) {
+        self.prior_lost += self.current_lost();
+        self.started = true;
+        self.ssrc = ssrc;
+        self.base_seq = seq as u64;
+        self.max_seq = seq;
+        self.cycles = 0;
+        self.bad_seq = None;
+        self.received = 0;
+        self.transit = None;
     }
 
-    /// Packets expected from the sequence numbers seen.
+    /// Accounts one packet; `epoch` is the fixed instant arrival times are measured from.
+    pub fn on_packet(&mut self, p: Arrival, epoch: Instant) {
+        if !self.started || p.ssrc != self.ssrc {
+            self.restart(p.ssrc, p.seq);
+        } else {
+            let delta = p.seq.wrapping_sub(self.max_seq);
+            if delta != 0 && delta < MAX_DROPOUT {
+                if p.seq < self.max_seq {
+                    self.cycles += 1 << 16;
+                }
+                self.max_seq = p.seq;
+            } else if delta != 0 && delta <= u16::MAX - MAX_MISORDER {
+                // A big jump: believe it only when the next packet follows it (sender restart).
+                if self.bad_seq == Some(p.seq) {
+                    self.restart(p.ssrc, p.seq);
+                } else {
+                    self.bad_seq = Some(p.seq.wrapping_add(1));
+                    return;
+                }
+            }
+            // Otherwise a duplicate or a late packet: counted as received.
+        }
+        self.received += 1;
+        if !p.timed || p.clock_rate == 0 {
+            return;
+        }
+        let arrival = p.at.saturating_duration_since(epoch).as_secs_f64() * p.clock_rate as f64;
+        let transit = arrival - p.timestamp as f64;
+        if let Some(prev) = self.transit {
+            let d = (transit - prev).abs();
+            // A timestamp jump (new talk spurt, clock reset) is not jitter.
+            if d < p.clock_rate as f64 {
+                self.jitter += (d - self.jitter) / 16.0;
+            }
+        }
+        self.transit = Some(transit);
+    }
+
+    /// Packets expected from the current SSRC's sequence numbers.
     pub fn expected(&self) -> u64 {
         if !self.started {
             return 0;
         }
-        (self.cycles as u64 + self.max_seq as u64) - self.base_seq as u64 + 1
+        (self.cycles + self.max_seq as u64 + 1).saturating_sub(self.base_seq)
     }
 
-    /// Packets expected but not received (duplicates can make received exceed expected: then 0).
-    pub fn lost(&self) -> u64 {
+    fn current_lost(&self) -> u64 {
         self.expected().saturating_sub(self.received)
+    }
+
+    /// Packets expected but not received, over every SSRC the leg has seen (duplicates can make
+    /// received exceed expected: that counts as 0, never negative).
+    pub fn lost(&self) -> u64 {
+        self.prior_lost + self.current_lost()
     }
 
     /// Interarrival jitter in milliseconds.
@@ -81,6 +122,20 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn feed(s: &mut ReceptionStats, epoch: Instant, ssrc: u32, seq: u16, i: u32, wobble_ms: u64) {
+        s.on_packet(
+            Arrival {
+                ssrc,
+                seq,
+                timestamp: 160 * i,
+                at: epoch + Duration::from_millis(20 * i as u64 + wobble_ms),
+                clock_rate: 8000,
+                timed: true,
+            },
+            epoch,
+        );
+    }
+
     #[test]
     fn gap_in_sequence_counts_as_loss_across_wrap() {
         let epoch = Instant::now();
@@ -88,8 +143,7 @@ mod tests {
         let mut seq: u16 = 65_530;
         for i in 0..20u32 {
             if i != 8 && i != 9 {
-                let at = epoch + Duration::from_millis(20 * i as u64);
-                s.on_packet(seq, 160 * i, at, epoch, 8000);
+                feed(&mut s, epoch, 1, seq, i, 0);
             }
             seq = seq.wrapping_add(1);
         }
@@ -106,11 +160,61 @@ mod tests {
         let epoch = Instant::now();
         let mut s = ReceptionStats::default();
         for i in 0..100u32 {
-            let wobble = if i % 2 == 0 { 0 } else { 10 };
-            let at = epoch + Duration::from_millis(20 * i as u64 + wobble);
-            s.on_packet(i as u16, 160 * i, at, epoch, 8000);
+            feed(
+                &mut s,
+                epoch,
+                1,
+                i as u16,
+                i,
+                if i % 2 == 0 { 0 } else { 10 },
+            );
         }
         let j = s.jitter_ms(8000);
         assert!((8.0..=10.5).contains(&j), "jitter {j}");
+    }
+
+    #[test]
+    fn new_ssrc_restarts_the_sequence_without_inventing_loss() {
+        let epoch = Instant::now();
+        let mut s = ReceptionStats::default();
+        for i in 0..10u32 {
+            feed(&mut s, epoch, 1, 100 + i as u16, i, 0);
+        }
+        // Re-INVITE: a new sender with a random sequence start.
+        for i in 10..20u32 {
+            feed(&mut s, epoch, 2, 40_000 + i as u16, i, 0);
+        }
+        assert_eq!(s.lost(), 0);
+        assert_eq!(s.expected(), 10, "expected counts the current SSRC");
+    }
+
+    #[test]
+    fn one_wild_sequence_number_is_ignored_but_a_restart_is_followed() {
+        let epoch = Instant::now();
+        let mut s = ReceptionStats::default();
+        for i in 0..10u32 {
+            feed(&mut s, epoch, 1, i as u16, i, 0);
+        }
+        feed(&mut s, epoch, 1, 30_000, 10, 0); // corrupt/stray
+        for i in 11..15u32 {
+            feed(&mut s, epoch, 1, (i - 1) as u16, i, 0);
+        }
+        assert_eq!(s.lost(), 0, "a single wild packet is not 20k lost");
+        // The same SSRC restarting at another sequence: two consecutive packets confirm it.
+        feed(&mut s, epoch, 1, 50_000, 15, 0);
+        feed(&mut s, epoch, 1, 50_001, 16, 0);
+        feed(&mut s, epoch, 1, 50_002, 17, 0);
+        assert_eq!(s.lost(), 0);
+    }
+
+    #[test]
+    fn late_packets_are_not_loss() {
+        let epoch = Instant::now();
+        let mut s = ReceptionStats::default();
+        for (i, seq) in [0u16, 1, 3, 2, 4].into_iter().enumerate() {
+            feed(&mut s, epoch, 1, seq, i as u32, 0);
+        }
+        assert_eq!(s.lost(), 0);
+        assert_eq!(s.expected(), 5);
     }
 }

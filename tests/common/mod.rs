@@ -83,7 +83,17 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A graceful stop first: `up`/`worker` then stop the dataplane they started (it runs in
+        // its own process group, so killing ours would leave it behind).
         // SAFETY: signals the process group we created for this child; no memory is touched.
+        unsafe {
+            libc::kill(-self.pid(), libc::SIGTERM);
+        }
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above.
         unsafe {
             libc::kill(-self.pid(), libc::SIGKILL);
         }

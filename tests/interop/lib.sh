@@ -9,6 +9,9 @@ log() { echo "[interop] $*"; }
 die() { echo "[interop] FAIL: $*" >&2; exit 1; }
 
 cleanup() {
+  # TERM first: siptg stops the dataplane it started (which runs in its own process group).
+  for g in "${PGIDS[@]:-}"; do [ -n "$g" ] && kill -TERM -- "-$g" 2>/dev/null || true; done
+  sleep 1
   for g in "${PGIDS[@]:-}"; do [ -n "$g" ] && kill -KILL -- "-$g" 2>/dev/null || true; done
   [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 }

@@ -190,6 +190,7 @@ impl Supervisor {
             match ch.try_wait() {
                 Ok(None) => return, // still starting up
                 Ok(Some(status)) => {
+                    lock(&self.state).child_pid = None;
                     tracing::error!(%status, "dataplane process exited; restarting it");
                     lock(&self.state).restarts += 1;
                     self.metrics.inc("siptg_dataplane_restarts_total", &[]);
@@ -203,7 +204,11 @@ impl Supervisor {
             cmd.arg("--config").arg(cfg);
         }
         // The dataplane must outlive us: that is what keeps calls up across a control restart.
-        cmd.kill_on_drop(false).stdin(std::process::Stdio::null());
+        // Its own process group keeps a terminal's Ctrl-C from reaching it; a graceful stop of
+        // ours stops it explicitly (`stop_child`).
+        cmd.kill_on_drop(false)
+            .stdin(std::process::Stdio::null())
+            .process_group(0);
         match cmd.spawn() {
             Ok(ch) => {
                 tracing::info!(pid = ch.id(), "dataplane process started");

@@ -163,7 +163,11 @@ pub fn response(
     let mut out = format!("SIP/2.0 {code} {reason}\r\n");
     for (i, via) in req.headers("Via").enumerate() {
         let via = if i == 0 {
-            stamp_via(via, source)
+            // Only the topmost element of a comma-joined line is ours to stamp.
+            match split_first_element(via) {
+                (first, Some(rest)) => format!("{}, {rest}", stamp_via(first, source)),
+                (first, None) => stamp_via(first, source),
+            }
         } else {
             via.to_string()
         };
@@ -192,27 +196,62 @@ pub fn response(
     out
 }
 
-/// Adds `received` and fills an empty `rport` (RFC 3581) on the top Via.
+/// Splits a header value at its first comma outside quotes and brackets.
+fn split_first_element(value: &str) -> (&str, Option<&str>) {
+    let (mut quoted, mut depth) = (false, 0i32);
+    for (i, c) in value.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '<' | '[' if !quoted => depth += 1,
+            '>' | ']' if !quoted => depth -= 1,
+            ',' if !quoted && depth == 0 => {
+                return (value[..i].trim(), Some(value[i + 1..].trim()))
+            }
+            _ => {}
+        }
+    }
+    (value.trim(), None)
+}
+
+/// Where a response to `req` goes (RFC 3261 §18.2.2, RFC 3581): the source address, and the
+/// source port when the top Via asks for `rport`, else the Via's sent-by port (default 5060).
+pub fn response_target(req: &Request, source: SocketAddr) -> SocketAddr {
+    let Some(via) = req.header("Via") else {
+        return source;
+    };
+    let (top, _) = split_first_element(via);
+    let mut params = top.split(';');
+    let sent_by = params
+        .next()
+        .and_then(|proto_host| proto_host.split_whitespace().nth(1))
+        .unwrap_or("");
+    let wants_rport = params.any(|p| {
+        let p = p.trim().to_ascii_lowercase();
+        p == "rport" || p.starts_with("rport=")
+    });
+    if wants_rport {
+        return source;
+    }
+    // sent-by is host[:port]; IPv6 hosts are bracketed.
+    let port = match sent_by.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+            port.parse().unwrap_or(5060)
+        }
+        _ => 5060,
+    };
+    SocketAddr::new(source.ip(), port)
+}
+
+/// Sets `received` to the real source and fills an empty `rport` (RFC 3581) on one Via element.
 fn stamp_via(via: &str, source: SocketAddr) -> String {
     let mut params: Vec<String> = via.split(';').map(str::to_string).collect();
-    let mut has_received = false;
+    params.retain(|p| !p.trim().to_ascii_lowercase().starts_with("received="));
     for p in params.iter_mut().skip(1) {
-        let key = p
-            .trim()
-            .split('=')
-            .next()
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if key == "rport" && !p.contains('=') {
+        if p.trim().eq_ignore_ascii_case("rport") {
             *p = format!("rport={}", source.port());
         }
-        if key == "received" {
-            has_received = true;
-        }
     }
-    if !has_received {
-        params.push(format!("received={}", source.ip()));
-    }
+    params.push(format!("received={}", source.ip()));
     params.join(";")
 }
 
@@ -249,6 +288,28 @@ mod tests {
         assert!(resp.contains("To: <sip:gw@127.0.0.1>;tag=t1\r\n"));
         assert!(resp.contains("CSeq: 1 OPTIONS\r\n"));
         assert!(resp.ends_with("Content-Length: 0\r\n\r\n"));
+    }
+
+    #[test]
+    fn only_the_top_via_element_is_stamped() {
+        let msg = "OPTIONS sip:gw SIP/2.0\r\nVia: SIP/2.0/UDP a:5062;branch=z9hG4bK1;received=1.2.3.4, SIP/2.0/UDP b;branch=z9hG4bK2;rport\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:a@h>\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n\r\n";
+        let req = parse_request(msg.as_bytes()).unwrap();
+        let src: SocketAddr = "127.0.0.9:7000".parse().unwrap();
+        let resp = response(&req, 200, "OK", src, "t", "siptg", &[]);
+        let want = "Via: SIP/2.0/UDP a:5062;branch=z9hG4bK1;received=127.0.0.9, SIP/2.0/UDP b;branch=z9hG4bK2;rport\r\n";
+        assert!(resp.contains(want), "{resp}");
+        // No rport on the top Via: answer to the sent-by port at the source address.
+        assert_eq!(
+            response_target(&req, src),
+            "127.0.0.9:5062".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn rport_sends_the_response_to_the_source_port() {
+        let req = parse_request(OPTIONS.as_bytes()).unwrap();
+        let src: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        assert_eq!(response_target(&req, src), src);
     }
 
     #[test]
