@@ -30,21 +30,26 @@ fn tls_section(dir: &Path, name: &str) -> String {
     )
 }
 
-fn worker_config(node: &TestNode, ca_dir: &Path, link: std::net::SocketAddr) -> std::path::PathBuf {
+fn worker_config(
+    node: &TestNode,
+    ca_dir: &Path,
+    link: std::net::SocketAddr,
+    managers: &str,
+) -> std::path::PathBuf {
     node.write_config(
         "worker.toml",
         &format!(
-            "[worker]\nname = \"worker-1\"\nlink_listen = \"{link}\"\nmanager_timeout = \"1s\"\n{}",
+            "[worker]\nname = \"worker-1\"\nlink_listen = \"{link}\"\nmanager_timeout = \"1s\"\nmanagers = {managers}\n{}",
             tls_section(ca_dir, "worker-1")
         ),
     )
 }
 
 /// A `siptg worker` with certificates from `ca_dir`, running and answering on its admin port.
-fn start_worker(ca_dir: &Path) -> (TestNode, std::net::SocketAddr, Proc) {
+fn start_worker(ca_dir: &Path, managers: &str) -> (TestNode, std::net::SocketAddr, Proc) {
     let wnode = TestNode::new();
     let link = common::free_tcp();
-    let wcfg = worker_config(&wnode, ca_dir, link);
+    let wcfg = worker_config(&wnode, ca_dir, link, managers);
     let worker = Proc::start(
         &["worker", "--config", wcfg.to_str().unwrap()],
         &wnode.path("w.log"),
@@ -166,7 +171,7 @@ fn worker_without_manager_answers_503_until_the_mtls_link_is_back() {
     certs(ca.path(), &["init"]);
     certs(ca.path(), &["issue", "worker-1"]);
     certs(ca.path(), &["issue", "manager-1"]);
-    let (wnode, link, worker) = start_worker(ca.path());
+    let (wnode, link, worker) = start_worker(ca.path(), "[]");
 
     for method in ["OPTIONS", "REGISTER", "INVITE"] {
         assert_eq!(
@@ -221,7 +226,7 @@ fn a_node_with_a_certificate_from_another_ca_is_refused() {
     certs(rogue.path(), &["init", "--name", "rogue CA"]);
     certs(rogue.path(), &["issue", "manager-1"]);
 
-    let (wnode, link, worker) = start_worker(ca.path());
+    let (wnode, link, worker) = start_worker(ca.path(), "[]");
 
     // The rogue Manager trusts the real CA (so it would accept the Worker) but presents a
     // certificate from its own CA: the Worker must refuse it.
@@ -252,6 +257,31 @@ fn a_node_with_a_certificate_from_another_ca_is_refused() {
         .as_array()
         .unwrap()
         .is_empty());
+    assert_eq!(
+        sip_request(wnode.sip, "OPTIONS").as_deref(),
+        Some("SIP/2.0 503 No response from Manager")
+    );
+}
+
+#[test]
+fn a_manager_missing_from_the_allow_list_is_refused() {
+    let ca = tempfile::tempdir().unwrap();
+    certs(ca.path(), &["init"]);
+    certs(ca.path(), &["issue", "worker-1"]);
+    certs(ca.path(), &["issue", "manager-1"]);
+    let (wnode, link, worker) = start_worker(ca.path(), "[\"manager-2\"]");
+    let mnode = TestNode::new();
+    let mcfg = manager_config(&mnode, &tls_section(ca.path(), "manager-1"), link);
+    let _manager = Proc::start(
+        &["manager", "--config", mcfg.to_str().unwrap()],
+        &mnode.path("m.log"),
+    );
+    wait_for("the refusal", Duration::from_secs(20), || {
+        worker
+            .log()
+            .contains("is not in this worker's allowed managers")
+            .then_some(())
+    });
     assert_eq!(
         sip_request(wnode.sip, "OPTIONS").as_deref(),
         Some("SIP/2.0 503 No response from Manager")
