@@ -177,6 +177,12 @@ fn run_dataplane(cli_config: Option<PathBuf>) -> Result<(), String> {
         socket: loaded.path(&dp.socket),
         rtp_timeout: dp.rtp_timeout,
         stats_interval: (!dp.stats_interval.is_zero()).then_some(dp.stats_interval),
+        driver: match dp.driver {
+            config::DriverSetting::Auto => siptg_dataplane::DriverChoice::Auto,
+            config::DriverSetting::Glommio => siptg_dataplane::DriverChoice::Glommio,
+            config::DriverSetting::Portable => siptg_dataplane::DriverChoice::Portable,
+        },
+        poll_interval: dp.poll_interval,
     };
     siptg_dataplane::run(&cfg).map_err(|e| e.to_string())
 }

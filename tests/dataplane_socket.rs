@@ -3,6 +3,22 @@
 
 mod common;
 
+/// Runs a scenario once per dataplane driver: both must pass the same suite.
+macro_rules! on_both_drivers {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn glommio() {
+                super::$name("glommio").await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn portable() {
+                super::$name("portable").await
+            }
+        }
+    )*};
+}
+
 use common::{wait_for, PidGuard, Proc, TestNode};
 use siptg_control::dataplane::{latching_leg, DataplaneClient};
 use siptg_proto::{Codec, CommandError, LegInfo, SessionId};
@@ -96,12 +112,12 @@ fn talk(pa: &Phone, pb: &Phone, a: &LegInfo, b: &LegInfo) -> (usize, usize) {
     (pa.receive(50), pb.receive(50))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn create_bridge_relay_stats_delete_through_the_socket() {
-    let node = TestNode::new();
+async fn create_bridge_relay_stats_delete_through_the_socket(driver: &'static str) {
+    let mut node = TestNode::new();
+    node.driver = driver;
     let cfg = node.write_config("siptg.toml", "");
     let (_dp, c) = start_dataplane(&node, &cfg).await;
-    assert_eq!(c.welcome().driver, "glommio");
+    assert_eq!(c.welcome().driver, driver);
 
     let status = c.status().await.unwrap();
     let free_before: u32 = status.shards.iter().map(|s| s.ports_free).sum();
@@ -149,9 +165,9 @@ async fn create_bridge_relay_stats_delete_through_the_socket() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn bad_commands_get_clear_errors() {
-    let node = TestNode::new();
+async fn bad_commands_get_clear_errors(driver: &'static str) {
+    let mut node = TestNode::new();
+    node.driver = driver;
     let cfg = node.write_config("siptg.toml", "");
     let (_dp, c) = start_dataplane(&node, &cfg).await;
     let s = c.create_session("x").await.unwrap();
@@ -171,9 +187,9 @@ async fn bad_commands_get_clear_errors() {
     assert!(err.contains("no session 424242"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sessions_survive_a_killed_control_side_which_reconciles_on_restart() {
-    let node = TestNode::new();
+async fn sessions_survive_a_killed_control_side_which_reconciles_on_restart(driver: &'static str) {
+    let mut node = TestNode::new();
+    node.driver = driver;
     let cfg = node.write_config("siptg.toml", "[worker]\norphan_grace = \"10m\"\n");
     let cfg_s = cfg.to_str().unwrap().to_string();
     let socket = node.path("var/dp.sock");
@@ -239,9 +255,9 @@ async fn sessions_survive_a_killed_control_side_which_reconciles_on_restart() {
     assert!(up2.log().contains("adopted=1"), "{}", up2.log());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_dead_dataplane_is_restarted_by_its_supervisor() {
-    let node = TestNode::new();
+async fn a_dead_dataplane_is_restarted_by_its_supervisor(driver: &'static str) {
+    let mut node = TestNode::new();
+    node.driver = driver;
     let cfg = node.write_config("siptg.toml", "");
     let up = Proc::start(
         &["up", "--config", cfg.to_str().unwrap()],
@@ -267,9 +283,9 @@ async fn a_dead_dataplane_is_restarted_by_its_supervisor() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn events_arrive_over_the_socket_dtmf_stats_and_rtp_timeout() {
-    let node = TestNode::new();
+async fn events_arrive_over_the_socket_dtmf_stats_and_rtp_timeout(driver: &'static str) {
+    let mut node = TestNode::new();
+    node.driver = driver;
     let cfg = node.write_config("siptg.toml", "");
     // Short timers so the test sees every event kind quickly.
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
@@ -332,3 +348,11 @@ async fn events_arrive_over_the_socket_dtmf_stats_and_rtp_timeout() {
     timeout_legs.sort_unstable();
     assert_eq!(timeout_legs, vec![1, 2], "each silent leg times out once");
 }
+
+on_both_drivers!(
+    create_bridge_relay_stats_delete_through_the_socket,
+    bad_commands_get_clear_errors,
+    sessions_survive_a_killed_control_side_which_reconciles_on_restart,
+    a_dead_dataplane_is_restarted_by_its_supervisor,
+    events_arrive_over_the_socket_dtmf_stats_and_rtp_timeout,
+);

@@ -272,6 +272,26 @@ pub struct DataplaneSection {
     pub rtp_timeout: Duration,
     #[serde(default = "default_stats_interval", deserialize_with = "duration")]
     pub stats_interval: Duration,
+    /// `auto` (glommio where io_uring works), `glommio` or `portable` (epoll).
+    #[serde(default)]
+    pub driver: DriverSetting,
+    /// Portable driver: after a wake-up with traffic, wait this long before polling again.
+    #[serde(default = "default_poll_interval", deserialize_with = "duration")]
+    pub poll_interval: Duration,
+}
+
+/// Which dataplane I/O driver to run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverSetting {
+    #[default]
+    Auto,
+    Glommio,
+    Portable,
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_micros(300)
 }
 
 impl Default for DataplaneSection {
@@ -286,6 +306,8 @@ impl Default for DataplaneSection {
             socket: default_socket(),
             rtp_timeout: default_rtp_timeout(),
             stats_interval: default_stats_interval(),
+            driver: DriverSetting::Auto,
+            poll_interval: default_poll_interval(),
         }
     }
 }
@@ -510,7 +532,7 @@ pub enum DatabaseBackend {
     Postgres,
 }
 
-/// Accepts `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
+/// Accepts `"300us"`, `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -519,7 +541,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a duration like \"500ms\", \"10s\", \"5m\""))?;
     let secs_per = match unit.trim() {
-        "ms" => return Ok(Duration::from_millis(n)).and_then(|d| cap(d, s)),
+        "us" => return cap(Duration::from_micros(n), s),
+        "ms" => return cap(Duration::from_millis(n), s),
         "s" => 1,
         "m" => 60,
         "h" => 3600,
@@ -875,6 +898,12 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     }
     if dp.rtp_timeout < Duration::from_secs(1) {
         bad("dataplane.rtp_timeout", "must be at least 1s".into());
+    }
+    if dp.poll_interval > Duration::from_millis(5) {
+        bad(
+            "dataplane.poll_interval",
+            "must be at most 5ms: it delays every packet by up to that much".into(),
+        );
     }
     if dp.media_ip.is_unspecified() || dp.media_ip.is_multicast() {
         bad(

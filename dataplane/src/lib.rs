@@ -36,6 +36,33 @@ pub struct DataplaneConfig {
     pub rtp_timeout: Duration,
     /// Period of stream-stats events; `None` disables them.
     pub stats_interval: Option<Duration>,
+    /// Which I/O loop runs the shards.
+    pub driver: DriverChoice,
+    /// Portable driver: wait this long after a wake-up with traffic (see `driver::portable`).
+    pub poll_interval: Duration,
+}
+
+/// The configured driver; `Auto` takes glommio where io_uring works, else the portable driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverChoice {
+    Auto,
+    Glommio,
+    Portable,
+}
+
+impl DriverChoice {
+    /// The driver to run on this host.
+    pub fn resolve(self) -> driver::DriverKind {
+        match self {
+            DriverChoice::Glommio => driver::DriverKind::Glommio,
+            DriverChoice::Portable => driver::DriverKind::Portable,
+            DriverChoice::Auto if driver::io_uring_available() => driver::DriverKind::Glommio,
+            DriverChoice::Auto => {
+                tracing::warn!("io_uring is not available here; using the portable driver");
+                driver::DriverKind::Portable
+            }
+        }
+    }
 }
 
 /// Starts the dataplane and serves its control socket until the process ends.

@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 const SHARD_TIMEOUT: Duration = Duration::from_secs(3);
 /// Events kept while no control side is connected (oldest dropped beyond this).
 const EVENT_BACKLOG: usize = 4096;
-const DRIVER: &str = "glommio";
 /// A client that does not take a frame within this long is dropped.
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -53,6 +52,7 @@ struct Clients {
 
 /// Shared state of the server threads.
 pub struct Server {
+    driver: crate::driver::DriverKind,
     shards: Vec<ShardHandle>,
     owner: Mutex<HashMap<SessionId, usize>>,
     next_session: AtomicU64,
@@ -88,6 +88,7 @@ impl Running {
         let listener = bind_socket(&cfg.socket)?;
         let (ev_tx, ev_rx) = crossbeam::channel::bounded::<Event>(16 * 1024);
         let ranges = split_range(cfg.port_min, cfg.port_max, cfg.cores.len());
+        let driver = cfg.driver.resolve();
         let mut shards = Vec::with_capacity(cfg.cores.len());
         for (&core, &ports) in cfg.cores.iter().zip(&ranges) {
             let spec = ShardSpec {
@@ -99,12 +100,14 @@ impl Running {
                     stats_interval: cfg.stats_interval,
                 },
                 pin: cfg.pin_cores,
+                poll_interval: cfg.poll_interval,
             };
-            shards.push(spawn_shard(spec, ev_tx.clone()).map_err(StartError::Shard)?);
+            shards.push(spawn_shard(driver, spec, ev_tx.clone()).map_err(StartError::Shard)?);
         }
         drop(ev_tx);
         let boot_id: u64 = rand::random();
         let server = Arc::new(Server {
+            driver,
             shards,
             owner: Mutex::new(HashMap::new()),
             // Ids never repeat across dataplane restarts, so a stale id held by a control side
@@ -126,6 +129,7 @@ impl Running {
         tracing::info!(
             socket = %cfg.socket.display(),
             cores = ?cfg.cores,
+            driver = driver.name(),
             ports = %format!("{}-{}", cfg.port_min, cfg.port_max),
             boot_id = server.boot_id,
             "dataplane listening"
@@ -216,7 +220,7 @@ impl Server {
             refused: refused.clone(),
             boot_id: self.boot_id,
             cores: self.shards.iter().map(|s| s.core).collect(),
-            driver: DRIVER.into(),
+            driver: self.driver.name().into(),
         };
         let mut out = Vec::new();
         encode_frame(&welcome, &mut out).map_err(io::Error::other)?;
@@ -325,11 +329,13 @@ impl Server {
 
     fn ask(&self, shard: usize, op: ShardOp) -> Option<ShardReply> {
         let (tx, rx): (Sender<ShardReply>, _) = crossbeam::channel::bounded(1);
-        self.shards
+        if !self
+            .shards
             .get(shard)?
-            .tx
-            .send_timeout(ShardRequest { op, reply: tx }, SHARD_TIMEOUT)
-            .ok()?;
+            .send(ShardRequest { op, reply: tx }, SHARD_TIMEOUT)
+        {
+            return None;
+        }
         rx.recv_timeout(SHARD_TIMEOUT).ok()
     }
 
@@ -444,7 +450,7 @@ impl Server {
         DataplaneStatus {
             pid: std::process::id(),
             boot_id: self.boot_id,
-            driver: DRIVER.into(),
+            driver: self.driver.name().into(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
             shards,
         }

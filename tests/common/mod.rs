@@ -129,6 +129,8 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 
 /// A config for one test: its own state dir, admin port, SIP port and RTP range.
 pub struct TestNode {
+    /// The dataplane driver written into the config (`auto`, `glommio`, `portable`).
+    pub driver: &'static str,
     pub dir: tempfile::TempDir,
     pub admin: SocketAddr,
     pub sip: SocketAddr,
@@ -138,6 +140,7 @@ pub struct TestNode {
 impl TestNode {
     pub fn new() -> Self {
         Self {
+            driver: "auto",
             dir: tempfile::tempdir().unwrap(),
             admin: free_tcp(),
             sip: free_udp(),
@@ -168,6 +171,7 @@ rtp_port_max = {rmax}
 media_ip = "127.0.0.1"
 socket = "var/dp.sock"
 stats_interval = "0s"
+driver = "{driver}"
 [sip]
 listen = ["udp:{sip}"]
 {extra}
@@ -176,6 +180,7 @@ listen = ["udp:{sip}"]
             rmin = self.rtp.0,
             rmax = self.rtp.1,
             sip = self.sip,
+            driver = self.driver,
         );
         let path = self.path(name);
         std::fs::write(&path, text).unwrap();

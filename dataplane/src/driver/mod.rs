@@ -1,0 +1,322 @@
+//! Drivers run a [`Shard`] over real sockets, one OS thread per configured core.
+//!
+//! Two drivers share everything but the I/O loop: [`glommio_shard`] (a glommio executor on
+//! io_uring, one receive task per socket) and [`portable`] (a pinned thread with epoll and
+//! recvmmsg, which also runs where io_uring is blocked, e.g. Docker's default seccomp profile).
+//! Both execute commands through [`execute`], so a command means the same on either.
+
+pub mod glommio_shard;
+pub mod portable;
+
+use crate::shard::{Shard, ShardTimers};
+use crossbeam::channel::Sender;
+use siptg_proto::{
+    Command, CommandError, Event, LegId, LegInfo, LegSpec, Reply, SessionId, ShardStatus,
+};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often timers (RTP timeout, stats) run.
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// Which I/O loop runs the shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverKind {
+    /// glommio executors on io_uring.
+    Glommio,
+    /// Pinned threads with epoll + recvmmsg; needs no io_uring.
+    Portable,
+}
+
+impl DriverKind {
+    /// Name shown in status and the handshake.
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::Glommio => "glommio",
+            DriverKind::Portable => "portable",
+        }
+    }
+}
+
+/// Whether io_uring can be used by this process (it is blocked by some container profiles and by
+/// `kernel.io_uring_disabled`).
+pub fn io_uring_available() -> bool {
+    let mut params = [0u8; 120]; // struct io_uring_params
+                                 // SAFETY: io_uring_setup(2) with 1 entry and a zeroed params struct of the size the kernel
+                                 // expects; the returned fd, if any, is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: fd is a descriptor we own from the successful call above.
+    unsafe { libc::close(fd as i32) };
+    true
+}
+
+/// What the server asks of one shard.
+#[derive(Debug)]
+pub enum ShardOp {
+    /// Open a session with an id the server assigned.
+    Create { id: SessionId, tag: String },
+    /// This shard's health.
+    Status,
+    /// A per-session command (AddLeg, UpdateLeg, Bridge, DeleteLeg, DeleteSession, Stats) or List.
+    Command(Command),
+}
+
+/// A shard's answer to a [`ShardOp`].
+#[derive(Debug)]
+pub enum ShardReply {
+    Proto(Result<Reply, CommandError>),
+    Status(ShardStatus),
+}
+
+/// A request plus the one-shot channel its answer goes back on.
+pub struct ShardRequest {
+    pub op: ShardOp,
+    pub reply: Sender<ShardReply>,
+}
+
+/// Wakes a shard that waits for I/O so it sees a new command at once (an eventfd); drivers that
+/// poll for commands have none.
+pub struct Waker(Option<OwnedFd>);
+
+impl Waker {
+    /// A waker with no effect.
+    pub fn none() -> Self {
+        Waker(None)
+    }
+
+    /// A new eventfd-based waker and the fd the shard waits on.
+    pub fn eventfd() -> io::Result<(Self, OwnedFd)> {
+        // SAFETY: eventfd(2) returns a new descriptor or -1; ownership is taken right away.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let theirs = owned.try_clone()?;
+        Ok((Waker(Some(owned)), theirs))
+    }
+
+    /// Signals the shard.
+    pub fn wake(&self) {
+        if let Some(fd) = &self.0 {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own; failure (counter
+            // overflow) only means the shard is already signalled.
+            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+/// The server's handle on a running shard.
+pub struct ShardHandle {
+    pub core: u16,
+    pub tx: Sender<ShardRequest>,
+    /// Cleared when the shard's thread ends; a dead shard gets no new sessions.
+    pub alive: Arc<AtomicBool>,
+    pub waker: Waker,
+}
+
+impl ShardHandle {
+    /// Queues a request and wakes the shard.
+    pub fn send(&self, req: ShardRequest, timeout: Duration) -> bool {
+        let ok = self.tx.send_timeout(req, timeout).is_ok();
+        self.waker.wake();
+        ok
+    }
+}
+
+/// What a shard needs to start.
+#[derive(Debug, Clone)]
+pub struct ShardSpec {
+    pub core: u16,
+    pub ports: (u16, u16),
+    pub media_ip: IpAddr,
+    pub timers: ShardTimers,
+    /// Pin the thread to `core` (off in tests that run more shards than the machine has cores).
+    pub pin: bool,
+    /// Portable driver: after a wake-up with traffic, wait this long before looking again so the
+    /// next wake-up serves many sockets at once (0 = wake per packet, lowest latency).
+    pub poll_interval: Duration,
+}
+
+/// Starts a shard's thread with the given driver; a watcher reports the shard's end.
+pub fn spawn_shard(
+    kind: DriverKind,
+    spec: ShardSpec,
+    events: Sender<Event>,
+) -> io::Result<ShardHandle> {
+    let (tx, rx) = crossbeam::channel::bounded::<ShardRequest>(1024);
+    let core = spec.core;
+    let shard_events = events.clone();
+    let (join, waker): (Box<dyn FnOnce() -> Result<(), String> + Send>, Waker) = match kind {
+        DriverKind::Glommio => {
+            let h = glommio_shard::spawn(spec, rx, shard_events)?;
+            (
+                Box::new(move || h.join().map_err(|e| e.to_string())),
+                Waker::none(),
+            )
+        }
+        DriverKind::Portable => {
+            let (waker, wait_fd) = Waker::eventfd()?;
+            let h = portable::spawn(spec, rx, shard_events, wait_fd)?;
+            (
+                Box::new(move || h.join().map_err(|_| "shard thread panicked".to_string())),
+                waker,
+            )
+        }
+    };
+    // A shard only ends by panicking (a bug) or when the server is gone; either way say so.
+    let alive = Arc::new(AtomicBool::new(true));
+    let flag = alive.clone();
+    std::thread::Builder::new()
+        .name(format!("dp-watch{core}"))
+        .spawn(move || {
+            let reason = match join() {
+                Ok(()) => "shard stopped".to_string(),
+                Err(e) => format!("shard failed: {e}"),
+            };
+            flag.store(false, Ordering::Release);
+            tracing::error!(core, %reason, "dataplane shard ended");
+            let _ = events.send(Event::ShardDown { core, reason });
+        })?;
+    Ok(ShardHandle {
+        core,
+        tx,
+        alive,
+        waker,
+    })
+}
+
+/// Pins the calling thread to `core`.
+pub fn pin_current_thread(core: u16) -> io::Result<()> {
+    // SAFETY: builds a zeroed cpu_set_t we own, sets one bit and passes it by pointer with its
+    // exact size to sched_setaffinity(2) for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core as usize, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A driver's sockets for legs: how to bind a port pair and start/stop receiving on it.
+pub trait LegIo {
+    /// A bound RTP socket and, without rtcp-mux, its RTCP socket.
+    type Pair;
+    /// Binds `port` (and `port + 1` when `with_rtcp`) on `ip`.
+    fn bind(
+        &mut self,
+        ip: IpAddr,
+        port: u16,
+        with_rtcp: bool,
+    ) -> Result<Self::Pair, (SocketAddr, io::Error)>;
+    /// The bound RTP address.
+    fn local_addr(pair: &Self::Pair) -> Option<SocketAddr>;
+    /// Starts receiving on a leg's sockets.
+    fn attach(&mut self, session: SessionId, leg: LegId, pair: Self::Pair);
+    /// Stops receiving and closes a leg's sockets.
+    fn detach(&mut self, session: SessionId, leg: LegId);
+}
+
+/// Executes one request on a shard; both drivers answer through here.
+pub fn execute<Io: LegIo>(
+    shard: &mut Shard,
+    io: &mut Io,
+    op: ShardOp,
+    media_ip: IpAddr,
+    now: Instant,
+) -> ShardReply {
+    match op {
+        ShardOp::Create { id, tag } => {
+            shard.create_session(id, tag, now);
+            ShardReply::Proto(Ok(Reply::SessionCreated {
+                session: id,
+                core: shard.core(),
+            }))
+        }
+        ShardOp::Status => ShardReply::Status(shard.status()),
+        ShardOp::Command(cmd) => ShardReply::Proto(command(shard, io, cmd, media_ip, now)),
+    }
+}
+
+fn command<Io: LegIo>(
+    shard: &mut Shard,
+    io: &mut Io,
+    cmd: Command,
+    media_ip: IpAddr,
+    now: Instant,
+) -> Result<Reply, CommandError> {
+    match cmd {
+        Command::AddLeg { session, spec } => {
+            add_leg(shard, io, session, spec, media_ip, now).map(Reply::Leg)
+        }
+        Command::UpdateLeg { session, leg, spec } => {
+            shard.update_leg(session, leg, spec).map(Reply::Leg)
+        }
+        Command::Bridge { session, a, b } => shard.bridge(session, a, b).map(|()| Reply::Bridged),
+        Command::DeleteLeg { session, leg } => {
+            shard.delete_leg(session, leg)?;
+            io.detach(session, leg);
+            Ok(Reply::Deleted)
+        }
+        Command::DeleteSession { session } => {
+            for leg in shard.delete_session(session)? {
+                io.detach(session, leg);
+            }
+            Ok(Reply::Deleted)
+        }
+        Command::Stats { session } => shard.stats(session, now).map(Reply::Stats),
+        Command::List => Ok(Reply::Sessions(shard.summaries(now))),
+        Command::Status | Command::CreateSession { .. } => Err(CommandError::Invalid(
+            "Status and CreateSession are answered by the server, not a shard".into(),
+        )),
+    }
+}
+
+fn add_leg<Io: LegIo>(
+    shard: &mut Shard,
+    io: &mut Io,
+    session: SessionId,
+    spec: LegSpec,
+    media_ip: IpAddr,
+    now: Instant,
+) -> Result<LegInfo, CommandError> {
+    let ip = spec.local_ip.unwrap_or(media_ip);
+    // A port another program holds (EADDRINUSE) is skipped; try a few. Any other bind error (an
+    // address not on this host, say) fails the command at once and burns no port.
+    for _ in 0..16 {
+        let port = shard.begin_add_leg(session, &spec)?;
+        let pair = match io.bind(ip, port, !spec.rtcp_mux) {
+            Ok(pair) => pair,
+            Err((addr, e)) => {
+                shard.abort_add_leg(port);
+                if e.kind() == io::ErrorKind::AddrInUse {
+                    tracing::warn!(%addr, "port held by another program, skipping it");
+                    continue;
+                }
+                return Err(CommandError::Bind {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let local = Io::local_addr(&pair).unwrap_or(SocketAddr::new(ip, port));
+        let info = shard.complete_add_leg(session, spec, port, local, now)?;
+        io.attach(session, info.leg, pair);
+        return Ok(info);
+    }
+    Err(CommandError::Bind {
+        addr: ip.to_string(),
+        reason: "16 ports in a row are held by other programs".into(),
+    })
+}

@@ -1,0 +1,414 @@
+//! The portable driver: a pinned OS thread per core with its own epoll set over every socket of
+//! the core, draining ready sockets with `recvmmsg` and relaying with `sendto`.
+//!
+//! It needs nothing beyond epoll, so it runs where io_uring is blocked (Docker's default seccomp
+//! profile, `kernel.io_uring_disabled`). Its cost at low load is wake-ups, not packets, so after a
+//! wake-up that carried traffic it waits `poll_interval` before looking again: at 50 packets/s per
+//! leg one wake-up then serves many legs (the added delay is bounded by the interval).
+//!
+//! Architecture invariant: no allocation and no lock per packet. The receive buffers, message
+//! headers and address slots are allocated once per thread; the shard, the sockets and the epoll
+//! set belong to this thread alone.
+
+use super::{execute, pin_current_thread, LegIo, ShardRequest, ShardSpec, TICK};
+use crate::shard::{Channel, Shard, MAX_DATAGRAM};
+use crossbeam::channel::{Receiver, Sender, TryRecvError};
+use siptg_proto::{Event, LegId, SessionId};
+use std::collections::HashMap;
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// Datagrams read from one socket per `recvmmsg`.
+const BATCH: usize = 16;
+/// Ready sockets taken from one `epoll_wait`.
+const MAX_EVENTS: usize = 512;
+/// epoll token of the command eventfd.
+const WAKE_TOKEN: u64 = u64::MAX;
+/// Slot size: one byte more than relayed, so an oversized datagram shows as such.
+const SLOT: usize = MAX_DATAGRAM + 1;
+
+/// Starts the thread of one shard; `wake` is the eventfd the server signals on each command.
+pub fn spawn(
+    spec: ShardSpec,
+    rx: Receiver<ShardRequest>,
+    events: Sender<Event>,
+    wake: OwnedFd,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let core = spec.core;
+    // SAFETY: epoll_create1(2) returns a new descriptor or -1; ownership is taken at once.
+    let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: epfd is fresh and owned by nobody else.
+    let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
+    epoll_add(epfd.as_raw_fd(), wake.as_raw_fd(), WAKE_TOKEN)?;
+    std::thread::Builder::new()
+        .name(format!("dp-core{core}"))
+        .spawn(move || {
+            if spec.pin {
+                if let Err(e) = pin_current_thread(core) {
+                    tracing::warn!(core, error = %e, "cannot pin shard thread");
+                }
+            }
+            let mut shard = Shard::new(core, spec.ports, spec.timers, Instant::now());
+            let mut io = PortableIo {
+                epfd,
+                slots: Vec::new(),
+                free: Vec::new(),
+                by_key: HashMap::new(),
+            };
+            tracing::info!(core, ports = ?spec.ports, driver = "portable", "shard started");
+            run(&spec, &mut shard, &mut io, &rx, &events, &wake);
+            tracing::info!(core, "shard stopping: server gone");
+        })
+}
+
+fn epoll_add(epfd: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: libc::EPOLLIN as u32,
+        u64: token,
+    };
+    // SAFETY: registers a descriptor we own with an epoll set we own; `ev` is a live struct.
+    if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &mut ev) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+struct Sock {
+    sock: UdpSocket,
+    session: SessionId,
+    leg: LegId,
+    channel: Channel,
+}
+
+/// [`LegIo`] over non-blocking std sockets in this thread's epoll set.
+struct PortableIo {
+    epfd: OwnedFd,
+    /// Sockets by epoll token.
+    slots: Vec<Option<Sock>>,
+    free: Vec<usize>,
+    by_key: HashMap<(SessionId, LegId, Channel), usize>,
+}
+
+impl PortableIo {
+    fn insert(&mut self, sock: Sock) -> io::Result<()> {
+        let token = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        epoll_add(self.epfd.as_raw_fd(), sock.sock.as_raw_fd(), token as u64)?;
+        self.by_key
+            .insert((sock.session, sock.leg, sock.channel), token);
+        self.slots[token] = Some(sock);
+        Ok(())
+    }
+
+    fn remove(&mut self, key: (SessionId, LegId, Channel)) {
+        let Some(token) = self.by_key.remove(&key) else {
+            return;
+        };
+        if let Some(s) = self.slots[token].take() {
+            // SAFETY: removes a descriptor we registered from our epoll set.
+            unsafe {
+                libc::epoll_ctl(
+                    self.epfd.as_raw_fd(),
+                    libc::EPOLL_CTL_DEL,
+                    s.sock.as_raw_fd(),
+                    std::ptr::null_mut(),
+                )
+            };
+        }
+        self.free.push(token);
+    }
+}
+
+fn bind_nonblocking(addr: SocketAddr) -> Result<UdpSocket, (SocketAddr, io::Error)> {
+    let s = UdpSocket::bind(addr).map_err(|e| (addr, e))?;
+    s.set_nonblocking(true).map_err(|e| (addr, e))?;
+    Ok(s)
+}
+
+impl LegIo for PortableIo {
+    type Pair = (UdpSocket, Option<UdpSocket>);
+
+    fn bind(
+        &mut self,
+        ip: IpAddr,
+        port: u16,
+        with_rtcp: bool,
+    ) -> Result<Self::Pair, (SocketAddr, io::Error)> {
+        let rtp_addr = SocketAddr::new(ip, port);
+        let rtp = bind_nonblocking(rtp_addr)?;
+        if !with_rtcp {
+            return Ok((rtp, None));
+        }
+        let Some(rtcp_port) = port.checked_add(1) else {
+            return Err((rtp_addr, io::ErrorKind::AddrNotAvailable.into()));
+        };
+        Ok((rtp, Some(bind_nonblocking(SocketAddr::new(ip, rtcp_port))?)))
+    }
+
+    fn local_addr(pair: &Self::Pair) -> Option<SocketAddr> {
+        pair.0.local_addr().ok()
+    }
+
+    fn attach(&mut self, session: SessionId, leg: LegId, (rtp, rtcp): Self::Pair) {
+        for (channel, sock) in [(Channel::Rtp, Some(rtp)), (Channel::Rtcp, rtcp)] {
+            let Some(sock) = sock else { continue };
+            if let Err(e) = self.insert(Sock {
+                sock,
+                session,
+                leg,
+                channel,
+            }) {
+                tracing::error!(session, leg, error = %e, "cannot watch leg socket");
+            }
+        }
+    }
+
+    fn detach(&mut self, session: SessionId, leg: LegId) {
+        self.remove((session, leg, Channel::Rtp));
+        self.remove((session, leg, Channel::Rtcp));
+    }
+}
+
+/// Buffers for `recvmmsg`, allocated once per thread.
+struct RecvBatch {
+    data: Vec<[u8; SLOT]>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl RecvBatch {
+    fn new() -> Self {
+        // SAFETY: sockaddr_storage and mmsghdr are plain C structs for which all-zero is valid.
+        let (addrs, hdrs) = unsafe {
+            (
+                vec![zeroed::<libc::sockaddr_storage>(); BATCH],
+                vec![zeroed::<libc::mmsghdr>(); BATCH],
+            )
+        };
+        let mut b = RecvBatch {
+            data: vec![[0u8; SLOT]; BATCH],
+            addrs,
+            iovs: Vec::with_capacity(BATCH),
+            hdrs,
+        };
+        for i in 0..BATCH {
+            b.iovs.push(libc::iovec {
+                iov_base: b.data[i].as_mut_ptr().cast(),
+                iov_len: SLOT,
+            });
+        }
+        for i in 0..BATCH {
+            let h = &mut b.hdrs[i].msg_hdr;
+            h.msg_name = (&mut b.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_storage>() as u32;
+            h.msg_iov = &mut b.iovs[i];
+            h.msg_iovlen = 1;
+        }
+        b
+    }
+
+    /// Reads up to `BATCH` datagrams from `fd` without blocking; returns how many.
+    fn recv(&mut self, fd: RawFd) -> usize {
+        for h in &mut self.hdrs {
+            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as u32;
+            h.msg_len = 0;
+        }
+        // SAFETY: every header points into buffers owned by `self` that outlive the call (their
+        // addresses are stable: the Vecs are never resized after `new`).
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        n.max(0) as usize
+    }
+}
+
+/// Converts a kernel socket address; `None` for families other than IPv4/IPv6.
+fn to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Sends one datagram to `dest` from `fd` (errors such as ICMP unreachable are not fatal).
+fn send_to(fd: RawFd, data: &[u8], dest: SocketAddr) -> bool {
+    // SAFETY: the sockaddr structs are fully initialised locals passed with their exact sizes;
+    // `data` is a live slice.
+    unsafe {
+        match dest {
+            SocketAddr::V4(d) => {
+                let mut a: libc::sockaddr_in = zeroed();
+                a.sin_family = libc::AF_INET as libc::sa_family_t;
+                a.sin_port = d.port().to_be();
+                a.sin_addr.s_addr = u32::from(*d.ip()).to_be();
+                libc::sendto(
+                    fd,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_DONTWAIT,
+                    (&a as *const libc::sockaddr_in).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                ) >= 0
+            }
+            SocketAddr::V6(d) => {
+                let mut a: libc::sockaddr_in6 = zeroed();
+                a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                a.sin6_port = d.port().to_be();
+                a.sin6_addr.s6_addr = d.ip().octets();
+                a.sin6_flowinfo = d.flowinfo();
+                a.sin6_scope_id = d.scope_id();
+                libc::sendto(
+                    fd,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    libc::MSG_DONTWAIT,
+                    (&a as *const libc::sockaddr_in6).cast(),
+                    size_of::<libc::sockaddr_in6>() as u32,
+                ) >= 0
+            }
+        }
+    }
+}
+
+fn run(
+    spec: &ShardSpec,
+    shard: &mut Shard,
+    io: &mut PortableIo,
+    rx: &Receiver<ShardRequest>,
+    events: &Sender<Event>,
+    wake: &OwnedFd,
+) {
+    let mut ready = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+    let mut batch = RecvBatch::new();
+    let mut pending = Vec::new();
+    let mut last_tick = Instant::now();
+    let mut coalesce = false;
+    loop {
+        if coalesce {
+            // Traffic is flowing: let more sockets become ready before the next look.
+            std::thread::sleep(spec.poll_interval);
+        }
+        let until_tick = TICK.saturating_sub(last_tick.elapsed());
+        let timeout_ms = if coalesce {
+            0
+        } else {
+            until_tick.as_millis().max(1) as i32
+        };
+        // SAFETY: `ready` is a live buffer of MAX_EVENTS entries.
+        let n = unsafe {
+            libc::epoll_wait(
+                io.epfd.as_raw_fd(),
+                ready.as_mut_ptr(),
+                MAX_EVENTS as i32,
+                timeout_ms,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!(core = spec.core, error = %e, "epoll_wait failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        }
+        let now = Instant::now();
+        let mut packets = 0usize;
+        for ev in &ready[..n as usize] {
+            let token = ev.u64;
+            if token == WAKE_TOKEN {
+                let mut counter = [0u8; 8];
+                // SAFETY: reads 8 bytes into a live local from the eventfd we own.
+                unsafe { libc::read(wake.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+                loop {
+                    match rx.try_recv() {
+                        Ok(req) => {
+                            let answer = execute(shard, io, req.op, spec.media_ip, Instant::now());
+                            let _ = req.reply.send(answer);
+                        }
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => return,
+                    }
+                }
+                continue;
+            }
+            packets += relay_from(shard, io, &mut batch, token as usize, now);
+        }
+        coalesce = packets > 0 && !spec.poll_interval.is_zero();
+        if now.duration_since(last_tick) >= TICK {
+            last_tick = now;
+            shard.on_tick(now);
+        }
+        shard.drain_events(&mut pending);
+        for ev in pending.drain(..) {
+            if events.try_send(ev).is_err() {
+                tracing::warn!(core = spec.core, "event queue full, event dropped");
+            }
+        }
+    }
+}
+
+/// Drains one ready socket and relays what it held; returns the datagrams read.
+fn relay_from(
+    shard: &mut Shard,
+    io: &PortableIo,
+    batch: &mut RecvBatch,
+    token: usize,
+    now: Instant,
+) -> usize {
+    let Some(Some(s)) = io.slots.get(token) else {
+        return 0;
+    };
+    let (session, leg, channel) = (s.session, s.leg, s.channel);
+    let n = batch.recv(s.sock.as_raw_fd());
+    for i in 0..n {
+        let len = (batch.hdrs[i].msg_len as usize).min(SLOT);
+        let Some(src) = to_std(&batch.addrs[i]) else {
+            continue;
+        };
+        let data = &batch.data[i][..len];
+        let Some(fwd) = shard.on_datagram(session, leg, channel, src, data, now) else {
+            continue;
+        };
+        let out = io
+            .by_key
+            .get(&(fwd.session, fwd.leg, fwd.channel))
+            .and_then(|&t| io.slots.get(t))
+            .and_then(Option::as_ref);
+        if let Some(out) = out {
+            send_to(out.sock.as_raw_fd(), data, fwd.dest);
+        }
+    }
+    n
+}
