@@ -10,6 +10,7 @@ pub mod ports;
 pub mod rtp;
 pub mod server;
 pub mod shard;
+pub mod srtp;
 pub mod stats;
 
 use std::net::IpAddr;
