@@ -198,7 +198,7 @@ impl GcmTransform {
                 )
                 .map_err(|_| SrtpError::AuthenticationFailed)?;
         } else {
-            // RFC 7714 §9.2: with E clear the whole packet and the word are associated data and
+            // RFC 7714 §9.3: with E clear the whole packet and the word are associated data and
             // the plaintext is empty. Put the word right after the packet (over the tag, which
             // is saved above) so that the associated data is one contiguous slice.
             buf[rtcp_len..rtcp_len + 4].copy_from_slice(&word);

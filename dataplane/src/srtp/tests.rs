@@ -186,14 +186,16 @@ const RFC7714_RTP: &str = "8040f17b8041f8d35501a0b247616c6c696120657374206f6d6e6
 const RFC7714_SRTP: &str = "8040f17b8041f8d35501a0b2f24de3a3fb34de6cacba861c9d7e4bcabe633bd5
                             0d294e6f42a5f47a51c7d19b36de3adf8833899d7f27beb16a9152cf765ee439
                             0cce";
-/// RFC 7714 §17: the RTCP packet of SSRC "Mars" that §17.1–17.3 protect.
+/// RFC 7714 §17: the RTCP packet of SSRC "Mars" that every §17 vector protects.
 const RFC7714_RTCP: &str = "81c8000d4d6172734e5450314e545032525450200000042a0000e9304c756e61
                             deadbeefdeadbeefdeadbeefdeadbeefdeadbeef";
-/// RFC 7714 §17.1 (encryption) and §17.2 of the 128-bit key (decryption), SRTCP index 0x5d4.
+/// RFC 7714 §17.1: AEAD_AES_128_GCM encryption and tagging, SRTCP index 0x5d4 (decrypting it
+/// must give the packet back).
 const RFC7714_SRTCP: &str = "81c8000d4d61727363e94885dcdab67ca727d7662f6b7e997ff5c0f76c06f32d
                              c676a5f1730d6fda4ce09b4686303ded0bb9275bc84aa45896cf4d2fc5abf872
                              45d9eade800005d4";
-/// RFC 7714 §17.3: tagged, not encrypted (E clear).
+/// RFC 7714 §17, AEAD_AES_128_GCM tagging only: not encrypted (E clear), the whole packet and
+/// the index word are associated data.
 const RFC7714_SRTCP_TAG_ONLY: &str =
     "81c8000d4d6172734e5450314e545032525450200000042a0000e9304c756e61
      deadbeefdeadbeefdeadbeefdeadbeefdeadbeef841dd9683dd78ec92ae58790
@@ -211,7 +213,7 @@ fn rfc7714_16_1_srtp_gcm_protect_and_unprotect() {
 }
 
 #[test]
-fn rfc7714_17_srtcp_gcm_protect_and_unprotect() {
+fn rfc7714_17_1_srtcp_gcm_protect_and_unprotect() {
     let plain = hex(RFC7714_RTCP);
     let protected = hex(RFC7714_SRTCP);
     let mut sender = rfc7714_context();
@@ -225,7 +227,7 @@ fn rfc7714_17_srtcp_gcm_protect_and_unprotect() {
 }
 
 #[test]
-fn rfc7714_17_3_srtcp_gcm_tag_only_is_accepted_and_checked() {
+fn rfc7714_17_srtcp_gcm_tag_only_is_accepted_and_checked() {
     let plain = hex(RFC7714_RTCP);
     let tagged = hex(RFC7714_SRTCP_TAG_ONLY);
     assert_eq!(
