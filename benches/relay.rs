@@ -25,8 +25,8 @@ const PKT: usize = 172;
 const GEN_CORE: usize = 0;
 const RELAY_CORE: u16 = 1;
 const PTIME: Duration = Duration::from_millis(20);
-const SLOT: Duration = Duration::from_millis(1);
-const SLOTS: usize = 20;
+const SLOT: Duration = Duration::from_micros(200);
+const SLOTS: usize = 100;
 const FLOOR_ENV: &str = "SIPTG_RELAY_FLOOR";
 
 fn main() {

@@ -38,6 +38,10 @@ pub struct Forward {
     pub leg: LegId,
     pub channel: Channel,
     pub dest: SocketAddr,
+    /// The destination is final for this socket (configured or latched, not a pre-latch hint):
+    /// a driver may `connect()` the socket to it, which makes each send cheaper. It must undo
+    /// that when [`Shard::update_leg`] changes the leg.
+    pub settled: bool,
 }
 
 /// Timing knobs of a shard.
@@ -425,15 +429,17 @@ impl Shard {
         }
         let peer_id = l.peer?;
         let peer = s.legs.get_mut(&peer_id)?;
-        let (out_channel, dest) = match packet {
-            Packet::Rtcp if !peer.spec.rtcp_mux => {
-                let dest = peer.rtcp_remote.or_else(|| {
+        let remote_settled = matches!(peer.remote, Remote::Fixed(_) | Remote::Latched(_));
+        let (out_channel, dest, settled) = match packet {
+            Packet::Rtcp if !peer.spec.rtcp_mux => match peer.rtcp_remote {
+                Some(latched) => (Channel::Rtcp, latched, true),
+                None => {
                     let rtp = peer.remote.send_to()?;
-                    Some(SocketAddr::new(rtp.ip(), rtp.port().checked_add(1)?))
-                })?;
-                (Channel::Rtcp, dest)
-            }
-            _ => (Channel::Rtp, peer.remote.send_to()?),
+                    let guess = SocketAddr::new(rtp.ip(), rtp.port().checked_add(1)?);
+                    (Channel::Rtcp, guess, false)
+                }
+            },
+            _ => (Channel::Rtp, peer.remote.send_to()?, remote_settled),
         };
         peer.counters.packets_out += 1;
         peer.counters.bytes_out += data.len() as u64;
@@ -443,6 +449,7 @@ impl Shard {
             leg: peer_id,
             channel: out_channel,
             dest,
+            settled,
         })
     }
 
@@ -635,7 +642,8 @@ mod tests {
                 session: 1,
                 leg: 2,
                 channel: Channel::Rtp,
-                dest: "127.0.0.1:6000".parse().unwrap()
+                dest: "127.0.0.1:6000".parse().unwrap(),
+                settled: true,
             })
         );
         let st = sh.stats(1, now).unwrap();

@@ -226,6 +226,8 @@ pub trait LegIo {
     fn attach(&mut self, session: SessionId, leg: LegId, pair: Self::Pair);
     /// Stops receiving and closes a leg's sockets.
     fn detach(&mut self, session: SessionId, leg: LegId);
+    /// The leg's remote changed (re-INVITE): forget any destination the sockets were bound to.
+    fn remote_changed(&mut self, _session: SessionId, _leg: LegId) {}
 }
 
 /// Executes one request on a shard; both drivers answer through here.
@@ -261,7 +263,9 @@ fn command<Io: LegIo>(
             add_leg(shard, io, session, spec, media_ip, now).map(Reply::Leg)
         }
         Command::UpdateLeg { session, leg, spec } => {
-            shard.update_leg(session, leg, spec).map(Reply::Leg)
+            let info = shard.update_leg(session, leg, spec)?;
+            io.remote_changed(session, leg);
+            Ok(Reply::Leg(info))
         }
         Command::Bridge { session, a, b } => shard.bridge(session, a, b).map(|()| Reply::Bridged),
         Command::DeleteLeg { session, leg } => {

@@ -21,6 +21,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+/// A wake-up that relayed at least this many datagrams already amortises its cost: look again
+/// at once instead of waiting `poll_interval` (keeps latency low under load).
+const COALESCE_BELOW: usize = 32;
 /// Datagrams read from one socket per `recvmmsg`.
 const BATCH: usize = 16;
 /// Ready sockets taken from one `epoll_wait`.
@@ -45,7 +48,7 @@ pub fn spawn(
     }
     // SAFETY: epfd is fresh and owned by nobody else.
     let epfd = unsafe { OwnedFd::from_raw_fd(epfd) };
-    epoll_add(epfd.as_raw_fd(), wake.as_raw_fd(), WAKE_TOKEN)?;
+    epoll_add(epfd.as_raw_fd(), wake.as_raw_fd(), WAKE_TOKEN, false)?;
     std::thread::Builder::new()
         .name(format!("dp-core{core}"))
         .spawn(move || {
@@ -54,6 +57,9 @@ pub fn spawn(
                     tracing::warn!(core, error = %e, "cannot pin shard thread");
                 }
             }
+            // The coalescing sleep is short; the default 50 µs timer slack would stretch it.
+            // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
+            unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64) };
             let mut shard = Shard::new(core, spec.ports, spec.timers, Instant::now());
             let mut io = PortableIo {
                 epfd,
@@ -67,9 +73,16 @@ pub fn spawn(
         })
 }
 
-fn epoll_add(epfd: RawFd, fd: RawFd, token: u64) -> io::Result<()> {
+/// Watches `fd`; edge-triggered for sockets, which are then drained until empty, so epoll does
+/// not re-poll every socket it reported.
+fn epoll_add(epfd: RawFd, fd: RawFd, token: u64, edge: bool) -> io::Result<()> {
+    let flags = if edge {
+        libc::EPOLLIN | libc::EPOLLET
+    } else {
+        libc::EPOLLIN
+    };
     let mut ev = libc::epoll_event {
-        events: libc::EPOLLIN as u32,
+        events: flags as u32,
         u64: token,
     };
     // SAFETY: registers a descriptor we own with an epoll set we own; `ev` is a live struct.
@@ -84,6 +97,8 @@ struct Sock {
     session: SessionId,
     leg: LegId,
     channel: Channel,
+    /// The destination the socket is `connect()`ed to: sends then skip the route lookup.
+    connected: Option<SocketAddr>,
 }
 
 /// [`LegIo`] over non-blocking std sockets in this thread's epoll set.
@@ -101,7 +116,12 @@ impl PortableIo {
             self.slots.push(None);
             self.slots.len() - 1
         });
-        epoll_add(self.epfd.as_raw_fd(), sock.sock.as_raw_fd(), token as u64)?;
+        epoll_add(
+            self.epfd.as_raw_fd(),
+            sock.sock.as_raw_fd(),
+            token as u64,
+            true,
+        )?;
         self.by_key
             .insert((sock.session, sock.leg, sock.channel), token);
         self.slots[token] = Some(sock);
@@ -165,6 +185,7 @@ impl LegIo for PortableIo {
                 session,
                 leg,
                 channel,
+                connected: None,
             }) {
                 tracing::error!(session, leg, error = %e, "cannot watch leg socket");
             }
@@ -174,6 +195,29 @@ impl LegIo for PortableIo {
     fn detach(&mut self, session: SessionId, leg: LegId) {
         self.remove((session, leg, Channel::Rtp));
         self.remove((session, leg, Channel::Rtcp));
+    }
+
+    fn remote_changed(&mut self, session: SessionId, leg: LegId) {
+        for channel in [Channel::Rtp, Channel::Rtcp] {
+            let Some(&token) = self.by_key.get(&(session, leg, channel)) else {
+                continue;
+            };
+            if let Some(Some(s)) = self.slots.get_mut(token) {
+                if s.connected.take().is_some() {
+                    disconnect(s.sock.as_raw_fd());
+                }
+            }
+        }
+    }
+}
+
+/// Dissolves a UDP socket's association (connect with AF_UNSPEC), so it takes any source again.
+fn disconnect(fd: RawFd) {
+    // SAFETY: an all-zero sockaddr with family AF_UNSPEC, passed with its size.
+    unsafe {
+        let mut a: libc::sockaddr = zeroed();
+        a.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(fd, &a, size_of::<libc::sockaddr>() as u32);
     }
 }
 
@@ -365,7 +409,7 @@ fn run(
             }
             packets += relay_from(shard, io, &mut batch, token as usize, now);
         }
-        coalesce = packets > 0 && !spec.poll_interval.is_zero();
+        coalesce = packets > 0 && packets < COALESCE_BELOW && !spec.poll_interval.is_zero();
         if now.duration_since(last_tick) >= TICK {
             last_tick = now;
             shard.on_tick(now);
@@ -379,10 +423,11 @@ fn run(
     }
 }
 
-/// Drains one ready socket and relays what it held; returns the datagrams read.
+/// Drains one ready socket (edge-triggered: until it is empty) and relays what it held; returns
+/// the datagrams read.
 fn relay_from(
     shard: &mut Shard,
-    io: &PortableIo,
+    io: &mut PortableIo,
     batch: &mut RecvBatch,
     token: usize,
     now: Instant,
@@ -390,25 +435,47 @@ fn relay_from(
     let Some(Some(s)) = io.slots.get(token) else {
         return 0;
     };
-    let (session, leg, channel) = (s.session, s.leg, s.channel);
-    let n = batch.recv(s.sock.as_raw_fd());
-    for i in 0..n {
-        let len = (batch.hdrs[i].msg_len as usize).min(SLOT);
-        let Some(src) = to_std(&batch.addrs[i]) else {
-            continue;
-        };
-        let data = &batch.data[i][..len];
-        let Some(fwd) = shard.on_datagram(session, leg, channel, src, data, now) else {
-            continue;
-        };
-        let out = io
-            .by_key
-            .get(&(fwd.session, fwd.leg, fwd.channel))
-            .and_then(|&t| io.slots.get(t))
-            .and_then(Option::as_ref);
-        if let Some(out) = out {
-            send_to(out.sock.as_raw_fd(), data, fwd.dest);
+    let (session, leg, channel, fd) = (s.session, s.leg, s.channel, s.sock.as_raw_fd());
+    let mut total = 0;
+    loop {
+        let n = batch.recv(fd);
+        for i in 0..n {
+            let len = (batch.hdrs[i].msg_len as usize).min(SLOT);
+            let Some(src) = to_std(&batch.addrs[i]) else {
+                continue;
+            };
+            let data = &batch.data[i][..len];
+            let Some(fwd) = shard.on_datagram(session, leg, channel, src, data, now) else {
+                continue;
+            };
+            let Some(&out_token) = io.by_key.get(&(fwd.session, fwd.leg, fwd.channel)) else {
+                continue;
+            };
+            if let Some(Some(out)) = io.slots.get_mut(out_token) {
+                send(out, data, fwd.dest, fwd.settled);
+            }
+        }
+        total += n;
+        if n < BATCH {
+            return total;
         }
     }
-    n
+}
+
+/// Sends on a leg socket, connecting it to a settled destination first so later sends are
+/// cheaper (no per-packet route lookup); a socket connected elsewhere uses `sendto`.
+fn send(out: &mut Sock, data: &[u8], dest: SocketAddr, settled: bool) {
+    let fd = out.sock.as_raw_fd();
+    if out.connected == Some(dest) {
+        // SAFETY: `data` is a live slice; the socket is ours.
+        unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT) };
+        return;
+    }
+    if settled && out.connected.is_none() && out.sock.connect(dest).is_ok() {
+        out.connected = Some(dest);
+        // SAFETY: as above.
+        unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT) };
+        return;
+    }
+    send_to(fd, data, dest);
 }
