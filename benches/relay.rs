@@ -898,7 +898,7 @@ mod floor {
                 if got <= 0 {
                     continue;
                 }
-                let (out, to) = if k % 2 == 0 {
+                let (out, to) = if k.is_multiple_of(2) {
                     (k + 1, &mut to_b)
                 } else {
                     (k - 1, &mut to_a)
