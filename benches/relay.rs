@@ -102,7 +102,7 @@ impl Args {
             calls: vec![250, 1000, 2000, 2500],
             seconds: 8,
             warmup: 2,
-            driver: "portable".into(),
+            driver: "uring".into(),
             relays: vec!["floor", "rtpengine", "siptg"],
             srtp: false,
         };
@@ -179,6 +179,22 @@ impl Drop for Running {
         // SAFETY: signals a child we started.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         let _ = self.child.wait();
+        // An io_uring process's sockets close only when the kernel finishes tearing its ring
+        // down, a little after exit: wait until the ports are free for the next relay.
+        let end = Instant::now() + Duration::from_secs(10);
+        let ports: Vec<u16> = self
+            .calls
+            .iter()
+            .take(64)
+            .flat_map(|&(a, b)| [a, b])
+            .collect();
+        while Instant::now() < end
+            && ports
+                .iter()
+                .any(|&p| UdpSocket::bind(("127.0.0.1", p)).is_err())
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -179,6 +179,7 @@ fn run_dataplane(cli_config: Option<PathBuf>) -> Result<(), String> {
         stats_interval: (!dp.stats_interval.is_zero()).then_some(dp.stats_interval),
         driver: match dp.driver {
             config::DriverSetting::Auto => siptg_dataplane::DriverChoice::Auto,
+            config::DriverSetting::Uring => siptg_dataplane::DriverChoice::Uring,
             config::DriverSetting::Glommio => siptg_dataplane::DriverChoice::Glommio,
             config::DriverSetting::Portable => siptg_dataplane::DriverChoice::Portable,
         },

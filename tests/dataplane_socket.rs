@@ -3,7 +3,7 @@
 
 mod common;
 
-/// Runs a scenario once per dataplane driver: both must pass the same suite.
+/// Runs a scenario once per dataplane driver: all must pass the same suite.
 macro_rules! on_both_drivers {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -14,6 +14,10 @@ macro_rules! on_both_drivers {
             #[tokio::test(flavor = "multi_thread")]
             async fn portable() {
                 super::$name("portable").await
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn uring() {
+                super::$name("uring").await
             }
         }
     )*};

@@ -272,7 +272,7 @@ pub struct DataplaneSection {
     pub rtp_timeout: Duration,
     #[serde(default = "default_stats_interval", deserialize_with = "duration")]
     pub stats_interval: Duration,
-    /// `auto` (glommio where io_uring works), `glommio` or `portable` (epoll).
+    /// `auto` (uring where io_uring works, else portable), `uring`, `glommio` or `portable`.
     #[serde(default)]
     pub driver: DriverSetting,
     /// Portable driver: after a wake-up with traffic, wait this long before polling again.
@@ -286,6 +286,7 @@ pub struct DataplaneSection {
 pub enum DriverSetting {
     #[default]
     Auto,
+    Uring,
     Glommio,
     Portable,
 }

@@ -43,10 +43,12 @@ pub struct DataplaneConfig {
     pub poll_interval: Duration,
 }
 
-/// The configured driver; `Auto` takes glommio where io_uring works, else the portable driver.
+/// The configured driver; `Auto` takes the uring driver where io_uring works, else the portable
+/// one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DriverChoice {
     Auto,
+    Uring,
     Glommio,
     Portable,
 }
@@ -55,11 +57,14 @@ impl DriverChoice {
     /// The driver to run on this host.
     pub fn resolve(self) -> driver::DriverKind {
         match self {
+            DriverChoice::Uring => driver::DriverKind::Uring,
             DriverChoice::Glommio => driver::DriverKind::Glommio,
             DriverChoice::Portable => driver::DriverKind::Portable,
-            DriverChoice::Auto if driver::io_uring_available() => driver::DriverKind::Glommio,
+            DriverChoice::Auto if driver::uring_driver_supported() => driver::DriverKind::Uring,
             DriverChoice::Auto => {
-                tracing::warn!("io_uring is not available here; using the portable driver");
+                tracing::warn!(
+                    "io_uring (6.1+ features) is not available here; using the portable driver"
+                );
                 driver::DriverKind::Portable
             }
         }

@@ -7,6 +7,7 @@
 
 pub mod glommio_shard;
 pub mod portable;
+pub mod uring;
 
 use crate::shard::{Shard, ShardTimers};
 use crossbeam::channel::Sender;
@@ -26,6 +27,8 @@ pub const TICK: Duration = Duration::from_millis(200);
 /// Which I/O loop runs the shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DriverKind {
+    /// Pinned threads on our own io_uring: multishot receive, provided buffers, batched sends.
+    Uring,
     /// glommio executors on io_uring.
     Glommio,
     /// Pinned threads with epoll + recvmmsg; needs no io_uring.
@@ -36,10 +39,29 @@ impl DriverKind {
     /// Name shown in status and the handshake.
     pub fn name(self) -> &'static str {
         match self {
+            DriverKind::Uring => "uring",
             DriverKind::Glommio => "glommio",
             DriverKind::Portable => "portable",
         }
     }
+}
+
+/// Whether this kernel offers what the uring driver needs (multishot recvmsg, provided buffer
+/// rings, deferred task running: Linux 6.1+), and io_uring is not blocked here.
+pub fn uring_driver_supported() -> bool {
+    let Ok(ring) = io_uring::IoUring::<io_uring::squeue::Entry, io_uring::cqueue::Entry>::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(8)
+    else {
+        return false;
+    };
+    let mut probe = io_uring::Probe::new();
+    if ring.submitter().register_probe(&mut probe).is_err() {
+        return false;
+    }
+    probe.is_supported(io_uring::opcode::RecvMsgMulti::CODE)
+        && probe.is_supported(io_uring::opcode::SendMsg::CODE)
 }
 
 /// Whether io_uring can be used by this process (it is blocked by some container profiles and by
@@ -162,6 +184,14 @@ pub fn spawn_shard(
             (
                 Box::new(move || h.join().map_err(|e| e.to_string())),
                 Waker::none(),
+            )
+        }
+        DriverKind::Uring => {
+            let (waker, wait_fd) = Waker::eventfd()?;
+            let h = uring::spawn(spec, rx, shard_events, wait_fd)?;
+            (
+                Box::new(move || h.join().map_err(|_| "shard thread panicked".to_string())),
+                waker,
             )
         }
         DriverKind::Portable => {
