@@ -40,10 +40,10 @@ fn json_round_trip(msg: &Message) -> Message {
     serde_json::from_slice(&bytes).unwrap()
 }
 
-fn rtp(seq: u16) -> Vec<u8> {
-    let mut p = vec![0x80, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    p[2..4].copy_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&[0xd5; 160]);
+/// A receive buffer holding one 172-byte G.711 RTP packet.
+fn packet_buf() -> Vec<u8> {
+    let mut p = vec![0xd5; siptg_dataplane::shard::PACKET_BUF];
+    p[..12].copy_from_slice(&[0x80, 8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]);
     p
 }
 
@@ -83,10 +83,10 @@ fn benches(c: &mut Criterion) {
         b.iter(|| json_round_trip(black_box(&msg)))
     });
     let (mut sh, src) = bridged_shard();
-    let pkt = rtp(1);
+    let mut pkt = packet_buf();
     let now = Instant::now();
     c.bench_function("shard_relay_decision", |b| {
-        b.iter(|| sh.on_datagram(1, 1, Channel::Rtp, src, black_box(&pkt), now))
+        b.iter(|| sh.on_packet(1, 1, Channel::Rtp, src, black_box(&mut pkt), 172, now))
     });
 }
 
@@ -125,10 +125,10 @@ fn main() {
         black_box(json_round_trip(black_box(&msg)));
     });
     let (mut sh, src) = bridged_shard();
-    let pkt = rtp(1);
+    let mut pkt = packet_buf();
     let now = Instant::now();
     let relay = ns_per_call(200_000, || {
-        black_box(sh.on_datagram(1, 1, Channel::Rtp, src, black_box(&pkt), now));
+        black_box(sh.on_packet(1, 1, Channel::Rtp, src, black_box(&mut pkt), 172, now));
     });
     println!(
         "RESULT wire frame_ns={postcard:.0} json_frame_ns={json:.0} vs_json={:.2} relay_decision_ns={relay:.0}",

@@ -353,10 +353,112 @@ async fn events_arrive_over_the_socket_dtmf_stats_and_rtp_timeout(driver: &'stat
     assert_eq!(timeout_legs, vec![1, 2], "each silent leg times out once");
 }
 
+async fn srtp_leg_relays_both_ways_with_a_plain_leg(driver: &'static str) {
+    use siptg_dataplane::srtp::SrtpContext;
+    use siptg_proto::{SrtpKeys, SrtpSuite};
+    let mut node = TestNode::new();
+    node.driver = driver;
+    let cfg = node.write_config("siptg.toml", "");
+    let (_dp, c) = start_dataplane(&node, &cfg).await;
+    let s = c.create_session("srtp-call").await.unwrap();
+    let mut spec = latching_leg(Codec::pcma(), None);
+    spec.srtp = Some(SrtpKeys {
+        suite: SrtpSuite::AesCm128HmacSha1_80,
+        local_key: vec![1; 16],
+        local_salt: vec![1; 14],
+        remote_key: vec![2; 16],
+        remote_salt: vec![2; 14],
+    });
+    let a = c.add_leg(s, spec).await.unwrap();
+    let b = c
+        .add_leg(s, latching_leg(Codec::pcma(), None))
+        .await
+        .unwrap();
+    c.bridge(s, a.leg, b.leg).await.unwrap();
+    let (got_a, got_b) = tokio::task::spawn_blocking(move || {
+        let suite = SrtpSuite::AesCm128HmacSha1_80;
+        let mut tx = SrtpContext::new(suite, &[2; 16], &[2; 14]).unwrap();
+        let mut rx = SrtpContext::new(suite, &[1; 16], &[1; 14]).unwrap();
+        let (pa, pb) = (Phone::new(), Phone::new());
+        let mut buf = [0u8; 2048];
+        let (mut ok_a, mut ok_b) = (0, 0);
+        // Latch the plain side first.
+        pb.sock.send_to(&rtp(0), b.local).unwrap();
+        for seq in 1..=20u16 {
+            let plain = rtp(seq);
+            buf[..plain.len()].copy_from_slice(&plain);
+            let n = tx.protect_rtp(&mut buf, plain.len()).unwrap();
+            pa.sock.send_to(&buf[..n], a.local).unwrap();
+            if let Ok((n, _)) = pb.sock.recv_from(&mut buf) {
+                ok_b += usize::from(buf[..n] == plain[..]);
+            }
+            pb.sock.send_to(&plain, b.local).unwrap();
+            if let Ok((n, _)) = pa.sock.recv_from(&mut buf) {
+                if let Ok(m) = rx.unprotect_rtp(&mut buf, n) {
+                    ok_a += usize::from(buf[..m] == plain[..]);
+                }
+            }
+        }
+        (ok_a, ok_b)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (got_a, got_b),
+        (20, 20),
+        "decrypted toward B, encrypted toward A"
+    );
+    let stats = c.stats(s).await.unwrap();
+    assert_eq!(stats.legs[0].dropped_srtp, 0);
+}
+
+async fn a_garbage_flood_on_one_session_does_not_disturb_another(driver: &'static str) {
+    let mut node = TestNode::new();
+    node.driver = driver;
+    let cfg = node.write_config("siptg.toml", "");
+    let (_dp, c) = start_dataplane(&node, &cfg).await;
+    let (victim, va, _vb) = bridged_call(&c, "flooded").await;
+    let (_s, a, b) = bridged_call(&c, "quiet").await;
+    let flood = std::thread::spawn(move || {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut x: u32 = 12345;
+        let mut junk = vec![0u8; 3000];
+        for i in 0..20_000usize {
+            // Garbage of every size, including oversized, truncated and RTP-looking headers.
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let len = [1, 7, 11, 12, 40, 172, 2048, 2049, 2999][i % 9];
+            for b in junk.iter_mut().take(len) {
+                *b = (x >> 16) as u8;
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            }
+            if i % 3 == 0 {
+                junk[0] = 0x80;
+            }
+            let _ = sock.send_to(&junk[..len], va.local);
+        }
+    });
+    let (pa, pb) = (Phone::new(), Phone::new());
+    let (got_a, got_b) = tokio::task::spawn_blocking(move || talk(&pa, &pb, &a, &b))
+        .await
+        .unwrap();
+    flood.join().unwrap();
+    assert_eq!((got_a, got_b), (50, 50), "the quiet call is untouched");
+    let st = c.stats(victim).await.unwrap();
+    let junk_seen = st.legs[0].dropped_malformed + st.legs[0].packets_in;
+    assert!(
+        junk_seen > 1000,
+        "the flood was received and dropped: {:?}",
+        st.legs[0]
+    );
+    assert!(c.status().await.unwrap().shards.iter().all(|s| s.running));
+}
+
 on_both_drivers!(
     create_bridge_relay_stats_delete_through_the_socket,
     bad_commands_get_clear_errors,
     sessions_survive_a_killed_control_side_which_reconciles_on_restart,
     a_dead_dataplane_is_restarted_by_its_supervisor,
     events_arrive_over_the_socket_dtmf_stats_and_rtp_timeout,
+    srtp_leg_relays_both_ways_with_a_plain_leg,
+    a_garbage_flood_on_one_session_does_not_disturb_another,
 );

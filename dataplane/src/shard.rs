@@ -8,6 +8,7 @@
 
 use crate::ports::PortPool;
 use crate::rtp::{self, Packet};
+use crate::srtp::{SrtpContext, MAX_OVERHEAD};
 use crate::stats::{Arrival, ReceptionStats};
 use siptg_proto::{
     CommandError, Event, LegId, LegInfo, LegSpec, LegStats, SessionId, SessionStats,
@@ -20,6 +21,10 @@ use std::time::{Duration, Instant};
 /// Largest datagram relayed. Drivers receive into a buffer one byte larger, so a longer datagram
 /// shows up as `MAX_DATAGRAM + 1` bytes and is dropped as malformed instead of cut short.
 pub const MAX_DATAGRAM: usize = 2048;
+
+/// Receive buffers must be this large: an oversized datagram (`MAX_DATAGRAM + 1`) plus room to
+/// add an SRTP tag in place when the outgoing leg protects.
+pub const PACKET_BUF: usize = MAX_DATAGRAM + 1 + MAX_OVERHEAD;
 
 /// Which of a leg's sockets a datagram used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,6 +43,8 @@ pub struct Forward {
     pub leg: LegId,
     pub channel: Channel,
     pub dest: SocketAddr,
+    /// Bytes to send from the start of the buffer (SRTP adds or strips a tag in place).
+    pub len: usize,
     /// The destination is final for this socket (configured or latched, not a pre-latch hint):
     /// a driver may `connect()` the socket to it, which makes each send cheaper. It must undo
     /// that when [`Shard::update_leg`] changes the leg.
@@ -84,6 +91,36 @@ impl Remote {
     }
 }
 
+/// The two SRTP contexts of a protected leg.
+struct LegSrtp {
+    /// Decrypts what the remote sends (its keys).
+    inbound: SrtpContext,
+    /// Encrypts what we send (our keys).
+    outbound: SrtpContext,
+}
+
+impl std::fmt::Debug for LegSrtp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LegSrtp")
+    }
+}
+
+/// Builds a leg's SRTP contexts from its keys (errors name the bad key).
+fn leg_srtp(spec: &LegSpec) -> Result<Option<Box<LegSrtp>>, CommandError> {
+    let Some(k) = &spec.srtp else {
+        return Ok(None);
+    };
+    let bad = |side: &str, e: crate::srtp::SrtpError| {
+        CommandError::Invalid(format!("SRTP {side} key: {e}"))
+    };
+    Ok(Some(Box::new(LegSrtp {
+        inbound: SrtpContext::new(k.suite, &k.remote_key, &k.remote_salt)
+            .map_err(|e| bad("remote", e))?,
+        outbound: SrtpContext::new(k.suite, &k.local_key, &k.local_salt)
+            .map_err(|e| bad("local", e))?,
+    })))
+}
+
 #[derive(Debug)]
 struct Leg {
     spec: LegSpec,
@@ -93,6 +130,8 @@ struct Leg {
     /// Where RTCP comes from when it has its own port: learnt from the first RTCP packet (behind
     /// NAT it is not the RTP port + 1).
     rtcp_remote: Option<SocketAddr>,
+    /// SDES-SRTP contexts when the leg is protected.
+    srtp: Option<Box<LegSrtp>>,
     peer: Option<LegId>,
     rx: ReceptionStats,
     counters: LegStats,
@@ -209,6 +248,13 @@ impl Shard {
         local: SocketAddr,
         now: Instant,
     ) -> Result<LegInfo, CommandError> {
+        let srtp = match leg_srtp(&spec) {
+            Ok(srtp) => srtp,
+            Err(e) => {
+                self.pool.give_back(port);
+                return Err(e);
+            }
+        };
         let Some(s) = self.sessions.get_mut(&session) else {
             self.pool.give_back(port);
             return Err(CommandError::UnknownSession(session));
@@ -220,6 +266,7 @@ impl Shard {
             Leg {
                 remote: Remote::from_spec(&spec),
                 rtcp_remote: None,
+                srtp,
                 spec,
                 port,
                 local,
@@ -253,6 +300,10 @@ impl Shard {
             return Err(CommandError::Invalid(format!(
                 "leg {leg}: rtcp_mux and local_ip cannot change on a live leg; add a new leg"
             )));
+        }
+        if l.spec.srtp != spec.srtp {
+            // New keys (re-INVITE): new contexts; unchanged keys keep their rollover state.
+            l.srtp = leg_srtp(&spec)?;
         }
         l.remote = Remote::from_spec(&spec);
         l.rtcp_remote = None;
@@ -379,34 +430,55 @@ impl Shard {
         }
     }
 
-    /// Handles one datagram received on a leg's socket; returns where to relay it, if anywhere.
-    pub fn on_datagram(
+    /// Handles one datagram of `len` bytes received into `buf` on a leg's socket; returns where
+    /// to relay `buf[..fwd.len]`, if anywhere. `buf` should be [`PACKET_BUF`] long so SRTP can
+    /// add its tag in place (without the room, protecting fails and the packet is dropped).
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_packet(
         &mut self,
         session: SessionId,
         leg: LegId,
         channel: Channel,
         src: SocketAddr,
-        data: &[u8],
+        buf: &mut [u8],
+        len: usize,
         now: Instant,
     ) -> Option<Forward> {
         let epoch = self.epoch;
         let s = self.sessions.get_mut(&session)?;
         let l = s.legs.get_mut(&leg)?;
-        let packet = if data.len() <= MAX_DATAGRAM {
-            rtp::classify(data)
-        } else {
-            None
+        let packet = match buf.get(..len) {
+            Some(data) if len <= MAX_DATAGRAM => rtp::classify(data),
+            _ => None,
         };
         let Some(packet) = packet else {
             l.counters.dropped_malformed += 1;
             return None;
+        };
+        // Authenticate before anything learns from the packet (latching included).
+        let len = match (&mut l.srtp, packet) {
+            (None, _) => len,
+            (Some(srtp), Packet::Rtp(_)) => match srtp.inbound.unprotect_rtp(buf, len) {
+                Ok(n) => n,
+                Err(_) => {
+                    l.counters.dropped_srtp += 1;
+                    return None;
+                }
+            },
+            (Some(srtp), Packet::Rtcp) => match srtp.inbound.unprotect_rtcp(buf, len) {
+                Ok(n) => n,
+                Err(_) => {
+                    l.counters.dropped_srtp += 1;
+                    return None;
+                }
+            },
         };
         if !accept_source(l, channel, src) {
             l.counters.dropped_foreign += 1;
             return None;
         }
         l.counters.packets_in += 1;
-        l.counters.bytes_in += data.len() as u64;
+        l.counters.bytes_in += len as u64;
         if let Packet::Rtp(h) = packet {
             // Only media keeps a leg alive: RTCP alone does not stop an RTP timeout.
             l.last_activity = now;
@@ -424,7 +496,7 @@ impl Shard {
             };
             l.rx.on_packet(arrival, epoch);
             if is_event {
-                detect_dtmf(session, leg, l, &h, data, &mut self.events);
+                detect_dtmf(session, leg, l, &h, &buf[..len], &mut self.events);
             }
         }
         let peer_id = l.peer?;
@@ -441,16 +513,38 @@ impl Shard {
             },
             _ => (Channel::Rtp, peer.remote.send_to()?, remote_settled),
         };
+        let len = match (&mut peer.srtp, packet) {
+            (None, _) => len,
+            (Some(srtp), Packet::Rtp(_)) => srtp.outbound.protect_rtp(buf, len).ok()?,
+            (Some(srtp), Packet::Rtcp) => srtp.outbound.protect_rtcp(buf, len).ok()?,
+        };
         peer.counters.packets_out += 1;
-        peer.counters.bytes_out += data.len() as u64;
+        peer.counters.bytes_out += len as u64;
         self.packets_relayed += 1;
         Some(Forward {
             session,
             leg: peer_id,
             channel: out_channel,
             dest,
+            len,
             settled,
         })
+    }
+
+    /// [`Shard::on_packet`] on a copy of `data`: for tests, fuzzing and benchmarks of plain RTP.
+    pub fn on_datagram(
+        &mut self,
+        session: SessionId,
+        leg: LegId,
+        channel: Channel,
+        src: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) -> Option<Forward> {
+        let mut buf = [0u8; PACKET_BUF];
+        let len = data.len().min(MAX_DATAGRAM + 1);
+        buf[..len].copy_from_slice(&data[..len]);
+        self.on_packet(session, leg, channel, src, &mut buf, len, now)
     }
 
     /// Runs timers: RTP timeouts and periodic stream stats. Call at least every few hundred ms.
@@ -541,11 +635,7 @@ fn validate_spec(spec: &LegSpec) -> Result<(), CommandError> {
             spec.codec.payload_type
         )));
     }
-    if spec.srtp.is_some() {
-        return Err(CommandError::Unsupported(
-            "SDES-SRTP legs (this dataplane relays plain RTP only)".into(),
-        ));
-    }
+    leg_srtp(spec)?;
     Ok(())
 }
 
@@ -643,6 +733,7 @@ mod tests {
                 leg: 2,
                 channel: Channel::Rtp,
                 dest: "127.0.0.1:6000".parse().unwrap(),
+                len: 172,
                 settled: true,
             })
         );
@@ -791,6 +882,81 @@ mod tests {
                 max: 50_003
             }
         );
+    }
+
+    fn srtp_keys(local: u8, remote: u8) -> siptg_proto::SrtpKeys {
+        siptg_proto::SrtpKeys {
+            suite: siptg_proto::SrtpSuite::AesCm128HmacSha1_80,
+            local_key: vec![local; 16],
+            local_salt: vec![local; 14],
+            remote_key: vec![remote; 16],
+            remote_salt: vec![remote; 14],
+        }
+    }
+
+    #[test]
+    fn srtp_leg_is_decrypted_toward_plain_and_encrypted_from_it() {
+        use crate::srtp::SrtpContext;
+        use siptg_proto::SrtpSuite::AesCm128HmacSha1_80 as SUITE;
+        let now = Instant::now();
+        let mut protected = spec(Some("127.0.0.1:5000"), false);
+        protected.srtp = Some(srtp_keys(1, 2));
+        let mut sh = bridged(protected, spec(Some("127.0.0.1:6000"), false), now);
+        // The phone on leg 1 encrypts with the keys we know as "remote" (2) and decrypts with
+        // ours (1).
+        let mut phone_tx = SrtpContext::new(SUITE, &[2; 16], &[2; 14]).unwrap();
+        let mut phone_rx = SrtpContext::new(SUITE, &[1; 16], &[1; 14]).unwrap();
+        let plain = rtp(8, 7, 1120);
+        let mut buf = vec![0u8; PACKET_BUF];
+        buf[..plain.len()].copy_from_slice(&plain);
+        let n = phone_tx.protect_rtp(&mut buf, plain.len()).unwrap();
+        let src: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let fwd = sh
+            .on_packet(1, 1, Channel::Rtp, src, &mut buf, n, now)
+            .unwrap();
+        assert_eq!(
+            &buf[..fwd.len],
+            &plain[..],
+            "plain RTP toward the plain leg"
+        );
+
+        let mut buf = vec![0u8; PACKET_BUF];
+        buf[..plain.len()].copy_from_slice(&plain);
+        let from_plain: SocketAddr = "127.0.0.1:6000".parse().unwrap();
+        let fwd = sh
+            .on_packet(1, 2, Channel::Rtp, from_plain, &mut buf, plain.len(), now)
+            .unwrap();
+        assert_eq!(fwd.len, plain.len() + 10, "80-bit tag added");
+        let n = phone_rx.unprotect_rtp(&mut buf, fwd.len).unwrap();
+        assert_eq!(&buf[..n], &plain[..]);
+
+        // A forged or replayed packet is dropped and counted, and does not latch anything.
+        let mut forged = vec![0u8; PACKET_BUF];
+        forged[..plain.len()].copy_from_slice(&plain);
+        assert!(sh
+            .on_packet(1, 1, Channel::Rtp, src, &mut forged, plain.len() + 10, now)
+            .is_none());
+        let st = sh.stats(1, now).unwrap();
+        assert_eq!(st.legs[0].dropped_srtp, 1);
+        assert_eq!(st.legs[0].packets_in, 1);
+    }
+
+    #[test]
+    fn bad_srtp_keys_are_refused_without_using_a_port() {
+        let now = Instant::now();
+        let mut sh = Shard::new(0, (40_000, 40_099), timers(), now);
+        sh.create_session(1, "t".into(), now);
+        let free = sh.status().ports_free;
+        let mut s = spec(None, true);
+        let mut keys = srtp_keys(1, 2);
+        keys.remote_key.truncate(5);
+        s.srtp = Some(keys);
+        let err = sh.begin_add_leg(1, &s).unwrap_err();
+        assert!(
+            matches!(err, CommandError::Invalid(ref m) if m.contains("remote")),
+            "{err:?}"
+        );
+        assert_eq!(sh.status().ports_free, free);
     }
 
     #[test]

@@ -209,6 +209,8 @@ pub struct LegStats {
     pub dropped_foreign: u64,
     /// Datagrams too short or not RTP/RTCP, dropped.
     pub dropped_malformed: u64,
+    /// SRTP/SRTCP packets that failed authentication or replay checks, dropped.
+    pub dropped_srtp: u64,
     /// RTP packets expected minus received (RFC 3550 A.3), never negative.
     pub lost: u64,
     /// Interarrival jitter in milliseconds (RFC 3550 A.8).

@@ -10,7 +10,7 @@
 //! back to an io_uring op with an allocated buffer when no datagram is waiting.)
 
 use super::{execute, LegIo, ShardRequest, ShardSpec, TICK};
-use crate::shard::{Channel, Shard, MAX_DATAGRAM};
+use crate::shard::{Channel, Shard, MAX_DATAGRAM, PACKET_BUF};
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use glommio::net::UdpSocket;
 use glommio::{LocalExecutorBuilder, Placement, Task};
@@ -174,9 +174,9 @@ async fn receive_loop(
     sock: Rc<UdpSocket>,
 ) {
     // One byte more than relayed, so an oversized datagram is seen as such and dropped.
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut buf = vec![0u8; PACKET_BUF];
     loop {
-        let (n, src) = match sock.recv_from(&mut buf).await {
+        let (n, src) = match sock.recv_from(&mut buf[..MAX_DATAGRAM + 1]).await {
             Ok(r) => r,
             Err(e) => {
                 // ICMP errors surface here on some kernels; they are not fatal for the leg.
@@ -185,12 +185,13 @@ async fn receive_loop(
                 continue;
             }
         };
-        let fwd = ctx.shard.borrow_mut().on_datagram(
+        let fwd = ctx.shard.borrow_mut().on_packet(
             session,
             leg,
             channel,
             src,
-            &buf[..n],
+            &mut buf,
+            n,
             Instant::now(),
         );
         let Some(fwd) = fwd else { continue };
@@ -200,7 +201,7 @@ async fn receive_loop(
             .get(&(fwd.session, fwd.leg, fwd.channel))
             .cloned();
         if let Some(out) = out {
-            if let Err(e) = out.send_to(&buf[..n], fwd.dest).await {
+            if let Err(e) = out.send_to(&buf[..fwd.len], fwd.dest).await {
                 tracing::debug!(session, leg = fwd.leg, dest = %fwd.dest, error = %e, "send failed");
             }
         }

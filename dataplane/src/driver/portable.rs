@@ -11,7 +11,7 @@
 //! set belong to this thread alone.
 
 use super::{execute, pin_current_thread, LegIo, ShardRequest, ShardSpec, TICK};
-use crate::shard::{Channel, Shard, MAX_DATAGRAM};
+use crate::shard::{Channel, Shard, MAX_DATAGRAM, PACKET_BUF};
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use siptg_proto::{Event, LegId, SessionId};
 use std::collections::HashMap;
@@ -223,7 +223,8 @@ fn disconnect(fd: RawFd) {
 
 /// Buffers for `recvmmsg`, allocated once per thread.
 struct RecvBatch {
-    data: Vec<[u8; SLOT]>,
+    /// Each slot receives at most `SLOT` bytes and keeps room for an SRTP tag after them.
+    data: Vec<[u8; PACKET_BUF]>,
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
@@ -239,7 +240,7 @@ impl RecvBatch {
             )
         };
         let mut b = RecvBatch {
-            data: vec![[0u8; SLOT]; BATCH],
+            data: vec![[0u8; PACKET_BUF]; BATCH],
             addrs,
             iovs: Vec::with_capacity(BATCH),
             hdrs,
@@ -444,10 +445,11 @@ fn relay_from(
             let Some(src) = to_std(&batch.addrs[i]) else {
                 continue;
             };
-            let data = &batch.data[i][..len];
-            let Some(fwd) = shard.on_datagram(session, leg, channel, src, data, now) else {
+            let buf = &mut batch.data[i];
+            let Some(fwd) = shard.on_packet(session, leg, channel, src, buf, len, now) else {
                 continue;
             };
+            let data = &buf[..fwd.len];
             let Some(&out_token) = io.by_key.get(&(fwd.session, fwd.leg, fwd.channel)) else {
                 continue;
             };

@@ -17,6 +17,7 @@
 
 use super::{execute, pin_current_thread, LegIo, ShardRequest, ShardSpec, TICK};
 use crate::shard::{Channel, Shard, MAX_DATAGRAM};
+use crate::srtp::MAX_OVERHEAD;
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use siptg_proto::{Event, LegId, SessionId};
@@ -39,7 +40,9 @@ const NAME_LEN: usize = size_of::<libc::sockaddr_in6>();
 const HEADER: usize = 16;
 /// One buffer: the recvmsg header, the source address, and a payload one byte larger than
 /// relayed so an oversized datagram shows as such.
-const BUF_SIZE: usize = (HEADER + NAME_LEN + MAX_DATAGRAM + 1 + 63) & !63;
+const BUF_SIZE: usize = (HEADER + NAME_LEN + MAX_DATAGRAM + 1 + MAX_OVERHEAD + 63) & !63;
+/// What the kernel may fill of a buffer: the rest stays free for an SRTP tag added in place.
+const RECV_LEN: usize = BUF_SIZE - MAX_OVERHEAD;
 const BGID: u16 = 7;
 /// While traffic flows, wake up when this many completions are ready (or `poll_interval` passed).
 const COALESCE_WANT: usize = 128;
@@ -137,13 +140,18 @@ impl BufRing {
         &self.data[start..start + BUF_SIZE]
     }
 
+    fn buf_mut(&mut self, bid: u16) -> &mut [u8] {
+        let start = bid as usize * BUF_SIZE;
+        &mut self.data[start..start + BUF_SIZE]
+    }
+
     /// Hands buffer `bid` back to the kernel (visible after `publish`).
     fn give(&mut self, bid: u16) {
         let addr = self.buf(bid).as_ptr() as u64;
         // SAFETY: the index is masked into the ring's BUFS entries, which we own.
         let e = unsafe { &mut *self.ring.add(self.tail as usize & (BUFS - 1)) };
         e.set_addr(addr);
-        e.set_len(BUF_SIZE as u32);
+        e.set_len(RECV_LEN as u32);
         e.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
     }
@@ -602,7 +610,7 @@ fn on_recv(
         return 0;
     };
     let (session, leg, channel) = (s.session, s.leg, s.channel);
-    let buf = &io.bufs.buf(bid)[..(result as usize).min(BUF_SIZE)];
+    let buf = &io.bufs.buf(bid)[..(result as usize).min(RECV_LEN)];
     let Ok(msg) = types::RecvMsgOut::parse(buf, &io.recv_hdr) else {
         io.bufs.give(bid);
         return 0;
@@ -616,23 +624,16 @@ fn on_recv(
         payload.len()
     };
     let src = read_sockaddr(msg.name_data());
-    let end = (offset + len).min(BUF_SIZE);
-    let len = end - offset;
+    let len = len.min(RECV_LEN - offset);
     let Some(src) = src else {
         io.bufs.give(bid);
         return 1;
     };
-    let fwd = shard.on_datagram(
-        session,
-        leg,
-        channel,
-        src,
-        &io.bufs.buf(bid)[offset..end],
-        now,
-    );
+    let buf = &mut io.bufs.buf_mut(bid)[offset..];
+    let fwd = shard.on_packet(session, leg, channel, src, buf, len, now);
     let sent = fwd.is_some_and(|f| {
         let out = io.by_key.get(&(f.session, f.leg, f.channel)).copied();
-        out.is_some_and(|out| io.send(out, bid, offset, len, f.dest, f.settled))
+        out.is_some_and(|out| io.send(out, bid, offset, f.len, f.dest, f.settled))
     });
     if !sent {
         io.bufs.give(bid);
