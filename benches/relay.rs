@@ -8,7 +8,8 @@
 //! (utime + stime of its process) is measured over the steady-state window.
 //!
 //! `cargo bench --bench relay` runs N = 250, 1000, 2000, 2500; `-- --calls N --seconds S` runs one
-//! point. Options: `--driver portable|glommio`, `--relays floor,rtpengine,siptg`.
+//! point. Options: `--driver uring|portable|glommio`, `--relays floor,rtpengine,siptg`,
+//! `--no-srtp` (skip the SRTP run behind `srtp_overhead`: siptg again with the A legs SDES-SRTP).
 //! Each load prints one line per relay and then
 //! `RESULT relay calls=N pps=… cpu_us_per_pkt=… vs_floor=… vs_rtpengine=… srtp_overhead=… loss=… p50_us=… p99_us=…`
 //! where the figures are siptg's and the ratios are siptg's CPU per packet over the others'.
@@ -104,7 +105,7 @@ impl Args {
             warmup: 2,
             driver: "uring".into(),
             relays: vec!["floor", "rtpengine", "siptg"],
-            srtp: false,
+            srtp: true,
         };
         let argv: Vec<String> = std::env::args().skip(1).collect();
         let mut i = 0;
@@ -134,7 +135,7 @@ impl Args {
                         .collect();
                     i += 1;
                 }
-                "--srtp" => a.srtp = true,
+                "--no-srtp" => a.srtp = false,
                 _ => {} // cargo's own flags such as --bench
             }
             i += 1;
@@ -171,6 +172,8 @@ struct Running {
     child: Child,
     pid: i32,
     calls: Vec<(u16, u16)>,
+    /// The A legs are SDES-SRTP (siptg only).
+    srtp: bool,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -288,7 +291,9 @@ fn cpu_us(pid: i32) -> f64 {
 
 /// A batch sender over `sendmmsg` with one destination per message.
 struct SendBatch {
-    bufs: Vec<[u8; PKT]>,
+    bufs: Vec<[u8; PKT + 16]>,
+    /// When set, packets are SRTP-protected before sending (the A side of an SRTP run).
+    srtp: Option<siptg_dataplane::srtp::SrtpContext>,
     dests: Vec<libc::sockaddr_in>,
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
@@ -301,7 +306,8 @@ impl SendBatch {
     fn new() -> Box<Self> {
         // SAFETY: plain C structs for which all-zero is valid.
         let mut b = Box::new(SendBatch {
-            bufs: vec![[0u8; PKT]; SEND_BATCH],
+            bufs: vec![[0u8; PKT + 16]; SEND_BATCH],
+            srtp: None,
             dests: vec![unsafe { zeroed() }; SEND_BATCH],
             iovs: Vec::with_capacity(SEND_BATCH),
             hdrs: vec![unsafe { zeroed() }; SEND_BATCH],
@@ -335,6 +341,12 @@ impl SendBatch {
         p[4..8].copy_from_slice(&(seq as u32 * 160).to_be_bytes());
         p[8..12].copy_from_slice(&ssrc.to_be_bytes());
         p[12..20].copy_from_slice(&now_ns().to_be_bytes());
+        p[20..PKT].fill(0xd5);
+        let len = match &mut self.srtp {
+            Some(ctx) => ctx.protect_rtp(p, PKT).unwrap_or(PKT),
+            None => PKT,
+        };
+        self.iovs[i].iov_len = len;
         let d = &mut self.dests[i];
         d.sin_family = libc::AF_INET as libc::sa_family_t;
         d.sin_port = port.to_be();
@@ -425,7 +437,8 @@ impl RecvBatch {
             }
             for i in 0..n as usize {
                 let len = self.hdrs[i].msg_len as usize;
-                let sent = (len >= 20)
+                // Only plain packets carry a readable send time (SRTP ones are encrypted).
+                let sent = (len == PKT)
                     .then(|| u64::from_be_bytes(self.bufs[i][12..20].try_into().unwrap()));
                 let rx = kernel_timestamp(&self.hdrs[i].msg_hdr);
                 f(match (sent, rx) {
@@ -467,6 +480,17 @@ fn drive(gen: &Gen, r: &Running, warmup: Duration, window: Duration) -> Measurem
     }
     let mut seq = vec![0u16; streams];
     let mut send_a = SendBatch::new();
+    if r.srtp {
+        // The relay's SRTP leg expects the keys it knows as "remote".
+        send_a.srtp = Some(
+            siptg_dataplane::srtp::SrtpContext::new(
+                siptg_proto::SrtpSuite::AesCm128HmacSha1_80,
+                &[3; 16],
+                &[4; 14],
+            )
+            .unwrap(),
+        );
+    }
     let mut send_b = SendBatch::new();
     let mut recv = RecvBatch::new();
     let (fa, fb) = (gen.ga.as_raw_fd(), gen.gb.as_raw_fd());
@@ -625,6 +649,7 @@ mod siptg {
             child,
             pid,
             calls,
+            srtp,
             _dir: Some(dir),
         }
     }
@@ -746,6 +771,7 @@ mod rtpengine {
             child,
             pid,
             calls,
+            srtp: false,
             _dir: Some(dir),
         }
     }
@@ -840,6 +866,7 @@ mod floor {
             child,
             pid,
             calls,
+            srtp: false,
             _dir: None,
         }
     }
