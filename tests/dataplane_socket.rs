@@ -142,6 +142,7 @@ async fn create_bridge_relay_stats_delete_through_the_socket(driver: &'static st
         assert!(leg.packets_out >= 50, "{leg:?}");
         assert_eq!(leg.bytes_in, 51 * 172);
         assert_eq!(leg.lost, 0);
+        assert!(leg.mos > 4.3, "clean G.711 scores like G.711: {}", leg.mos);
         assert!(leg.remote.is_some(), "latched");
         assert!(leg.peer.is_some());
     }

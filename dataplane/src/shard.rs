@@ -144,6 +144,15 @@ struct Leg {
 }
 
 impl Leg {
+    /// The E-model estimate of what this leg received; 0 until media arrived.
+    fn mos(&self) -> f64 {
+        if !self.seen_packet {
+            return 0.0;
+        }
+        let jitter = self.rx.jitter_ms(self.spec.codec.clock_rate);
+        crate::stats::mos(self.rx.loss_fraction(), jitter, &self.spec.codec.name)
+    }
+
     fn stats(&self, leg: LegId, now: Instant) -> LegStats {
         LegStats {
             leg,
@@ -152,6 +161,7 @@ impl Leg {
             peer: self.peer,
             lost: self.rx.lost(),
             jitter_ms: self.rx.jitter_ms(self.spec.codec.clock_rate),
+            mos: self.mos(),
             idle_ms: self.seen_packet.then(|| {
                 now.saturating_duration_since(self.last_activity)
                     .as_millis() as u64

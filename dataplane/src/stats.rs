@@ -19,6 +19,8 @@ pub struct ReceptionStats {
     /// Sequence number that would confirm a big jump as a sender restart (A.1 `bad_seq`).
     bad_seq: Option<u16>,
     received: u64,
+    /// Packets counted over every SSRC of the leg.
+    received_total: u64,
     /// Loss and reception of earlier SSRCs of this leg (re-INVITE, transfer, sender restart).
     prior_lost: u64,
     /// Previous relative transit time in RTP clock units (A.8).
@@ -75,6 +77,7 @@ impl ReceptionStats {
             // Otherwise a duplicate or a late packet: counted as received.
         }
         self.received += 1;
+        self.received_total += 1;
         if !p.timed || p.clock_rate == 0 {
             return;
         }
@@ -106,6 +109,17 @@ impl ReceptionStats {
     /// received exceed expected: that counts as 0, never negative).
     pub fn lost(&self) -> u64 {
         self.prior_lost + self.current_lost()
+    }
+
+    /// Fraction of packets lost (0–1) over every SSRC of the leg.
+    pub fn loss_fraction(&self) -> f64 {
+        let lost = self.lost();
+        let total = lost + self.received_total;
+        if total == 0 {
+            0.0
+        } else {
+            lost as f64 / total as f64
+        }
     }
 
     /// Interarrival jitter in milliseconds.
@@ -216,5 +230,46 @@ mod tests {
         }
         assert_eq!(s.lost(), 0);
         assert_eq!(s.expected(), 5);
+    }
+}
+
+/// Listening-quality estimate (MOS, 1–4.5) of a stream by the ITU-T G.107 E-model, simplified as
+/// VoIP monitors (rtpengine among them) do: no echo or delay measurement, so the delay impairment
+/// uses an effective latency of `2 × jitter + 10 ms`; packet-loss impairment per codec (Ie, Bpl).
+pub fn mos(loss_fraction: f64, jitter_ms: f64, codec: &str) -> f64 {
+    // (Ie, Bpl) from G.113 Appendix I; G.711 with packet-loss concealment.
+    let (ie, bpl) = match codec.to_ascii_uppercase().as_str() {
+        "G729" => (11.0, 19.0),
+        "G722" => (0.0, 23.0),
+        "OPUS" => (0.0, 20.0),
+        _ => (0.0, 25.1),
+    };
+    let ppl = (loss_fraction * 100.0).clamp(0.0, 100.0);
+    let ie_eff = ie + (95.0 - ie) * ppl / (ppl + bpl);
+    let d = 2.0 * jitter_ms.max(0.0) + 10.0;
+    let id = 0.024 * d + if d > 177.3 { 0.11 * (d - 177.3) } else { 0.0 };
+    let r = 93.2 - id - ie_eff;
+    if r <= 0.0 {
+        1.0
+    } else if r >= 100.0 {
+        4.5
+    } else {
+        1.0 + 0.035 * r + r * (r - 60.0) * (100.0 - r) * 7e-6
+    }
+}
+
+#[cfg(test)]
+mod mos_tests {
+    use super::mos;
+
+    #[test]
+    fn clean_g711_is_about_4_4_and_loss_lowers_it() {
+        let clean = mos(0.0, 0.0, "PCMA");
+        assert!((4.35..=4.45).contains(&clean), "{clean}");
+        let one_percent = mos(0.01, 0.0, "PCMA");
+        assert!(one_percent < clean && one_percent > 4.1, "{one_percent}");
+        let heavy = mos(0.2, 40.0, "PCMA");
+        assert!(heavy < 3.0, "{heavy}");
+        assert!(mos(1.0, 1000.0, "PCMA") >= 1.0);
     }
 }

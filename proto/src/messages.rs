@@ -215,6 +215,8 @@ pub struct LegStats {
     pub lost: u64,
     /// Interarrival jitter in milliseconds (RFC 3550 A.8).
     pub jitter_ms: f64,
+    /// Estimated listening quality (E-model MOS, 1–4.5) from loss and jitter; 0 before media.
+    pub mos: f64,
     /// Milliseconds since the last packet arrived, `None` if none yet.
     pub idle_ms: Option<u64>,
 }
