@@ -668,6 +668,7 @@ mod siptg {
                 remote_key: vec![3; 16],
                 remote_salt: vec![4; 14],
             }),
+            continuity: false,
         }
     }
 }

@@ -22,6 +22,7 @@ fn add_leg() -> Message {
                 rtcp_mux: true,
                 codec: Codec::pcma(),
                 srtp: None,
+                continuity: false,
             },
         },
     }
@@ -64,6 +65,7 @@ fn bridged_shard() -> (Shard, SocketAddr) {
             rtcp_mux: true,
             codec: Codec::pcma(),
             srtp: None,
+            continuity: false,
         };
         let port = sh.begin_add_leg(1, &spec).unwrap();
         let local = SocketAddr::from(([127, 0, 0, 1], port));

@@ -91,6 +91,64 @@ impl Remote {
     }
 }
 
+/// Keeps what a leg sends one continuous RTP stream across source changes (`LegSpec::continuity`).
+#[derive(Debug)]
+struct Rewrite {
+    out_ssrc: u32,
+    in_ssrc: Option<u32>,
+    seq_offset: u16,
+    ts_offset: u32,
+    last_seq: u16,
+    last_ts: u32,
+    last_at: Option<Instant>,
+}
+
+impl Rewrite {
+    fn new(session: SessionId, leg: LegId) -> Self {
+        // splitmix64: a well-spread SSRC without a random source in this sans-IO core.
+        let mut z = session ^ ((leg as u64) << 48) ^ 0x9e37_79b9_7f4a_7c15;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Rewrite {
+            out_ssrc: (z ^ (z >> 31)) as u32,
+            in_ssrc: None,
+            seq_offset: 0,
+            ts_offset: 0,
+            last_seq: 0,
+            last_ts: 0,
+            last_at: None,
+        }
+    }
+
+    /// Rewrites the header of an RTP packet about to be sent; a new source continues where the
+    /// previous one stopped (next sequence number, timestamp advanced by the time elapsed).
+    fn apply(&mut self, pkt: &mut [u8], h: &rtp::RtpHeader, clock_rate: u32, now: Instant) {
+        if pkt.len() < 12 {
+            return;
+        }
+        if self.in_ssrc != Some(h.ssrc) {
+            if let Some(at) = self.last_at {
+                let elapsed = now.saturating_duration_since(at).as_secs_f64() * clock_rate as f64;
+                let next_ts = self.last_ts.wrapping_add((elapsed as u32).max(1));
+                self.seq_offset = self.last_seq.wrapping_add(1).wrapping_sub(h.sequence);
+                self.ts_offset = next_ts.wrapping_sub(h.timestamp);
+            }
+            self.in_ssrc = Some(h.ssrc);
+        }
+        let seq = h.sequence.wrapping_add(self.seq_offset);
+        let ts = h.timestamp.wrapping_add(self.ts_offset);
+        pkt[2..4].copy_from_slice(&seq.to_be_bytes());
+        pkt[4..8].copy_from_slice(&ts.to_be_bytes());
+        pkt[8..12].copy_from_slice(&self.out_ssrc.to_be_bytes());
+        // Late packets do not move the continuation point backwards.
+        if self.last_at.is_none() || seq.wrapping_sub(self.last_seq) < 0x8000 {
+            self.last_seq = seq;
+            self.last_ts = ts;
+        }
+        self.last_at = Some(now);
+    }
+}
+
 /// The two SRTP contexts of a protected leg.
 struct LegSrtp {
     /// Decrypts what the remote sends (its keys).
@@ -132,6 +190,8 @@ struct Leg {
     rtcp_remote: Option<SocketAddr>,
     /// SDES-SRTP contexts when the leg is protected.
     srtp: Option<Box<LegSrtp>>,
+    /// Header rewriting of what the leg sends, when it asks for continuity.
+    rewrite: Option<Rewrite>,
     peer: Option<LegId>,
     rx: ReceptionStats,
     counters: LegStats,
@@ -271,12 +331,14 @@ impl Shard {
         };
         let leg = s.next_leg;
         s.next_leg += 1;
+        let rewrite = spec.continuity.then(|| Rewrite::new(session, leg));
         s.legs.insert(
             leg,
             Leg {
                 remote: Remote::from_spec(&spec),
                 rtcp_remote: None,
                 srtp,
+                rewrite,
                 spec,
                 port,
                 local,
@@ -314,6 +376,11 @@ impl Shard {
         if l.spec.srtp != spec.srtp {
             // New keys (re-INVITE): new contexts; unchanged keys keep their rollover state.
             l.srtp = leg_srtp(&spec)?;
+        }
+        if !spec.continuity {
+            l.rewrite = None;
+        } else if l.rewrite.is_none() {
+            l.rewrite = Some(Rewrite::new(session, leg));
         }
         l.remote = Remote::from_spec(&spec);
         l.rtcp_remote = None;
@@ -523,6 +590,9 @@ impl Shard {
             },
             _ => (Channel::Rtp, peer.remote.send_to()?, remote_settled),
         };
+        if let (Packet::Rtp(h), Some(rw)) = (packet, &mut peer.rewrite) {
+            rw.apply(&mut buf[..len], &h, peer.spec.codec.clock_rate, now);
+        }
         let len = match (&mut peer.srtp, packet) {
             (None, _) => len,
             (Some(srtp), Packet::Rtp(_)) => srtp.outbound.protect_rtp(buf, len).ok()?,
@@ -689,6 +759,7 @@ mod tests {
             rtcp_mux: true,
             codec: Codec::pcma(),
             srtp: None,
+            continuity: false,
         }
     }
 
@@ -949,6 +1020,59 @@ mod tests {
         let st = sh.stats(1, now).unwrap();
         assert_eq!(st.legs[0].dropped_srtp, 1);
         assert_eq!(st.legs[0].packets_in, 1);
+    }
+
+    #[test]
+    fn continuity_leg_hides_a_source_change() {
+        let t0 = Instant::now();
+        let mut out = spec(Some("127.0.0.1:6000"), false);
+        out.continuity = true;
+        let mut sh = bridged(spec(None, true), out, t0);
+        let src: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let mut seen = Vec::new();
+        let mut send = |sh: &mut Shard, ssrc: u32, seq: u16, ts: u32, at: Instant| {
+            let mut p = rtp(8, seq, ts);
+            p[8..12].copy_from_slice(&ssrc.to_be_bytes());
+            let mut buf = vec![0u8; PACKET_BUF];
+            buf[..p.len()].copy_from_slice(&p);
+            let f = sh
+                .on_packet(1, 1, Channel::Rtp, src, &mut buf, p.len(), at)
+                .unwrap();
+            let h = match rtp::classify(&buf[..f.len]) {
+                Some(Packet::Rtp(h)) => h,
+                other => panic!("{other:?}"),
+            };
+            seen.push((h.ssrc, h.sequence, h.timestamp));
+        };
+        for i in 0..3u16 {
+            send(
+                &mut sh,
+                9,
+                100 + i,
+                1000 + 160 * i as u32,
+                t0 + Duration::from_millis(20 * i as u64),
+            );
+        }
+        // The source changes (transfer): new SSRC, unrelated numbering, 40 ms later.
+        for i in 0..2u16 {
+            send(
+                &mut sh,
+                77,
+                5000 + i,
+                90_000 + 160 * i as u32,
+                t0 + Duration::from_millis(80 + 20 * i as u64),
+            );
+        }
+        let ssrcs: Vec<u32> = seen.iter().map(|s| s.0).collect();
+        assert!(ssrcs.iter().all(|&s| s == ssrcs[0]), "one SSRC: {seen:?}");
+        let seqs: Vec<u16> = seen.iter().map(|s| s.1).collect();
+        assert_eq!(seqs, vec![100, 101, 102, 103, 104]);
+        assert_eq!(
+            seen[3].2,
+            seen[2].2 + 320,
+            "timestamp advanced by the 40 ms elapsed"
+        );
+        assert_eq!(seen[4].2, seen[3].2 + 160);
     }
 
     #[test]

@@ -73,6 +73,11 @@ pub struct LegSpec {
     pub codec: Codec,
     /// SDES-SRTP keys; `None` means plain RTP.
     pub srtp: Option<SrtpKeys>,
+    /// Rewrite SSRC, sequence numbers and timestamps of what this leg sends, so its remote sees
+    /// one continuous stream even when the source behind the other leg changes (transfer,
+    /// re-INVITE, a new Telegram media session). Phones that reset their jitter buffer or drop
+    /// audio on an SSRC change need it.
+    pub continuity: bool,
 }
 
 /// A negotiated audio payload format.

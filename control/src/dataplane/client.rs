@@ -286,5 +286,6 @@ pub fn latching_leg(codec: Codec, remote: Option<std::net::SocketAddr>) -> LegSp
         rtcp_mux: true,
         codec,
         srtp: None,
+        continuity: false,
     }
 }
