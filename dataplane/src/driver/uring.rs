@@ -45,7 +45,7 @@ const BUF_SIZE: usize = (HEADER + NAME_LEN + MAX_DATAGRAM + 1 + MAX_OVERHEAD + 6
 const RECV_LEN: usize = BUF_SIZE - MAX_OVERHEAD;
 const BGID: u16 = 7;
 /// While traffic flows, wake up when this many completions are ready (or `poll_interval` passed).
-const COALESCE_WANT: usize = 128;
+const COALESCE_WANT: usize = 48;
 /// A wake-up with at least this many datagrams already amortises its cost: look again at once.
 const COALESCE_BELOW: usize = 64;
 
