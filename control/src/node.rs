@@ -117,13 +117,20 @@ impl Node {
             };
             let shards = status.map(|s| s.shards).unwrap_or_default();
             type Field = fn(&siptg_proto::ShardStatus) -> f64;
-            let fields: [(&str, Field); 5] = [
+            let fields: [(&str, Field); 8] = [
                 ("siptg_dataplane_shard_running", |s| {
                     f64::from(u8::from(s.running))
                 }),
                 ("siptg_dataplane_sessions", |s| s.sessions as f64),
                 ("siptg_dataplane_legs", |s| s.legs as f64),
                 ("siptg_dataplane_ports_free", |s| s.ports_free as f64),
+                ("siptg_dataplane_dropped_malformed", |s| {
+                    s.dropped_malformed as f64
+                }),
+                ("siptg_dataplane_dropped_foreign", |s| {
+                    s.dropped_foreign as f64
+                }),
+                ("siptg_dataplane_dropped_srtp", |s| s.dropped_srtp as f64),
                 ("siptg_dataplane_packets_relayed", |s| {
                     s.packets_relayed as f64
                 }),

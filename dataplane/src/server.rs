@@ -444,6 +444,9 @@ impl Server {
                     port_max: 0,
                     ports_free: 0,
                     packets_relayed: 0,
+                    dropped_malformed: 0,
+                    dropped_foreign: 0,
+                    dropped_srtp: 0,
                 },
             })
             .collect();

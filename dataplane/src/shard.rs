@@ -249,6 +249,15 @@ pub struct Shard {
     events: Vec<Event>,
     last_stats: Instant,
     packets_relayed: u64,
+    /// Core-wide drop totals (the legs' counters vanish with their sessions).
+    drops: Drops,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Drops {
+    malformed: u64,
+    foreign: u64,
+    srtp: u64,
 }
 
 impl Shard {
@@ -263,6 +272,7 @@ impl Shard {
             events: Vec::new(),
             last_stats: now,
             packets_relayed: 0,
+            drops: Drops::default(),
         }
     }
 
@@ -504,6 +514,9 @@ impl Shard {
             port_max,
             ports_free: self.pool.free(),
             packets_relayed: self.packets_relayed,
+            dropped_malformed: self.drops.malformed,
+            dropped_foreign: self.drops.foreign,
+            dropped_srtp: self.drops.srtp,
         }
     }
 
@@ -530,6 +543,7 @@ impl Shard {
         };
         let Some(packet) = packet else {
             l.counters.dropped_malformed += 1;
+            self.drops.malformed += 1;
             return None;
         };
         // Authenticate before anything learns from the packet (latching included).
@@ -539,6 +553,7 @@ impl Shard {
                 Ok(n) => n,
                 Err(_) => {
                     l.counters.dropped_srtp += 1;
+                    self.drops.srtp += 1;
                     return None;
                 }
             },
@@ -546,12 +561,14 @@ impl Shard {
                 Ok(n) => n,
                 Err(_) => {
                     l.counters.dropped_srtp += 1;
+                    self.drops.srtp += 1;
                     return None;
                 }
             },
         };
         if !accept_source(l, channel, src) {
             l.counters.dropped_foreign += 1;
+            self.drops.foreign += 1;
             return None;
         }
         l.counters.packets_in += 1;

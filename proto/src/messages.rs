@@ -178,6 +178,11 @@ pub struct ShardStatus {
     pub port_max: u16,
     pub ports_free: u32,
     pub packets_relayed: u64,
+    /// Datagrams dropped on this core since start: not RTP/RTCP or oversized, from a source
+    /// other than the leg's remote, or failing SRTP authentication/replay checks.
+    pub dropped_malformed: u64,
+    pub dropped_foreign: u64,
+    pub dropped_srtp: u64,
 }
 
 /// One session in a [`Command::List`] reply.
