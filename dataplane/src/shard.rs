@@ -541,6 +541,8 @@ impl Shard {
             Some(data) if len <= MAX_DATAGRAM => rtp::classify(data),
             _ => None,
         };
+        // The RTCP-only port carries RTCP only; RTP there would bypass RTP latching.
+        let packet = packet.filter(|p| channel == Channel::Rtp || *p == Packet::Rtcp);
         let Some(packet) = packet else {
             l.counters.dropped_malformed += 1;
             self.drops.malformed += 1;
@@ -595,6 +597,10 @@ impl Shard {
         }
         let peer_id = l.peer?;
         let peer = s.legs.get_mut(&peer_id)?;
+        if packet == Packet::Rtcp && peer.rewrite.is_some() {
+            // Its reports name SSRCs and timestamps the rewritten stream no longer uses.
+            return None;
+        }
         let remote_settled = matches!(peer.remote, Remote::Fixed(_) | Remote::Latched(_));
         let (out_channel, dest, settled) = match packet {
             Packet::Rtcp if !peer.spec.rtcp_mux => match peer.rtcp_remote {
@@ -705,10 +711,11 @@ fn accept_source(l: &mut Leg, channel: Channel, src: SocketAddr) -> bool {
         Channel::Rtcp => match l.rtcp_remote {
             Some(a) => a == src,
             None => {
-                // First RTCP: from the media peer's address (any port), or anyone while unknown.
+                // RTCP on its own port latches only once RTP has a settled remote, and only from
+                // that host (behind NAT its port is not the RTP port + 1).
                 let from_peer = match l.remote {
                     Remote::Fixed(a) | Remote::Latched(a) => a.ip() == src.ip(),
-                    Remote::Latching { .. } | Remote::Unknown => true,
+                    Remote::Latching { .. } | Remote::Unknown => false,
                 };
                 if from_peer {
                     l.rtcp_remote = Some(src);
@@ -1108,6 +1115,40 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(sh.status().ports_free, free);
+    }
+
+    #[test]
+    fn rtcp_port_takes_rtcp_only_and_only_from_the_latched_host() {
+        let now = Instant::now();
+        let mut a = spec(None, true);
+        a.rtcp_mux = false;
+        let mut sh = bridged(a, spec(Some("127.0.0.1:6000"), false), now);
+        let rtcp = [0x80, 200, 0, 1, 0, 0, 0, 9];
+        // Before RTP latched, RTCP on the RTCP port is not taken from anyone.
+        let early: SocketAddr = "127.0.0.5:7001".parse().unwrap();
+        assert!(sh
+            .on_datagram(1, 1, Channel::Rtcp, early, &rtcp, now)
+            .is_none());
+        let phone: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        assert!(sh
+            .on_datagram(1, 1, Channel::Rtp, phone, &rtp(8, 1, 0), now)
+            .is_some());
+        // RTP sent to the RTCP port is dropped, even from the phone.
+        let nat: SocketAddr = "127.0.0.1:40111".parse().unwrap();
+        assert!(sh
+            .on_datagram(1, 1, Channel::Rtcp, nat, &rtp(8, 2, 160), now)
+            .is_none());
+        // RTCP from the phone's host, any port (NAT), latches and is relayed.
+        assert!(sh
+            .on_datagram(1, 1, Channel::Rtcp, nat, &rtcp, now)
+            .is_some());
+        let other: SocketAddr = "127.0.0.1:40113".parse().unwrap();
+        assert!(sh
+            .on_datagram(1, 1, Channel::Rtcp, other, &rtcp, now)
+            .is_none());
+        let st = sh.stats(1, now).unwrap();
+        assert_eq!(st.legs[0].dropped_malformed, 1);
+        assert_eq!(st.legs[0].dropped_foreign, 2);
     }
 
     #[test]

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 /// A wake-up that relayed at least this many datagrams already amortises its cost: look again
 /// at once instead of waiting `poll_interval` (keeps latency low under load).
 const COALESCE_BELOW: usize = 32;
+/// Batches read from one socket per turn; a socket with more waiting is revisited after the others.
+const MAX_ROUNDS: usize = 4;
 /// Datagrams read from one socket per `recvmmsg`.
 const BATCH: usize = 16;
 /// Ready sockets taken from one `epoll_wait`.
@@ -278,6 +280,24 @@ impl RecvBatch {
                 std::ptr::null_mut(),
             )
         };
+        if n < 0 {
+            // A pending socket error (ICMP unreachable on a connected socket) is reported before
+            // the queue is read; it is consumed now, so read again.
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock {
+                // SAFETY: as above.
+                let n = unsafe {
+                    libc::recvmmsg(
+                        fd,
+                        self.hdrs.as_mut_ptr(),
+                        BATCH as u32,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null_mut(),
+                    )
+                };
+                return n.max(0) as usize;
+            }
+        }
         n.max(0) as usize
     }
 }
@@ -360,13 +380,16 @@ fn run(
     let mut pending = Vec::new();
     let mut last_tick = Instant::now();
     let mut coalesce = false;
+    // Sockets that still had data after their share (see `MAX_ROUNDS`), this turn and next.
+    let mut hot: Vec<usize> = Vec::with_capacity(64);
+    let mut hot_now: Vec<usize> = Vec::with_capacity(64);
     loop {
         if coalesce {
             // Traffic is flowing: let more sockets become ready before the next look.
             std::thread::sleep(spec.poll_interval);
         }
         let until_tick = TICK.saturating_sub(last_tick.elapsed());
-        let timeout_ms = if coalesce {
+        let timeout_ms = if coalesce || !hot_now.is_empty() {
             0
         } else {
             until_tick.as_millis().max(1) as i32
@@ -408,8 +431,14 @@ fn run(
                 }
                 continue;
             }
-            packets += relay_from(shard, io, &mut batch, token as usize, now);
+            packets += relay_from(shard, io, &mut batch, token as usize, now, &mut hot);
         }
+        // Sockets left with data (a flood) get their next share now, after everyone else.
+        for &token in &hot_now {
+            packets += relay_from(shard, io, &mut batch, token, now, &mut hot);
+        }
+        hot_now.clear();
+        std::mem::swap(&mut hot, &mut hot_now);
         coalesce = packets > 0 && packets < COALESCE_BELOW && !spec.poll_interval.is_zero();
         if now.duration_since(last_tick) >= TICK {
             last_tick = now;
@@ -432,12 +461,14 @@ fn relay_from(
     batch: &mut RecvBatch,
     token: usize,
     now: Instant,
+    hot: &mut Vec<usize>,
 ) -> usize {
     let Some(Some(s)) = io.slots.get(token) else {
         return 0;
     };
     let (session, leg, channel, fd) = (s.session, s.leg, s.channel, s.sock.as_raw_fd());
     let mut total = 0;
+    let mut rounds = 0;
     loop {
         let n = batch.recv(fd);
         for i in 0..n {
@@ -459,6 +490,12 @@ fn relay_from(
         }
         total += n;
         if n < BATCH {
+            return total;
+        }
+        rounds += 1;
+        if rounds == MAX_ROUNDS {
+            // Still more: a flood. Leave the rest for the next turn so other legs get served.
+            hot.push(token);
             return total;
         }
     }

@@ -30,8 +30,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-/// Submission queue size (the completion queue is twice as large).
+/// Submission queue size.
 const RING_ENTRIES: u32 = 4096;
+/// Completion queue size: every buffer's receive and send, plus one ending per socket, fit.
+const CQ_ENTRIES: u32 = 65536;
 /// Provided receive buffers per core (a power of two, at most 32768).
 const BUFS: usize = 4096;
 /// Space the kernel needs before the payload in a multishot recvmsg buffer.
@@ -79,7 +81,7 @@ pub fn spawn(
                 .setup_single_issuer()
                 .setup_defer_taskrun()
                 .setup_submit_all()
-                .setup_cqsize(RING_ENTRIES * 2)
+                .setup_cqsize(CQ_ENTRIES)
                 .build(RING_ENTRIES)
                 .and_then(UringIo::new);
             let mut io = match built {
@@ -114,7 +116,10 @@ pub fn spawn(
 struct BufRing {
     ring: *mut types::BufRingEntry,
     layout: Layout,
-    data: Box<[u8]>,
+    /// BUFS × BUF_SIZE bytes. Kept as a raw pointer: the kernel writes some buffers while we read
+    /// others, so no Rust reference may span the whole area.
+    data: *mut u8,
+    data_layout: Layout,
     tail: u16,
 }
 
@@ -127,27 +132,39 @@ impl BufRing {
         if ring.is_null() {
             return Err(io::ErrorKind::OutOfMemory.into());
         }
+        let data_layout = Layout::from_size_align(BUFS * BUF_SIZE, 64).map_err(io::Error::other)?;
+        // SAFETY: a non-zero-sized layout; freed in Drop.
+        let data = unsafe { alloc_zeroed(data_layout) };
+        if data.is_null() {
+            // SAFETY: allocated above with `layout`.
+            unsafe { dealloc(ring.cast(), layout) };
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
         Ok(BufRing {
             ring,
             layout,
-            data: vec![0u8; BUFS * BUF_SIZE].into_boxed_slice(),
+            data,
+            data_layout,
             tail: 0,
         })
     }
 
-    fn buf(&self, bid: u16) -> &[u8] {
-        let start = bid as usize * BUF_SIZE;
-        &self.data[start..start + BUF_SIZE]
+    fn ptr(&self, bid: u16) -> *mut u8 {
+        // SAFETY: bid < BUFS (ids come from us or the kernel echoing ours), so the offset stays
+        // inside the allocation.
+        unsafe { self.data.add((bid as usize % BUFS) * BUF_SIZE) }
     }
 
+    /// Buffer `bid`, which the application owns (the kernel completed it and it was not given
+    /// back yet).
     fn buf_mut(&mut self, bid: u16) -> &mut [u8] {
-        let start = bid as usize * BUF_SIZE;
-        &mut self.data[start..start + BUF_SIZE]
+        // SAFETY: one buffer's bytes, owned by us until `give`; `&mut self` prevents overlap.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(bid), BUF_SIZE) }
     }
 
     /// Hands buffer `bid` back to the kernel (visible after `publish`).
     fn give(&mut self, bid: u16) {
-        let addr = self.buf(bid).as_ptr() as u64;
+        let addr = self.ptr(bid) as u64;
         // SAFETY: the index is masked into the ring's BUFS entries, which we own.
         let e = unsafe { &mut *self.ring.add(self.tail as usize & (BUFS - 1)) };
         e.set_addr(addr);
@@ -169,8 +186,11 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.ring.cast(), self.layout) };
+        // SAFETY: allocated in `new` with these layouts.
+        unsafe {
+            dealloc(self.ring.cast(), self.layout);
+            dealloc(self.data, self.data_layout);
+        }
     }
 }
 
@@ -187,7 +207,11 @@ struct Sock {
     leg: LegId,
     channel: Channel,
     connected: Option<SocketAddr>,
-    /// Detached: waiting for the receive to be cancelled before the token can be reused.
+    /// `connect()` failed once; do not retry on every packet.
+    connect_failed: bool,
+    /// A multishot receive is live (armed and not yet ended).
+    armed: bool,
+    /// Detached: waiting for the receive to end before the socket closes and the token is reused.
     closing: bool,
 }
 
@@ -203,6 +227,10 @@ struct UringIo {
     by_key: HashMap<(SessionId, LegId, Channel), usize>,
     /// Sockets whose multishot receive stopped for lack of buffers; re-armed once some return.
     rearm: Vec<usize>,
+    /// Closed sockets kept until the entries already queued for them have been submitted.
+    graveyard: Vec<Sock>,
+    /// Buffers given back since the last look at `rearm`.
+    returned: usize,
 }
 
 impl UringIo {
@@ -244,22 +272,42 @@ impl UringIo {
             free: Vec::new(),
             by_key: HashMap::new(),
             rearm: Vec::new(),
+            graveyard: Vec::new(),
+            returned: 0,
         })
     }
 
-    /// Queues an entry, flushing the submission queue if it is full.
-    fn push(&mut self, e: squeue::Entry) {
-        loop {
+    /// Queues an entry, flushing the submission queue if it is full; false if it could not be
+    /// queued (the caller then undoes what the entry would have done).
+    fn push(&mut self, e: squeue::Entry) -> bool {
+        for _ in 0..64 {
             // SAFETY: every entry we push points only at memory owned by `self` that outlives
-            // the operation (buffers, send slots, the recv template, sockets kept until their
-            // cancel completes).
+            // the operation (buffers, send slots, the recv template; sockets are closed only
+            // after their receive ended and queued entries were submitted).
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
-                return;
+                return true;
             }
-            if let Err(err) = self.ring.submit() {
-                tracing::error!(error = %err, "io_uring submit failed");
-                return;
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                    // Completion queue full: the kernel takes more once we reap; entries wait.
+                    std::thread::yield_now();
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "io_uring submit failed");
+                    return false;
+                }
             }
+        }
+        tracing::error!("io_uring submission queue stays full; entry dropped");
+        false
+    }
+
+    /// Frees a slot whose receive has ended: the socket closes after the next submit.
+    fn bury(&mut self, token: usize) {
+        if let Some(sock) = self.slots.get_mut(token).and_then(Option::take) {
+            self.graveyard.push(sock);
+            self.free.push(token);
         }
     }
 
@@ -273,7 +321,13 @@ impl UringIo {
         let e = opcode::RecvMsgMulti::new(types::Fd(s.sock.as_raw_fd()), &*self.recv_hdr, BGID)
             .build()
             .user_data(RECV | token as u64);
-        self.push(e);
+        let queued = self.push(e);
+        if let Some(Some(s)) = self.slots.get_mut(token) {
+            s.armed = queued;
+        }
+        if !queued {
+            self.rearm.push(token);
+        }
     }
 
     fn insert(&mut self, sock: Sock) {
@@ -291,14 +345,26 @@ impl UringIo {
         let Some(token) = self.by_key.remove(&key) else {
             return;
         };
-        if let Some(Some(s)) = self.slots.get_mut(token) {
-            s.closing = true;
+        let armed = match self.slots.get_mut(token) {
+            Some(Some(s)) => {
+                s.closing = true;
+                s.armed
+            }
+            _ => return,
+        };
+        if !armed {
+            // No receive to wait for (it ended, e.g. for lack of buffers).
+            self.rearm.retain(|&t| t != token);
+            self.bury(token);
+            return;
         }
         // The slot is freed when the receive's last completion arrives.
         let e = opcode::AsyncCancel::new(RECV | token as u64)
             .build()
             .user_data(CANCEL | token as u64);
-        self.push(e);
+        if !self.push(e) {
+            tracing::error!(token, "cannot cancel a receive; its socket stays open");
+        }
     }
 
     /// Queues a send of `len` bytes at `offset` of buffer `bid`; the buffer returns to the ring
@@ -319,18 +385,20 @@ impl UringIo {
             return false;
         }
         let fd = s.sock.as_raw_fd();
-        if s.connected != Some(dest)
-            && settled
-            && s.connected.is_none()
-            && s.sock.connect(dest).is_ok()
-        {
-            s.connected = Some(dest);
+        if settled && s.connected.is_none() && !s.connect_failed {
+            match s.sock.connect(dest) {
+                Ok(()) => s.connected = Some(dest),
+                Err(_) => s.connect_failed = true,
+            }
         }
         let connected = s.connected == Some(dest);
-        let base = self.bufs.buf(bid).as_ptr();
-        let slot = &mut self.sends[bid as usize];
-        // SAFETY: offset + len lie inside buffer `bid` (checked by the caller's parse).
-        slot.iov.iov_base = unsafe { base.add(offset) }.cast_mut().cast();
+        if offset + len > BUF_SIZE {
+            return false;
+        }
+        let base = self.bufs.ptr(bid);
+        let slot = &mut self.sends[bid as usize % BUFS];
+        // SAFETY: offset + len lie inside buffer `bid` (checked above).
+        slot.iov.iov_base = unsafe { base.add(offset) }.cast();
         slot.iov.iov_len = len;
         slot.hdr.msg_iov = &mut slot.iov;
         slot.hdr.msg_iovlen = 1;
@@ -344,8 +412,7 @@ impl UringIo {
         let e = opcode::SendMsg::new(types::Fd(fd), &slot.hdr)
             .build()
             .user_data(SEND | bid as u64);
-        self.push(e);
-        true
+        self.push(e)
     }
 }
 
@@ -388,6 +455,8 @@ impl LegIo for UringIo {
                 leg,
                 channel,
                 connected: None,
+                connect_failed: false,
+                armed: false,
                 closing: false,
             });
         }
@@ -399,11 +468,16 @@ impl LegIo for UringIo {
     }
 
     fn remote_changed(&mut self, session: SessionId, leg: LegId) {
+        // Sends already queued for the old destination go out first.
+        if let Err(e) = self.ring.submit() {
+            tracing::warn!(error = %e, "io_uring submit before re-targeting a leg failed");
+        }
         for channel in [Channel::Rtp, Channel::Rtcp] {
             let Some(&token) = self.by_key.get(&(session, leg, channel)) else {
                 continue;
             };
             if let Some(Some(s)) = self.slots.get_mut(token) {
+                s.connect_failed = false;
                 if s.connected.take().is_some() {
                     disconnect(s.sock.as_raw_fd());
                 }
@@ -489,7 +563,9 @@ fn run(
     let mut pending = Vec::new();
     let mut last_tick = Instant::now();
     let mut coalesce = false;
-    let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(RING_ENTRIES as usize * 2);
+    let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(CQ_ENTRIES as usize);
+    let mut rearm = Vec::new();
+    let mut overflow_seen = 0;
     loop {
         let (want, timeout) = if coalesce {
             (
@@ -514,12 +590,21 @@ fn run(
                 ) => {}
             Err(e) => return Err(e),
         }
+        // Entries for sockets closed last round have been submitted: they may close now.
+        io.graveyard.clear();
         done.clear();
-        done.extend(
-            io.ring
-                .completion()
-                .map(|c| (c.user_data(), c.result(), c.flags())),
-        );
+        let mut cq = io.ring.completion();
+        let overflow = cq.overflow();
+        done.extend(cq.by_ref().map(|c| (c.user_data(), c.result(), c.flags())));
+        drop(cq);
+        if overflow != overflow_seen {
+            overflow_seen = overflow;
+            tracing::error!(
+                core = spec.core,
+                overflow,
+                "io_uring completion queue overflowed"
+            );
+        }
         let now = Instant::now();
         let mut packets = 0usize;
         for &(user_data, result, flags) in &done {
@@ -531,6 +616,7 @@ fn run(
                         tracing::debug!(error = %io::Error::from_raw_os_error(-result), "send failed");
                     }
                     io.bufs.give(index as u16);
+                    io.returned += 1;
                 }
                 WAKE => {
                     let mut counter = [0u8; 8];
@@ -555,11 +641,15 @@ fn run(
             }
         }
         io.bufs.publish();
-        if !io.rearm.is_empty() {
-            for token in std::mem::take(&mut io.rearm) {
+        // Re-arm receives that ran out of buffers only once some came back, or they would fail
+        // again at once.
+        if !io.rearm.is_empty() && io.returned > 0 {
+            std::mem::swap(&mut rearm, &mut io.rearm);
+            for token in rearm.drain(..) {
                 io.arm(token);
             }
         }
+        io.returned = 0;
         coalesce = packets > 0 && packets < COALESCE_BELOW && !spec.poll_interval.is_zero();
         if now.duration_since(last_tick) >= TICK {
             last_tick = now;
@@ -587,14 +677,14 @@ fn on_recv(
     let more = cqueue::more(flags);
     let closing = matches!(io.slots.get(token), Some(Some(s)) if s.closing);
     if !more {
+        if let Some(Some(s)) = io.slots.get_mut(token) {
+            s.armed = false;
+        }
         if closing {
             // The receive is gone: the socket can close and the token be reused.
-            io.slots[token] = None;
-            io.free.push(token);
-        } else if result == -libc::ENOBUFS {
-            io.rearm.push(token);
+            io.bury(token);
         } else {
-            if result < 0 {
+            if result < 0 && result != -libc::ENOBUFS {
                 tracing::debug!(token, error = %io::Error::from_raw_os_error(-result), "receive ended; re-arming");
             }
             io.rearm.push(token);
@@ -603,6 +693,7 @@ fn on_recv(
     let Some(bid) = bid else { return 0 };
     if result < 0 || closing {
         io.bufs.give(bid);
+        io.returned += 1;
         return 0;
     }
     let Some(Some(s)) = io.slots.get(token) else {
@@ -610,7 +701,7 @@ fn on_recv(
         return 0;
     };
     let (session, leg, channel) = (s.session, s.leg, s.channel);
-    let buf = &io.bufs.buf(bid)[..(result as usize).min(RECV_LEN)];
+    let buf = &io.bufs.buf_mut(bid)[..(result as usize).min(RECV_LEN)];
     let Ok(msg) = types::RecvMsgOut::parse(buf, &io.recv_hdr) else {
         io.bufs.give(bid);
         return 0;
@@ -637,6 +728,7 @@ fn on_recv(
     });
     if !sent {
         io.bufs.give(bid);
+        io.returned += 1;
     }
     1
 }
