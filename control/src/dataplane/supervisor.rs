@@ -37,6 +37,8 @@ struct State {
     boot_id: Option<u64>,
     restarts: u64,
     child_pid: Option<u32>,
+    /// Set by `stop_child`: no dataplane is started any more (the process is shutting down).
+    stopping: bool,
 }
 
 /// The supervisor's view, for `siptg status`.
@@ -139,7 +141,12 @@ impl Supervisor {
     /// Stops the dataplane process this supervisor started (a graceful stop of the gateway). A
     /// dataplane that was adopted, or one whose parent crashed, is left running.
     pub fn stop_child(&self) {
-        let Some(pid) = lock(&self.state).child_pid.take() else {
+        let pid = {
+            let mut st = lock(&self.state);
+            st.stopping = true;
+            st.child_pid.take()
+        };
+        let Some(pid) = pid else {
             return;
         };
         tracing::info!(pid, "stopping the dataplane process");
@@ -186,6 +193,9 @@ impl Supervisor {
     }
 
     fn ensure_child(&self, spec: &SpawnSpec, child: &mut Option<tokio::process::Child>) {
+        if lock(&self.state).stopping {
+            return;
+        }
         if let Some(ch) = child.as_mut() {
             match ch.try_wait() {
                 Ok(None) => return, // still starting up
@@ -210,9 +220,16 @@ impl Supervisor {
             .stdin(std::process::Stdio::null())
             .process_group(0);
         match cmd.spawn() {
-            Ok(ch) => {
+            Ok(mut ch) => {
+                let mut st = lock(&self.state);
+                if st.stopping {
+                    // A stop raced with this start: the new process must not outlive us.
+                    let _ = ch.start_kill();
+                    return;
+                }
                 tracing::info!(pid = ch.id(), "dataplane process started");
-                lock(&self.state).child_pid = ch.id();
+                st.child_pid = ch.id();
+                drop(st);
                 *child = Some(ch);
             }
             Err(e) => {
