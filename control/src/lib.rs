@@ -15,5 +15,6 @@ pub mod run;
 pub mod sip;
 pub mod storage;
 pub mod store;
+pub mod tgcall;
 pub mod tls;
 pub mod worker;
