@@ -354,3 +354,35 @@ fn add_leg<Io: LegIo>(
         reason: "16 ports in a row are held by other programs".into(),
     })
 }
+
+/// Binds a leg's non-blocking std sockets: RTP on `port` and, when asked, RTCP on `port + 1`.
+pub fn bind_pair(
+    ip: IpAddr,
+    port: u16,
+    with_rtcp: bool,
+) -> Result<(std::net::UdpSocket, Option<std::net::UdpSocket>), (SocketAddr, io::Error)> {
+    let bind = |addr: SocketAddr| {
+        let s = std::net::UdpSocket::bind(addr).map_err(|e| (addr, e))?;
+        s.set_nonblocking(true).map_err(|e| (addr, e))?;
+        Ok(s)
+    };
+    let rtp_addr = SocketAddr::new(ip, port);
+    let rtp = bind(rtp_addr)?;
+    if !with_rtcp {
+        return Ok((rtp, None));
+    }
+    let Some(rtcp_port) = port.checked_add(1) else {
+        return Err((rtp_addr, io::ErrorKind::AddrNotAvailable.into()));
+    };
+    Ok((rtp, Some(bind(SocketAddr::new(ip, rtcp_port))?)))
+}
+
+/// Dissolves a UDP socket's association (connect with AF_UNSPEC), so it takes any source again.
+pub fn disconnect(fd: std::os::fd::RawFd) {
+    // SAFETY: an all-zero sockaddr with family AF_UNSPEC, passed with its size.
+    unsafe {
+        let mut a: libc::sockaddr = std::mem::zeroed();
+        a.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+        libc::connect(fd, &a, std::mem::size_of::<libc::sockaddr>() as u32);
+    }
+}

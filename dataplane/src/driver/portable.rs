@@ -10,7 +10,9 @@
 //! headers and address slots are allocated once per thread; the shard, the sockets and the epoll
 //! set belong to this thread alone.
 
-use super::{execute, pin_current_thread, LegIo, ShardRequest, ShardSpec, TICK};
+use super::{
+    bind_pair, disconnect, execute, pin_current_thread, LegIo, ShardRequest, ShardSpec, TICK,
+};
 use crate::shard::{Channel, Shard, MAX_DATAGRAM, PACKET_BUF};
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use siptg_proto::{Event, LegId, SessionId};
@@ -149,12 +151,6 @@ impl PortableIo {
     }
 }
 
-fn bind_nonblocking(addr: SocketAddr) -> Result<UdpSocket, (SocketAddr, io::Error)> {
-    let s = UdpSocket::bind(addr).map_err(|e| (addr, e))?;
-    s.set_nonblocking(true).map_err(|e| (addr, e))?;
-    Ok(s)
-}
-
 impl LegIo for PortableIo {
     type Pair = (UdpSocket, Option<UdpSocket>);
 
@@ -164,15 +160,7 @@ impl LegIo for PortableIo {
         port: u16,
         with_rtcp: bool,
     ) -> Result<Self::Pair, (SocketAddr, io::Error)> {
-        let rtp_addr = SocketAddr::new(ip, port);
-        let rtp = bind_nonblocking(rtp_addr)?;
-        if !with_rtcp {
-            return Ok((rtp, None));
-        }
-        let Some(rtcp_port) = port.checked_add(1) else {
-            return Err((rtp_addr, io::ErrorKind::AddrNotAvailable.into()));
-        };
-        Ok((rtp, Some(bind_nonblocking(SocketAddr::new(ip, rtcp_port))?)))
+        bind_pair(ip, port, with_rtcp)
     }
 
     fn local_addr(pair: &Self::Pair) -> Option<SocketAddr> {
@@ -210,16 +198,6 @@ impl LegIo for PortableIo {
                 }
             }
         }
-    }
-}
-
-/// Dissolves a UDP socket's association (connect with AF_UNSPEC), so it takes any source again.
-fn disconnect(fd: RawFd) {
-    // SAFETY: an all-zero sockaddr with family AF_UNSPEC, passed with its size.
-    unsafe {
-        let mut a: libc::sockaddr = zeroed();
-        a.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
-        libc::connect(fd, &a, size_of::<libc::sockaddr>() as u32);
     }
 }
 

@@ -15,7 +15,9 @@
 //! address slots are allocated once per thread, and a buffer is returned to the ring only after
 //! the send that reads it has completed.
 
-use super::{execute, pin_current_thread, LegIo, ShardRequest, ShardSpec, TICK};
+use super::{
+    bind_pair, disconnect, execute, pin_current_thread, LegIo, ShardRequest, ShardSpec, TICK,
+};
 use crate::shard::{Channel, Shard, MAX_DATAGRAM};
 use crate::srtp::MAX_OVERHEAD;
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
@@ -26,7 +28,7 @@ use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -416,12 +418,6 @@ impl UringIo {
     }
 }
 
-fn bind_nonblocking(addr: SocketAddr) -> Result<UdpSocket, (SocketAddr, io::Error)> {
-    let s = UdpSocket::bind(addr).map_err(|e| (addr, e))?;
-    s.set_nonblocking(true).map_err(|e| (addr, e))?;
-    Ok(s)
-}
-
 impl LegIo for UringIo {
     type Pair = (UdpSocket, Option<UdpSocket>);
 
@@ -431,15 +427,7 @@ impl LegIo for UringIo {
         port: u16,
         with_rtcp: bool,
     ) -> Result<Self::Pair, (SocketAddr, io::Error)> {
-        let rtp_addr = SocketAddr::new(ip, port);
-        let rtp = bind_nonblocking(rtp_addr)?;
-        if !with_rtcp {
-            return Ok((rtp, None));
-        }
-        let Some(rtcp_port) = port.checked_add(1) else {
-            return Err((rtp_addr, io::ErrorKind::AddrNotAvailable.into()));
-        };
-        Ok((rtp, Some(bind_nonblocking(SocketAddr::new(ip, rtcp_port))?)))
+        bind_pair(ip, port, with_rtcp)
     }
 
     fn local_addr(pair: &Self::Pair) -> Option<SocketAddr> {
@@ -483,16 +471,6 @@ impl LegIo for UringIo {
                 }
             }
         }
-    }
-}
-
-/// Dissolves a UDP socket's association (connect with AF_UNSPEC), so it takes any source again.
-fn disconnect(fd: RawFd) {
-    // SAFETY: an all-zero sockaddr with family AF_UNSPEC, passed with its size.
-    unsafe {
-        let mut a: libc::sockaddr = zeroed();
-        a.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
-        libc::connect(fd, &a, size_of::<libc::sockaddr>() as u32);
     }
 }
 
