@@ -9,7 +9,7 @@
 //! one buffer for its lifetime; forwarding borrows it. (glommio 0.9's `recv_from` itself falls
 //! back to an io_uring op with an allocated buffer when no datagram is waiting.)
 
-use super::{execute, LegIo, ShardRequest, ShardSpec, TICK};
+use super::{execute, Housekeeping, LegIo, ShardRequest, ShardSpec};
 use crate::shard::{Channel, Shard, MAX_DATAGRAM, PACKET_BUF};
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
 use glommio::net::UdpSocket;
@@ -128,8 +128,7 @@ async fn run(spec: ShardSpec, rx: Receiver<ShardRequest>, events: Sender<Event>)
     });
     let mut io = GlommioIo { ctx: ctx.clone() };
     tracing::info!(core = spec.core, ports = ?spec.ports, driver = "glommio", "shard started");
-    let mut last_tick = Instant::now();
-    let mut pending = Vec::new();
+    let mut house = Housekeeping::new(spec.core);
     loop {
         loop {
             match rx.try_recv() {
@@ -148,20 +147,7 @@ async fn run(spec: ShardSpec, rx: Receiver<ShardRequest>, events: Sender<Event>)
                 }
             }
         }
-        let now = Instant::now();
-        {
-            let mut shard = ctx.shard.borrow_mut();
-            if now.duration_since(last_tick) >= TICK {
-                last_tick = now;
-                shard.on_tick(now);
-            }
-            shard.drain_events(&mut pending);
-        }
-        for ev in pending.drain(..) {
-            if events.try_send(ev).is_err() {
-                tracing::warn!(core = spec.core, "event queue full, event dropped");
-            }
-        }
+        house.run(&mut ctx.shard.borrow_mut(), Instant::now(), &events);
         glommio::timer::sleep(COMMAND_POLL).await;
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod glommio_shard;
 pub mod portable;
+pub mod sockaddr;
 pub mod uring;
 
 use crate::shard::{Shard, ShardTimers};
@@ -223,6 +224,44 @@ pub fn spawn_shard(
         alive,
         waker,
     })
+}
+
+/// What every driver does after each turn of its loop: run the shard's timers every [`TICK`] and
+/// forward the events it queued to the server (dropping, with a warning, when the queue is full).
+pub struct Housekeeping {
+    core: u16,
+    last_tick: Instant,
+    pending: Vec<Event>,
+}
+
+impl Housekeeping {
+    /// Housekeeping for the shard on `core`, starting its clock now.
+    pub fn new(core: u16) -> Self {
+        Self {
+            core,
+            last_tick: Instant::now(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Time left until the next tick (what an idle driver may sleep).
+    pub fn until_tick(&self) -> Duration {
+        TICK.saturating_sub(self.last_tick.elapsed())
+    }
+
+    /// Runs due timers and forwards queued events.
+    pub fn run(&mut self, shard: &mut Shard, now: Instant, events: &Sender<Event>) {
+        if now.duration_since(self.last_tick) >= TICK {
+            self.last_tick = now;
+            shard.on_tick(now);
+        }
+        shard.drain_events(&mut self.pending);
+        for ev in self.pending.drain(..) {
+            if events.try_send(ev).is_err() {
+                tracing::warn!(core = self.core, "event queue full, event dropped");
+            }
+        }
+    }
 }
 
 /// Pins the calling thread to `core`.

@@ -10,8 +10,10 @@
 //! headers and address slots are allocated once per thread; the shard, the sockets and the epoll
 //! set belong to this thread alone.
 
+use super::sockaddr::{read_sockaddr, write_sockaddr};
 use super::{
-    bind_pair, disconnect, execute, pin_current_thread, LegIo, ShardRequest, ShardSpec, TICK,
+    bind_pair, disconnect, execute, pin_current_thread, Housekeeping, LegIo, ShardRequest,
+    ShardSpec,
 };
 use crate::shard::{Channel, Shard, MAX_DATAGRAM, PACKET_BUF};
 use crossbeam::channel::{Receiver, Sender, TryRecvError};
@@ -19,7 +21,7 @@ use siptg_proto::{Event, LegId, SessionId};
 use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -280,71 +282,6 @@ impl RecvBatch {
     }
 }
 
-/// Converts a kernel socket address; `None` for families other than IPv4/IPv6.
-fn to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
-    match ss.ss_family as i32 {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                u16::from_be(a.sin_port),
-            )))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let a = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(a.sin6_addr.s6_addr),
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            )))
-        }
-        _ => None,
-    }
-}
-
-/// Sends one datagram to `dest` from `fd` (errors such as ICMP unreachable are not fatal).
-fn send_to(fd: RawFd, data: &[u8], dest: SocketAddr) -> bool {
-    // SAFETY: the sockaddr structs are fully initialised locals passed with their exact sizes;
-    // `data` is a live slice.
-    unsafe {
-        match dest {
-            SocketAddr::V4(d) => {
-                let mut a: libc::sockaddr_in = zeroed();
-                a.sin_family = libc::AF_INET as libc::sa_family_t;
-                a.sin_port = d.port().to_be();
-                a.sin_addr.s_addr = u32::from(*d.ip()).to_be();
-                libc::sendto(
-                    fd,
-                    data.as_ptr().cast(),
-                    data.len(),
-                    libc::MSG_DONTWAIT,
-                    (&a as *const libc::sockaddr_in).cast(),
-                    size_of::<libc::sockaddr_in>() as u32,
-                ) >= 0
-            }
-            SocketAddr::V6(d) => {
-                let mut a: libc::sockaddr_in6 = zeroed();
-                a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                a.sin6_port = d.port().to_be();
-                a.sin6_addr.s6_addr = d.ip().octets();
-                a.sin6_flowinfo = d.flowinfo();
-                a.sin6_scope_id = d.scope_id();
-                libc::sendto(
-                    fd,
-                    data.as_ptr().cast(),
-                    data.len(),
-                    libc::MSG_DONTWAIT,
-                    (&a as *const libc::sockaddr_in6).cast(),
-                    size_of::<libc::sockaddr_in6>() as u32,
-                ) >= 0
-            }
-        }
-    }
-}
-
 fn run(
     spec: &ShardSpec,
     shard: &mut Shard,
@@ -355,8 +292,7 @@ fn run(
 ) {
     let mut ready = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
     let mut batch = RecvBatch::new();
-    let mut pending = Vec::new();
-    let mut last_tick = Instant::now();
+    let mut house = Housekeeping::new(spec.core);
     let mut coalesce = false;
     // Sockets that still had data after their share (see `MAX_ROUNDS`), this turn and next.
     let mut hot: Vec<usize> = Vec::with_capacity(64);
@@ -366,7 +302,7 @@ fn run(
             // Traffic is flowing: let more sockets become ready before the next look.
             std::thread::sleep(spec.poll_interval);
         }
-        let until_tick = TICK.saturating_sub(last_tick.elapsed());
+        let until_tick = house.until_tick();
         let timeout_ms = if coalesce || !hot_now.is_empty() {
             0
         } else {
@@ -418,16 +354,7 @@ fn run(
         hot_now.clear();
         std::mem::swap(&mut hot, &mut hot_now);
         coalesce = packets > 0 && packets < COALESCE_BELOW && !spec.poll_interval.is_zero();
-        if now.duration_since(last_tick) >= TICK {
-            last_tick = now;
-            shard.on_tick(now);
-        }
-        shard.drain_events(&mut pending);
-        for ev in pending.drain(..) {
-            if events.try_send(ev).is_err() {
-                tracing::warn!(core = spec.core, "event queue full, event dropped");
-            }
-        }
+        house.run(shard, now, events);
     }
 }
 
@@ -451,7 +378,7 @@ fn relay_from(
         let n = batch.recv(fd);
         for i in 0..n {
             let len = (batch.hdrs[i].msg_len as usize).min(SLOT);
-            let Some(src) = to_std(&batch.addrs[i]) else {
+            let Some(src) = read_sockaddr(storage_bytes(&batch.addrs[i])) else {
                 continue;
             };
             let buf = &mut batch.data[i];
@@ -495,4 +422,33 @@ fn send(out: &mut Sock, data: &[u8], dest: SocketAddr, settled: bool) {
         return;
     }
     send_to(fd, data, dest);
+}
+
+/// The bytes of a socket address the kernel filled in.
+fn storage_bytes(ss: &libc::sockaddr_storage) -> &[u8] {
+    // SAFETY: views a live, fully initialised (zeroed, then written by the kernel) struct as bytes.
+    unsafe {
+        std::slice::from_raw_parts(
+            (ss as *const libc::sockaddr_storage).cast::<u8>(),
+            size_of::<libc::sockaddr_storage>(),
+        )
+    }
+}
+
+/// Sends one datagram to `dest` from `fd` (errors such as ICMP unreachable are not fatal).
+fn send_to(fd: RawFd, data: &[u8], dest: SocketAddr) -> bool {
+    // SAFETY: all-zero sockaddr_in6 is valid; it is filled by write_sockaddr.
+    let mut addr: libc::sockaddr_in6 = unsafe { zeroed() };
+    let len = write_sockaddr(&mut addr, dest);
+    // SAFETY: `addr` is an initialised local passed with the length written; `data` is live.
+    unsafe {
+        libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT,
+            (&addr as *const libc::sockaddr_in6).cast(),
+            len,
+        ) >= 0
+    }
 }

@@ -15,8 +15,10 @@
 //! address slots are allocated once per thread, and a buffer is returned to the ring only after
 //! the send that reads it has completed.
 
+use super::sockaddr::{read_sockaddr, write_sockaddr};
 use super::{
-    bind_pair, disconnect, execute, pin_current_thread, LegIo, ShardRequest, ShardSpec, TICK,
+    bind_pair, disconnect, execute, pin_current_thread, Housekeeping, LegIo, ShardRequest,
+    ShardSpec,
 };
 use crate::shard::{Channel, Shard, MAX_DATAGRAM};
 use crate::srtp::MAX_OVERHEAD;
@@ -27,7 +29,7 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
@@ -474,53 +476,6 @@ impl LegIo for UringIo {
     }
 }
 
-/// Writes `dest` as a kernel socket address into `out`; returns its length.
-fn write_sockaddr(out: &mut libc::sockaddr_in6, dest: SocketAddr) -> u32 {
-    match dest {
-        SocketAddr::V4(d) => {
-            // SAFETY: sockaddr_in fits inside sockaddr_in6, which we own; all-zero is valid.
-            let a = unsafe { &mut *(out as *mut libc::sockaddr_in6).cast::<libc::sockaddr_in>() };
-            *a = unsafe { zeroed() };
-            a.sin_family = libc::AF_INET as libc::sa_family_t;
-            a.sin_port = d.port().to_be();
-            a.sin_addr.s_addr = u32::from(*d.ip()).to_be();
-            size_of::<libc::sockaddr_in>() as u32
-        }
-        SocketAddr::V6(d) => {
-            // SAFETY: all-zero is a valid sockaddr_in6.
-            *out = unsafe { zeroed() };
-            out.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            out.sin6_port = d.port().to_be();
-            out.sin6_addr.s6_addr = d.ip().octets();
-            out.sin6_flowinfo = d.flowinfo();
-            out.sin6_scope_id = d.scope_id();
-            size_of::<libc::sockaddr_in6>() as u32
-        }
-    }
-}
-
-/// Reads a source address the kernel wrote into a receive buffer.
-fn read_sockaddr(name: &[u8]) -> Option<SocketAddr> {
-    let family = u16::from_ne_bytes([*name.first()?, *name.get(1)?]) as i32;
-    match family {
-        libc::AF_INET if name.len() >= 8 => Some(SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::new(name[4], name[5], name[6], name[7]),
-            u16::from_be_bytes([name[2], name[3]]),
-        ))),
-        libc::AF_INET6 if name.len() >= 28 => {
-            let mut ip = [0u8; 16];
-            ip.copy_from_slice(&name[8..24]);
-            Some(SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(ip),
-                u16::from_be_bytes([name[2], name[3]]),
-                u32::from_ne_bytes([name[4], name[5], name[6], name[7]]),
-                u32::from_ne_bytes([name[24], name[25], name[26], name[27]]),
-            )))
-        }
-        _ => None,
-    }
-}
-
 fn arm_wake(io: &mut UringIo, wake: &OwnedFd) {
     let e = opcode::PollAdd::new(types::Fd(wake.as_raw_fd()), libc::POLLIN as u32)
         .multi(true)
@@ -538,8 +493,7 @@ fn run(
     wake: &OwnedFd,
 ) -> io::Result<()> {
     arm_wake(io, wake);
-    let mut pending = Vec::new();
-    let mut last_tick = Instant::now();
+    let mut house = Housekeeping::new(spec.core);
     let mut coalesce = false;
     let mut done: Vec<(u64, i32, u32)> = Vec::with_capacity(CQ_ENTRIES as usize);
     let mut rearm = Vec::new();
@@ -551,11 +505,7 @@ fn run(
                 spec.poll_interval.max(Duration::from_micros(1)),
             )
         } else {
-            (
-                1,
-                TICK.saturating_sub(last_tick.elapsed())
-                    .max(Duration::from_millis(1)),
-            )
+            (1, house.until_tick().max(Duration::from_millis(1)))
         };
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
@@ -629,16 +579,7 @@ fn run(
         }
         io.returned = 0;
         coalesce = packets > 0 && packets < COALESCE_BELOW && !spec.poll_interval.is_zero();
-        if now.duration_since(last_tick) >= TICK {
-            last_tick = now;
-            shard.on_tick(now);
-        }
-        shard.drain_events(&mut pending);
-        for ev in pending.drain(..) {
-            if events.try_send(ev).is_err() {
-                tracing::warn!(core = spec.core, "event queue full, event dropped");
-            }
-        }
+        house.run(shard, now, events);
     }
 }
 
@@ -719,22 +660,5 @@ mod tests {
     fn buffer_layout_leaves_room_for_an_oversized_datagram() {
         assert!(BUF_SIZE >= HEADER + NAME_LEN + MAX_DATAGRAM + 1);
         assert!(BUFS.is_power_of_two() && BUFS <= 32768);
-    }
-
-    #[test]
-    fn socket_addresses_round_trip_through_kernel_layout() {
-        for addr in ["127.0.0.1:5004", "[::1]:40000"] {
-            let addr: SocketAddr = addr.parse().unwrap();
-            // SAFETY: all-zero sockaddr_in6 is valid.
-            let mut raw: libc::sockaddr_in6 = unsafe { zeroed() };
-            let len = write_sockaddr(&mut raw, addr) as usize;
-            // SAFETY: reads the bytes of a live local struct.
-            let bytes = unsafe {
-                std::slice::from_raw_parts((&raw as *const libc::sockaddr_in6).cast::<u8>(), len)
-            };
-            assert_eq!(read_sockaddr(bytes), Some(addr));
-        }
-        assert_eq!(read_sockaddr(&[]), None);
-        assert_eq!(read_sockaddr(&[0xff, 0xff, 1, 2]), None);
     }
 }
