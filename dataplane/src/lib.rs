@@ -12,6 +12,7 @@ pub mod server;
 pub mod shard;
 pub mod srtp;
 pub mod stats;
+pub mod tgmedia;
 
 use std::net::IpAddr;
 use std::path::PathBuf;

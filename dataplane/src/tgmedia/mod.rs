@@ -1,0 +1,8 @@
+//! Telegram call media (tgcalls v2): a WebRTC leg ([`leg`]) and the Opus codec ([`opus`]).
+//!
+//! Signalling lives in control (`siptg_control::tgcall`); it drives a [`leg::TgMediaLeg`] with
+//! the peer's ICE credentials, fingerprint, candidates and SSRC, and the leg turns datagrams into
+//! Opus packets and back.
+
+pub mod leg;
+pub mod opus;
