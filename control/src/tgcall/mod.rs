@@ -7,3 +7,4 @@ pub mod crypto;
 pub mod dh;
 pub mod emoji;
 pub mod messages;
+pub mod session;
