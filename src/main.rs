@@ -1,6 +1,7 @@
 //! The `siptg` command: wires the CLI to the roles in `siptg-control` and `siptg-dataplane`.
 
 mod status_view;
+mod tgcall_peer;
 
 use clap::{Parser, Subcommand};
 use siptg_control::config::{self, Loaded, TelegramBackend};
@@ -47,6 +48,26 @@ enum Cmd {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// One Telegram call endpoint driven over stdin/stdout by a harness playing Telegram's
+    /// servers (the conformance suite against ntgcalls uses it).
+    #[command(hide = true)]
+    TgcallPeer {
+        /// Place the call (else answer it).
+        #[arg(long)]
+        caller: bool,
+        /// Address to bind the media socket to.
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: std::net::IpAddr,
+        /// Frequency of the tone we send, Hz.
+        #[arg(long, default_value_t = 1000.0)]
+        tone: f64,
+        /// Frequency we expect to hear from the peer, Hz.
+        #[arg(long, default_value_t = 440.0)]
+        expect: f64,
+        /// Seconds of connected audio before reporting what we heard.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
     },
     /// Create the CA and node certificates for mutual-TLS links.
     Certs {
@@ -154,6 +175,19 @@ fn main() -> ExitCode {
         Cmd::CheckConfig { file } => check_config(file.or(cli.config)),
         Cmd::Status { admin, json } => status(cli.config, admin, json),
         Cmd::Certs { action } => certs(action),
+        Cmd::TgcallPeer {
+            caller,
+            bind,
+            tone,
+            expect,
+            seconds,
+        } => tgcall_peer::run(tgcall_peer::PeerArgs {
+            caller,
+            bind,
+            tone,
+            expect,
+            seconds,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
