@@ -138,6 +138,12 @@ impl SignalingCrypto {
         Ok(plain)
     }
 
+    /// Records a counter seen inside a packet (8.0.0: an additional message that needs no ack)
+    /// in the same anti-replay window as packet counters, as tgcalls does.
+    pub(crate) fn register_counter(&mut self, c: u32) -> Result<(), SignalingCryptoError> {
+        self.accept_counter(c & COUNTER_MASK)
+    }
+
     fn accept_counter(&mut self, c: u32) -> Result<(), SignalingCryptoError> {
         if c >= MAX_COUNTER - 1 {
             return Err(SignalingCryptoError::CounterExhausted);
