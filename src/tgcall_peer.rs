@@ -29,12 +29,16 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use siptg_control::tgcall::dh::{self, DhParams, DhSecret};
 use siptg_control::tgcall::emoji::emoji_fingerprint;
+use siptg_control::tgcall::framing::SignalingFraming;
 use siptg_control::tgcall::messages::SignalingMessage;
 use siptg_control::tgcall::session::{LocalMedia, MediaCommand, SignalingSession};
 use siptg_dataplane::tgmedia::leg::{TgMediaConfig, TgMediaEvent, TgMediaLeg, TgMediaOutput};
 use siptg_dataplane::tgmedia::opus::{
     hears_tone, rms, OpusDecoder, OpusEncoder, OpusSettings, Tone, MAX_FRAME_SAMPLES, MAX_PACKET,
 };
+
+/// PCM rate on our side of Opus, as in a call bridged to SIP.
+const PCM_RATE: u32 = 16_000;
 
 /// Command-line settings of the peer.
 pub struct PeerArgs {
@@ -111,7 +115,7 @@ pub fn run(args: PeerArgs) -> Result<(), String> {
             }
         }
     });
-    let tone = Tone::new(args.tone, 8000.0);
+    let tone = Tone::new(args.tone, 8000.0, PCM_RATE);
     let mut call = Call {
         args,
         params: None,
@@ -127,7 +131,7 @@ pub fn run(args: PeerArgs) -> Result<(), String> {
         connected_at: None,
         sending: false,
         enc: OpusEncoder::new(OpusSettings::default()).map_err(|e| e.to_string())?,
-        dec: OpusDecoder::new().map_err(|e| e.to_string())?,
+        dec: OpusDecoder::new(PCM_RATE).map_err(|e| e.to_string())?,
         tone,
         rtp_ts: rand::random(),
         next_frame: None,
@@ -281,9 +285,16 @@ impl Call {
     fn connect(&mut self, v: &Value) -> Result<(), String> {
         let key = self.key.ok_or("connect before the key exchange finished")?;
         let version = field(v, "version")?;
-        let framing = SignalingFraming::new(version, key, self.args.caller)
+        let mut framing = SignalingFraming::new(version, key, self.args.caller)
             .map_err(|e| format!("version {version}: {e}"))?;
-        let relay_only = !v.get("p2p_allowed").and_then(Value::as_bool).unwrap_or(true);
+        // 13.0.0 opens its SCTP association from both sides at once.
+        for p in framing.start(Instant::now()) {
+            emit(json!({"ev": "signal", "hex": hex(&p)}));
+        }
+        let relay_only = !v
+            .get("p2p_allowed")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
         let config = TgMediaConfig {
             caller: self.args.caller,
             host_addrs: vec![self.local],
@@ -327,6 +338,9 @@ impl Call {
         };
         for p in got.replies {
             emit(json!({"ev": "signal", "hex": hex(&p)}));
+        }
+        for e in got.errors {
+            eprintln!("tgcall-peer: dropped signalling payload: {e}");
         }
         for m in got.messages {
             match SignalingMessage::parse(&m) {
@@ -395,14 +409,14 @@ impl Call {
         if self.sending && leg.is_connected() {
             let due = *self.next_frame.get_or_insert(now);
             if due <= now {
-                let mut pcm = [0i16; 960];
+                let mut pcm = [0i16; (PCM_RATE / 50) as usize];
                 let mut pkt = [0u8; MAX_PACKET];
                 self.tone.fill(&mut pcm);
                 let n = self.enc.encode(&pcm, &mut pkt).map_err(|e| e.to_string())?;
                 if let Err(e) = leg.send_audio(now, self.rtp_ts, &pkt[..n]) {
                     eprintln!("tgcall-peer: audio not sent: {e}");
                 }
-                self.rtp_ts = self.rtp_ts.wrapping_add(960);
+                self.rtp_ts = self.rtp_ts.wrapping_add(960); // RTP clock: 48 kHz
                 self.next_frame = Some(due + Duration::from_millis(20));
             }
         }
@@ -431,8 +445,8 @@ impl Call {
             let secs = self.args.seconds;
             if !self.reported && now.duration_since(at).as_secs_f64() >= secs {
                 self.reported = true;
-                let tail = &self.heard[self.heard.len().saturating_sub(48_000)..];
-                let ok = hears_tone(tail, self.args.expect, self.args.tone);
+                let tail = &self.heard[self.heard.len().saturating_sub(PCM_RATE as usize)..];
+                let ok = hears_tone(tail, PCM_RATE, self.args.expect, self.args.tone);
                 emit(json!({"ev": "heard", "freq": self.args.expect, "ok": ok,
                             "rms": rms(tail).round(), "samples": self.heard.len()}));
             }
@@ -487,42 +501,5 @@ impl Call {
         }
         emit(json!({"ev": "ended", "reason": reason}));
         Ok(())
-    }
-}
-
-/// Temporary V1-only framing until the framing module lands.
-pub struct SignalingFraming {
-    crypto: siptg_control::tgcall::crypto::SignalingCrypto,
-}
-
-/// What a received packet yielded.
-pub struct Received {
-    pub messages: Vec<Vec<u8>>,
-    pub replies: Vec<Vec<u8>>,
-}
-
-impl SignalingFraming {
-    pub fn new(version: &str, key: [u8; 256], caller: bool) -> Result<Self, String> {
-        if version != "7.0.0" {
-            return Err("unsupported".into());
-        }
-        Ok(SignalingFraming {
-            crypto: siptg_control::tgcall::crypto::SignalingCrypto::new(key, caller),
-        })
-    }
-    pub fn send(&mut self, json: &[u8], _now: Instant) -> Result<Vec<Vec<u8>>, String> {
-        Ok(vec![self.crypto.encrypt_raw(json).map_err(|e| e.to_string())?])
-    }
-    pub fn receive(&mut self, p: &[u8], _now: Instant) -> Result<Received, String> {
-        Ok(Received {
-            messages: vec![self.crypto.decrypt_raw(p).map_err(|e| e.to_string())?],
-            replies: vec![],
-        })
-    }
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        None
-    }
-    pub fn handle_timeout(&mut self, _now: Instant) -> Vec<Vec<u8>> {
-        vec![]
     }
 }

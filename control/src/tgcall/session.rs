@@ -341,7 +341,9 @@ mod tests {
             pwd: format!("{n}").repeat(24),
             hash: "sha-256".into(),
             fingerprint: "AB:".repeat(31) + "AB",
-            candidates: vec![format!("candidate:1 1 udp 2122260223 10.0.0.{n} 500{n} typ host")],
+            candidates: vec![format!(
+                "candidate:1 1 udp 2122260223 10.0.0.{n} 500{n} typ host"
+            )],
             ssrc: 1000 + n,
         }
     }
@@ -372,13 +374,18 @@ mod tests {
     fn caller_and_callee_negotiate_audio_both_ways() {
         let mut a = SignalingSession::new(true, local(1));
         let mut b = SignalingSession::new(false, local(2));
-        assert!(b.poll_message().is_none(), "the callee waits for InitialSetup");
+        assert!(
+            b.poll_message().is_none(),
+            "the callee waits for InitialSetup"
+        );
         pump(&mut a, &mut b);
         assert!(a.negotiated() && b.negotiated());
         let ca: Vec<_> = std::iter::from_fn(|| a.poll_command()).collect();
         let cb: Vec<_> = std::iter::from_fn(|| b.poll_command()).collect();
         assert!(matches!(&ca[0], MediaCommand::RemoteParams { ufrag, .. } if ufrag == "uf2xx"));
-        assert!(ca.contains(&MediaCommand::RemoteCandidate(local(2).candidates[0].clone())));
+        assert!(ca.contains(&MediaCommand::RemoteCandidate(
+            local(2).candidates[0].clone()
+        )));
         assert!(ca.contains(&MediaCommand::RemoteAudio {
             ssrc: 1002,
             payload_type: 111

@@ -6,27 +6,33 @@
 //! from the next.
 
 use audiopus::coder::{Decoder, Encoder};
-use audiopus::{Application, Bitrate, Channels, SampleRate};
+use audiopus::{Application, Bandwidth, Bitrate, Channels, SampleRate};
 
-/// Samples per millisecond at 48 kHz.
-pub const SAMPLES_PER_MS: usize = 48;
-/// The longest frame Opus produces (120 ms), so a decode buffer of this size always fits.
-pub const MAX_FRAME_SAMPLES: usize = 120 * SAMPLES_PER_MS;
+/// The longest frame Opus produces (120 ms at 48 kHz), so a decode buffer this long always fits.
+pub const MAX_FRAME_SAMPLES: usize = 120 * 48;
 /// Room for one encoded packet; Opus never needs more than 1275 bytes per frame.
 pub const MAX_PACKET: usize = 1500;
 
 /// Why an Opus operation failed; carries libopus' own reason.
 #[derive(Debug, thiserror::Error)]
 pub enum OpusError {
-    #[error("opus frame of {0} samples is not 10, 20, 40 or 60 ms at 48 kHz")]
+    #[error("opus frame of {0} samples is not 10, 20, 40 or 60 ms at the PCM rate")]
     FrameSize(usize),
+    #[error("PCM rate {0} Hz is not one Opus takes (8, 12, 16, 24 or 48 kHz)")]
+    Rate(u32),
     #[error("libopus: {0}")]
     Codec(#[from] audiopus::Error),
 }
 
-/// Encoder settings; the defaults are what Telegram's own apps use for voice.
+/// Encoder settings. The defaults suit a call bridged to SIP: the PBX side is G.711 or G.722,
+/// so PCM runs at 16 kHz and Opus is capped at wideband (SILK), which costs a fraction of
+/// fullband CELT per frame for the same audible result on a phone call.
 #[derive(Debug, Clone, Copy)]
 pub struct OpusSettings {
+    /// PCM sample rate in Hz on our side of the codec (the RTP clock stays 48 kHz).
+    pub rate: u32,
+    /// Widest audio band coded.
+    pub max_bandwidth: Bandwidth,
     /// Frame duration in ms: 10, 20, 40 or 60.
     pub frame_ms: usize,
     /// Target bitrate in bit/s.
@@ -42,9 +48,11 @@ pub struct OpusSettings {
 impl Default for OpusSettings {
     fn default() -> Self {
         OpusSettings {
+            rate: 16_000,
+            max_bandwidth: Bandwidth::Wideband,
             frame_ms: 20,
-            bitrate: 32_000,
-            complexity: 5,
+            bitrate: 24_000,
+            complexity: 1,
             fec: true,
             expected_loss: 5,
         }
@@ -60,11 +68,16 @@ pub struct OpusEncoder {
 impl OpusEncoder {
     /// Builds an encoder for VoIP with `settings`.
     pub fn new(settings: OpusSettings) -> Result<Self, OpusError> {
-        let frame_samples = settings.frame_ms * SAMPLES_PER_MS;
+        let frame_samples = settings.frame_ms * settings.rate as usize / 1000;
         if ![10, 20, 40, 60].contains(&settings.frame_ms) {
             return Err(OpusError::FrameSize(frame_samples));
         }
-        let mut enc = Encoder::new(SampleRate::Hz48000, Channels::Mono, Application::Voip)?;
+        let mut enc = Encoder::new(
+            sample_rate(settings.rate)?,
+            Channels::Mono,
+            Application::Voip,
+        )?;
+        enc.set_max_bandwidth(settings.max_bandwidth)?;
         enc.set_bitrate(Bitrate::BitsPerSecond(settings.bitrate))?;
         enc.set_complexity(settings.complexity)?;
         enc.set_inband_fec(settings.fec)?;
@@ -93,11 +106,11 @@ pub struct OpusDecoder {
 }
 
 impl OpusDecoder {
-    /// A 48 kHz mono decoder; stereo packets are down-mixed by libopus.
-    pub fn new() -> Result<Self, OpusError> {
+    /// A mono decoder producing PCM at `rate` Hz; stereo packets are down-mixed by libopus.
+    pub fn new(rate: u32) -> Result<Self, OpusError> {
         Ok(OpusDecoder {
-            dec: Decoder::new(SampleRate::Hz48000, Channels::Mono)?,
-            last_samples: 20 * SAMPLES_PER_MS,
+            dec: Decoder::new(sample_rate(rate)?, Channels::Mono)?,
+            last_samples: 20 * rate as usize / 1000,
         })
     }
 
@@ -119,10 +132,21 @@ impl OpusDecoder {
     }
 }
 
-/// Goertzel power of `freq` in `pcm` at 48 kHz: how the tests and the interop suite check that
-/// a tone crossed a call as that tone, not merely that frames arrived.
-pub fn goertzel(pcm: &[i16], freq: f64) -> f64 {
-    let c = 2.0 * (2.0 * std::f64::consts::PI * freq / 48_000.0).cos();
+fn sample_rate(rate: u32) -> Result<SampleRate, OpusError> {
+    Ok(match rate {
+        8_000 => SampleRate::Hz8000,
+        12_000 => SampleRate::Hz12000,
+        16_000 => SampleRate::Hz16000,
+        24_000 => SampleRate::Hz24000,
+        48_000 => SampleRate::Hz48000,
+        r => return Err(OpusError::Rate(r)),
+    })
+}
+
+/// Goertzel power of `freq` in `pcm` sampled at `rate`: how the tests and the interop suite check
+/// that a tone crossed a call as that tone, not merely that frames arrived.
+pub fn goertzel(pcm: &[i16], freq: f64, rate: u32) -> f64 {
+    let c = 2.0 * (2.0 * std::f64::consts::PI * freq / rate as f64).cos();
     let (mut s1, mut s2) = (0.0f64, 0.0f64);
     for &x in pcm {
         let s0 = x as f64 + c * s1 - s2;
@@ -142,24 +166,26 @@ pub fn rms(pcm: &[i16]) -> f64 {
 
 /// Whether `pcm` is clearly the tone `want`: loud enough, and 100× the power of `other` and of
 /// a 2 kHz control (the same rule as ../shared/tools/ntgcalls_pair.py).
-pub fn hears_tone(pcm: &[i16], want: f64, other: f64) -> bool {
-    let p = goertzel(pcm, want);
-    rms(pcm) > 1000.0 && p > 100.0 * goertzel(pcm, other).max(goertzel(pcm, 2000.0))
+pub fn hears_tone(pcm: &[i16], rate: u32, want: f64, other: f64) -> bool {
+    let p = goertzel(pcm, want, rate);
+    rms(pcm) > 1000.0 && p > 100.0 * goertzel(pcm, other, rate).max(goertzel(pcm, 2000.0, rate))
 }
 
 /// A sine tone generator producing consecutive PCM frames, phase-continuous.
 pub struct Tone {
     freq: f64,
     amplitude: f64,
+    rate: f64,
     n: u64,
 }
 
 impl Tone {
-    /// A tone of `freq` Hz at `amplitude` (of i16 full scale 32767).
-    pub fn new(freq: f64, amplitude: f64) -> Self {
+    /// A tone of `freq` Hz at `amplitude` (of i16 full scale 32767), sampled at `rate` Hz.
+    pub fn new(freq: f64, amplitude: f64, rate: u32) -> Self {
         Tone {
             freq,
             amplitude,
+            rate: rate as f64,
             n: 0,
         }
     }
@@ -167,7 +193,7 @@ impl Tone {
     /// Writes the next `out.len()` samples.
     pub fn fill(&mut self, out: &mut [i16]) {
         for s in out.iter_mut() {
-            let t = self.n as f64 / 48_000.0;
+            let t = self.n as f64 / self.rate;
             *s = (self.amplitude * (2.0 * std::f64::consts::PI * self.freq * t).sin()) as i16;
             self.n += 1;
         }
@@ -181,8 +207,8 @@ mod tests {
     #[test]
     fn a_tone_survives_encode_and_decode_as_that_tone() {
         let mut enc = OpusEncoder::new(OpusSettings::default()).unwrap();
-        let mut dec = OpusDecoder::new().unwrap();
-        let mut tone = Tone::new(440.0, 8000.0);
+        let mut dec = OpusDecoder::new(16_000).unwrap();
+        let mut tone = Tone::new(440.0, 8000.0, 16_000);
         let mut pcm = vec![0i16; enc.frame_samples()];
         let mut pkt = [0u8; MAX_PACKET];
         let mut out = vec![0i16; MAX_FRAME_SAMPLES];
@@ -191,20 +217,20 @@ mod tests {
             tone.fill(&mut pcm);
             let n = enc.encode(&pcm, &mut pkt).unwrap();
             let got = dec.decode(&pkt[..n], &mut out).unwrap();
-            assert_eq!(got, 960);
+            assert_eq!(got, 320);
             heard.extend_from_slice(&out[..got]);
         }
-        let last = &heard[heard.len() - 48_000 / 2..];
-        assert!(hears_tone(last, 440.0, 1000.0), "rms {}", rms(last));
-        assert!(!hears_tone(last, 1000.0, 440.0));
+        let last = &heard[heard.len() - 8_000..];
+        assert!(hears_tone(last, 16_000, 440.0, 1000.0), "rms {}", rms(last));
+        assert!(!hears_tone(last, 16_000, 1000.0, 440.0));
     }
 
     #[test]
     fn loss_is_concealed_or_recovered_with_fec() {
         let mut enc = OpusEncoder::new(OpusSettings::default()).unwrap();
-        let mut dec = OpusDecoder::new().unwrap();
-        let mut tone = Tone::new(440.0, 8000.0);
-        let mut pcm = vec![0i16; 960];
+        let mut dec = OpusDecoder::new(16_000).unwrap();
+        let mut tone = Tone::new(440.0, 8000.0, 16_000);
+        let mut pcm = vec![0i16; 320];
         let mut out = vec![0i16; MAX_FRAME_SAMPLES];
         let mut packets = Vec::new();
         for _ in 0..10 {
@@ -215,8 +241,8 @@ mod tests {
             packets.push(pkt);
         }
         dec.decode(&packets[0], &mut out).unwrap();
-        assert_eq!(dec.recover(Some(&packets[2]), &mut out).unwrap(), 960);
-        assert_eq!(dec.recover(None, &mut out).unwrap(), 960);
+        assert_eq!(dec.recover(Some(&packets[2]), &mut out).unwrap(), 320);
+        assert_eq!(dec.recover(None, &mut out).unwrap(), 320);
     }
 
     #[test]
@@ -232,7 +258,11 @@ mod tests {
             ..Default::default()
         })
         .is_err());
-        let mut dec = OpusDecoder::new().unwrap();
+        assert!(matches!(
+            OpusDecoder::new(44_100),
+            Err(OpusError::Rate(44_100))
+        ));
+        let mut dec = OpusDecoder::new(48_000).unwrap();
         let mut out = vec![0i16; MAX_FRAME_SAMPLES];
         // Every TOC byte followed by junk: each either decodes or is a typed error.
         for toc in 0..=255u8 {
