@@ -29,6 +29,7 @@ fn leg(caller: bool, addr: SocketAddr, now: Instant) -> TgMediaLeg {
         host_addrs: vec![addr],
         relay_addrs: vec![],
         relay_only: false,
+        connect_timeout: Duration::from_secs(30),
     };
     TgMediaLeg::new(&cfg, now).expect("leg")
 }

@@ -11,7 +11,7 @@
 //! the DTLS server, and accepts it.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use str0m::channel::{ChannelConfig, ChannelId, Reliability};
 use str0m::config::Fingerprint;
@@ -58,6 +58,9 @@ pub struct TgMediaConfig {
     pub relay_addrs: Vec<(SocketAddr, SocketAddr)>,
     /// `p2p_allowed == false`: offer relay candidates only.
     pub relay_only: bool,
+    /// How long ICE and DTLS may take from the peer's `InitialSetup` before the call fails
+    /// (Telegram's `call_connect_timeout_ms` is 30 s).
+    pub connect_timeout: Duration,
 }
 
 /// Our half of `InitialSetup`.
@@ -91,6 +94,15 @@ pub enum TgMediaEvent {
     DataOpen,
     /// A data-channel message (JSON, parsed like signalling).
     Data(Vec<u8>),
+    /// The leg gave up: the call must end with this reason.
+    Failed(TgMediaFailure),
+}
+
+/// Why a leg gave up on its own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TgMediaFailure {
+    #[error("no ICE/DTLS connectivity to the peer within {0:?}")]
+    ConnectTimeout(Duration),
 }
 
 /// What [`TgMediaLeg::poll`] asks of its owner.
@@ -119,6 +131,12 @@ pub struct TgMediaLeg {
     channel: Option<ChannelId>,
     seq: u64,
     local_candidates: Vec<String>,
+    connect_timeout: Duration,
+    /// The latest time fed in, so calls without a `now` argument can start timers.
+    last_now: Instant,
+    /// When the peer's parameters arrived and the connect clock started.
+    started: Option<Instant>,
+    failed: bool,
 }
 
 impl TgMediaLeg {
@@ -167,6 +185,10 @@ impl TgMediaLeg {
             channel: None,
             seq: rand::random::<u16>() as u64,
             local_candidates,
+            connect_timeout: config.connect_timeout,
+            last_now: now,
+            started: None,
+            failed: false,
         })
     }
 
@@ -182,6 +204,23 @@ impl TgMediaLeg {
             fingerprint: format_fingerprint(&fp.bytes),
             setup: if self.caller { "actpass" } else { "passive" },
         }
+    }
+
+    /// Adds a relayed candidate once a TURN allocation completes: `relayed` is the address the
+    /// TURN server gave us, `base` our socket towards that server. Returns its SDP string for a
+    /// `Candidates` message (None if str0m already had it).
+    pub fn add_relay_candidate(
+        &mut self,
+        relayed: SocketAddr,
+        base: SocketAddr,
+    ) -> Result<Option<String>, TgMediaError> {
+        let c = Candidate::relayed(relayed, base, "udp")
+            .map_err(|e| TgMediaError::Candidate(relayed.to_string(), e.to_string()))?;
+        let sdp = self.rtc.add_local_candidate(c).map(|c| c.to_sdp_string());
+        if let Some(s) = &sdp {
+            self.local_candidates.push(s.clone());
+        }
+        Ok(sdp)
     }
 
     /// Our candidates as SDP `candidate:` strings for the `Candidates` message.
@@ -237,7 +276,12 @@ impl TgMediaLeg {
             }));
         }
         self.remote_set = true;
+        self.started = Some(self.rtc_now());
         Ok(())
+    }
+
+    fn rtc_now(&self) -> Instant {
+        self.last_now
     }
 
     /// Adds one of the peer's candidates (an SDP `candidate:` string from `Candidates`).
@@ -286,6 +330,7 @@ impl TgMediaLeg {
         let Ok(r) = Receive::new(Protocol::Udp, source, destination, bytes) else {
             return Ok(false);
         };
+        self.last_now = self.last_now.max(now);
         let input = Input::Receive(now, r);
         if !self.rtc.accepts(&input) {
             return Ok(false);
@@ -296,12 +341,28 @@ impl TgMediaLeg {
 
     /// Advances timers (ICE checks, DTLS and SCTP retransmits, RTCP).
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), TgMediaError> {
+        self.last_now = self.last_now.max(now);
         self.rtc.handle_input(Input::Timeout(now))?;
         Ok(())
     }
 
+    /// A failure the leg decided on by itself (the connect deadline), reported once.
+    fn check_deadline(&mut self) -> Option<TgMediaEvent> {
+        let started = self.started?;
+        if self.connected || self.failed || self.last_now < started + self.connect_timeout {
+            return None;
+        }
+        self.failed = true;
+        Some(TgMediaEvent::Failed(TgMediaFailure::ConnectTimeout(
+            self.connect_timeout,
+        )))
+    }
+
     /// The next thing to do; call until it returns [`TgMediaOutput::Timeout`].
     pub fn poll(&mut self) -> Result<TgMediaOutput, TgMediaError> {
+        if let Some(e) = self.check_deadline() {
+            return Ok(TgMediaOutput::Event(e));
+        }
         loop {
             let out = self.rtc.poll_output().map_err(|e| match e {
                 str0m::RtcError::RemoteSdp(ref m) if m.contains("fingerprint") => {
@@ -310,7 +371,15 @@ impl TgMediaLeg {
                 e => TgMediaError::Rtc(e),
             })?;
             match out {
-                Output::Timeout(t) => return Ok(TgMediaOutput::Timeout(t)),
+                Output::Timeout(t) => {
+                    let t = match self.started {
+                        Some(s) if !self.connected && !self.failed => {
+                            t.min(s + self.connect_timeout)
+                        }
+                        _ => t,
+                    };
+                    return Ok(TgMediaOutput::Timeout(t));
+                }
                 Output::Transmit(t) => {
                     return Ok(TgMediaOutput::Transmit {
                         source: t.source,
@@ -449,6 +518,7 @@ mod tests {
             host_addrs: vec![addr],
             relay_addrs: vec![],
             relay_only: false,
+            connect_timeout: Duration::from_secs(10),
         };
         Side {
             leg: TgMediaLeg::new(&cfg, now).unwrap(),
@@ -662,6 +732,27 @@ mod tests {
         }
         assert!(mismatch, "the forged fingerprint was not detected");
         assert!(!b.events.contains(&TgMediaEvent::DataOpen));
+    }
+
+    #[test]
+    fn a_peer_that_never_answers_ice_fails_the_leg_after_the_connect_timeout() {
+        let mut now = Instant::now();
+        let (mut a, _b) = pair(now);
+        let mut wire = VecDeque::new();
+        let end = now + Duration::from_secs(15);
+        while now < end && a.events.is_empty() {
+            drain(&mut a, &mut wire);
+            wire.clear(); // the peer is gone: nothing ever answers
+            now += Duration::from_millis(50);
+            a.leg.handle_timeout(now).unwrap();
+        }
+        assert_eq!(
+            a.events,
+            vec![TgMediaEvent::Failed(TgMediaFailure::ConnectTimeout(
+                Duration::from_secs(10)
+            ))]
+        );
+        assert!(!a.leg.is_connected());
     }
 
     #[test]
