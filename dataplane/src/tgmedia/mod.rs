@@ -4,5 +4,6 @@
 //! the peer's ICE credentials, fingerprint, candidates and SSRC, and the leg turns datagrams into
 //! Opus packets and back.
 
+pub mod g711;
 pub mod leg;
 pub mod opus;
