@@ -7,3 +7,5 @@
 pub mod g711;
 pub mod leg;
 pub mod opus;
+/// Sans-IO TURN client (RFC 8656 over UDP) for Telegram's relay servers and relay-only calls.
+pub mod turn;
