@@ -669,6 +669,7 @@ mod siptg {
                 remote_salt: vec![4; 14],
             }),
             continuity: false,
+            telegram: None,
         }
     }
 }

@@ -23,6 +23,7 @@ fn add_leg() -> Message {
                 codec: Codec::pcma(),
                 srtp: None,
                 continuity: false,
+                telegram: None,
             },
         },
     }
@@ -66,6 +67,7 @@ fn bridged_shard() -> (Shard, SocketAddr) {
             codec: Codec::pcma(),
             srtp: None,
             continuity: false,
+            telegram: None,
         };
         let port = sh.begin_add_leg(1, &spec).unwrap();
         let local = SocketAddr::from(([127, 0, 0, 1], port));

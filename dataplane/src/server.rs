@@ -375,7 +375,7 @@ impl Server {
                 let mut all = Vec::new();
                 for shard in 0..self.shards.len() {
                     if let Ok(Reply::Sessions(s)) =
-                        self.ask_proto(shard, ShardOp::Command(Command::List))
+                        self.ask_proto(shard, ShardOp::Command(Box::new(Command::List)))
                     {
                         all.extend(s);
                     }
@@ -390,7 +390,8 @@ impl Server {
                     | Command::Bridge { session, .. }
                     | Command::DeleteLeg { session, .. }
                     | Command::DeleteSession { session }
-                    | Command::Stats { session } => *session,
+                    | Command::Stats { session }
+                    | Command::Telegram { session, .. } => *session,
                     Command::Status | Command::CreateSession { .. } | Command::List => {
                         unreachable!("handled above")
                     }
@@ -400,7 +401,7 @@ impl Server {
                     .get(&session)
                     .ok_or(CommandError::UnknownSession(session))?;
                 let deleting = matches!(cmd, Command::DeleteSession { .. });
-                let reply = self.ask_proto(shard, ShardOp::Command(cmd));
+                let reply = self.ask_proto(shard, ShardOp::Command(Box::new(cmd)));
                 let gone = matches!(reply, Err(CommandError::UnknownSession(_)));
                 if gone || (deleting && reply.is_ok()) {
                     self.owners().remove(&session);

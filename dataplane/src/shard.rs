@@ -10,9 +10,10 @@ use crate::ports::PortPool;
 use crate::rtp::{self, Packet};
 use crate::srtp::{SrtpContext, MAX_OVERHEAD};
 use crate::stats::{Arrival, ReceptionStats};
+use crate::tgmedia::bridge::{BridgeOutput, TelegramBridge};
 use siptg_proto::{
     CommandError, Event, LegId, LegInfo, LegSpec, LegStats, SessionId, SessionStats,
-    SessionSummary, ShardStatus,
+    SessionSummary, ShardStatus, TelegramEvent, TelegramOp,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -49,6 +50,17 @@ pub struct Forward {
     /// a driver may `connect()` the socket to it, which makes each send cheaper. It must undo
     /// that when [`Shard::update_leg`] changes the leg.
     pub settled: bool,
+}
+
+/// A datagram the shard itself originates (Telegram legs and the transcoded SIP stream of
+/// their bridge), which the driver sends from the leg's socket after the current turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub session: SessionId,
+    pub leg: LegId,
+    pub channel: Channel,
+    pub dest: SocketAddr,
+    pub data: Vec<u8>,
 }
 
 /// Timing knobs of a shard.
@@ -201,6 +213,8 @@ struct Leg {
     /// RTP timestamp of the last telephone-event reported, so its repeated end packets count once.
     last_dtmf_ts: Option<u32>,
     active_since_report: bool,
+    /// Set on Telegram legs: their WebRTC stack and the transcoder to the bridged SIP leg.
+    tg: Option<Box<TelegramBridge>>,
 }
 
 impl Leg {
@@ -251,6 +265,10 @@ pub struct Shard {
     packets_relayed: u64,
     /// Core-wide drop totals (the legs' counters vanish with their sessions).
     drops: Drops,
+    /// Datagrams originated here, waiting for the driver.
+    transmits: Vec<Transmit>,
+    /// How many Telegram legs live here (drivers tick faster while there are any).
+    telegram_legs: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -273,6 +291,8 @@ impl Shard {
             last_stats: now,
             packets_relayed: 0,
             drops: Drops::default(),
+            transmits: Vec::new(),
+            telegram_legs: 0,
         }
     }
 
@@ -339,6 +359,17 @@ impl Shard {
             self.pool.give_back(port);
             return Err(CommandError::UnknownSession(session));
         };
+        let mut tg = match &spec.telegram {
+            None => None,
+            Some(t) => match TelegramBridge::new(t, local, now) {
+                Ok(b) => Some(Box::new(b)),
+                Err(e) => {
+                    self.pool.give_back(port);
+                    return Err(CommandError::Invalid(format!("telegram leg: {e}")));
+                }
+            },
+        };
+        let telegram = tg.as_mut().map(|b| b.local());
         let leg = s.next_leg;
         s.next_leg += 1;
         let rewrite = spec.continuity.then(|| Rewrite::new(session, leg));
@@ -360,12 +391,17 @@ impl Shard {
                 timeout_reported: false,
                 last_dtmf_ts: None,
                 active_since_report: false,
+                tg,
             },
         );
+        if telegram.is_some() {
+            self.telegram_legs += 1;
+        }
         Ok(LegInfo {
             session,
             leg,
             local,
+            telegram,
         })
     }
 
@@ -397,11 +433,17 @@ impl Shard {
         if l.spec.codec != spec.codec {
             l.rx = ReceptionStats::default();
         }
+        if l.spec.telegram != spec.telegram {
+            return Err(CommandError::Invalid(format!(
+                "leg {leg}: a Telegram leg's setup cannot change; add a new leg"
+            )));
+        }
         l.spec = spec;
         Ok(LegInfo {
             session,
             leg,
             local: l.local,
+            telegram: None,
         })
     }
 
@@ -451,6 +493,9 @@ impl Shard {
         if let Some(p) = l.peer.and_then(|p| s.legs.get_mut(&p)) {
             p.peer = None;
         }
+        if l.tg.is_some() {
+            self.telegram_legs -= 1;
+        }
         self.pool.give_back(l.port);
         Ok(l.port)
     }
@@ -463,6 +508,9 @@ impl Shard {
             .ok_or(CommandError::UnknownSession(session))?;
         let legs = s.legs.keys().copied().collect();
         for l in s.legs.into_values() {
+            if l.tg.is_some() {
+                self.telegram_legs -= 1;
+            }
             self.pool.give_back(l.port);
         }
         Ok(legs)
@@ -495,6 +543,7 @@ impl Shard {
                         session: id,
                         leg,
                         local: l.local,
+                        telegram: None,
                     })
                     .collect(),
                 age_ms: now.saturating_duration_since(s.created).as_millis() as u64,
@@ -537,6 +586,31 @@ impl Shard {
         let epoch = self.epoch;
         let s = self.sessions.get_mut(&session)?;
         let l = s.legs.get_mut(&leg)?;
+        if let Some(tg) = l.tg.as_mut() {
+            // A Telegram leg runs its own stack (STUN, DTLS, SRTP); nothing is relayed as is.
+            let data = buf.get(..len).filter(|_| len <= MAX_DATAGRAM)?;
+            let mut out = BridgeOutput::default();
+            match tg.on_datagram(now, src, data, &mut out) {
+                Ok(true) => {
+                    l.counters.packets_in += 1;
+                    l.counters.bytes_in += len as u64;
+                    l.last_activity = now;
+                    l.seen_packet = true;
+                    l.timeout_reported = false;
+                }
+                Ok(false) => {
+                    l.counters.dropped_foreign += 1;
+                    self.drops.foreign += 1;
+                }
+                Err(e) => {
+                    l.counters.dropped_malformed += 1;
+                    self.drops.malformed += 1;
+                    tracing::debug!(session, leg, "telegram leg: {e}");
+                }
+            }
+            route_bridge(s, session, leg, out, &mut self.transmits, &mut self.events);
+            return None;
+        }
         let packet = match buf.get(..len) {
             Some(data) if len <= MAX_DATAGRAM => rtp::classify(data),
             _ => None,
@@ -597,6 +671,25 @@ impl Shard {
         }
         let peer_id = l.peer?;
         let peer = s.legs.get_mut(&peer_id)?;
+        if let Some(tg) = peer.tg.as_mut() {
+            // SIP audio into a Telegram call: transcoded, not relayed.
+            if let Packet::Rtp(h) = packet {
+                let payload = buf.get(h.payload_offset..len).unwrap_or(&[]);
+                let mut out = BridgeOutput::default();
+                if let Err(e) = tg.from_sip(now, h.payload_type, payload, &mut out) {
+                    tracing::debug!(session, leg, "transcoding to Telegram: {e}");
+                }
+                route_bridge(
+                    s,
+                    session,
+                    peer_id,
+                    out,
+                    &mut self.transmits,
+                    &mut self.events,
+                );
+            }
+            return None;
+        }
         if packet == Packet::Rtcp && peer.rewrite.is_some() {
             // Its reports name SSRCs and timestamps the rewritten stream no longer uses.
             return None;
@@ -687,6 +780,70 @@ impl Shard {
         out.append(&mut self.events);
     }
 
+    /// Drives a Telegram leg from the signalling (`Command::Telegram`).
+    pub fn telegram(
+        &mut self,
+        session: SessionId,
+        leg: LegId,
+        op: TelegramOp,
+        now: Instant,
+    ) -> Result<(), CommandError> {
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(CommandError::UnknownSession(session))?;
+        let l = s
+            .legs
+            .get_mut(&leg)
+            .ok_or(CommandError::UnknownLeg { session, leg })?;
+        let tg =
+            l.tg.as_mut()
+                .ok_or_else(|| CommandError::Invalid(format!("leg {leg} is not a Telegram leg")))?;
+        let mut out = BridgeOutput::default();
+        let r = tg.apply(op, now, &mut out);
+        route_bridge(s, session, leg, out, &mut self.transmits, &mut self.events);
+        r.map_err(|e| CommandError::Invalid(format!("telegram leg {leg}: {e}")))
+    }
+
+    /// Whether any Telegram leg lives here: their timers (ICE pacing, DTLS) need ticks every few
+    /// milliseconds instead of every [`crate::driver::TICK`].
+    pub fn has_telegram(&self) -> bool {
+        self.telegram_legs > 0
+    }
+
+    /// Runs the Telegram legs' due timers.
+    pub fn on_telegram_timers(&mut self, now: Instant) {
+        if self.telegram_legs == 0 {
+            return;
+        }
+        for (&sid, s) in &mut self.sessions {
+            let due: Vec<LegId> = s
+                .legs
+                .iter()
+                .filter(|(_, l)| {
+                    l.tg.as_ref()
+                        .and_then(|t| t.poll_timeout())
+                        .is_some_and(|t| t <= now)
+                })
+                .map(|(&id, _)| id)
+                .collect();
+            for lid in due {
+                let mut out = BridgeOutput::default();
+                if let Some(tg) = s.legs.get_mut(&lid).and_then(|l| l.tg.as_mut()) {
+                    if let Err(e) = tg.handle_timeout(now, &mut out) {
+                        out.events.push(TelegramEvent::Failed(e.to_string()));
+                    }
+                }
+                route_bridge(s, sid, lid, out, &mut self.transmits, &mut self.events);
+            }
+        }
+    }
+
+    /// Moves the datagrams originated here into `out`; the driver sends each from its leg.
+    pub fn take_transmits(&mut self, out: &mut Vec<Transmit>) {
+        out.append(&mut self.transmits);
+    }
+
     fn leg_mut(&mut self, session: SessionId, leg: LegId) -> Result<&mut Leg, CommandError> {
         self.sessions
             .get_mut(&session)
@@ -694,6 +851,67 @@ impl Shard {
             .legs
             .get_mut(&leg)
             .ok_or(CommandError::UnknownLeg { session, leg })
+    }
+}
+
+/// Sends what a Telegram leg's bridge produced: its own datagrams from its socket, transcoded
+/// RTP to the bridged SIP leg (SRTP-protected when that leg is), events to the control side.
+fn route_bridge(
+    s: &mut Session,
+    session: SessionId,
+    leg: LegId,
+    out: BridgeOutput,
+    transmits: &mut Vec<Transmit>,
+    events: &mut Vec<Event>,
+) {
+    let peer_id = match s.legs.get_mut(&leg) {
+        Some(l) => {
+            for (dest, data) in out.telegram {
+                l.counters.packets_out += 1;
+                l.counters.bytes_out += data.len() as u64;
+                transmits.push(Transmit {
+                    session,
+                    leg,
+                    channel: Channel::Rtp,
+                    dest,
+                    data,
+                });
+            }
+            l.peer
+        }
+        None => None,
+    };
+    for event in out.events {
+        events.push(Event::Telegram {
+            session,
+            leg,
+            event,
+        });
+    }
+    let Some(peer) = peer_id.and_then(|p| s.legs.get_mut(&p)) else {
+        return;
+    };
+    let Some(dest) = peer.remote.send_to() else {
+        return;
+    };
+    for mut pkt in out.sip {
+        if let Some(srtp) = peer.srtp.as_mut() {
+            let len = pkt.len();
+            pkt.resize(len + MAX_OVERHEAD, 0);
+            match srtp.outbound.protect_rtp(&mut pkt, len) {
+                Ok(n) => pkt.truncate(n),
+                Err(_) => continue,
+            }
+        }
+        peer.counters.packets_out += 1;
+        peer.counters.bytes_out += pkt.len() as u64;
+        transmits.push(Transmit {
+            session,
+            leg: peer_id.unwrap_or_default(),
+            channel: Channel::Rtp,
+            dest,
+            data: pkt,
+        });
     }
 }
 
@@ -784,6 +1002,7 @@ mod tests {
             codec: Codec::pcma(),
             srtp: None,
             continuity: false,
+            telegram: None,
         }
     }
 

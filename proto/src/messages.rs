@@ -56,6 +56,12 @@ pub enum Command {
     Stats { session: SessionId },
     /// Every session the dataplane holds (used to reconcile after a reconnect).
     List,
+    /// Drives a Telegram leg from the signalling.
+    Telegram {
+        session: SessionId,
+        leg: LegId,
+        op: TelegramOp,
+    },
 }
 
 /// How a leg talks to its remote.
@@ -78,6 +84,90 @@ pub struct LegSpec {
     /// re-INVITE, a new Telegram media session). Phones that reset their jitter buffer or drop
     /// audio on an SSRC change need it.
     pub continuity: bool,
+    /// This leg is the Telegram side of a call: WebRTC (ICE, DTLS-SRTP, Opus) instead of plain
+    /// RTP, bridged to its peer leg by transcoding (G.711 ⇄ Opus). `None` for SIP legs.
+    #[serde(default)]
+    pub telegram: Option<TelegramLegSpec>,
+}
+
+/// How a Telegram leg connects (from `phoneCall`: who called, `p2p_allowed`, the TURN entries
+/// of `connections`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelegramLegSpec {
+    /// We placed the Telegram call: ICE controlling, DTLS client, data-channel opener.
+    pub caller: bool,
+    /// `p2p_allowed == false`: only relayed candidates.
+    pub relay_only: bool,
+    /// TURN servers (`phoneConnectionWebrtc` with `turn`), one allocation each.
+    pub turn: Vec<TurnServer>,
+    /// ICE + DTLS must complete within this long after the peer's parameters arrive.
+    pub connect_timeout_ms: u32,
+}
+
+/// A TURN server and its long-term credentials.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnServer {
+    pub addr: SocketAddr,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for TurnServer {
+    // Credentials never reach logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Our half of the Telegram leg's setup, for the signalling (`InitialSetup`, `Candidates`,
+/// `NegotiateChannels`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TelegramLocal {
+    pub ufrag: String,
+    pub pwd: String,
+    pub hash: String,
+    pub fingerprint: String,
+    pub candidates: Vec<String>,
+    pub ssrc: u32,
+}
+
+/// What the signalling tells a Telegram leg.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TelegramOp {
+    /// The peer's `InitialSetup`: ICE credentials and DTLS fingerprint.
+    RemoteParams {
+        ufrag: String,
+        pwd: String,
+        hash: String,
+        fingerprint: String,
+    },
+    /// One of the peer's candidates (SDP `candidate:` string).
+    RemoteCandidate(String),
+    /// The SSRC and Opus payload type the peer sends with.
+    RemoteAudio { ssrc: u32, payload_type: u8 },
+    /// The peer accepted our audio: start sending it with this payload type.
+    SendAudio { payload_type: u8 },
+    /// A data-channel message (`MediaState`).
+    SendData(Vec<u8>),
+}
+
+/// What a Telegram leg reports to the signalling.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TelegramEvent {
+    /// ICE and DTLS are up.
+    Connected,
+    /// Every path was lost.
+    Disconnected,
+    /// The leg gave up (connect deadline, DTLS failure, …): end the call with this reason.
+    Failed(String),
+    /// A candidate found later (a TURN allocation): send it in a `Candidates` message.
+    LocalCandidate(String),
+    /// The data channel opened.
+    DataOpen,
+    /// A data-channel message from the peer.
+    Data(Vec<u8>),
 }
 
 /// A negotiated audio payload format.
@@ -138,12 +228,17 @@ impl std::fmt::Debug for SrtpKeys {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     Status(DataplaneStatus),
-    SessionCreated { session: SessionId, core: u16 },
+    SessionCreated {
+        session: SessionId,
+        core: u16,
+    },
     Leg(LegInfo),
     Bridged,
     Deleted,
     Stats(SessionStats),
     Sessions(Vec<SessionSummary>),
+    /// A command that returns nothing succeeded.
+    Done,
 }
 
 /// Where a leg lives.
@@ -153,6 +248,9 @@ pub struct LegInfo {
     pub leg: LegId,
     /// The bound local address to put in SDP.
     pub local: SocketAddr,
+    /// Set for Telegram legs: what the signalling must announce.
+    #[serde(default)]
+    pub telegram: Option<TelegramLocal>,
 }
 
 /// The dataplane's health, for `siptg status` and metrics.
@@ -270,4 +368,10 @@ pub enum Event {
     StreamStats { session: SessionId, stats: LegStats },
     /// A shard stopped (its thread died); its sessions are gone.
     ShardDown { core: u16, reason: String },
+    /// Something the signalling of a Telegram leg must act on.
+    Telegram {
+        session: SessionId,
+        leg: LegId,
+        event: TelegramEvent,
+    },
 }

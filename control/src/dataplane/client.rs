@@ -264,6 +264,18 @@ impl DataplaneClient {
         }
     }
 
+    /// Drives a Telegram leg (what the call signalling learnt).
+    pub async fn telegram(
+        &self,
+        session: SessionId,
+        leg: LegId,
+        op: siptg_proto::TelegramOp,
+    ) -> Result<(), DpError> {
+        self.request(Command::Telegram { session, leg, op })
+            .await
+            .map(drop)
+    }
+
     /// All sessions.
     pub async fn list(&self) -> Result<Vec<SessionSummary>, DpError> {
         match self.request(Command::List).await? {
@@ -277,6 +289,25 @@ fn unexpected(r: Reply) -> DpError {
     DpError::Protocol(format!("unexpected reply {r:?}"))
 }
 
+/// A Telegram leg: WebRTC towards Telegram, transcoded to whatever SIP leg it is bridged to.
+pub fn telegram_leg(telegram: siptg_proto::TelegramLegSpec) -> LegSpec {
+    LegSpec {
+        remote: None,
+        latch: false,
+        local_ip: None,
+        rtcp_mux: true,
+        codec: Codec {
+            payload_type: 111,
+            name: "opus".into(),
+            clock_rate: 48_000,
+            telephone_event: None,
+        },
+        srtp: None,
+        continuity: false,
+        telegram: Some(telegram),
+    }
+}
+
 /// A latching plain-RTP leg with the given codec: what a SIP leg usually starts as.
 pub fn latching_leg(codec: Codec, remote: Option<std::net::SocketAddr>) -> LegSpec {
     LegSpec {
@@ -287,5 +318,6 @@ pub fn latching_leg(codec: Codec, remote: Option<std::net::SocketAddr>) -> LegSp
         codec,
         srtp: None,
         continuity: false,
+        telegram: None,
     }
 }

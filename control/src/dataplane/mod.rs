@@ -4,5 +4,5 @@
 pub mod client;
 pub mod supervisor;
 
-pub use client::{latching_leg, DataplaneClient, DpError};
+pub use client::{latching_leg, telegram_leg, DataplaneClient, DpError};
 pub use supervisor::{SpawnSpec, Supervisor, SupervisorStatus};

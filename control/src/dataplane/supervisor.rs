@@ -356,6 +356,14 @@ impl Supervisor {
                 "dtmf"
             }
             Event::StreamStats { .. } => "stream_stats",
+            Event::Telegram {
+                session,
+                leg,
+                event,
+            } => {
+                tracing::debug!(session, leg, ?event, "Telegram leg");
+                "telegram"
+            }
             Event::ShardDown { core, reason } => {
                 tracing::error!(core, %reason, "dataplane shard down");
                 "shard_down"

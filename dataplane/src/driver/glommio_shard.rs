@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -147,7 +148,17 @@ async fn run(spec: ShardSpec, rx: Receiver<ShardRequest>, events: Sender<Event>)
                 }
             }
         }
-        house.run(&mut ctx.shard.borrow_mut(), Instant::now(), &events);
+        {
+            let sockets = ctx.sockets.borrow();
+            house.run(
+                &mut ctx.shard.borrow_mut(),
+                Instant::now(),
+                &events,
+                |session, leg, channel| {
+                    sockets.get(&(session, leg, channel)).map(|s| s.as_raw_fd())
+                },
+            );
+        }
         glommio::timer::sleep(COMMAND_POLL).await;
     }
 }

@@ -10,20 +10,24 @@ pub mod portable;
 pub mod sockaddr;
 pub mod uring;
 
-use crate::shard::{Shard, ShardTimers};
+use crate::shard::{Channel, Shard, ShardTimers, Transmit};
 use crossbeam::channel::Sender;
 use siptg_proto::{
     Command, CommandError, Event, LegId, LegInfo, LegSpec, Reply, SessionId, ShardStatus,
 };
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often timers (RTP timeout, stats) run.
 pub const TICK: Duration = Duration::from_millis(200);
+
+/// How often Telegram legs' timers run while a shard has any (ICE paces checks every 50 ms,
+/// DTLS retransmits from 100 ms): fine enough that call setup does not wait on the loop.
+pub const TELEGRAM_TICK: Duration = Duration::from_millis(5);
 
 /// Which I/O loop runs the shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +92,7 @@ pub enum ShardOp {
     /// This shard's health.
     Status,
     /// A per-session command (AddLeg, UpdateLeg, Bridge, DeleteLeg, DeleteSession, Stats) or List.
-    Command(Command),
+    Command(Box<Command>),
 }
 
 /// A shard's answer to a [`ShardOp`].
@@ -231,7 +235,11 @@ pub fn spawn_shard(
 pub struct Housekeeping {
     core: u16,
     last_tick: Instant,
+    last_telegram_tick: Instant,
+    /// The shard had Telegram legs at the last run: tick every [`TELEGRAM_TICK`].
+    fast: bool,
     pending: Vec<Event>,
+    transmits: Vec<Transmit>,
 }
 
 impl Housekeeping {
@@ -240,20 +248,49 @@ impl Housekeeping {
         Self {
             core,
             last_tick: Instant::now(),
+            last_telegram_tick: Instant::now(),
+            fast: false,
             pending: Vec::new(),
+            transmits: Vec::new(),
         }
     }
 
     /// Time left until the next tick (what an idle driver may sleep).
     pub fn until_tick(&self) -> Duration {
-        TICK.saturating_sub(self.last_tick.elapsed())
+        let slow = TICK.saturating_sub(self.last_tick.elapsed());
+        if self.fast {
+            slow.min(TELEGRAM_TICK.saturating_sub(self.last_telegram_tick.elapsed()))
+        } else {
+            slow
+        }
     }
 
-    /// Runs due timers and forwards queued events.
-    pub fn run(&mut self, shard: &mut Shard, now: Instant, events: &Sender<Event>) {
+    /// Runs due timers, sends the datagrams the shard originated (through `fd_of`, the socket
+    /// of a leg's channel) and forwards queued events.
+    pub fn run(
+        &mut self,
+        shard: &mut Shard,
+        now: Instant,
+        events: &Sender<Event>,
+        fd_of: impl Fn(SessionId, LegId, Channel) -> Option<RawFd>,
+    ) {
         if now.duration_since(self.last_tick) >= TICK {
             self.last_tick = now;
             shard.on_tick(now);
+        }
+        self.fast = shard.has_telegram();
+        if self.fast && now.duration_since(self.last_telegram_tick) >= TELEGRAM_TICK {
+            self.last_telegram_tick = now;
+            shard.on_telegram_timers(now);
+        }
+        shard.take_transmits(&mut self.transmits);
+        for t in self.transmits.drain(..) {
+            match fd_of(t.session, t.leg, t.channel) {
+                Some(fd) => {
+                    sockaddr::send_to(fd, &t.data, t.dest);
+                }
+                None => tracing::debug!(session = t.session, leg = t.leg, "no socket for datagram"),
+            }
         }
         shard.drain_events(&mut self.pending);
         for ev in self.pending.drain(..) {
@@ -316,7 +353,7 @@ pub fn execute<Io: LegIo>(
             }))
         }
         ShardOp::Status => ShardReply::Status(shard.status()),
-        ShardOp::Command(cmd) => ShardReply::Proto(command(shard, io, cmd, media_ip, now)),
+        ShardOp::Command(cmd) => ShardReply::Proto(command(shard, io, *cmd, media_ip, now)),
     }
 }
 
@@ -350,6 +387,9 @@ fn command<Io: LegIo>(
         }
         Command::Stats { session } => shard.stats(session, now).map(Reply::Stats),
         Command::List => Ok(Reply::Sessions(shard.summaries(now))),
+        Command::Telegram { session, leg, op } => {
+            shard.telegram(session, leg, op, now).map(|()| Reply::Done)
+        }
         Command::Status | Command::CreateSession { .. } => Err(CommandError::Invalid(
             "Status and CreateSession are answered by the server, not a shard".into(),
         )),

@@ -10,7 +10,7 @@
 //! headers and address slots are allocated once per thread; the shard, the sockets and the epoll
 //! set belong to this thread alone.
 
-use super::sockaddr::{read_sockaddr, write_sockaddr};
+use super::sockaddr::{read_sockaddr, send_to};
 use super::{
     bind_pair, disconnect, execute, pin_current_thread, Housekeeping, LegIo, ShardRequest,
     ShardSpec,
@@ -354,7 +354,10 @@ fn run(
         hot_now.clear();
         std::mem::swap(&mut hot, &mut hot_now);
         coalesce = packets > 0 && packets < COALESCE_BELOW && !spec.poll_interval.is_zero();
-        house.run(shard, now, events);
+        house.run(shard, now, events, |session, leg, channel| {
+            let token = *io.by_key.get(&(session, leg, channel))?;
+            io.slots.get(token)?.as_ref().map(|s| s.sock.as_raw_fd())
+        });
     }
 }
 
@@ -432,23 +435,5 @@ fn storage_bytes(ss: &libc::sockaddr_storage) -> &[u8] {
             (ss as *const libc::sockaddr_storage).cast::<u8>(),
             size_of::<libc::sockaddr_storage>(),
         )
-    }
-}
-
-/// Sends one datagram to `dest` from `fd` (errors such as ICMP unreachable are not fatal).
-fn send_to(fd: RawFd, data: &[u8], dest: SocketAddr) -> bool {
-    // SAFETY: all-zero sockaddr_in6 is valid; it is filled by write_sockaddr.
-    let mut addr: libc::sockaddr_in6 = unsafe { zeroed() };
-    let len = write_sockaddr(&mut addr, dest);
-    // SAFETY: `addr` is an initialised local passed with the length written; `data` is live.
-    unsafe {
-        libc::sendto(
-            fd,
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_DONTWAIT,
-            (&addr as *const libc::sockaddr_in6).cast(),
-            len,
-        ) >= 0
     }
 }

@@ -579,7 +579,10 @@ fn run(
         }
         io.returned = 0;
         coalesce = packets > 0 && packets < COALESCE_BELOW && !spec.poll_interval.is_zero();
-        house.run(shard, now, events);
+        house.run(shard, now, events, |session, leg, channel| {
+            let token = *io.by_key.get(&(session, leg, channel))?;
+            io.slots.get(token)?.as_ref().map(|s| s.sock.as_raw_fd())
+        });
     }
 }
 

@@ -4,6 +4,8 @@
 //! the peer's ICE credentials, fingerprint, candidates and SSRC, and the leg turns datagrams into
 //! Opus packets and back.
 
+pub mod bridge;
+pub mod endpoint;
 pub mod g711;
 pub mod leg;
 pub mod opus;
