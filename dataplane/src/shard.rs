@@ -805,6 +805,30 @@ impl Shard {
         r.map_err(|e| CommandError::Invalid(format!("telegram leg {leg}: {e}")))
     }
 
+    /// Closes the Telegram legs of a session (or just `leg`) before they are deleted: DTLS
+    /// close-notify to the peer and TURN allocations released, queued as transmits.
+    pub fn close_telegram(&mut self, session: SessionId, leg: Option<LegId>, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let ids: Vec<LegId> = s
+            .legs
+            .iter()
+            .filter(|(id, l)| l.tg.is_some() && leg.is_none_or(|want| want == **id))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            let mut out = BridgeOutput::default();
+            if let Some(tg) = s.legs.get_mut(&id).and_then(|l| l.tg.as_mut()) {
+                tg.close(now, &mut out);
+            }
+            // Only the leg's own datagrams: nothing more goes to the SIP side or the control side.
+            out.sip.clear();
+            out.events.clear();
+            route_bridge(s, session, id, out, &mut self.transmits, &mut self.events);
+        }
+    }
+
     /// Whether any Telegram leg lives here: their timers (ICE pacing, DTLS) need ticks every few
     /// milliseconds instead of every [`crate::driver::TICK`].
     pub fn has_telegram(&self) -> bool {
@@ -1032,6 +1056,166 @@ mod tests {
         }
         sh.bridge(1, 1, 2).unwrap();
         sh
+    }
+
+    #[test]
+    fn a_telegram_leg_transcodes_g711_to_opus_and_back_with_a_telegram_peer() {
+        use crate::tgmedia::bridge::{BridgeOutput, TelegramBridge};
+        use crate::tgmedia::g711::Law;
+        use crate::tgmedia::opus::{hears_tone, Tone};
+        use siptg_proto::{TelegramLegSpec, TelegramLocal};
+
+        let mut now = Instant::now();
+        let tg_spec = |caller| TelegramLegSpec {
+            caller,
+            relay_only: false,
+            turn: vec![],
+            connect_timeout_ms: 10_000,
+        };
+        let phone: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let mut sip = spec(Some("127.0.0.1:7000"), false);
+        sip.codec = Codec::pcma();
+        let mut tg = spec(None, false);
+        tg.telegram = Some(tg_spec(true));
+        let mut sh = Shard::new(0, (40_000, 40_099), timers(), now);
+        sh.create_session(1, "t".into(), now);
+        let add = |sh: &mut Shard, s: LegSpec| {
+            let port = sh.begin_add_leg(1, &s).unwrap();
+            let local = SocketAddr::from(([127, 0, 0, 1], port));
+            sh.complete_add_leg(1, s, port, local, now).unwrap()
+        };
+        let tg_info = add(&mut sh, tg);
+        let sip_info = add(&mut sh, sip);
+        sh.bridge(1, tg_info.leg, sip_info.leg).unwrap();
+        assert!(sh.has_telegram());
+
+        // The far end: a Telegram peer (another bridge) at its own address.
+        let far_addr: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let mut far = TelegramBridge::new(&tg_spec(false), far_addr, now).unwrap();
+        let ours = tg_info.telegram.clone().unwrap();
+        let theirs = far.local();
+        let ops = |l: &TelegramLocal| {
+            let mut v = vec![TelegramOp::RemoteParams {
+                ufrag: l.ufrag.clone(),
+                pwd: l.pwd.clone(),
+                hash: l.hash.clone(),
+                fingerprint: l.fingerprint.clone(),
+            }];
+            v.extend(
+                l.candidates
+                    .iter()
+                    .cloned()
+                    .map(TelegramOp::RemoteCandidate),
+            );
+            v.push(TelegramOp::RemoteAudio {
+                ssrc: l.ssrc,
+                payload_type: 111,
+            });
+            v.push(TelegramOp::SendAudio { payload_type: 111 });
+            v
+        };
+        let mut out = BridgeOutput::default();
+        for op in ops(&theirs) {
+            sh.telegram(1, tg_info.leg, op, now).unwrap();
+        }
+        for op in ops(&ours) {
+            far.apply(op, now, &mut out).unwrap();
+        }
+        assert!(sh
+            .telegram(
+                1,
+                sip_info.leg,
+                TelegramOp::SendAudio { payload_type: 111 },
+                now
+            )
+            .is_err());
+
+        let (mut tone_sip, mut tone_far) = (
+            Tone::new(440.0, 8000.0, 8000),
+            Tone::new(1000.0, 8000.0, 8000),
+        );
+        let (mut heard_phone, mut heard_far) = (Vec::new(), Vec::new());
+        let mut connected = false;
+        let mut ev = Vec::new();
+        for i in 0..300u32 {
+            now += Duration::from_millis(20);
+            // Both ends speak 20 ms of G.711: the phone into the SIP leg, the far end's PBX into it.
+            let mut pcm = [0i16; 160];
+            tone_sip.fill(&mut pcm);
+            let mut pkt = rtp(8, i as u16, i * 160);
+            Law::A.encode(&pcm, &mut pkt[12..]);
+            assert!(sh
+                .on_datagram(1, sip_info.leg, Channel::Rtp, phone, &pkt, now)
+                .is_none());
+            tone_far.fill(&mut pcm);
+            let mut g = [0u8; 160];
+            Law::A.encode(&pcm, &mut g);
+            far.from_sip(now, 8, &g, &mut out).unwrap();
+            far.handle_timeout(now, &mut out).unwrap();
+            sh.on_telegram_timers(now);
+            // Shuttle datagrams until quiet.
+            for _ in 0..20 {
+                let mut tx = Vec::new();
+                sh.take_transmits(&mut tx);
+                let far_tx: Vec<_> = out.telegram.drain(..).collect();
+                for g in out.sip.drain(..) {
+                    let mut pcm = vec![0i16; g.len() - 12];
+                    Law::A.decode(&g[12..], &mut pcm);
+                    heard_far.extend(pcm);
+                }
+                if tx.is_empty() && far_tx.is_empty() {
+                    break;
+                }
+                for t in tx {
+                    if t.leg == sip_info.leg {
+                        assert_eq!(t.dest, phone);
+                        assert_eq!(t.data[1] & 0x7f, 8, "PCMA towards the phone");
+                        let mut pcm = vec![0i16; t.data.len() - 12];
+                        Law::A.decode(&t.data[12..], &mut pcm);
+                        heard_phone.extend(pcm);
+                    } else {
+                        assert_eq!(t.dest, far_addr);
+                        far.on_datagram(now, tg_info.local, &t.data, &mut out)
+                            .unwrap();
+                    }
+                }
+                for (dest, data) in far_tx {
+                    assert_eq!(dest, tg_info.local);
+                    sh.on_datagram(1, tg_info.leg, Channel::Rtp, far_addr, &data, now);
+                }
+            }
+            sh.drain_events(&mut ev);
+            connected |= ev.iter().any(|e| {
+                matches!(
+                    e,
+                    Event::Telegram {
+                        event: TelegramEvent::Connected,
+                        ..
+                    }
+                )
+            });
+        }
+        assert!(connected, "no Connected event: {ev:?}");
+        assert!(heard_far.len() > 8000 && heard_phone.len() > 8000);
+        let tail = |v: &[i16]| v[v.len() - 8000..].to_vec();
+        assert!(
+            hears_tone(&tail(&heard_far), 8000, 440.0, 1000.0),
+            "far end did not hear the phone"
+        );
+        assert!(
+            hears_tone(&tail(&heard_phone), 8000, 1000.0, 440.0),
+            "phone did not hear the far end"
+        );
+
+        // Deleting the session closes the Telegram leg: its last datagrams (DTLS close) queue up.
+        sh.close_telegram(1, None, now);
+        let mut tx = Vec::new();
+        sh.take_transmits(&mut tx);
+        assert!(tx
+            .iter()
+            .all(|t| t.leg == tg_info.leg && t.dest == far_addr));
+        sh.delete_session(1).unwrap();
+        assert!(!sh.has_telegram());
     }
 
     #[test]

@@ -86,6 +86,14 @@ impl LegIo for GlommioIo {
         pair.0.local_addr().ok()
     }
 
+    fn fd(&self, session: SessionId, leg: LegId, channel: Channel) -> Option<std::os::fd::RawFd> {
+        self.ctx
+            .sockets
+            .borrow()
+            .get(&(session, leg, channel))
+            .map(|s| s.as_raw_fd())
+    }
+
     fn attach(&mut self, session: SessionId, leg: LegId, (rtp, rtcp): Self::Pair) {
         let mut tasks = Vec::with_capacity(2);
         for (channel, sock) in [(Channel::Rtp, Some(rtp)), (Channel::Rtcp, rtcp)] {

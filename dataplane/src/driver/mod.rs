@@ -334,6 +334,20 @@ pub trait LegIo {
     fn detach(&mut self, session: SessionId, leg: LegId);
     /// The leg's remote changed (re-INVITE): forget any destination the sockets were bound to.
     fn remote_changed(&mut self, _session: SessionId, _leg: LegId) {}
+    /// The socket of a leg's channel, for datagrams the shard originates.
+    fn fd(&self, session: SessionId, leg: LegId, channel: Channel) -> Option<RawFd>;
+}
+
+/// Sends what the shard queued (a Telegram leg's DTLS close-notify and TURN release) while the
+/// legs' sockets still exist.
+fn flush_transmits<Io: LegIo>(shard: &mut Shard, io: &Io) {
+    let mut out = Vec::new();
+    shard.take_transmits(&mut out);
+    for t in out {
+        if let Some(fd) = io.fd(t.session, t.leg, t.channel) {
+            sockaddr::send_to(fd, &t.data, t.dest);
+        }
+    }
 }
 
 /// Executes one request on a shard; both drivers answer through here.
@@ -375,11 +389,15 @@ fn command<Io: LegIo>(
         }
         Command::Bridge { session, a, b } => shard.bridge(session, a, b).map(|()| Reply::Bridged),
         Command::DeleteLeg { session, leg } => {
+            shard.close_telegram(session, Some(leg), now);
+            flush_transmits(shard, io);
             shard.delete_leg(session, leg)?;
             io.detach(session, leg);
             Ok(Reply::Deleted)
         }
         Command::DeleteSession { session } => {
+            shard.close_telegram(session, None, now);
+            flush_transmits(shard, io);
             for leg in shard.delete_session(session)? {
                 io.detach(session, leg);
             }

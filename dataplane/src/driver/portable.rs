@@ -169,6 +169,11 @@ impl LegIo for PortableIo {
         pair.0.local_addr().ok()
     }
 
+    fn fd(&self, session: SessionId, leg: LegId, channel: Channel) -> Option<RawFd> {
+        let token = *self.by_key.get(&(session, leg, channel))?;
+        self.slots.get(token)?.as_ref().map(|s| s.sock.as_raw_fd())
+    }
+
     fn attach(&mut self, session: SessionId, leg: LegId, (rtp, rtcp): Self::Pair) {
         for (channel, sock) in [(Channel::Rtp, Some(rtp)), (Channel::Rtcp, rtcp)] {
             let Some(sock) = sock else { continue };
