@@ -1,5 +1,8 @@
 //! The Worker's SIP edge: listeners, request parsing, and the reason phrases SIP.TG uses.
 
+pub mod ban;
+pub mod cidr;
+pub mod digest;
 pub mod edge;
 pub mod message;
 pub mod reasons;
