@@ -40,7 +40,71 @@ pub struct Config {
     pub telegram: TelegramConfig,
     #[serde(default)]
     pub database: DatabaseConfig,
+    /// SIP connections ("lines") to PBXs; the Manager routes and authenticates by them.
+    #[serde(default)]
+    pub connection: Vec<ConnectionConfig>,
 }
+
+/// A SIP connection between a PBX and the gateway, of one of SIP.TG's three kinds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionConfig {
+    /// Unique name (logs, metrics, routing).
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: ConnectionKind,
+    /// `pbx_registers`: the login the PBX registers with; `register_to_pbx`: ours at the PBX.
+    #[serde(default)]
+    pub login: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `pbx_registers` and `ip`: addresses or CIDR blocks requests may come from; empty = any
+    /// (for `pbx_registers` only: an IP trunk is always matched by its address).
+    #[serde(default)]
+    pub trusted_ips: Vec<String>,
+    /// `register_to_pbx`: the PBX registrar (`host[:port]`); `ip`: the PBX address.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// `register_to_pbx`: the SIP domain of our AOR (default: the server's host).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// `register_to_pbx`: an outbound proxy (`host[:port]`) to send through.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// `register_to_pbx`: registration lifetime we ask for, seconds.
+    #[serde(default = "default_expires")]
+    pub expires: u32,
+    /// `ip`: an extra header `Name: Value` that tells several connections between the same
+    /// hosts apart.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Audio codecs offered and accepted, in preference order.
+    #[serde(default = "default_codecs")]
+    pub codecs: Vec<String>,
+}
+
+/// The three kinds of SIP.TG connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionKind {
+    /// PBX → gateway: the PBX registers to the Worker with a login and password.
+    PbxRegisters,
+    /// Gateway → PBX: the Worker registers to the PBX as a client.
+    RegisterToPbx,
+    /// IP ⇿ IP: no registration; matched by source address (and an optional header).
+    Ip,
+}
+
+fn default_expires() -> u32 {
+    3600
+}
+
+fn default_codecs() -> Vec<String> {
+    ["PCMA", "PCMU", "opus", "G722"].map(String::from).to_vec()
+}
+
+/// Codec names a connection may list.
+pub const KNOWN_CODECS: &[&str] = &["opus", "PCMA", "PCMU", "G722"];
 
 /// Where this node keeps its state.
 #[derive(Debug, Clone, Deserialize)]
@@ -837,6 +901,95 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut bad = |k: &str, m: String| out.push((k.to_string(), m));
 
+    let mut names = std::collections::HashSet::new();
+    let mut logins = std::collections::HashSet::new();
+    for (i, conn) in c.connection.iter().enumerate() {
+        let key = |f: &str| format!("connection[{i}].{f}");
+        if conn.name.trim().is_empty() {
+            bad(&key("name"), "is empty".into());
+        } else if !names.insert(conn.name.clone()) {
+            bad(
+                &key("name"),
+                format!("{:?} names two connections", conn.name),
+            );
+        }
+        let need = |f: &str, v: &Option<String>| {
+            v.as_deref().is_none_or(|s| s.trim().is_empty()).then(|| {
+                (
+                    key(f),
+                    format!("is required for a {:?} connection", conn.kind),
+                )
+            })
+        };
+        match conn.kind {
+            ConnectionKind::PbxRegisters => {
+                for (f, v) in [("login", &conn.login), ("password", &conn.password)] {
+                    if let Some((k, m)) = need(f, v) {
+                        bad(&k, m);
+                    }
+                }
+                if let Some(l) = &conn.login {
+                    if !logins.insert(l.clone()) {
+                        bad(
+                            &key("login"),
+                            format!("{l:?} is the login of two connections"),
+                        );
+                    }
+                }
+            }
+            ConnectionKind::RegisterToPbx => {
+                for (f, v) in [
+                    ("server", &conn.server),
+                    ("login", &conn.login),
+                    ("password", &conn.password),
+                ] {
+                    if let Some((k, m)) = need(f, v) {
+                        bad(&k, m);
+                    }
+                }
+                if conn.expires < 60 {
+                    bad(
+                        &key("expires"),
+                        format!("{} s is too short; use 60 or more", conn.expires),
+                    );
+                }
+            }
+            ConnectionKind::Ip => {
+                if let Some((k, m)) = need("server", &conn.server) {
+                    bad(&k, m);
+                }
+                if let Some(h) = &conn.header {
+                    match h.split_once(':') {
+                        Some((n, v))
+                            if !n.trim().is_empty()
+                                && !n.trim().contains(' ')
+                                && !v.trim().is_empty() => {}
+                        _ => bad(&key("header"), format!("{h:?} is not `Name: Value`")),
+                    }
+                }
+            }
+        }
+        for ip in &conn.trusted_ips {
+            if let Err(e) = ip.parse::<crate::sip::cidr::Cidr>() {
+                bad(&key("trusted_ips"), format!("{ip:?}: {e}"));
+            }
+        }
+        if conn.codecs.is_empty() {
+            bad(&key("codecs"), "lists no codec".into());
+        }
+        for codec in &conn.codecs {
+            if !KNOWN_CODECS.iter().any(|k| k.eq_ignore_ascii_case(codec)) {
+                bad(
+                    &key("codecs"),
+                    format!(
+                        "unknown codec {codec:?} (known: {})",
+                        KNOWN_CODECS.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
     if let Err(e) = crate::observability::filter_directives(&c.log) {
         bad("log.level", e);
     }
@@ -1106,6 +1259,21 @@ mod tests {
         let issues = err("[dataplane]\nrtp_port_min = 40000\nrtp_port_max = 30000\n");
         assert_eq!(issues[0].key, "dataplane.rtp_port_max");
         assert_eq!(issues[0].line, Some(3));
+    }
+
+    #[test]
+    fn connections_are_validated_by_kind_naming_key_and_line() {
+        let issues = err("[[connection]]\nname = \"office\"\ntype = \"pbx_registers\"\nlogin = \"office\"\ntrusted_ips = [\"10.0.0.0/33\"]\ncodecs = [\"PCMA\", \"GSM\"]\n\n[[connection]]\nname = \"office\"\ntype = \"ip\"\nheader = \"no colon\"\n");
+        let keys: Vec<_> = issues.iter().map(|i| i.key.as_str()).collect();
+        assert!(keys.contains(&"connection[0].password"), "{keys:?}");
+        assert!(keys.contains(&"connection[0].trusted_ips"), "{keys:?}");
+        assert!(keys.contains(&"connection[0].codecs"), "{keys:?}");
+        assert!(keys.contains(&"connection[1].name"), "{keys:?}");
+        assert!(keys.contains(&"connection[1].server"), "{keys:?}");
+        assert!(keys.contains(&"connection[1].header"), "{keys:?}");
+        let codecs = issues.iter().find(|i| i.key == "connection[0].codecs").unwrap();
+        assert_eq!(codecs.line, Some(6));
+        assert!(codecs.message.contains("GSM"));
     }
 
     #[test]

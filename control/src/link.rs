@@ -96,6 +96,16 @@ pub struct RouteQuery {
     pub from_user: Option<String>,
     pub to_user: Option<String>,
     pub source: SocketAddr,
+    /// REGISTER: the `Authorization` header, for the Manager's registrar (passwords never leave
+    /// the Manager).
+    #[serde(default)]
+    pub authorization: Option<String>,
+    /// REGISTER: the `Contact` header value (`*` unregisters everything).
+    #[serde(default)]
+    pub contact: Option<String>,
+    /// REGISTER: the `Expires` header.
+    #[serde(default)]
+    pub expires: Option<u32>,
 }
 
 /// Answers.
@@ -106,6 +116,9 @@ pub enum Response {
     Route {
         code: u16,
         reason: String,
+        /// Headers the response carries (challenges, Contact with expiry, Date).
+        #[serde(default)]
+        headers: Vec<(String, String)>,
     },
     Status {
         status: serde_json::Value,

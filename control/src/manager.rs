@@ -1,7 +1,7 @@
 //! The Manager role: dials every configured Worker and Storage, keeps each link alive
 //! (reconnecting with backoff), and answers Workers' routing questions.
 
-use crate::config::ManagerConfig;
+use crate::config::{ConnectionConfig, ConnectionKind, ManagerConfig};
 use crate::link::{
     self, Handler, LinkError, LinkHandle, Request as LinkRequest, Response as LinkResponse, Role,
     RouteQuery,
@@ -9,6 +9,7 @@ use crate::link::{
 use crate::linkserver::{link_status, LinkStatus};
 use crate::metrics::Metrics;
 use crate::sip::reasons;
+use crate::sip::registrar::{RegisterRequest, Registrar};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -57,12 +58,76 @@ pub struct Manager {
     cfg: ManagerConfig,
     peers: Mutex<BTreeMap<String, PeerSlot>>,
     metrics: Arc<Metrics>,
+    routing: Arc<Routing>,
+}
+
+/// What the Manager decides SIP with: the connections and the registrations of their PBXs.
+pub struct Routing {
+    connections: Vec<ConnectionConfig>,
+    registrar: Mutex<Registrar>,
+}
+
+impl Routing {
+    /// Routing over `connections`, with a registrar challenging in realm `realm`.
+    pub fn new(connections: Vec<ConnectionConfig>, realm: &str) -> Self {
+        Routing {
+            connections,
+            registrar: Mutex::new(Registrar::new(realm)),
+        }
+    }
+
+    /// How a Worker (`worker`) must answer a SIP request.
+    pub fn route(&self, q: &RouteQuery, worker: &str) -> (u16, String, Vec<(String, String)>) {
+        let now = std::time::SystemTime::now();
+        let mut registrar = self.registrar.lock().unwrap_or_else(|p| p.into_inner());
+        if q.method == "REGISTER" {
+            let reply = registrar.register(
+                &self.connections,
+                &RegisterRequest {
+                    login: q.to_user.as_deref(),
+                    source: q.source,
+                    authorization: q.authorization.as_deref(),
+                    contact: q.contact.as_deref(),
+                    expires: q.expires,
+                    worker,
+                },
+                now,
+            );
+            if reply.code != 401 {
+                tracing::info!(source = %q.source, login = ?q.to_user, code = reply.code, reason = %reply.reason, "REGISTER");
+            }
+            return (reply.code, reply.reason, reply.headers);
+        }
+        if q.method == "INVITE" {
+            // A PBX of a registration-type connection must register before it calls.
+            let pbx = self.connections.iter().find(|c| {
+                c.kind == ConnectionKind::PbxRegisters
+                    && c.login.is_some()
+                    && c.login == q.from_user
+                    && crate::sip::registrar::trusted(c, q.source)
+            });
+            if let Some(c) = pbx {
+                if registrar.binding(&c.name, now).is_none() {
+                    tracing::info!(connection = %c.name, source = %q.source, "INVITE before REGISTER; 405");
+                    return (405, reasons::REGISTER_REQUIRED.to_string(), Vec::new());
+                }
+            }
+        }
+        let (code, reason) = route(q);
+        (code, reason, Vec::new())
+    }
 }
 
 impl Manager {
     /// A Manager named `name` (its certificate's name on TLS links).
-    pub fn new(name: String, cfg: ManagerConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        name: String,
+        cfg: ManagerConfig,
+        connections: Vec<ConnectionConfig>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            routing: Arc::new(Routing::new(connections, "siptg")),
             name,
             cfg,
             peers: Mutex::new(BTreeMap::new()),
@@ -150,24 +215,32 @@ impl Manager {
             peer,
             Some(hb),
             self.cfg.link_timeout,
-            self.handler(),
+            self.handler(name),
         ))
     }
 
-    /// Answers Workers' questions.
-    fn handler(&self) -> Handler {
+    /// Answers the questions of Worker `peer`.
+    fn handler(&self, peer: &str) -> Handler {
         let metrics = self.metrics.clone();
+        let routing = self.routing.clone();
+        let peer = peer.to_string();
         Arc::new(move |req| {
             let metrics = metrics.clone();
+            let routing = routing.clone();
+            let peer = peer.clone();
             Box::pin(async move {
                 match req {
                     LinkRequest::Route(q) => {
-                        let (code, reason) = route(&q);
+                        let (code, reason, headers) = routing.route(&q, &peer);
                         metrics.inc(
                             "siptg_route_decisions_total",
                             &[("code", &code.to_string())],
                         );
-                        LinkResponse::Route { code, reason }
+                        LinkResponse::Route {
+                            code,
+                            reason,
+                            headers,
+                        }
                     }
                     other => LinkResponse::Error {
                         message: format!("a manager does not answer {other:?}"),

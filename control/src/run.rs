@@ -193,7 +193,12 @@ pub async fn up(inv: Invocation) -> Result<(), RunError> {
     worker.start_sip(&cfg.sip).await?;
     let storage = start_storage(&inv, cfg.storage.clone().unwrap_or_default()).await?;
     let mcfg = cfg.manager.clone().unwrap_or_default();
-    let manager = Manager::new(mcfg.name.clone(), mcfg, metrics.clone());
+    let manager = Manager::new(
+        mcfg.name.clone(),
+        mcfg,
+        cfg.connection.clone(),
+        metrics.clone(),
+    );
     manager.add_peer(
         Role::Worker,
         worker.name().to_string(),
@@ -228,7 +233,12 @@ pub async fn manager(inv: Invocation) -> Result<(), RunError> {
         )
     })?;
     let client = tls::client_config(&node_tls(&inv, Role::Manager)?)?;
-    let manager = Manager::new(mcfg.name.clone(), mcfg.clone(), metrics.clone());
+    let manager = Manager::new(
+        mcfg.name.clone(),
+        mcfg.clone(),
+        inv.loaded.config.connection.clone(),
+        metrics.clone(),
+    );
     for (role, peers) in [
         (Role::Worker, &mcfg.workers),
         (Role::Storage, &mcfg.storages),

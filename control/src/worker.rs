@@ -11,7 +11,8 @@ use crate::link::{
 };
 use crate::linkserver::LinkServer;
 use crate::metrics::Metrics;
-use crate::sip::edge::{self, Answer, Responder};
+use crate::sip::ban::{BanConfig, BanList};
+use crate::sip::edge::{self, Answer, Reply, Responder};
 use crate::sip::message::{uri_user, Request};
 use crate::sip::reasons;
 use serde_json::json;
@@ -27,6 +28,8 @@ pub struct Worker {
     dataplane: Arc<Supervisor>,
     metrics: Arc<Metrics>,
     sip_listen: std::sync::Mutex<Vec<String>>,
+    /// Brute-force protection: addresses that failed to register too often are ignored.
+    bans: std::sync::Mutex<BanList>,
 }
 
 impl Worker {
@@ -43,6 +46,7 @@ impl Worker {
             dataplane,
             metrics,
             sip_listen: std::sync::Mutex::new(Vec::new()),
+            bans: std::sync::Mutex::new(BanList::new(BanConfig::default())),
         })
     }
 
@@ -110,13 +114,27 @@ impl Worker {
         })
     }
 
-    async fn route(&self, req: &Request, source: SocketAddr) -> (u16, String) {
-        let no_manager = (503, reasons::NO_RESPONSE_FROM_MANAGER.to_string());
+    fn bans(&self) -> std::sync::MutexGuard<'_, BanList> {
+        self.bans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current bans, for the admin API.
+    pub fn ban_list(&self) -> Vec<crate::sip::ban::BanInfo> {
+        self.bans().list(std::time::Instant::now())
+    }
+
+    /// Lifts the ban of `ip`; false if it was not banned.
+    pub fn lift_ban(&self, ip: std::net::IpAddr) -> bool {
+        self.bans().lift(ip)
+    }
+
+    async fn route(&self, req: &Request, source: SocketAddr) -> Reply {
+        let no_manager = Reply::new(503, reasons::NO_RESPONSE_FROM_MANAGER);
         let Some(manager) = self.links.manager() else {
             return no_manager;
         };
         if req.method == "OPTIONS" {
-            return (200, "OK".into());
+            return Reply::new(200, "OK");
         }
         let query = RouteQuery {
             method: req.method.clone(),
@@ -124,12 +142,23 @@ impl Worker {
             from_user: req.header("From").and_then(uri_user),
             to_user: req.header("To").and_then(uri_user),
             source,
+            authorization: req.header("Authorization").map(str::to_string),
+            contact: req.header("Contact").map(str::to_string),
+            expires: req.header("Expires").and_then(|e| e.trim().parse().ok()),
         };
         match manager
             .request(LinkRequest::Route(query), self.cfg.manager_timeout)
             .await
         {
-            Ok(LinkResponse::Route { code, reason }) => (code, reason),
+            Ok(LinkResponse::Route {
+                code,
+                reason,
+                headers,
+            }) => Reply {
+                code,
+                reason,
+                headers,
+            },
             Ok(other) => {
                 tracing::warn!(?other, "Manager answered a route query with something else");
                 no_manager
@@ -152,7 +181,28 @@ impl Responder for Worker {
             if req.method == "ACK" {
                 return None;
             }
-            Some(self.route(&req, source).await)
+            let now = std::time::Instant::now();
+            let banned = self.bans().is_banned(source.ip(), now);
+            if let Some(left) = banned {
+                // Like a firewall ban: no answer at all, so a scanner learns nothing.
+                tracing::debug!(%source, left_s = left.as_secs(), "request from a banned address dropped");
+                self.metrics.inc("siptg_sip_banned_drops_total", &[]);
+                return None;
+            }
+            let reply = self.route(&req, source).await;
+            if req.method == "REGISTER" {
+                let failed = matches!(reply.code, 403 | 404);
+                let mut bans = self.bans();
+                if failed {
+                    if let Some(ban) = bans.record_failure(source.ip(), now) {
+                        tracing::warn!(%source, ban_s = ban.duration.as_secs(), "too many failed registrations; address banned");
+                        self.metrics.inc("siptg_sip_bans_total", &[]);
+                    }
+                } else if reply.code == 200 {
+                    bans.record_success(source.ip());
+                }
+            }
+            Some(reply)
         })
     }
 }

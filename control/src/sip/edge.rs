@@ -54,7 +54,26 @@ fn stable_tag(req: &Request) -> String {
 }
 
 /// A final answer to a request: status code and reason phrase; `None` sends nothing (ACK).
-pub type Answer = Option<(u16, String)>;
+pub type Answer = Option<Reply>;
+
+/// A final response: status, SIP.TG's reason phrase, and headers it must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub reason: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Reply {
+    /// A response without extra headers.
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        Reply {
+            code,
+            reason: reason.into(),
+            headers: Vec::new(),
+        }
+    }
+}
 
 /// Decides how to answer a request.
 pub trait Responder: Send + Sync + 'static {
@@ -141,18 +160,25 @@ pub async fn serve_udp(
             }
             let method = req.method.clone();
             let call_id = req.header("Call-ID").unwrap_or("").to_string();
-            let Some((code, reason)) = responder.answer(req.clone(), source).await else {
+            let Some(Reply {
+                code,
+                reason,
+                headers,
+            }) = responder.answer(req.clone(), source).await
+            else {
                 return;
             };
-            let extra: &[(&str, &str)] = if method == "OPTIONS" && code == 200 {
-                &[(
+            let mut extra: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            if method == "OPTIONS" && code == 200 {
+                extra.push((
                     "Allow",
                     "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, MESSAGE",
-                )]
-            } else {
-                &[]
-            };
-            let text = response(&req, code, &reason, source, &tag, &server, extra);
+                ));
+            }
+            let text = response(&req, code, &reason, source, &tag, &server, &extra);
             tracing::info!(%source, %method, %call_id, code, %reason, "SIP response");
             metrics.inc("siptg_sip_responses_total", &[("code", &code.to_string())]);
             if let Err(e) = sock.send_to(text.as_bytes(), target).await {

@@ -6,3 +6,4 @@ pub mod digest;
 pub mod edge;
 pub mod message;
 pub mod reasons;
+pub mod registrar;
