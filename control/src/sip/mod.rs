@@ -7,3 +7,4 @@ pub mod edge;
 pub mod message;
 pub mod reasons;
 pub mod registrar;
+pub mod sdp;
