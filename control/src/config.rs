@@ -81,6 +81,15 @@ pub struct ConnectionConfig {
     /// Audio codecs offered and accepted, in preference order.
     #[serde(default = "default_codecs")]
     pub codecs: Vec<String>,
+    /// `pbx_registers`: digest algorithms challenged with, in order of preference ("MD5",
+    /// "SHA-256"). MD5 alone by default: many deployed UAs (baresip 1.0, older Asterisk) give up
+    /// on a REGISTER whose challenges include any algorithm they do not know.
+    #[serde(default = "default_digest")]
+    pub digest: Vec<String>,
+}
+
+fn default_digest() -> Vec<String> {
+    vec!["MD5".into()]
 }
 
 /// The three kinds of SIP.TG connections.
@@ -974,6 +983,14 @@ fn validate(c: &Config) -> Vec<(String, String)> {
                 bad(&key("trusted_ips"), format!("{ip:?}: {e}"));
             }
         }
+        for alg in &conn.digest {
+            if crate::sip::digest::Algorithm::from_name(alg).is_none() {
+                bad(
+                    &key("digest"),
+                    format!("unknown digest algorithm {alg:?} (use \"MD5\" or \"SHA-256\")"),
+                );
+            }
+        }
         if conn.codecs.is_empty() {
             bad(&key("codecs"), "lists no codec".into());
         }
@@ -1271,7 +1288,10 @@ mod tests {
         assert!(keys.contains(&"connection[1].name"), "{keys:?}");
         assert!(keys.contains(&"connection[1].server"), "{keys:?}");
         assert!(keys.contains(&"connection[1].header"), "{keys:?}");
-        let codecs = issues.iter().find(|i| i.key == "connection[0].codecs").unwrap();
+        let codecs = issues
+            .iter()
+            .find(|i| i.key == "connection[0].codecs")
+            .unwrap();
         assert_eq!(codecs.line, Some(6));
         assert!(codecs.message.contains("GSM"));
     }

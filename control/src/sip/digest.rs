@@ -747,9 +747,11 @@ impl DigestServer {
         }
     }
 
-    /// `WWW-Authenticate` / `Proxy-Authenticate` values, one per algorithm, strongest first
-    /// whatever order `algorithms` has (RFC 8760 §2.4: SHA-256 before MD5, since many clients
-    /// take the first they understand). All share one new nonce. An empty list means
+    /// `WWW-Authenticate` / `Proxy-Authenticate` values, one per algorithm, in the order of
+    /// `algorithms`, which is the server's preference (RFC 8760 §2.4: clients use the first they
+    /// support). Deployed clients decide the order in practice: baresip 1.0 (libre) answers only
+    /// the first challenge and fails with ENOSYS when that one is SHA-256, so a registrar for
+    /// existing PBXs lists MD5 first. All share one new nonce. An empty list means
     /// [`Algorithm::DEFAULT_CHALLENGE`]. `stale` tells a client whose nonce expired to retry
     /// with the same password.
     pub fn challenge(&self, now: SystemTime, stale: bool, algorithms: &[Algorithm]) -> Vec<String> {
@@ -758,8 +760,12 @@ impl DigestServer {
         } else {
             algorithms.to_vec()
         };
-        algs.sort_by_key(|a| a.rank());
-        algs.dedup();
+        let mut seen = Vec::new();
+        algs.retain(|a| {
+            let new = !seen.contains(a);
+            seen.push(*a);
+            new
+        });
         let nonce = self.make_nonce(now, rand::random());
         algs.into_iter()
             .map(|alg| {
@@ -1180,7 +1186,7 @@ mod tests {
     }
 
     #[test]
-    fn challenges_are_ordered_strongest_first() {
+    fn challenges_keep_the_servers_order_without_duplicates() {
         let s = server().with_opaque("op\"aque");
         let ch = s.challenge(
             t0(),
@@ -1188,8 +1194,8 @@ mod tests {
             &[Algorithm::Md5, Algorithm::Sha256, Algorithm::Md5],
         );
         assert_eq!(ch.len(), 2);
-        assert!(ch[0].contains("algorithm=SHA-256"), "{}", ch[0]);
-        assert!(ch[1].contains("algorithm=MD5"), "{}", ch[1]);
+        assert!(ch[0].contains("algorithm=MD5"), "{}", ch[0]);
+        assert!(ch[1].contains("algorithm=SHA-256"), "{}", ch[1]);
         assert_eq!(param(&ch[0], "nonce"), param(&ch[1], "nonce"));
         assert_eq!(param(&ch[0], "opaque"), "op\"aque");
         assert_eq!(param(&ch[0], "qop"), "auth");

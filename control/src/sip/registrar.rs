@@ -87,13 +87,19 @@ impl Registrar {
         }
     }
 
-    fn challenge(&self, now: SystemTime, stale: bool) -> RegisterReply {
+    fn challenge(&self, conn: &ConnectionConfig, now: SystemTime, stale: bool) -> RegisterReply {
+        // The connection's algorithms in its order (config validation refused unknown names).
+        let algorithms: Vec<Algorithm> = conn
+            .digest
+            .iter()
+            .filter_map(|a| Algorithm::from_name(a))
+            .collect();
         RegisterReply {
             code: 401,
             reason: "Unauthorized".into(),
             headers: self
                 .digest
-                .challenge(now, stale, &[Algorithm::Sha256, Algorithm::Md5])
+                .challenge(now, stale, &algorithms)
                 .into_iter()
                 .map(|v| ("WWW-Authenticate".to_string(), v))
                 .collect(),
@@ -120,7 +126,7 @@ impl Registrar {
             return RegisterReply::refuse(403, reasons::UNTRUSTED_IP, true);
         }
         let Some(auth) = req.authorization else {
-            return self.challenge(now, false);
+            return self.challenge(conn, now, false);
         };
         let password = |user: &str| {
             (Some(user) == conn.login.as_deref())
@@ -129,7 +135,9 @@ impl Registrar {
         };
         match self.digest.verify("REGISTER", auth, password, now) {
             Ok(_) => {}
-            Err(AuthError::StaleNonce | AuthError::Replay) => return self.challenge(now, true),
+            Err(AuthError::StaleNonce | AuthError::Replay) => {
+                return self.challenge(conn, now, true)
+            }
             Err(AuthError::WrongPassword(_)) | Err(AuthError::BadNonce) => {
                 return RegisterReply::refuse(403, reasons::WRONG_PASSWORD, true)
             }
@@ -138,7 +146,7 @@ impl Registrar {
                 return RegisterReply::refuse(403, reasons::WRONG_PASSWORD, true);
             }
             Err(AuthError::Missing) | Err(AuthError::RealmMismatch(_)) => {
-                return self.challenge(now, false)
+                return self.challenge(conn, now, false)
             }
             Err(e @ (AuthError::Malformed(_) | AuthError::Unsupported(_))) => {
                 tracing::info!(source = %req.source, error = %e, "REGISTER with unusable credentials");
@@ -265,6 +273,7 @@ mod tests {
             expires: 3600,
             header: None,
             codecs: vec!["PCMA".into()],
+            digest: vec!["MD5".into()],
         }
     }
 
@@ -321,6 +330,32 @@ mod tests {
         assert!(r
             .binding("office", now + Duration::from_secs(121))
             .is_none());
+    }
+
+    #[test]
+    fn a_connection_can_challenge_with_sha_256_first() {
+        let mut c = conn();
+        c.digest = vec!["SHA-256".into(), "MD5".into()];
+        let conns = [c];
+        let mut r = Registrar::new("siptg");
+        let now = SystemTime::now();
+        let first = r.register(&conns, &req(None, "127.0.0.1:5070"), now);
+        assert_eq!(first.headers.len(), 2);
+        assert!(first.headers[0].1.contains("algorithm=SHA-256"));
+        let all: Vec<&str> = first.headers.iter().map(|(_, v)| v.as_str()).collect();
+        let auth = digest::respond(
+            &all.join(", "),
+            "REGISTER",
+            "sip:127.0.0.1",
+            "office",
+            "s3cret-pass",
+            digest::new_cnonce,
+            1,
+        )
+        .unwrap();
+        assert!(auth.contains("SHA-256"));
+        let ok = r.register(&conns, &req(Some(&auth), "127.0.0.1:5070"), now);
+        assert_eq!(ok.code, 200);
     }
 
     #[test]
