@@ -1,6 +1,7 @@
 //! The admin HTTP endpoint: `GET /metrics` (Prometheus), `GET /status` (JSON, read by
-//! `siptg status`), `GET /health`. HTTP/1.1 with `Connection: close`; meant for loopback or a
-//! management network, never the PBX side.
+//! `siptg status`), `GET /health`, and the Worker's brute-force bans: `GET /bans` lists them,
+//! `POST /bans/lift?ip=ADDR` lifts one. HTTP/1.1 with `Connection: close`; meant for loopback or
+//! a management network, never the PBX side.
 
 use crate::node::Node;
 use std::net::SocketAddr;
@@ -49,8 +50,51 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&buf);
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let (status, ctype, body) = match (method, path) {
+        ("GET", "/bans") => match &node.worker {
+            Some(w) => {
+                let list: Vec<serde_json::Value> = w
+                    .ban_list()
+                    .iter()
+                    .map(|b| {
+                        serde_json::json!({
+                            "net": b.net.to_string(),
+                            "remaining_s": b.remaining.as_secs(),
+                            "offences": b.offences,
+                        })
+                    })
+                    .collect();
+                (
+                    "200 OK",
+                    "application/json",
+                    serde_json::to_string_pretty(&list).unwrap_or_default(),
+                )
+            }
+            None => ("404 Not Found", "text/plain", "no worker here\n".to_string()),
+        },
+        ("POST", "/bans/lift") => {
+            let ip = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("ip="))
+                .and_then(|v| v.parse::<std::net::IpAddr>().ok());
+            match (&node.worker, ip) {
+                (Some(w), Some(ip)) => {
+                    if w.lift_ban(ip) {
+                        tracing::info!(%ip, "ban lifted through the admin API");
+                        ("200 OK", "text/plain", format!("lifted {ip}\n"))
+                    } else {
+                        ("404 Not Found", "text/plain", format!("{ip} is not banned\n"))
+                    }
+                }
+                (None, _) => ("404 Not Found", "text/plain", "no worker here\n".to_string()),
+                (_, None) => (
+                    "400 Bad Request",
+                    "text/plain",
+                    "want ?ip=ADDRESS\n".to_string(),
+                ),
+            }
+        }
         ("GET", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4",
@@ -66,7 +110,7 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "GET only\n".to_string(),
+            "GET, or POST /bans/lift\n".to_string(),
         ),
     };
     let resp = format!(

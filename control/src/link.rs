@@ -120,6 +120,15 @@ pub enum Response {
         #[serde(default)]
         headers: Vec<(String, String)>,
     },
+    /// INVITE: place the call's other leg toward this registered PBX (the Worker's B2BUA).
+    Forward {
+        /// The connection the call goes out on.
+        connection: String,
+        /// The PBX's registered Contact URI (the B-leg's Request-URI).
+        contact: String,
+        /// Where the PBX registered from: requests go there (NAT-safe, like RFC 5626 flows).
+        address: SocketAddr,
+    },
     Status {
         status: serde_json::Value,
     },

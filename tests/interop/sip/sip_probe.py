@@ -11,6 +11,7 @@ import sys
 import uuid
 
 host, port = sys.argv[1], int(sys.argv[2])
+after_lift = "--after-lift" in sys.argv[3:]
 
 
 def request(method, src_ip, from_user, to_user, body=""):
@@ -47,6 +48,12 @@ def check(what, got, want):
     print(f"[sip_probe] {what}: {got!r} {'ok' if ok else 'WANTED ' + repr(want)}")
     return ok
 
+
+if after_lift:
+    ok = check("REGISTER from the lifted address",
+               request("REGISTER", "127.0.0.3", "office", "office"),
+               "SIP/2.0 403 Untrusted IP address")
+    sys.exit(0 if ok else 1)
 
 sdp = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
        "m=audio 40000 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n")
