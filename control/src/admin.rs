@@ -71,7 +71,11 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
                     serde_json::to_string_pretty(&list).unwrap_or_default(),
                 )
             }
-            None => ("404 Not Found", "text/plain", "no worker here\n".to_string()),
+            None => (
+                "404 Not Found",
+                "text/plain",
+                "no worker here\n".to_string(),
+            ),
         },
         ("POST", "/bans/lift") => {
             let ip = query
@@ -84,10 +88,18 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
                         tracing::info!(%ip, "ban lifted through the admin API");
                         ("200 OK", "text/plain", format!("lifted {ip}\n"))
                     } else {
-                        ("404 Not Found", "text/plain", format!("{ip} is not banned\n"))
+                        (
+                            "404 Not Found",
+                            "text/plain",
+                            format!("{ip} is not banned\n"),
+                        )
                     }
                 }
-                (None, _) => ("404 Not Found", "text/plain", "no worker here\n".to_string()),
+                (None, _) => (
+                    "404 Not Found",
+                    "text/plain",
+                    "no worker here\n".to_string(),
+                ),
                 (_, None) => (
                     "400 Bad Request",
                     "text/plain",
