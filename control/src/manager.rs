@@ -76,8 +76,13 @@ impl Routing {
         }
     }
 
-    /// How a Worker (`worker`) must answer a SIP request.
-    pub fn route(&self, q: &RouteQuery, worker: &str) -> (u16, String, Vec<(String, String)>) {
+    /// How a Worker (`worker`) must answer a SIP request, or where it must forward a call.
+    pub fn route(&self, q: &RouteQuery, worker: &str) -> LinkResponse {
+        let reply = |code: u16, reason: &str, headers: Vec<(String, String)>| LinkResponse::Route {
+            code,
+            reason: reason.to_string(),
+            headers,
+        };
         let now = std::time::SystemTime::now();
         let mut registrar = self.registrar.lock().unwrap_or_else(|p| p.into_inner());
         if q.method == "REGISTER" {
@@ -96,7 +101,11 @@ impl Routing {
             if reply.code != 401 {
                 tracing::info!(source = %q.source, login = ?q.to_user, code = reply.code, reason = %reply.reason, "REGISTER");
             }
-            return (reply.code, reply.reason, reply.headers);
+            return LinkResponse::Route {
+                code: reply.code,
+                reason: reply.reason,
+                headers: reply.headers,
+            };
         }
         if q.method == "INVITE" {
             // A PBX of a registration-type connection must register before it calls.
@@ -109,12 +118,30 @@ impl Routing {
             if let Some(c) = pbx {
                 if registrar.binding(&c.name, now).is_none() {
                     tracing::info!(connection = %c.name, source = %q.source, "INVITE before REGISTER; 405");
-                    return (405, reasons::REGISTER_REQUIRED.to_string(), Vec::new());
+                    return reply(405, reasons::REGISTER_REQUIRED, Vec::new());
                 }
+            }
+            // A call to the login of a registered PBX goes to that PBX (B2BUA through the
+            // Worker that holds its registration).
+            let target = self.connections.iter().find(|c| {
+                c.kind == ConnectionKind::PbxRegisters && c.login.is_some() && c.login == q.to_user
+            });
+            if let Some(c) = target {
+                return match registrar.binding(&c.name, now) {
+                    Some(b) => {
+                        tracing::info!(connection = %c.name, contact = %b.contact, "INVITE forwarded to a registered PBX");
+                        LinkResponse::Forward {
+                            connection: c.name.clone(),
+                            contact: b.contact.clone(),
+                            address: b.source,
+                        }
+                    }
+                    None => reply(480, "Temporarily Unavailable", Vec::new()),
+                };
             }
         }
         let (code, reason) = route(q);
-        (code, reason, Vec::new())
+        reply(code, &reason, Vec::new())
     }
 }
 
@@ -231,16 +258,13 @@ impl Manager {
             Box::pin(async move {
                 match req {
                     LinkRequest::Route(q) => {
-                        let (code, reason, headers) = routing.route(&q, &peer);
-                        metrics.inc(
-                            "siptg_route_decisions_total",
-                            &[("code", &code.to_string())],
-                        );
-                        LinkResponse::Route {
-                            code,
-                            reason,
-                            headers,
-                        }
+                        let answer = routing.route(&q, &peer);
+                        let decision = match &answer {
+                            LinkResponse::Route { code, .. } => code.to_string(),
+                            _ => "forward".to_string(),
+                        };
+                        metrics.inc("siptg_route_decisions_total", &[("code", &decision)]);
+                        answer
                     }
                     other => LinkResponse::Error {
                         message: format!("a manager does not answer {other:?}"),
@@ -308,4 +332,94 @@ pub fn route(q: &RouteQuery) -> (u16, String) {
         "no connection matches; 404"
     );
     (404, reasons::ROUTE_NOT_FOUND.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::digest;
+
+    fn conn(login: &str) -> ConnectionConfig {
+        ConnectionConfig {
+            name: login.into(),
+            kind: ConnectionKind::PbxRegisters,
+            login: Some(login.into()),
+            password: Some(format!("{login}-password")),
+            trusted_ips: vec!["127.0.0.0/8".into()],
+            server: None,
+            domain: None,
+            proxy: None,
+            expires: 3600,
+            header: None,
+            codecs: vec!["PCMA".into()],
+            digest: vec!["MD5".into()],
+        }
+    }
+
+    fn query(method: &str, from: &str, to: &str, auth: Option<String>) -> RouteQuery {
+        RouteQuery {
+            method: method.into(),
+            request_uri: format!("sip:{to}@127.0.0.1"),
+            from_user: Some(from.into()),
+            to_user: Some(to.into()),
+            source: "127.0.0.1:5070".parse().unwrap(),
+            authorization: auth,
+            contact: Some(format!("<sip:{from}@127.0.0.1:5070>")),
+            expires: Some(600),
+        }
+    }
+
+    fn register(r: &Routing, login: &str) {
+        let LinkResponse::Route { headers, .. } =
+            r.route(&query("REGISTER", login, login, None), "w1")
+        else {
+            panic!("no challenge");
+        };
+        let auth = digest::respond(
+            &headers[0].1,
+            "REGISTER",
+            "sip:127.0.0.1",
+            login,
+            &format!("{login}-password"),
+            digest::new_cnonce,
+            1,
+        )
+        .unwrap();
+        let got = r.route(&query("REGISTER", login, login, Some(auth)), "w1");
+        assert!(
+            matches!(got, LinkResponse::Route { code: 200, .. }),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn invites_need_registration_and_go_to_the_registered_pbx() {
+        let r = Routing::new(vec![conn("alice"), conn("bob")], "siptg");
+        let got = r.route(&query("INVITE", "alice", "bob", None), "w1");
+        assert!(
+            matches!(&got, LinkResponse::Route { code: 405, reason, .. } if reason == "REGISTER is required first"),
+            "{got:?}"
+        );
+        register(&r, "alice");
+        let got = r.route(&query("INVITE", "alice", "bob", None), "w1");
+        assert!(
+            matches!(got, LinkResponse::Route { code: 480, .. }),
+            "{got:?}"
+        );
+        register(&r, "bob");
+        let got = r.route(&query("INVITE", "alice", "bob", None), "w1");
+        assert_eq!(
+            got,
+            LinkResponse::Forward {
+                connection: "bob".into(),
+                contact: "<sip:bob@127.0.0.1:5070>".into(),
+                address: "127.0.0.1:5070".parse().unwrap(),
+            }
+        );
+        let got = r.route(&query("INVITE", "alice", "+15550001", None), "w1");
+        assert!(
+            matches!(&got, LinkResponse::Route { code: 404, reason, .. } if reason == "Route not found"),
+            "{got:?}"
+        );
+    }
 }
