@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+/// How long shutdown waits for PBXs to confirm outbound un-registrations.
+const UNREGISTER_LIMIT: Duration = Duration::from_secs(2);
+
 /// What the CLI was started with.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -90,7 +93,7 @@ fn start_worker(inv: &Invocation, metrics: &Arc<Metrics>) -> Arc<Worker> {
     tokio::spawn(sup.clone().run());
     warn_open_links(Role::Worker, &wcfg.managers);
     let links = LinkServer::new(Role::Worker, wcfg.name.clone(), wcfg.managers.clone());
-    Worker::new(wcfg, links, sup, metrics.clone())
+    Worker::new(wcfg, links, sup, metrics.clone(), cfg.connection.clone())
 }
 
 async fn start_storage(
@@ -213,12 +216,13 @@ pub async fn up(inv: Invocation) -> Result<(), RunError> {
     );
     let roles = Roles {
         manager: Some(manager),
-        worker: Some(worker),
+        worker: Some(worker.clone()),
         storage: Some(storage),
     };
     serve_admin(&inv, roles, metrics).await?;
     tracing::info!(config = %inv.loaded.source_name, "siptg up: manager, worker, storage running");
     wait_for_shutdown().await;
+    worker.stop_outbound(UNREGISTER_LIMIT).await;
     dataplane.stop_child();
     Ok(())
 }
@@ -281,11 +285,12 @@ pub async fn worker(inv: Invocation) -> Result<(), RunError> {
     });
     let roles = Roles {
         manager: None,
-        worker: Some(worker),
+        worker: Some(worker.clone()),
         storage: None,
     };
     serve_admin(&inv, roles, metrics).await?;
     wait_for_shutdown().await;
+    worker.stop_outbound(UNREGISTER_LIMIT).await;
     dataplane.stop_child();
     Ok(())
 }

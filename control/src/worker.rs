@@ -4,7 +4,7 @@
 //! every SIP request, with `503 No response from Manager`, until the link is back (as SIP.TG's
 //! Worker does), so a PBX fails over instead of timing out.
 
-use crate::config::{SipConfig, WorkerConfig};
+use crate::config::{ConnectionConfig, ConnectionKind, SipConfig, WorkerConfig};
 use crate::dataplane::Supervisor;
 use crate::link::{
     self, Handler, Request as LinkRequest, Response as LinkResponse, Role, RouteQuery,
@@ -14,12 +14,16 @@ use crate::metrics::Metrics;
 use crate::sip::ban::{BanConfig, BanList};
 use crate::sip::edge::{self, Answer, Reply, Responder};
 use crate::sip::message::{uri_user, Request};
+use crate::sip::outbound::{OutboundRegistration, Status as OutboundStatus};
 use crate::sip::reasons;
 use serde_json::json;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
 
 /// A running Worker.
 pub struct Worker {
@@ -30,15 +34,31 @@ pub struct Worker {
     sip_listen: std::sync::Mutex<Vec<String>>,
     /// Brute-force protection: addresses that failed to register too often are ignored.
     bans: std::sync::Mutex<BanList>,
+    /// The configured connections; `register_to_pbx` ones get an outbound registration.
+    connections: Vec<ConnectionConfig>,
+    /// Running outbound registrations (gateway → PBX).
+    outbound: std::sync::Mutex<Vec<Outbound>>,
+}
+
+/// One running outbound registration: what `/status` shows and how to stop it.
+struct Outbound {
+    name: String,
+    server: String,
+    status: Arc<std::sync::Mutex<OutboundStatus>>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Worker {
     /// A Worker whose Manager links arrive through `links` and whose media goes to `dataplane`.
+    /// `connections` are the configured SIP connections: each `register_to_pbx` one is
+    /// registered at its PBX once SIP starts.
     pub fn new(
         cfg: WorkerConfig,
         links: Arc<LinkServer>,
         dataplane: Arc<Supervisor>,
         metrics: Arc<Metrics>,
+        connections: Vec<ConnectionConfig>,
     ) -> Arc<Self> {
         Arc::new(Self {
             cfg,
@@ -47,6 +67,8 @@ impl Worker {
             metrics,
             sip_listen: std::sync::Mutex::new(Vec::new()),
             bans: std::sync::Mutex::new(BanList::new(BanConfig::default())),
+            connections,
+            outbound: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -74,11 +96,14 @@ impl Worker {
         })
     }
 
-    /// Binds every SIP listener and serves them.
+    /// Binds every SIP listener and serves them, then starts the outbound registrations
+    /// (their Contact is the first listener).
     pub async fn start_sip(self: &Arc<Self>, sip: &SipConfig) -> std::io::Result<()> {
+        let mut first = None;
         for l in &sip.listen {
             let sock = Arc::new(edge::bind_udp(l.addr).await?);
             let bound = sock.local_addr().unwrap_or(l.addr);
+            first.get_or_insert(bound);
             tracing::info!(listen = %format!("udp:{bound}"), "SIP listening");
             self.sip_listen
                 .lock()
@@ -91,7 +116,95 @@ impl Worker {
                 self.metrics.clone(),
             ));
         }
+        if let Some(listen) = first {
+            self.start_outbound(listen, &sip.user_agent);
+        }
         Ok(())
+    }
+
+    fn outbound(&self) -> std::sync::MutexGuard<'_, Vec<Outbound>> {
+        self.outbound.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One registration task per `register_to_pbx` connection.
+    fn start_outbound(&self, listen: SocketAddr, user_agent: &str) {
+        let mut running = self.outbound();
+        for conn in &self.connections {
+            if conn.kind != ConnectionKind::RegisterToPbx {
+                continue;
+            }
+            let status = Arc::new(std::sync::Mutex::new(OutboundStatus::Registering));
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(run_outbound(
+                conn.clone(),
+                listen,
+                user_agent.to_string(),
+                status.clone(),
+                stop_rx,
+            ));
+            running.push(Outbound {
+                name: conn.name.clone(),
+                server: conn
+                    .proxy
+                    .clone()
+                    .or(conn.server.clone())
+                    .unwrap_or_default(),
+                status,
+                stop,
+                task: Some(task),
+            });
+        }
+    }
+
+    /// Un-registers every outbound registration, waiting at most `limit` for the PBX.
+    pub async fn stop_outbound(&self, limit: Duration) {
+        let tasks: Vec<_> = self
+            .outbound()
+            .iter_mut()
+            .filter_map(|o| {
+                let _ = o.stop.send(true);
+                o.task.take()
+            })
+            .collect();
+        if tasks.is_empty() {
+            return;
+        }
+        let all = async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!("outbound un-registration did not finish in time");
+        }
+    }
+
+    fn outbound_status(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let list: Vec<_> = self
+            .outbound()
+            .iter()
+            .map(|o| {
+                let status = o.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let mut v = json!({
+                    "name": o.name,
+                    "server": o.server,
+                    "state": status.label(),
+                });
+                match status {
+                    OutboundStatus::Registered { until } => {
+                        v["expires_in_s"] = json!(until.saturating_duration_since(now).as_secs());
+                    }
+                    OutboundStatus::Failed { code, reason } => {
+                        v["code"] = json!(code);
+                        v["reason"] = json!(reason);
+                    }
+                    _ => {}
+                }
+                v
+            })
+            .collect();
+        json!(list)
     }
 
     /// The Worker's part of `siptg status`.
@@ -110,6 +223,7 @@ impl Worker {
             "name": self.cfg.name,
             "manager_links": self.links.status(),
             "sip_listen": *self.sip_listen.lock().unwrap_or_else(|p| p.into_inner()),
+            "outbound_registrations": self.outbound_status(),
             "dataplane": { "supervisor": dp, "process": shards },
         })
     }
@@ -204,5 +318,154 @@ impl Responder for Worker {
             }
             Some(reply)
         })
+    }
+}
+
+/// Resolves where a connection's REGISTERs go (DNS for host names), preferring the family of
+/// `local`.
+async fn resolve_target(conn: &ConnectionConfig, local: SocketAddr) -> Result<SocketAddr, String> {
+    let (host, port) = OutboundRegistration::target_spec(conn).map_err(|e| e.to_string())?;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4() == local.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("{host} has no address"))
+}
+
+/// Binds the registration socket next to the SIP listener `listen` (same IP, ephemeral port)
+/// and works out the addresses to advertise: Via (this socket) and Contact (the listener).
+async fn bind_outbound(
+    listen: SocketAddr,
+    target: SocketAddr,
+) -> std::io::Result<(UdpSocket, SocketAddr, SocketAddr)> {
+    let sock = UdpSocket::bind(SocketAddr::new(listen.ip(), 0)).await?;
+    let mut local = sock.local_addr()?;
+    if local.ip().is_unspecified() {
+        // A wildcard listener: the routing table tells which of our addresses the PBX sees.
+        sock.connect(target).await?;
+        local = sock.local_addr()?;
+    }
+    Ok((sock, local, SocketAddr::new(local.ip(), listen.port())))
+}
+
+fn set_status(
+    name: &str,
+    shared: &std::sync::Mutex<OutboundStatus>,
+    new: &OutboundStatus,
+    now: Instant,
+) {
+    let mut cur = shared.lock().unwrap_or_else(|p| p.into_inner());
+    if *cur == *new {
+        return;
+    }
+    let same_kind = std::mem::discriminant(&*cur) == std::mem::discriminant(new);
+    match new {
+        OutboundStatus::Registered { until } => {
+            let expires_s = until.saturating_duration_since(now).as_secs();
+            if same_kind {
+                tracing::debug!(connection = %name, expires_s, "registration at the PBX refreshed");
+            } else {
+                tracing::info!(connection = %name, expires_s, "registered at the PBX");
+            }
+        }
+        OutboundStatus::Failed { code, reason } => {
+            tracing::warn!(connection = %name, code, %reason, "registration at the PBX failed")
+        }
+        OutboundStatus::Unreachable => {
+            tracing::warn!(connection = %name, "PBX unreachable: no answer to REGISTER")
+        }
+        OutboundStatus::Stopped => {
+            tracing::info!(connection = %name, "outbound registration stopped")
+        }
+        OutboundStatus::Registering => {}
+    }
+    *cur = new.clone();
+}
+
+/// Drives one outbound registration until stopped: resolves the PBX, binds a socket, then
+/// feeds the sans-IO client with datagrams and timers.
+async fn run_outbound(
+    conn: ConnectionConfig,
+    listen: SocketAddr,
+    user_agent: String,
+    status: Arc<std::sync::Mutex<OutboundStatus>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = conn.name.clone();
+    let mut delay = crate::sip::outbound::BACKOFF_MIN;
+    let (sock, mut reg) = loop {
+        let setup = async {
+            let target = resolve_target(&conn, listen).await?;
+            let (sock, local, contact) = bind_outbound(listen, target)
+                .await
+                .map_err(|e| format!("cannot bind a registration socket: {e}"))?;
+            let reg = OutboundRegistration::with_target(&conn, target, local, Instant::now())
+                .map_err(|e| e.to_string())?
+                .with_contact(contact)
+                .with_user_agent(user_agent.clone());
+            tracing::info!(connection = %name, pbx = %target, %local, %contact, "registering at the PBX");
+            Ok::<_, String>((sock, reg))
+        };
+        match setup.await {
+            Ok(ready) => break ready,
+            Err(e) => {
+                tracing::warn!(connection = %name, error = %e, "outbound registration cannot start");
+                set_status(&name, &status, &OutboundStatus::Unreachable, Instant::now());
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => {
+                set_status(&name, &status, &OutboundStatus::Stopped, Instant::now());
+                return;
+            }
+        }
+        delay = (delay * 2).min(crate::sip::outbound::BACKOFF_MAX);
+    };
+    let mut buf = vec![0u8; 65_535];
+    let mut stopping = false;
+    loop {
+        while let Some((to, bytes)) = reg.poll_transmit() {
+            if let Err(e) = sock.send_to(&bytes, to).await {
+                // Timers retransmit and eventually report the PBX unreachable.
+                tracing::debug!(connection = %name, %to, error = %e, "cannot send REGISTER");
+            }
+        }
+        set_status(&name, &status, reg.status(), Instant::now());
+        if reg.is_stopped() {
+            return;
+        }
+        let deadline = reg
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    if let Err(e) = reg.on_response(Instant::now(), &buf[..n]) {
+                        tracing::debug!(connection = %name, %from, error = %e, "datagram ignored");
+                    }
+                }
+                // ICMP unreachable on a connected socket and the like: timers handle it.
+                Err(e) => {
+                    tracing::debug!(connection = %name, error = %e, "registration socket error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => reg.handle_timeout(Instant::now()),
+            // A stop request, or the Worker is gone.
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                reg.stop(Instant::now());
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@ pub mod cidr;
 pub mod digest;
 pub mod edge;
 pub mod message;
+pub mod outbound;
 pub mod reasons;
 pub mod registrar;
 pub mod sdp;

@@ -8,12 +8,90 @@
 #  Then, with raw SIP over UDP (sip_probe.py):
 #   5. an INVITE from the PBX before it registered gets "405 REGISTER is required first";
 #   6. five failed REGISTERs from one address get it banned: the sixth gets no answer at all.
+#  Gateway -> PBX connections (`register_to_pbx`), with Kamailio (Debian) as the PBX registrar
+#  (digest auth against passwords in an htable, real-peers.md section 3):
+#   7. siptg registers through the 401 challenge; Kamailio holds the binding (`kamcmd ul.dump`)
+#      and an OPTIONS sent to siptg's AOR at Kamailio reaches siptg by location lookup (200);
+#   8. a connection with a wrong password shows as failed (403) in siptg's /status, and is not
+#      retried in a loop;
+#   9. on shutdown (SIGTERM) siptg un-registers: the binding is gone from Kamailio.
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
 apt_need baresip baresip-core
+apt_need kamailio kamailio
+apt_need kamcmd kamailio
 build_siptg
 
-sip=$(free_port udp); admin=$(free_port tcp)
+sip=$(free_port udp); admin=$(free_port tcp); kam=$(free_port udp)
+
+# Kamailio: a registrar with digest auth (realm = To domain), passwords in memory; it relays
+# out-of-domain requests to registered contacts. Started first so siptg's first REGISTER lands.
+mkdir -p "$WORK/kamrun"
+cat >"$WORK/kamailio.cfg" <<KCFG
+#!KAMAILIO
+debug=2
+log_stderror=yes
+fork=yes
+children=2
+auto_aliases=no
+listen=udp:127.0.0.1:$kam
+alias="127.0.0.1:$kam"
+dns=no
+rev_dns=no
+use_dns_cache=no
+mpath="/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+loadmodule "kex.so"
+loadmodule "corex.so"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "xlog.so"
+loadmodule "sanity.so"
+loadmodule "htable.so"
+loadmodule "auth.so"
+loadmodule "ctl.so"
+modparam("ctl", "binrpc", "unix:$WORK/kamrpc.sock")
+modparam("usrloc", "db_mode", 0)
+modparam("registrar", "max_expires", 3600)
+modparam("auth", "nonce_expire", 300)
+modparam("htable", "htable", "pw=>size=4;")
+event_route[htable:mod-init] {
+    \$sht(pw=>gateway) = "gw-pass-1";
+    \$sht(pw=>gateway2) = "gw-pass-2";
+}
+request_route {
+    if (!mf_process_maxfwd_header("10")) { sl_send_reply("483", "Too Many Hops"); exit; }
+    if (!sanity_check("17895", "7")) { exit; }
+    xlog("L_INFO", "REQ \$rm \$ru from \$fu (src \$si:\$sp)\n");
+    if (has_totag()) { sl_send_reply("404", "Not here"); exit; }
+    t_check_trans();
+    if (is_method("REGISTER")) {
+        if (\$sht(pw=>\$tU) == \$null) { sl_send_reply("403", "Unknown user"); exit; }
+        pv_auth_check("\$td", "\$sht(pw=>\$tU)", "0", "1");
+        \$var(arc) = \$rc;
+        xlog("L_INFO", "REGISTER auth for \$tU: rc=\$var(arc)\n");
+        if (\$var(arc) == -2) { sl_send_reply("403", "Wrong password"); exit; }
+        if (\$var(arc) < 0) { auth_challenge("\$td", "1"); exit; }
+        consume_credentials();
+        if (!save("location")) { sl_reply_error(); exit; }
+        xlog("L_INFO", "REGISTERED \$tU contact \$ct expires \$hdr(Expires)\n");
+        exit;
+    }
+    if (!lookup("location")) { sl_send_reply("404", "Not Found"); exit; }
+    if (!t_relay()) { sl_reply_error(); }
+    exit;
+}
+KCFG
+kamailio -c -f "$WORK/kamailio.cfg" >"$WORK/kamailio-check.log" 2>&1 || { cat "$WORK/kamailio-check.log"; die "kamailio config invalid"; }
+start kamailio kamailio -f "$WORK/kamailio.cfg" -DD -E -m 64 -M 8 -P "$WORK/kamailio.pid" -Y "$WORK/kamrun"
+kamrpc() { kamcmd -s "unix:$WORK/kamrpc.sock" "$@"; }
+wait_until 10 kamrpc core.version || { cat "$WORK/kamailio.log"; die "kamailio did not start"; }
 cat >"$WORK/siptg.toml" <<CFG
 [node]
 state_dir = "$WORK/state"
@@ -33,9 +111,25 @@ type = "pbx_registers"
 login = "office"
 password = "office-pass-1"
 trusted_ips = ["127.0.0.1/32"]
+
+[[connection]]
+name = "kamailio"
+type = "register_to_pbx"
+server = "127.0.0.1:$kam"
+login = "gateway"
+password = "gw-pass-1"
+expires = 600
+
+[[connection]]
+name = "kamailio-wrong"
+type = "register_to_pbx"
+server = "127.0.0.1:$kam"
+login = "gateway2"
+password = "not-the-password"
 CFG
 "$SIPTG" check-config "$WORK/siptg.toml" >/dev/null || die "config invalid"
 start siptg "$SIPTG" up --config "$WORK/siptg.toml"
+siptg_pgid=${PGIDS[-1]}
 wait_until 20 "$SIPTG" status --admin "127.0.0.1:$admin" || { cat "$WORK/siptg.log"; die "siptg did not start"; }
 # The Manager links to the Worker in-process; give it a moment.
 sleep 1
@@ -78,4 +172,69 @@ curl -fsS "http://127.0.0.1:$admin/bans" | grep -q '"127.0.0.3/32"' || die "ban 
 curl -fsS -X POST "http://127.0.0.1:$admin/bans/lift?ip=127.0.0.3" >/dev/null || die "ban not lifted"
 python3 "$here/sip_probe.py" 127.0.0.1 "$sip" --after-lift || die "lifted address not answered"
 log "bans: listed and lifted through the admin API"
+# outbound NAME: the connection's entry in siptg's /status, as JSON.
+outbound() {
+  "$SIPTG" status --admin "127.0.0.1:$admin" --json | python3 -c '
+import json, sys
+def find(v):
+    if isinstance(v, dict):
+        if "outbound_registrations" in v: return v["outbound_registrations"]
+        for x in v.values():
+            r = find(x)
+            if r is not None: return r
+    elif isinstance(v, list):
+        for x in v:
+            r = find(x)
+            if r is not None: return r
+for o in find(json.load(sys.stdin)) or []:
+    if o["name"] == sys.argv[1]: print(json.dumps(o, separators=(",", ":")))' "$1"
+}
+registered() { outbound kamailio | grep -q '"state":"registered"'; }
+wait_until 20 registered || { outbound kamailio; tail -n 30 "$WORK/kamailio.log"; die "siptg did not register at kamailio"; }
+log "kamailio: siptg's status: $(outbound kamailio)"
+grep -q "REGISTER auth for gateway: rc=-5" "$WORK/kamailio.log" || die "kamailio did not challenge siptg"
+grep -q "REGISTERED gateway contact <sip:gateway@127.0.0.1:$sip>" "$WORK/kamailio.log" \
+  || { tail -n 30 "$WORK/kamailio.log"; die "kamailio did not save siptg's contact"; }
+kamrpc ul.dump >"$WORK/uldump.txt"
+grep -q "sip:gateway@127.0.0.1:$sip" "$WORK/uldump.txt" || { cat "$WORK/uldump.txt"; die "no binding for siptg in kamailio's location table"; }
+log "kamailio: location table holds $(grep -o "sip:gateway@127.0.0.1:$sip" "$WORK/uldump.txt" | head -n 1)"
+
+# An OPTIONS to siptg's AOR at Kamailio is relayed by location lookup and answered by siptg.
+python3 - "$kam" <<'PY' || die "OPTIONS through kamailio did not reach siptg"
+import socket, sys, uuid
+kam = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); s.settimeout(5)
+port = s.getsockname()[1]
+msg = (f"OPTIONS sip:gateway@127.0.0.1:{kam} SIP/2.0\r\n"
+       f"Via: SIP/2.0/UDP 127.0.0.1:{port};rport;branch=z9hG4bK{uuid.uuid4().hex}\r\n"
+       "Max-Forwards: 70\r\n"
+       f"From: <sip:probe@probe.invalid>;tag={uuid.uuid4().hex[:8]}\r\n"
+       f"To: <sip:gateway@127.0.0.1:{kam}>\r\n"
+       f"Call-ID: {uuid.uuid4().hex}@probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n")
+s.sendto(msg.encode(), ("127.0.0.1", kam))
+while True:
+    data = s.recv(65535).decode(errors="replace")
+    line = data.split("\r\n", 1)[0]
+    if not line.startswith("SIP/2.0 1"): break
+server = next((l for l in data.split("\r\n") if l.lower().startswith("server:")), "?")
+print("[interop] kamailio: OPTIONS to siptg's AOR:", line, "|", server)
+sys.exit(0 if line.startswith("SIP/2.0 200") and "siptg" in server.lower() else 1)
+PY
+
+# The wrong password: failed with Kamailio's 403, and not retried in a loop.
+failed() { local o; o=$(outbound kamailio-wrong); [[ $o == *'"state":"failed"'* && $o == *'"code":403'* ]]; }
+wait_until 10 failed || { outbound kamailio-wrong; die "wrong-password connection not reported failed"; }
+log "kamailio: wrong password: $(outbound kamailio-wrong)"
+before=$(grep -c "REGISTER auth for gateway2" "$WORK/kamailio.log" || true)
+sleep 6
+attempts=$(( $(grep -c "REGISTER auth for gateway2" "$WORK/kamailio.log" || true) - before ))
+[ "$attempts" -le 4 ] || die "wrong-password REGISTERs loop ($attempts in 6 s)"
+log "kamailio: wrong password: $attempts REGISTERs in the next 6 s (backoff, no loop)"
+
+# Graceful shutdown un-registers.
+kill -TERM -- "-$siptg_pgid"
+gone() { ! kamrpc ul.dump | grep -q "sip:gateway@127.0.0.1:$sip"; }
+wait_until 10 gone || die "siptg's binding still at kamailio after shutdown"
+grep -q "outbound registration stopped" "$WORK/siptg.log" || die "siptg did not log the stop"
+log "kamailio: binding removed on siptg shutdown"
 log "sip: all cases pass"
