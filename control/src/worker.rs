@@ -109,11 +109,10 @@ impl Worker {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(format!("udp:{bound}"));
-            tokio::spawn(edge::serve_udp(
+            tokio::spawn(crate::sip::core::serve_udp(
                 sock,
-                self.clone() as Arc<dyn Responder>,
+                self.clone(),
                 sip.user_agent.clone(),
-                self.metrics.clone(),
             ));
         }
         if let Some(listen) = first {
@@ -242,13 +241,53 @@ impl Worker {
         self.bans().lift(ip)
     }
 
+    /// The Manager's decision for a request: a final answer or, for an INVITE, where to forward
+    /// the call. `None` when the source is banned (no answer at all).
+    pub async fn decide(&self, req: &Request, source: SocketAddr) -> Option<LinkResponse> {
+        if self
+            .bans()
+            .is_banned(source.ip(), std::time::Instant::now())
+            .is_some()
+        {
+            self.metrics.inc("siptg_sip_banned_drops_total", &[]);
+            return None;
+        }
+        Some(self.ask_manager(req, source).await)
+    }
+
     async fn route(&self, req: &Request, source: SocketAddr) -> Reply {
-        let no_manager = Reply::new(503, reasons::NO_RESPONSE_FROM_MANAGER);
+        match self.ask_manager(req, source).await {
+            LinkResponse::Route {
+                code,
+                reason,
+                headers,
+            } => Reply {
+                code,
+                reason,
+                headers,
+            },
+            other => {
+                tracing::warn!(?other, "Manager answered a non-INVITE with something else");
+                Reply::new(503, reasons::NO_RESPONSE_FROM_MANAGER)
+            }
+        }
+    }
+
+    async fn ask_manager(&self, req: &Request, source: SocketAddr) -> LinkResponse {
+        let no_manager = LinkResponse::Route {
+            code: 503,
+            reason: reasons::NO_RESPONSE_FROM_MANAGER.to_string(),
+            headers: Vec::new(),
+        };
         let Some(manager) = self.links.manager() else {
             return no_manager;
         };
         if req.method == "OPTIONS" {
-            return Reply::new(200, "OK");
+            return LinkResponse::Route {
+                code: 200,
+                reason: "OK".into(),
+                headers: Vec::new(),
+            };
         }
         let query = RouteQuery {
             method: req.method.clone(),
@@ -264,15 +303,7 @@ impl Worker {
             .request(LinkRequest::Route(query), self.cfg.manager_timeout)
             .await
         {
-            Ok(LinkResponse::Route {
-                code,
-                reason,
-                headers,
-            }) => Reply {
-                code,
-                reason,
-                headers,
-            },
+            Ok(r @ (LinkResponse::Route { .. } | LinkResponse::Forward { .. })) => r,
             Ok(other) => {
                 tracing::warn!(?other, "Manager answered a route query with something else");
                 no_manager

@@ -1,7 +1,9 @@
 //! The Worker's SIP edge: listeners, request parsing, and the reason phrases SIP.TG uses.
 
 pub mod ban;
+pub mod call;
 pub mod cidr;
+pub mod core;
 pub mod digest;
 pub mod edge;
 pub mod message;

@@ -237,4 +237,6 @@ gone() { ! kamrpc ul.dump | grep -q "sip:gateway@127.0.0.1:$sip"; }
 wait_until 10 gone || die "siptg's binding still at kamailio after shutdown"
 grep -q "outbound registration stopped" "$WORK/siptg.log" || die "siptg did not log the stop"
 log "kamailio: binding removed on siptg shutdown"
+# B2BUA calls between two real phones through siptg (own siptg instance).
+"$here/calls.sh" "$SIPTG" || die "B2BUA calls failed"
 log "sip: all cases pass"

@@ -1,0 +1,405 @@
+//! The Worker's SIP core on one UDP socket: the transaction layer, the B2BUA's calls, and the
+//! bridge to the Manager (routing) and the dataplane (media). One tokio task per listener.
+//!
+//! Everything protocol-shaped is sans-IO ([`super::transaction`], [`super::call`]); this task
+//! only moves bytes, runs the asynchronous steps (asking the Manager, creating media legs) in
+//! spawned tasks whose results come back on a channel, and feeds timers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use siptg_proto::SessionId;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use super::call::{Call, CallAction, Side, Target};
+use super::edge::{Reply, Responder};
+use super::message::parse_request;
+use super::msg::{parse_datagram, Method, SipRequest, SipResponse};
+use super::sdp::CodecPrefs;
+use super::transaction::{
+    ClientKey, ServerKey, TimerConfig, TransactionLayer, Transport, TxEvent, TxKey,
+};
+use crate::dataplane::{latching_leg, DataplaneClient};
+use crate::link::Response as LinkResponse;
+use crate::worker::Worker;
+
+/// What a spawned step reports back to the core.
+enum Done {
+    /// A non-INVITE request (or a refused INVITE) is answered.
+    Answer { key: ServerKey, resp: SipResponse },
+    /// An INVITE may proceed: its media session and legs exist.
+    CallReady {
+        key: ServerKey,
+        req: SipRequest,
+        source: SocketAddr,
+        target: Target,
+        session: SessionId,
+        legs: [(u32, SocketAddr); 2],
+    },
+}
+
+struct CallEntry {
+    call: Call,
+    invite: ServerKey,
+    session: SessionId,
+    legs: [u32; 2],
+    /// Server transactions of in-dialog requests, by side and CSeq method, awaiting answers.
+    pending: Vec<(Side, Method, ServerKey)>,
+}
+
+/// Runs the SIP core on `sock` until the process ends.
+pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String) {
+    let local = match sock.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let mut tx = TransactionLayer::new(TimerConfig::default());
+    tx.set_server_header(Some(server.clone()));
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(1024);
+    let mut calls: HashMap<u64, CallEntry> = HashMap::new();
+    let mut by_call_id: HashMap<String, (u64, Side)> = HashMap::new();
+    let mut by_client: HashMap<ClientKey, (u64, Side)> = HashMap::new();
+    let mut next_call = 1u64;
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let sleep = match tx.poll_timeout() {
+            Some(t) => tokio::time::sleep_until(t.into()),
+            None => tokio::time::sleep(std::time::Duration::from_secs(1)),
+        };
+        tokio::select! {
+            got = sock.recv_from(&mut buf) => {
+                let Ok((n, source)) = got else { continue };
+                let data = &buf[..n];
+                if data.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue; // keepalive CRLFs (RFC 5626)
+                }
+                match parse_datagram(data) {
+                    Ok(msg) => tx.on_message(Instant::now(), msg, source, Transport::Udp),
+                    Err(e) => tracing::debug!(%source, error = %e, "unparseable SIP datagram dropped"),
+                }
+            }
+            Some(done) = done_rx.recv() => {
+                let now = Instant::now();
+                match done {
+                    Done::Answer { key, resp } => {
+                        let _ = tx.respond(now, &key, resp);
+                    }
+                    Done::CallReady { key, req, source, target, session, legs } => {
+                        match Call::start(req.clone(), source, &target, &CodecPrefs::default(), legs[0].1, legs[1].1, local) {
+                            Ok(call) => {
+                                let id = next_call;
+                                next_call += 1;
+                                let (a_id, b_id) = call.call_ids();
+                                by_call_id.insert(a_id.to_string(), (id, Side::A));
+                                by_call_id.insert(b_id.to_string(), (id, Side::B));
+                                calls.insert(id, CallEntry { call, invite: key, session, legs: [legs[0].0, legs[1].0], pending: Vec::new() });
+                            }
+                            Err(refusal) => {
+                                let resp = SipResponse::to(&req, refusal.code, &refusal.reason, Some(&tag()));
+                                let _ = tx.respond(now, &key, resp);
+                                delete_session(&worker, session);
+                            }
+                        }
+                    }
+                }
+            }
+            _ = sleep => {
+                tx.handle_timeout(Instant::now());
+            }
+        }
+        // Events from the transaction layer.
+        while let Some(ev) = tx.poll_event() {
+            let now = Instant::now();
+            match ev {
+                TxEvent::Request {
+                    key, req, source, ..
+                } => {
+                    let in_dialog = req.to_tag().is_some();
+                    if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
+                        if let Some(e) = calls.get_mut(&id) {
+                            e.pending.push((side, req.method.clone(), key));
+                            e.call.on_request(side, req);
+                        }
+                    } else if in_dialog {
+                        let resp =
+                            SipResponse::to(&req, 481, "Call/Transaction Does Not Exist", None);
+                        let _ = tx.respond(now, &key, resp);
+                    } else if req.method == Method::Invite {
+                        tokio::spawn(route_invite(
+                            worker.clone(),
+                            key,
+                            req,
+                            source,
+                            done_tx.clone(),
+                        ));
+                    } else {
+                        tokio::spawn(answer_plain(
+                            worker.clone(),
+                            key,
+                            req,
+                            source,
+                            done_tx.clone(),
+                        ));
+                    }
+                }
+                TxEvent::Ack { req, .. } => {
+                    if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
+                        if let Some(e) = calls.get_mut(&id) {
+                            e.call.on_request(side, req);
+                        }
+                    }
+                }
+                TxEvent::Cancel { req, .. } => {
+                    // The layer already answered the CANCEL; the call answers the INVITE 487.
+                    if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
+                        if let Some(e) = calls.get_mut(&id) {
+                            e.call.on_request(side, req);
+                        }
+                    }
+                }
+                TxEvent::Response { key, resp, .. } => {
+                    if let Some(&(id, side)) = by_client.get(&key) {
+                        if let Some(e) = calls.get_mut(&id) {
+                            e.call.on_response(side, resp);
+                        }
+                    }
+                }
+                TxEvent::Timeout { key } | TxEvent::TransportError { key } => {
+                    if let TxKey::Client(k) = &key {
+                        if let Some(&(id, side)) = by_client.get(k) {
+                            if let Some(e) = calls.get_mut(&id) {
+                                // As if the peer answered 408 (RFC 3261 §8.1.3.1).
+                                if k.method == Method::Invite {
+                                    let mut resp = SipResponse::new(408, "Request Timeout");
+                                    resp.headers_mut().add("CSeq", "1 INVITE");
+                                    resp.headers_mut()
+                                        .add("Call-ID", e.call.call_ids().1.to_string());
+                                    e.call.on_response(side, resp);
+                                }
+                            }
+                        }
+                        by_client.remove(k);
+                    }
+                }
+            }
+        }
+        // Actions of the calls.
+        let now = Instant::now();
+        let mut ended = Vec::new();
+        for (&id, e) in calls.iter_mut() {
+            while let Some(action) = e.call.poll_action() {
+                match action {
+                    CallAction::RespondInvite(resp) => {
+                        let _ = tx.respond(now, &e.invite, resp);
+                    }
+                    CallAction::Respond { side, resp } => {
+                        let method = resp.cseq().map(|c| c.1);
+                        if method == Some(Method::Cancel) {
+                            continue; // answered by the transaction layer already
+                        }
+                        if let Some(i) = e
+                            .pending
+                            .iter()
+                            .position(|(s, m, _)| *s == side && Some(m) == method.as_ref())
+                        {
+                            let (_, _, key) = e.pending.remove(i);
+                            let _ = tx.respond(now, &key, resp);
+                        }
+                    }
+                    CallAction::Send { side, req, dest } => {
+                        let result = if req.method == Method::Cancel {
+                            let invite = by_client
+                                .iter()
+                                .find(|(k, (cid, s))| {
+                                    *cid == id && *s == side && k.method == Method::Invite
+                                })
+                                .map(|(k, _)| k.clone());
+                            match invite {
+                                Some(k) => tx.cancel(now, &k),
+                                None => continue,
+                            }
+                        } else {
+                            tx.send_request(now, req, dest, Transport::Udp)
+                        };
+                        if let Ok(k) = result {
+                            by_client.insert(k, (id, side));
+                        }
+                    }
+                    CallAction::SendAck { req, dest, .. } => {
+                        tx.send_stateless(dest, Transport::Udp, req);
+                    }
+                    CallAction::UpdateLeg { side, spec } => {
+                        let leg = e.legs[match side {
+                            Side::A => 0,
+                            Side::B => 1,
+                        }];
+                        let session = e.session;
+                        if let Some(dp) = worker.dataplane().client() {
+                            tokio::spawn(async move {
+                                if let Err(err) = dp.update_leg(session, leg, spec).await {
+                                    tracing::warn!(session, leg, error = %err, "media leg update refused");
+                                }
+                            });
+                        }
+                    }
+                    CallAction::Ended { reason } => {
+                        tracing::info!(session = e.session, %reason, "call ended");
+                        ended.push(id);
+                    }
+                }
+            }
+        }
+        for id in ended {
+            if let Some(e) = calls.remove(&id) {
+                by_call_id.retain(|_, (cid, _)| *cid != id);
+                by_client.retain(|_, (cid, _)| *cid != id);
+                delete_session(&worker, e.session);
+            }
+        }
+        while let Some((dest, _transport, bytes)) = tx.poll_transmit() {
+            if let Err(e) = sock.send_to(&bytes, dest).await {
+                tracing::debug!(%dest, error = %e, "SIP send failed");
+                tx.on_transport_error(dest, Transport::Udp);
+            }
+        }
+    }
+}
+
+fn tag() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+fn delete_session(worker: &Arc<Worker>, session: SessionId) {
+    if let Some(dp) = worker.dataplane().client() {
+        tokio::spawn(async move {
+            let _ = dp.delete_session(session).await;
+        });
+    }
+}
+
+/// The old request reader's view of a request, for the Worker's routing decisions.
+fn legacy(req: &SipRequest) -> Option<super::message::Request> {
+    parse_request(&req.to_bytes()).ok()
+}
+
+fn response_for(req: &SipRequest, reply: Reply) -> SipResponse {
+    let mut resp = SipResponse::to(req, reply.code, &reply.reason, Some(&tag()));
+    for (n, v) in reply.headers {
+        resp.headers_mut().add(&n, v);
+    }
+    if req.method == Method::Options && reply.code == 200 {
+        resp.headers_mut().add(
+            "Allow",
+            "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, MESSAGE",
+        );
+    }
+    resp
+}
+
+/// REGISTER, OPTIONS, …: the Worker's answer (bans, Manager) through the transaction.
+async fn answer_plain(
+    worker: Arc<Worker>,
+    key: ServerKey,
+    req: SipRequest,
+    source: SocketAddr,
+    done: mpsc::Sender<Done>,
+) {
+    let Some(old) = legacy(&req) else { return };
+    if let Some(reply) = worker.answer(old, source).await {
+        let _ = done
+            .send(Done::Answer {
+                key,
+                resp: response_for(&req, reply),
+            })
+            .await;
+    }
+}
+
+/// An initial INVITE: ask the Manager; a forward gets a media session with two legs first.
+async fn route_invite(
+    worker: Arc<Worker>,
+    key: ServerKey,
+    req: SipRequest,
+    source: SocketAddr,
+    done: mpsc::Sender<Done>,
+) {
+    let Some(old) = legacy(&req) else { return };
+    let decision = worker.decide(&old, source).await;
+    let answer = |reply: Reply| Done::Answer {
+        key: key.clone(),
+        resp: response_for(&req, reply),
+    };
+    let Some(decision) = decision else { return };
+    let (contact, address) = match decision {
+        LinkResponse::Forward {
+            contact, address, ..
+        } => (contact, address),
+        LinkResponse::Route {
+            code,
+            reason,
+            headers,
+        } => {
+            let _ = done
+                .send(answer(Reply {
+                    code,
+                    reason,
+                    headers,
+                }))
+                .await;
+            return;
+        }
+        _ => {
+            let _ = done
+                .send(answer(Reply::new(
+                    503,
+                    super::reasons::NO_RESPONSE_FROM_MANAGER,
+                )))
+                .await;
+            return;
+        }
+    };
+    let Some(dp) = worker.dataplane().client() else {
+        let _ = done
+            .send(answer(Reply::new(503, "Worker is not ready")))
+            .await;
+        return;
+    };
+    match media(&dp, req.call_id().unwrap_or("call")).await {
+        Ok((session, legs)) => {
+            let _ = done
+                .send(Done::CallReady {
+                    key,
+                    req,
+                    source,
+                    target: Target { contact, address },
+                    session,
+                    legs,
+                })
+                .await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create the call's media");
+            let _ = done
+                .send(answer(Reply::new(503, "Worker is not ready")))
+                .await;
+        }
+    }
+}
+
+async fn media(
+    dp: &DataplaneClient,
+    tag: &str,
+) -> Result<(SessionId, [(u32, SocketAddr); 2]), crate::dataplane::DpError> {
+    let session = dp.create_session(&format!("sip:{tag}")).await?;
+    let a = dp
+        .add_leg(session, latching_leg(siptg_proto::Codec::pcma(), None))
+        .await?;
+    let b = dp
+        .add_leg(session, latching_leg(siptg_proto::Codec::pcma(), None))
+        .await?;
+    dp.bridge(session, a.leg, b.leg).await?;
+    Ok((session, [(a.leg, a.local), (b.leg, b.local)]))
+}

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# B2BUA calls between two real SIP phones (baresip), both registered to siptg as PBX connections
+# `alice` and `bob`; the dataplane relays the media. Checked:
+#  1. alice calls bob (auto-answer); each records what it hears: alice must hear bob's 1000 Hz,
+#     bob alice's 440 Hz (Goertzel); the caller hangs up, and both see the call end;
+#  2. bob calls alice and the callee hangs up this time (BYE relayed the other way);
+#  3. the dataplane relayed RTP both ways and no media session outlives the calls.
+# Usage: calls.sh SIPTG_BINARY (sourced helpers from ../lib.sh; run from tests/interop/sip/run.sh)
+. "$(dirname "$0")/../lib.sh"
+here=$(cd "$(dirname "$0")" && pwd)
+apt_need baresip baresip-core
+SIPTG=${1:-}
+[ -x "$SIPTG" ] || build_siptg
+
+sip=$(free_port udp); admin=$(free_port tcp)
+cat >"$WORK/calls.toml" <<CFG
+[node]
+state_dir = "$WORK/calls-state"
+[admin]
+listen = "127.0.0.1:$admin"
+[dataplane]
+cores = [0]
+socket = "$WORK/calls-state/dp.sock"
+rtp_port_min = 47200
+rtp_port_max = 47299
+[sip]
+listen = ["udp:127.0.0.1:$sip"]
+
+[[connection]]
+name = "alice"
+type = "pbx_registers"
+login = "alice"
+password = "alice-pass-1"
+trusted_ips = ["127.0.0.1/32"]
+
+[[connection]]
+name = "bob"
+type = "pbx_registers"
+login = "bob"
+password = "bob-pass-1"
+trusted_ips = ["127.0.0.1/32"]
+CFG
+start calls-siptg "$SIPTG" up --config "$WORK/calls.toml"
+wait_until 20 "$SIPTG" status --admin "127.0.0.1:$admin" || { cat "$WORK/calls-siptg.log"; die "siptg did not start"; }
+sleep 1
+
+tone() {  # tone FILE FREQ: 8 kHz mono S16LE WAV, 12 s
+  python3 - "$1" "$2" <<'PY'
+import math, struct, sys, wave
+with wave.open(sys.argv[1], "wb") as w:
+    w.setnchannels(1); w.setsampwidth(2); w.setframerate(8000)
+    f = float(sys.argv[2])
+    w.writeframes(b"".join(struct.pack("<h", int(9000 * math.sin(2 * math.pi * f * i / 8000))) for i in range(8000 * 12)))
+PY
+}
+
+# phone NAME FREQ: a baresip dir that sends FREQ, records what it hears, auto-answers.
+phone() {
+  local name=$1 freq=$2 dir="$WORK/phone-$1"
+  mkdir -p "$dir/rec"
+  tone "$dir/tone.wav" "$freq"
+  cat >"$dir/config" <<BCFG
+poll_method		epoll
+sip_listen		127.0.0.1:$(free_port udp)
+net_interface		127.0.0.1
+dns_server		127.0.0.1:53
+rtp_ports		$3
+audio_source		aufile,$dir/tone.wav
+audio_player		aubridge,null_$name
+audio_alert		aubridge,nullalert_$name
+module_path		/usr/lib/baresip/modules
+module			g711.so
+module			aufile.so
+module			aubridge.so
+module			sndfile.so
+snd_path		$dir/rec
+module_tmp		uuid.so
+module_tmp		account.so
+module_app		menu.so
+module_app		ctrl_tcp.so
+ctrl_tcp_listen		127.0.0.1:$4
+BCFG
+  echo "<sip:$name@127.0.0.1:$sip>;auth_pass=$name-pass-1;answermode=auto;regint=600" >"$dir/accounts"
+}
+
+goertzel() {  # goertzel WAV WANT OTHER -> exit 0 when WANT dominates OTHER by 100x and rms > 1000
+  python3 - "$@" <<'PY'
+import math, struct, sys, wave
+with wave.open(sys.argv[1], "rb") as w:
+    ch, rate, n = w.getnchannels(), w.getframerate(), w.getnframes()
+    x = struct.unpack("<%dh" % n * ch, w.readframes(n))[::ch][int(rate * 0.5):]
+def p(f):
+    k = 2 * math.cos(2 * math.pi * f / rate); s1 = s2 = 0.0
+    for v in x: s0 = v + k * s1 - s2; s2, s1 = s1, s0
+    return s1 * s1 + s2 * s2 - k * s1 * s2
+want, other = float(sys.argv[2]), float(sys.argv[3])
+rms = math.sqrt(sum(v * v for v in x) / max(1, len(x)))
+ok = rms > 1000 and p(want) > 100 * max(p(other), p(2000))
+print(f"{sys.argv[1].split('/')[-3]} heard {want:g} Hz: {'yes' if ok else 'NO'} (rms {rms:.0f}, {len(x) / rate:.1f} s)")
+sys.exit(0 if ok else 1)
+PY
+}
+
+ctl_alice=$(free_port tcp); ctl_bob=$(free_port tcp)
+phone alice 440 20300-20319 "$ctl_alice"
+phone bob 1000 20320-20339 "$ctl_bob"
+
+ctrl() {  # ctrl PORT COMMAND PARAMS: one ctrl_tcp command (netstring JSON), after the phone is up
+  python3 - "$@" <<'PY'
+import json, socket, sys, time
+port, cmd, params = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+end = time.time() + 10
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=2); break
+    except OSError:
+        if time.time() > end: sys.exit("ctrl_tcp not reachable")
+        time.sleep(0.1)
+body = json.dumps({"command": cmd, "params": params, "token": "1"}).encode()
+s.sendall(str(len(body)).encode() + b":" + body + b",")
+time.sleep(0.3)
+PY
+}
+
+# call CALLER CALLEE HANGUP_BY: the callee runs longer or shorter so the chosen side hangs up.
+call() {
+  local caller=$1 callee=$2 by=$3 t_caller t_callee
+  rm -f "$WORK"/phone-*/rec/*.wav
+  if [ "$by" = caller ]; then t_caller=8; t_callee=12; else t_caller=12; t_callee=8; fi
+  timeout 20 baresip -f "$WORK/phone-$callee" -t $t_callee </dev/null >"$WORK/phone-$callee/log" 2>&1 &
+  local callee_pid=$!
+  sleep 1.5
+  timeout 20 baresip -f "$WORK/phone-$caller" -t $t_caller </dev/null >"$WORK/phone-$caller/log" 2>&1 &
+  local caller_pid=$!
+  # Dial once the caller has registered (an INVITE before REGISTER gets 405, by design).
+  local port; [ "$caller" = alice ] && port=$ctl_alice || port=$ctl_bob
+  wait_until 5 grep -q "200 OK" "$WORK/phone-$caller/log"
+  ctrl "$port" dial "sip:$callee@127.0.0.1:$sip"
+  wait $caller_pid || true
+  wait $callee_pid || true
+  grep -q "Call established\|call established\|ESTABLISHED" "$WORK/phone-$caller/log" "$WORK/phone-$callee/log" 2>/dev/null \
+    || grep -qi "established" "$WORK/phone-$caller/log" \
+    || { tail -n 30 "$WORK/phone-$caller/log" "$WORK/phone-$callee/log"; tail -n 30 "$WORK/calls-siptg.log"; die "$caller -> $callee: call not established"; }
+  local wa wb
+  wa=$(ls "$WORK/phone-$caller"/rec/*-dec.wav 2>/dev/null | head -n 1)
+  wb=$(ls "$WORK/phone-$callee"/rec/*-dec.wav 2>/dev/null | head -n 1)
+  [ -n "$wa" ] && [ -n "$wb" ] || die "$caller -> $callee: no recording"
+  local fa fb
+  [ "$caller" = alice ] && { fa=1000; fb=440; } || { fa=440; fb=1000; }
+  goertzel "$wa" $fa $fb || die "$caller did not hear $callee's tone"
+  goertzel "$wb" $fb $fa || die "$callee did not hear $caller's tone"
+  grep -q "call ended" "$WORK/calls-siptg.log" || die "siptg did not end the call"
+  log "call $caller -> $callee: tones heard both ways; hung up by the $by"
+}
+
+call alice bob caller
+call bob alice callee
+sleep 1
+left=$(curl -fsS "http://127.0.0.1:$admin/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(sh.get("sessions",0) for sh in (s.get("worker",{}).get("dataplane",{}).get("process",{}) or {}).get("shards",[])))' 2>/dev/null || echo "?")
+log "media sessions left after the calls: $left"
+[ "$left" = 0 ] || [ "$left" = "?" ] || die "$left media sessions outlived their calls"
+log "calls: all cases pass"
