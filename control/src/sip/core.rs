@@ -26,6 +26,20 @@ use crate::dataplane::{latching_leg, DataplaneClient};
 use crate::link::Response as LinkResponse;
 use crate::worker::Worker;
 
+/// The `Server` header value (the configured user agent), set once at start.
+static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Stamps our `Server` header on a response we originate.
+fn stamped(mut resp: SipResponse) -> SipResponse {
+    if resp.header("Server").is_none() {
+        resp.headers_mut().add(
+            "Server",
+            SERVER.get().map(String::as_str).unwrap_or("siptg"),
+        );
+    }
+    resp
+}
+
 /// What a spawned step reports back to the core.
 enum Done {
     /// A non-INVITE request (or a refused INVITE) is answered.
@@ -58,6 +72,7 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
     };
     let mut tx = TransactionLayer::new(TimerConfig::default());
     tx.set_server_header(Some(server.clone()));
+    let _ = SERVER.set(server.clone());
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(1024);
     let mut calls: HashMap<u64, CallEntry> = HashMap::new();
     let mut by_call_id: HashMap<String, (u64, Side)> = HashMap::new();
@@ -85,7 +100,7 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
                 let now = Instant::now();
                 match done {
                     Done::Answer { key, resp } => {
-                        let _ = tx.respond(now, &key, resp);
+                        let _ = tx.respond(now, &key, stamped(resp));
                     }
                     Done::CallReady { key, req, source, target, session, legs } => {
                         match Call::start(req.clone(), source, &target, &CodecPrefs::default(), legs[0].1, legs[1].1, local) {
@@ -193,7 +208,7 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
             while let Some(action) = e.call.poll_action() {
                 match action {
                     CallAction::RespondInvite(resp) => {
-                        let _ = tx.respond(now, &e.invite, resp);
+                        let _ = tx.respond(now, &e.invite, stamped(resp));
                     }
                     CallAction::Respond { side, resp } => {
                         let method = resp.cseq().map(|c| c.1);
@@ -206,7 +221,7 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
                             .position(|(s, m, _)| *s == side && Some(m) == method.as_ref())
                         {
                             let (_, _, key) = e.pending.remove(i);
-                            let _ = tx.respond(now, &key, resp);
+                            let _ = tx.respond(now, &key, stamped(resp));
                         }
                     }
                     CallAction::Send { side, req, dest } => {
@@ -287,6 +302,10 @@ fn legacy(req: &SipRequest) -> Option<super::message::Request> {
 
 fn response_for(req: &SipRequest, reply: Reply) -> SipResponse {
     let mut resp = SipResponse::to(req, reply.code, &reply.reason, Some(&tag()));
+    resp.headers_mut().add(
+        "Server",
+        SERVER.get().map(String::as_str).unwrap_or("siptg"),
+    );
     for (n, v) in reply.headers {
         resp.headers_mut().add(&n, v);
     }

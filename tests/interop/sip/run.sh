@@ -167,6 +167,8 @@ baresip_register unknown-login 127.0.0.1 nobody whatever "404 Route not found"
 grep -q "PBX registered" "$WORK/siptg.log" || die "siptg did not log the registration"
 
 python3 "$here/sip_probe.py" 127.0.0.1 "$sip" || die "raw SIP checks failed"
+# Malformed messages get 400 or silence, odd but valid ones are answered, siptg stays up.
+python3 "$here/malformed.py" 127.0.0.1 "$sip" || die "malformed-message checks failed"
 # The ban is listed and lifted through the admin API; the address is answered again.
 curl -fsS "http://127.0.0.1:$admin/bans" | grep -q '"127.0.0.3/32"' || die "ban of 127.0.0.3 not listed"
 curl -fsS -X POST "http://127.0.0.1:$admin/bans/lift?ip=127.0.0.3" >/dev/null || die "ban not lifted"
