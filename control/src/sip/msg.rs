@@ -1020,9 +1020,16 @@ fn parse_head(head: &[u8]) -> Result<(SipMessage, Option<usize>), ParseError> {
     Ok((msg, length))
 }
 
+/// Whether text starts with `SIP/` in any case (byte-wise: the text may not be ASCII).
+fn starts_with_sip(s: &str) -> bool {
+    s.as_bytes()
+        .get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
+}
+
 fn parse_start_line(line: &str) -> Result<SipMessage, ParseError> {
     let bad = || ParseError::StartLine(line.chars().take(80).collect());
-    if line.len() >= 4 && line[..4].eq_ignore_ascii_case("SIP/") {
+    if starts_with_sip(line) {
         let (version, rest) = line.split_once(' ').ok_or_else(bad)?;
         if !version.eq_ignore_ascii_case("SIP/2.0") {
             return Err(ParseError::Version(version.chars().take(20).collect()));
@@ -1056,7 +1063,7 @@ fn parse_start_line(line: &str) -> Result<SipMessage, ParseError> {
         return Err(bad());
     }
     if !version.eq_ignore_ascii_case("SIP/2.0") {
-        if version.len() >= 4 && version[..4].eq_ignore_ascii_case("SIP/") {
+        if starts_with_sip(version) {
             return Err(ParseError::Version(version.chars().take(20).collect()));
         }
         return Err(bad());
@@ -1477,6 +1484,16 @@ CSeq: 1 INVITE\r\nl: 0\r\nc: application/sdp\r\nk: 100rel\r\nm: <sip:a@[2001:db8
             (
                 b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(),
                 |e| *e == ParseError::Truncated,
+            ),
+            // Multi-byte characters where "SIP/" would be: no slicing inside a character.
+            ("SIP\u{e9}2.0 200 OK\r\n\r\n".as_bytes().to_vec(), |e| {
+                matches!(e, ParseError::StartLine(_))
+            }),
+            (
+                "OPTIONS sip:gw SIP\u{e9}\r\nVia: x\r\n\r\n"
+                    .as_bytes()
+                    .to_vec(),
+                |e| matches!(e, ParseError::StartLine(_)),
             ),
         ];
         for (i, (data, ok)) in cases.iter().enumerate() {
