@@ -135,6 +135,18 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
                     let in_dialog = req.to_tag().is_some();
                     if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
                         if let Some(e) = calls.get_mut(&id) {
+                            if req.method == Method::Invite {
+                                let direction = String::from_utf8_lossy(&req.body)
+                                    .lines()
+                                    .find_map(|l| {
+                                        let l = l.trim();
+                                        ["a=sendonly", "a=recvonly", "a=inactive", "a=sendrecv"]
+                                            .contains(&l)
+                                            .then(|| l[2..].to_string())
+                                    })
+                                    .unwrap_or_else(|| "sendrecv".into());
+                                tracing::info!(session = e.session, ?side, %direction, "re-INVITE");
+                            }
                             e.pending.push((side, req.method.clone(), key));
                             e.call.on_request(side, req);
                         }

@@ -4,7 +4,11 @@
 #  1. alice calls bob (auto-answer); each records what it hears: alice must hear bob's 1000 Hz,
 #     bob alice's 440 Hz (Goertzel); the caller hangs up, and both see the call end;
 #  2. bob calls alice and the callee hangs up this time (BYE relayed the other way);
-#  3. the dataplane relayed RTP both ways and no media session outlives the calls.
+#  3. hold and resume by re-INVITE from the caller: answered, mirrored to the callee, and
+#     after the resume both tones flow again (Goertzel on the last seconds);
+#  4. CANCEL before answer: the caller gets 487 Request Terminated and the callee's ringing
+#     call is cancelled;
+#  5. no media session outlives the calls.
 # Usage: calls.sh SIPTG_BINARY (sourced helpers from ../lib.sh; run from tests/interop/sip/run.sh)
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -155,6 +159,59 @@ call() {
 
 call alice bob caller
 call bob alice callee
+
+# 3. Hold and resume.
+rm -f "$WORK"/phone-*/rec/*.wav
+timeout 20 baresip -f "$WORK/phone-bob" -t 12 </dev/null >"$WORK/phone-bob/log" 2>&1 &
+bob_pid=$!
+sleep 1.5
+timeout 20 baresip -f "$WORK/phone-alice" -t 10 </dev/null >"$WORK/phone-alice/log" 2>&1 &
+alice_pid=$!
+wait_until 5 grep -q "200 OK" "$WORK/phone-alice/log"
+ctrl "$ctl_alice" dial "sip:bob@127.0.0.1:$sip"
+sleep 3
+ctrl "$ctl_alice" hold ""
+sleep 1.5
+ctrl "$ctl_alice" resume ""
+wait $alice_pid || true
+wait $bob_pid || true
+grep 're-INVITE' "$WORK/calls-siptg.log" | grep -q sendonly || { tail -n 20 "$WORK/calls-siptg.log"; die "no hold re-INVITE seen"; }
+grep 're-INVITE' "$WORK/calls-siptg.log" | grep -q sendrecv || die "no resume re-INVITE seen"
+tail_of() { python3 - "$1" <<'PY'
+import sys, wave
+with wave.open(sys.argv[1], "rb") as w:
+    n = w.getnframes(); rate = w.getframerate()
+    w.setpos(max(0, n - int(rate * 2.5)))
+    data = w.readframes(n)
+    with wave.open(sys.argv[1] + ".tail.wav", "wb") as o:
+        o.setnchannels(w.getnchannels()); o.setsampwidth(2); o.setframerate(rate); o.writeframes(data)
+PY
+}
+wa=$(ls "$WORK/phone-alice"/rec/*-dec.wav | head -n 1); wb=$(ls "$WORK/phone-bob"/rec/*-dec.wav | head -n 1)
+tail_of "$wa"; tail_of "$wb"
+goertzel "$wa.tail.wav" 1000 440 || die "alice did not hear bob after resume"
+goertzel "$wb.tail.wav" 440 1000 || die "bob did not hear alice after resume"
+log "hold/resume: re-INVITEs answered and mirrored; tones flow both ways after the resume"
+
+# 4. CANCEL before answer: bob rings (manual answer) and alice gives up.
+sed -i 's/answermode=auto/answermode=manual/' "$WORK/phone-bob/accounts"
+timeout 20 baresip -f "$WORK/phone-bob" -t 8 </dev/null >"$WORK/phone-bob/log" 2>&1 &
+bob_pid=$!
+sleep 1.5
+timeout 20 baresip -f "$WORK/phone-alice" -t 8 </dev/null >"$WORK/phone-alice/log" 2>&1 &
+alice_pid=$!
+wait_until 5 grep -q "200 OK" "$WORK/phone-alice/log"
+ctrl "$ctl_alice" dial "sip:bob@127.0.0.1:$sip"
+sleep 2
+ctrl "$ctl_alice" hangup ""
+wait $alice_pid || true
+wait $bob_pid || true
+grep -q "caller cancelled" "$WORK/calls-siptg.log" || { tail -n 20 "$WORK/calls-siptg.log"; die "siptg did not see the CANCEL"; }
+# baresip reports a CANCELled incoming call as "session closed" (ECONNRESET), never established.
+{ grep -q "Incoming call" "$WORK/phone-bob/log" && grep -q "session closed" "$WORK/phone-bob/log" \
+  && ! grep -q "Call established" "$WORK/phone-bob/log"; } \
+  || { tail -n 20 "$WORK/phone-bob/log"; die "bob's ringing call was not cancelled"; }
+log "CANCEL: the caller's CANCEL ended the call and bob's ringing call was cancelled"
 sleep 1
 left=$(curl -fsS "http://127.0.0.1:$admin/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(sh.get("sessions",0) for sh in (s.get("worker",{}).get("dataplane",{}).get("process",{}) or {}).get("shards",[])))' 2>/dev/null || echo "?")
 log "media sessions left after the calls: $left"
