@@ -106,6 +106,10 @@ pub struct RouteQuery {
     /// REGISTER: the `Expires` header.
     #[serde(default)]
     pub expires: Option<u32>,
+    /// INVITE: headers an IP trunk may be told apart by (`X-*`, `P-*` and other extension
+    /// headers; the standard ones are left out), at most 32.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
 }
 
 /// Answers.

@@ -108,19 +108,12 @@ impl Routing {
             };
         }
         if q.method == "INVITE" {
-            // A PBX of a registration-type connection must register before it calls.
-            let pbx = self.connections.iter().find(|c| {
-                c.kind == ConnectionKind::PbxRegisters
-                    && c.login.is_some()
-                    && c.login == q.from_user
-                    && crate::sip::registrar::trusted(c, q.source)
-            });
-            if let Some(c) = pbx {
-                if registrar.binding(&c.name, now).is_none() {
-                    tracing::info!(connection = %c.name, source = %q.source, "INVITE before REGISTER; 405");
-                    return reply(405, reasons::REGISTER_REQUIRED, Vec::new());
-                }
-            }
+            // Which connection is calling? Unknown sources get nothing through.
+            let caller = match self.caller(q, &registrar, now) {
+                Ok(c) => c,
+                Err(refusal) => return refusal,
+            };
+            tracing::debug!(connection = %caller.name, source = %q.source, "INVITE from a known connection");
             // A call to the login of a registered PBX goes to that PBX (B2BUA through the
             // Worker that holds its registration).
             let target = self.connections.iter().find(|c| {
@@ -129,7 +122,7 @@ impl Routing {
             if let Some(c) = target {
                 return match registrar.binding(&c.name, now) {
                     Some(b) => {
-                        tracing::info!(connection = %c.name, contact = %b.contact, "INVITE forwarded to a registered PBX");
+                        tracing::info!(from = %caller.name, connection = %c.name, contact = %b.contact, "INVITE forwarded to a registered PBX");
                         LinkResponse::Forward {
                             connection: c.name.clone(),
                             contact: b.contact.clone(),
@@ -142,6 +135,80 @@ impl Routing {
         }
         let (code, reason) = route(q);
         reply(code, &reason, Vec::new())
+    }
+}
+
+impl Routing {
+    /// The connection an INVITE comes from, as SIP.TG matches them:
+    /// - a `pbx_registers` PBX, by its login in From (from a trusted address; it must have
+    ///   registered: else `405 REGISTER is required first`) or by the address it registered from;
+    /// - an `ip` trunk, by source address (its `server` or `trusted_ips`) and, when configured,
+    ///   its extra header `Name: Value`.
+    ///
+    /// Anything else is `404 Route not found`.
+    fn caller<'a>(
+        &'a self,
+        q: &RouteQuery,
+        registrar: &Registrar,
+        now: std::time::SystemTime,
+    ) -> Result<&'a ConnectionConfig, LinkResponse> {
+        let refuse = |code: u16, reason: &str| LinkResponse::Route {
+            code,
+            reason: reason.to_string(),
+            headers: Vec::new(),
+        };
+        if let Some(c) = self.connections.iter().find(|c| {
+            c.kind == ConnectionKind::PbxRegisters
+                && c.login.is_some()
+                && c.login == q.from_user
+                && crate::sip::registrar::trusted(c, q.source)
+        }) {
+            if registrar.binding(&c.name, now).is_none() {
+                tracing::info!(connection = %c.name, source = %q.source, "INVITE before REGISTER; 405");
+                return Err(refuse(405, reasons::REGISTER_REQUIRED));
+            }
+            return Ok(c);
+        }
+        if let Some(c) = self.connections.iter().find(|c| {
+            c.kind == ConnectionKind::PbxRegisters
+                && registrar
+                    .binding(&c.name, now)
+                    .is_some_and(|b| b.source.ip() == q.source.ip())
+        }) {
+            return Ok(c);
+        }
+        if let Some(c) = self
+            .connections
+            .iter()
+            .find(|c| c.kind == ConnectionKind::Ip && ip_trunk_matches(c, q))
+        {
+            return Ok(c);
+        }
+        tracing::info!(source = %q.source, from = ?q.from_user, "INVITE from no known connection; 404");
+        Err(refuse(404, reasons::ROUTE_NOT_FOUND))
+    }
+}
+
+/// Whether `q` comes from IP trunk `c`: its address (the `server` host, or a `trusted_ips`
+/// entry) and, if set, its extra header.
+fn ip_trunk_matches(c: &ConnectionConfig, q: &RouteQuery) -> bool {
+    let server_ip = c.server.as_deref().and_then(|s| {
+        s.parse::<std::net::SocketAddr>()
+            .map(|a| a.ip())
+            .or_else(|_| s.parse::<std::net::IpAddr>())
+            .ok()
+    });
+    let from_address = server_ip == Some(q.source.ip())
+        || (!c.trusted_ips.is_empty() && crate::sip::registrar::trusted(c, q.source));
+    if !from_address {
+        return false;
+    }
+    match c.header.as_deref().and_then(|h| h.split_once(':')) {
+        None => true,
+        Some((name, value)) => q
+            .headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case(name.trim()) && v.trim() == value.trim()),
     }
 }
 
@@ -366,6 +433,7 @@ mod tests {
             authorization: auth,
             contact: Some(format!("<sip:{from}@127.0.0.1:5070>")),
             expires: Some(600),
+            headers: Vec::new(),
         }
     }
 
@@ -421,5 +489,35 @@ mod tests {
             matches!(&got, LinkResponse::Route { code: 404, reason, .. } if reason == "Route not found"),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn invites_from_unknown_sources_are_refused_and_ip_trunks_match_by_address_and_header() {
+        let mut trunk = conn("trunk");
+        trunk.kind = ConnectionKind::Ip;
+        trunk.login = None;
+        trunk.trusted_ips = vec![];
+        trunk.server = Some("127.0.0.9:5060".into());
+        trunk.header = Some("X-Line: trunk-a".into());
+        let r = Routing::new(vec![conn("bob"), trunk], "siptg");
+        register(&r, "bob");
+        // A stranger cannot reach bob through the B2BUA.
+        let mut q = query("INVITE", "mallory", "bob", None);
+        q.source = "127.0.0.7:5060".parse().unwrap();
+        let got = r.route(&q, "w1");
+        assert!(
+            matches!(&got, LinkResponse::Route { code: 404, .. }),
+            "{got:?}"
+        );
+        // The trunk's address without its header is not the trunk.
+        q.source = "127.0.0.9:5060".parse().unwrap();
+        let got = r.route(&q, "w1");
+        assert!(
+            matches!(&got, LinkResponse::Route { code: 404, .. }),
+            "{got:?}"
+        );
+        q.headers = vec![("X-Line".into(), " trunk-a".into())];
+        let got = r.route(&q, "w1");
+        assert!(matches!(got, LinkResponse::Forward { .. }), "{got:?}");
     }
 }

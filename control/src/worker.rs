@@ -298,6 +298,7 @@ impl Worker {
             authorization: req.header("Authorization").map(str::to_string),
             contact: req.header("Contact").map(str::to_string),
             expires: req.header("Expires").and_then(|e| e.trim().parse().ok()),
+            headers: extension_headers(req),
         };
         match manager
             .request(LinkRequest::Route(query), self.cfg.manager_timeout)
@@ -314,6 +315,34 @@ impl Worker {
             }
         }
     }
+}
+
+/// Headers an IP trunk may be told apart by: everything but RFC 3261's own, at most 32.
+fn extension_headers(req: &Request) -> Vec<(String, String)> {
+    const STANDARD: &[&str] = &[
+        "Via",
+        "From",
+        "To",
+        "Call-ID",
+        "CSeq",
+        "Contact",
+        "Max-Forwards",
+        "Route",
+        "Record-Route",
+        "Content-Length",
+        "Content-Type",
+        "Authorization",
+        "Proxy-Authorization",
+        "Allow",
+        "Supported",
+        "User-Agent",
+        "Expires",
+    ];
+    req.all()
+        .filter(|(n, _)| !STANDARD.iter().any(|s| s.eq_ignore_ascii_case(n)))
+        .take(32)
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
 }
 
 impl Responder for Worker {

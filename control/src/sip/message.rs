@@ -58,6 +58,11 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every header line as (name, value), in order.
+    pub fn all(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
     /// Every value of a header, in order (lines and comma-joined values alike kept as written).
     pub fn headers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.headers
