@@ -83,7 +83,7 @@ pub enum Frame {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Request {
     /// Worker → Manager: how to answer a SIP request (the Manager owns routing).
-    Route(RouteQuery),
+    Route(Box<RouteQuery>),
     /// Manager → Worker/Storage: the node's status, for `siptg status`.
     Status,
 }

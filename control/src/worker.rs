@@ -301,7 +301,7 @@ impl Worker {
             headers: extension_headers(req),
         };
         match manager
-            .request(LinkRequest::Route(query), self.cfg.manager_timeout)
+            .request(LinkRequest::Route(Box::new(query)), self.cfg.manager_timeout)
             .await
         {
             Ok(r @ (LinkResponse::Route { .. } | LinkResponse::Forward { .. })) => r,
