@@ -8,7 +8,9 @@
 #     after the resume both tones flow again (Goertzel on the last seconds);
 #  4. CANCEL before answer: the caller gets 487 Request Terminated and the callee's ringing
 #     call is cancelled;
-#  5. no media session outlives the calls.
+#  5. an IP trunk (no registration, matched by its address 127.0.0.5) calls bob and is bridged;
+#     a phone at an address no connection names (127.0.0.6) gets 404 Route not found;
+#  6. no media session outlives the calls.
 # Usage: calls.sh SIPTG_BINARY (sourced helpers from ../lib.sh; run from tests/interop/sip/run.sh)
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -43,6 +45,11 @@ type = "pbx_registers"
 login = "bob"
 password = "bob-pass-1"
 trusted_ips = ["127.0.0.1/32"]
+
+[[connection]]
+name = "trunk"
+type = "ip"
+server = "127.0.0.5:5060"
 CFG
 start calls-siptg "$SIPTG" up --config "$WORK/calls.toml"
 wait_until 20 "$SIPTG" status --admin "127.0.0.1:$admin" || { cat "$WORK/calls-siptg.log"; die "siptg did not start"; }
@@ -60,13 +67,13 @@ PY
 
 # phone NAME FREQ: a baresip dir that sends FREQ, records what it hears, auto-answers.
 phone() {
-  local name=$1 freq=$2 dir="$WORK/phone-$1"
+  local name=$1 freq=$2 dir="$WORK/phone-$1" ip=${5:-127.0.0.1}
   mkdir -p "$dir/rec"
   tone "$dir/tone.wav" "$freq"
   cat >"$dir/config" <<BCFG
 poll_method		epoll
-sip_listen		127.0.0.1:$(free_port udp)
-net_interface		127.0.0.1
+sip_listen		$ip:$(free_port udp)
+net_interface		$ip
 dns_server		127.0.0.1:53
 rtp_ports		$3
 audio_source		aufile,$dir/tone.wav
@@ -212,6 +219,36 @@ grep -q "caller cancelled" "$WORK/calls-siptg.log" || { tail -n 20 "$WORK/calls-
   && ! grep -q "Call established" "$WORK/phone-bob/log"; } \
   || { tail -n 20 "$WORK/phone-bob/log"; die "bob's ringing call was not cancelled"; }
 log "CANCEL: the caller's CANCEL ended the call and bob's ringing call was cancelled"
+
+# 5. IP trunk: a phone without registration at the trunk's address calls bob.
+sed -i 's/answermode=manual/answermode=auto/' "$WORK/phone-bob/accounts"
+ctl_trunk=$(free_port tcp); ctl_stranger=$(free_port tcp)
+phone trunk 440 20340-20359 "$ctl_trunk" 127.0.0.5
+phone stranger 440 20360-20379 "$ctl_stranger" 127.0.0.6
+for p in trunk stranger; do
+  echo "<sip:$p@127.0.0.1:$sip>;regint=0;answermode=auto" >"$WORK/phone-$p/accounts"
+done
+rm -f "$WORK"/phone-*/rec/*.wav
+timeout 20 baresip -f "$WORK/phone-bob" -t 9 </dev/null >"$WORK/phone-bob/log" 2>&1 &
+bob_pid=$!
+sleep 1.5
+timeout 20 baresip -f "$WORK/phone-trunk" -t 6 </dev/null >"$WORK/phone-trunk/log" 2>&1 &
+trunk_pid=$!
+sleep 1
+ctrl "$ctl_trunk" dial "sip:bob@127.0.0.1:$sip"
+wait $trunk_pid || true
+wait $bob_pid || true
+wt=$(ls "$WORK/phone-trunk"/rec/*-dec.wav 2>/dev/null | head -n 1); wb=$(ls "$WORK/phone-bob"/rec/*-dec.wav 2>/dev/null | head -n 1)
+[ -n "$wt" ] && [ -n "$wb" ] || { tail -n 20 "$WORK/phone-trunk/log"; die "IP trunk call: no recording"; }
+goertzel "$wt" 1000 440 || die "the trunk did not hear bob"
+goertzel "$wb" 440 1000 || die "bob did not hear the trunk"
+timeout 20 baresip -f "$WORK/phone-stranger" -t 4 </dev/null >"$WORK/phone-stranger/log" 2>&1 &
+stranger_pid=$!
+sleep 1
+ctrl "$ctl_stranger" dial "sip:bob@127.0.0.1:$sip"
+wait $stranger_pid || true
+grep -q "404 Route not found" "$WORK/phone-stranger/log" || { tail -n 10 "$WORK/phone-stranger/log"; die "an unknown source was not refused with 404"; }
+log "IP trunk: matched by address and bridged with tones both ways; an unknown source got 404 Route not found"
 sleep 1
 left=$(curl -fsS "http://127.0.0.1:$admin/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(sh.get("sessions",0) for sh in (s.get("worker",{}).get("dataplane",{}).get("process",{}) or {}).get("shards",[])))' 2>/dev/null || echo "?")
 log "media sessions left after the calls: $left"
