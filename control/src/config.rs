@@ -506,9 +506,11 @@ fn default_user_agent() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SipTransport {
     Udp,
+    /// Connections framed by Content-Length (RFC 3261 §18.3).
+    Tcp,
 }
 
-/// One SIP listener, written `"udp:127.0.0.1:5060"`.
+/// One SIP listener, written `"udp:127.0.0.1:5060"` or `"tcp:[::1]:5060"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SipListen {
     pub transport: SipTransport,
@@ -525,9 +527,10 @@ impl<'de> Deserialize<'de> for SipListen {
         })?;
         let transport = match t {
             "udp" => SipTransport::Udp,
-            "tcp" | "tls" => {
+            "tcp" => SipTransport::Tcp,
+            "tls" => {
                 return Err(de::Error::custom(format!(
-                    "transport {t:?} is not available in this build; use \"udp\""
+                    "transport {t:?} is not available in this build; use \"udp\" or \"tcp\""
                 )))
             }
             other => {
@@ -1244,6 +1247,29 @@ mod tests {
         match parse(text, "t.toml", Vec::new()) {
             Err(ConfigError::Invalid { issues, .. }) => issues,
             other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sip_listen_takes_udp_and_tcp_and_names_unknown_transports() {
+        let c = parse(
+            "[sip]\nlisten = [\"udp:127.0.0.1:5060\", \"tcp:127.0.0.1:5060\", \"tcp:[::1]:5061\"]\n",
+            "t.toml",
+            Vec::new(),
+        )
+        .unwrap();
+        let kinds: Vec<_> = c.sip.listen.iter().map(|l| l.transport).collect();
+        assert_eq!(
+            kinds,
+            [SipTransport::Udp, SipTransport::Tcp, SipTransport::Tcp]
+        );
+        assert_eq!(c.sip.listen[2].addr, "[::1]:5061".parse().unwrap());
+        for bad in ["sctp:127.0.0.1:5060", "tls:127.0.0.1:5061", "tcp:nowhere"] {
+            let issues = err(&format!(
+                "[node]\nstate_dir = \"x\"\n\n[sip]\nlisten = [\"{bad}\"]\n"
+            ));
+            assert_eq!(issues[0].key, "sip.listen[0]", "{bad}");
+            assert_eq!(issues[0].line, Some(5), "{bad}");
         }
     }
 

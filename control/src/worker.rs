@@ -99,21 +99,57 @@ impl Worker {
     /// Binds every SIP listener and serves them, then starts the outbound registrations
     /// (their Contact is the first listener).
     pub async fn start_sip(self: &Arc<Self>, sip: &SipConfig) -> std::io::Result<()> {
+        use crate::config::SipTransport;
         let mut first = None;
-        for l in &sip.listen {
+        let mut listening = Vec::new();
+        // TCP listeners first: their connections feed the first core.
+        let mut tcp = None;
+        for l in sip
+            .listen
+            .iter()
+            .filter(|l| l.transport == SipTransport::Tcp)
+        {
+            let listener = tokio::net::TcpListener::bind(l.addr).await?;
+            let bound = listener.local_addr().unwrap_or(l.addr);
+            let (events, _) = tcp.get_or_insert_with(|| {
+                let (t, r) = tokio::sync::mpsc::channel(4096);
+                ((t, r), bound)
+            });
+            tokio::spawn(edge::serve_tcp(listener, events.0.clone()));
+            listening.push(format!("tcp:{bound}"));
+        }
+        for l in sip
+            .listen
+            .iter()
+            .filter(|l| l.transport == SipTransport::Udp)
+        {
             let sock = Arc::new(edge::bind_udp(l.addr).await?);
             let bound = sock.local_addr().unwrap_or(l.addr);
             first.get_or_insert(bound);
-            tracing::info!(listen = %format!("udp:{bound}"), "SIP listening");
-            self.sip_listen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(format!("udp:{bound}"));
-            tokio::spawn(crate::sip::core::serve_udp(
-                sock,
+            listening.push(format!("udp:{bound}"));
+            tokio::spawn(crate::sip::core::serve(
+                Some(sock),
+                tcp.take(),
                 self.clone(),
                 sip.user_agent.clone(),
             ));
+        }
+        if let Some(t) = tcp.take() {
+            // Only TCP listeners: a core without UDP.
+            first.get_or_insert(t.1);
+            tokio::spawn(crate::sip::core::serve(
+                None,
+                Some(t),
+                self.clone(),
+                sip.user_agent.clone(),
+            ));
+        }
+        for l in listening {
+            tracing::info!(listen = %l, "SIP listening");
+            self.sip_listen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(l);
         }
         if let Some(listen) = first {
             self.start_outbound(listen, &sip.user_agent);
@@ -301,7 +337,10 @@ impl Worker {
             headers: extension_headers(req),
         };
         match manager
-            .request(LinkRequest::Route(Box::new(query)), self.cfg.manager_timeout)
+            .request(
+                LinkRequest::Route(Box::new(query)),
+                self.cfg.manager_timeout,
+            )
             .await
         {
             Ok(r @ (LinkResponse::Route { .. } | LinkResponse::Forward { .. })) => r,

@@ -1,5 +1,6 @@
-//! The Worker's SIP core on one UDP socket: the transaction layer, the B2BUA's calls, and the
-//! bridge to the Manager (routing) and the dataplane (media). One tokio task per listener.
+//! The Worker's SIP core on one UDP socket (and, for the first core, the TCP connections): the
+//! transaction layer, the B2BUA's calls, and the bridge to the Manager (routing) and the
+//! dataplane (media). One tokio task per UDP listener (or one without UDP when only TCP).
 //!
 //! Everything protocol-shaped is sans-IO ([`super::transaction`], [`super::call`]); this task
 //! only moves bytes, runs the asynchronous steps (asking the Manager, creating media legs) in
@@ -15,9 +16,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use super::call::{Call, CallAction, Side, Target};
-use super::edge::{Reply, Responder};
+use super::edge::{connect_tcp, Reply, Responder, TcpEvent, TcpWriter};
 use super::message::parse_request;
-use super::msg::{parse_datagram, Method, SipRequest, SipResponse};
+use super::msg::{parse_datagram, Headers, Method, SipRequest, SipResponse};
 use super::sdp::CodecPrefs;
 use super::transaction::{
     ClientKey, ServerKey, TimerConfig, TransactionLayer, Transport, TxEvent, TxKey,
@@ -49,6 +50,7 @@ enum Done {
         key: ServerKey,
         req: SipRequest,
         source: SocketAddr,
+        transport: Transport,
         target: Target,
         session: SessionId,
         legs: [(u32, SocketAddr); 2],
@@ -60,16 +62,54 @@ struct CallEntry {
     invite: ServerKey,
     session: SessionId,
     legs: [u32; 2],
+    /// How each side (A, B) is reached.
+    transport: [Transport; 2],
     /// Server transactions of in-dialog requests, by side and CSeq method, awaiting answers.
     pending: Vec<(Side, Method, ServerKey)>,
 }
 
-/// Runs the SIP core on `sock` until the process ends.
-pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String) {
-    let local = match sock.local_addr() {
-        Ok(a) => a,
-        Err(_) => return,
+/// The TCP side of a core: the channel every connection reports on (the sender opens
+/// outbound connections) and its receiving end.
+pub type TcpChannel = (mpsc::Sender<TcpEvent>, mpsc::Receiver<TcpEvent>);
+
+/// Rewrites the top Via's transport token and marks our Contact `;transport=tcp`, for a
+/// message that goes out on TCP (the calls build them for UDP).
+fn for_tcp(h: &mut Headers, via: bool) {
+    if via {
+        if let Some(mut v) = h.top_via() {
+            if v.transport.eq_ignore_ascii_case("UDP") {
+                v.transport = "TCP".into();
+                h.replace_top_via(v.to_string());
+            }
+        }
+    }
+    if let Some(c) = h.get("Contact") {
+        if let Some(inner) = c.strip_suffix('>') {
+            if !c.to_ascii_lowercase().contains("transport=") && c.contains("@") {
+                let c = format!("{inner};transport=tcp>");
+                h.set("Contact", c);
+            }
+        }
+    }
+}
+
+/// Runs the SIP core on `sock` (and the TCP connections of `tcp`) until the process ends.
+pub async fn serve(
+    sock: Option<Arc<UdpSocket>>,
+    tcp: Option<(TcpChannel, SocketAddr)>,
+    worker: Arc<Worker>,
+    server: String,
+) {
+    let udp_local = sock.as_ref().and_then(|s| s.local_addr().ok());
+    let Some(local) = udp_local.or(tcp.as_ref().map(|t| t.1)) else {
+        return;
     };
+    let (tcp_events, mut tcp_rx) = match tcp {
+        Some(((t, r), _)) => (Some(t), Some(r)),
+        None => (None, None),
+    };
+    // TCP peers: their connection's writer and our address on it.
+    let mut conns: HashMap<SocketAddr, (TcpWriter, SocketAddr)> = HashMap::new();
     let mut tx = TransactionLayer::new(TimerConfig::default());
     tx.set_server_header(Some(server.clone()));
     let _ = SERVER.set(server.clone());
@@ -85,7 +125,12 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
             None => tokio::time::sleep(std::time::Duration::from_secs(1)),
         };
         tokio::select! {
-            got = sock.recv_from(&mut buf) => {
+            got = async {
+                match &sock {
+                    Some(s) => s.recv_from(&mut buf).await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 let Ok((n, source)) = got else { continue };
                 let data = &buf[..n];
                 if data.iter().all(|b| b.is_ascii_whitespace()) {
@@ -96,21 +141,53 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
                     Err(e) => tracing::debug!(%source, error = %e, "unparseable SIP datagram dropped"),
                 }
             }
+            Some(ev) = async {
+                match tcp_rx.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match ev {
+                    TcpEvent::Message { msg, peer, local, writer } => {
+                        conns.insert(peer, (writer, local));
+                        tx.on_message(Instant::now(), msg, peer, Transport::Tcp);
+                    }
+                    TcpEvent::Closed { peer, writer, failed } => {
+                        // Only this connection's entry: a newer one to the same peer stays.
+                        if conns.get(&peer).is_some_and(|(w, _)| w.same_channel(&writer)) {
+                            conns.remove(&peer);
+                        }
+                        if failed {
+                            tx.on_transport_error(peer, Transport::Tcp);
+                        }
+                    }
+                }
+            }
             Some(done) = done_rx.recv() => {
                 let now = Instant::now();
                 match done {
                     Done::Answer { key, resp } => {
                         let _ = tx.respond(now, &key, stamped(resp));
                     }
-                    Done::CallReady { key, req, source, target, session, legs } => {
-                        match Call::start(req.clone(), source, &target, &CodecPrefs::default(), legs[0].1, legs[1].1, local) {
+                    Done::CallReady { key, req, source, transport, target, session, legs } => {
+                        // The callee is reached over TCP when its Contact says so or it has a
+                        // connection to us (it registered over TCP).
+                        let b_tcp = tcp_events.is_some()
+                            && (target.contact.to_ascii_lowercase().contains("transport=tcp")
+                                || conns.contains_key(&target.address));
+                        let b_transport = if b_tcp { Transport::Tcp } else { Transport::Udp };
+                        let here = match transport {
+                            Transport::Udp => local,
+                            _ => conns.get(&source).map(|c| c.1).unwrap_or(local),
+                        };
+                        match Call::start(req.clone(), source, &target, &CodecPrefs::default(), legs[0].1, legs[1].1, here) {
                             Ok(call) => {
                                 let id = next_call;
                                 next_call += 1;
                                 let (a_id, b_id) = call.call_ids();
                                 by_call_id.insert(a_id.to_string(), (id, Side::A));
                                 by_call_id.insert(b_id.to_string(), (id, Side::B));
-                                calls.insert(id, CallEntry { call, invite: key, session, legs: [legs[0].0, legs[1].0], pending: Vec::new() });
+                                calls.insert(id, CallEntry { call, invite: key, session, legs: [legs[0].0, legs[1].0], transport: [transport, b_transport], pending: Vec::new() });
                             }
                             Err(refusal) => {
                                 let resp = SipResponse::to(&req, refusal.code, &refusal.reason, Some(&tag()));
@@ -130,7 +207,10 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
             let now = Instant::now();
             match ev {
                 TxEvent::Request {
-                    key, req, source, ..
+                    key,
+                    req,
+                    source,
+                    transport,
                 } => {
                     let in_dialog = req.to_tag().is_some();
                     if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
@@ -160,6 +240,7 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
                             key,
                             req,
                             source,
+                            transport,
                             done_tx.clone(),
                         ));
                     } else {
@@ -219,10 +300,16 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
         for (&id, e) in calls.iter_mut() {
             while let Some(action) = e.call.poll_action() {
                 match action {
-                    CallAction::RespondInvite(resp) => {
+                    CallAction::RespondInvite(mut resp) => {
+                        if e.transport[0] == Transport::Tcp {
+                            for_tcp(resp.headers_mut(), false);
+                        }
                         let _ = tx.respond(now, &e.invite, stamped(resp));
                     }
-                    CallAction::Respond { side, resp } => {
+                    CallAction::Respond { side, mut resp } => {
+                        if e.transport[side_index(side)] == Transport::Tcp {
+                            for_tcp(resp.headers_mut(), false);
+                        }
                         let method = resp.cseq().map(|c| c.1);
                         if method == Some(Method::Cancel) {
                             continue; // answered by the transaction layer already
@@ -236,7 +323,15 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
                             let _ = tx.respond(now, &key, stamped(resp));
                         }
                     }
-                    CallAction::Send { side, req, dest } => {
+                    CallAction::Send {
+                        side,
+                        mut req,
+                        dest,
+                    } => {
+                        let transport = e.transport[side_index(side)];
+                        if transport == Transport::Tcp {
+                            for_tcp(req.headers_mut(), true);
+                        }
                         let result = if req.method == Method::Cancel {
                             let invite = by_client
                                 .iter()
@@ -249,20 +344,25 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
                                 None => continue,
                             }
                         } else {
-                            tx.send_request(now, req, dest, Transport::Udp)
+                            tx.send_request(now, req, dest, transport)
                         };
                         if let Ok(k) = result {
                             by_client.insert(k, (id, side));
                         }
                     }
-                    CallAction::SendAck { req, dest, .. } => {
-                        tx.send_stateless(dest, Transport::Udp, req);
+                    CallAction::SendAck {
+                        mut req,
+                        dest,
+                        side,
+                    } => {
+                        let transport = e.transport[side_index(side)];
+                        if transport == Transport::Tcp {
+                            for_tcp(req.headers_mut(), true);
+                        }
+                        tx.send_stateless(dest, transport, req);
                     }
                     CallAction::UpdateLeg { side, spec } => {
-                        let leg = e.legs[match side {
-                            Side::A => 0,
-                            Side::B => 1,
-                        }];
+                        let leg = e.legs[side_index(side)];
                         let session = e.session;
                         if let Some(dp) = worker.dataplane().client() {
                             tokio::spawn(async move {
@@ -286,13 +386,66 @@ pub async fn serve_udp(sock: Arc<UdpSocket>, worker: Arc<Worker>, server: String
                 delete_session(&worker, e.session);
             }
         }
-        while let Some((dest, _transport, bytes)) = tx.poll_transmit() {
-            if let Err(e) = sock.send_to(&bytes, dest).await {
-                tracing::debug!(%dest, error = %e, "SIP send failed");
-                tx.on_transport_error(dest, Transport::Udp);
+        while let Some((dest, transport, bytes)) = tx.poll_transmit() {
+            match transport {
+                Transport::Udp => {
+                    let Some(sock) = &sock else {
+                        tx.on_transport_error(dest, Transport::Udp);
+                        continue;
+                    };
+                    if let Err(e) = sock.send_to(&bytes, dest).await {
+                        tracing::debug!(%dest, error = %e, "SIP send failed");
+                        tx.on_transport_error(dest, Transport::Udp);
+                    }
+                }
+                Transport::Tcp => {
+                    if !send_tcp(&mut conns, tcp_events.as_ref(), dest, bytes, local) {
+                        tx.on_transport_error(dest, Transport::Tcp);
+                    }
+                }
+                Transport::Tls => tx.on_transport_error(dest, Transport::Tls),
             }
         }
     }
+}
+
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::A => 0,
+        Side::B => 1,
+    }
+}
+
+/// Queues `bytes` on the connection to `dest`, opening one when there is none (the connect
+/// runs in its own task; a failure comes back as a failed `Closed`). False when it cannot be
+/// sent at all.
+fn send_tcp(
+    conns: &mut HashMap<SocketAddr, (TcpWriter, SocketAddr)>,
+    events: Option<&mpsc::Sender<TcpEvent>>,
+    dest: SocketAddr,
+    bytes: Vec<u8>,
+    local: SocketAddr,
+) -> bool {
+    let bytes = match conns.get(&dest) {
+        Some((w, _)) => match w.try_send(bytes) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!(%dest, "SIP TCP connection backlogged; message dropped");
+                return false;
+            }
+            // The connection ended: open a new one.
+            Err(mpsc::error::TrySendError::Closed(b)) => b,
+        },
+        None => bytes,
+    };
+    let Some(events) = events else { return false };
+    let (writer, queue) = mpsc::channel(256);
+    if writer.try_send(bytes).is_err() {
+        return false;
+    }
+    conns.insert(dest, (writer.clone(), local));
+    tokio::spawn(connect_tcp(dest, writer, queue, events.clone()));
+    true
 }
 
 fn tag() -> String {
@@ -355,6 +508,7 @@ async fn route_invite(
     key: ServerKey,
     req: SipRequest,
     source: SocketAddr,
+    transport: Transport,
     done: mpsc::Sender<Done>,
 ) {
     let Some(old) = legacy(&req) else { return };
@@ -405,6 +559,7 @@ async fn route_invite(
                     key,
                     req,
                     source,
+                    transport,
                     target: Target { contact, address },
                     session,
                     legs,
@@ -433,4 +588,42 @@ async fn media(
         .await?;
     dp.bridge(session, a.leg, b.leg).await?;
     Ok((session, [(a.leg, a.local), (b.leg, b.local)]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::msg::SipMessage;
+
+    /// Requests going out on TCP say so in the top Via and in our Contact; the rest stays.
+    #[test]
+    fn tcp_rewrite_sets_via_token_and_contact_transport() {
+        let raw = "BYE sip:bob@127.0.0.1:5070 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx;rport\r\n\
+Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bKy\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:bob@127.0.0.1>;tag=2\r\n\
+Call-ID: c\r\nCSeq: 2 BYE\r\nContact: <sip:siptg@127.0.0.1:5060>\r\nContent-Length: 0\r\n\r\n";
+        let Ok(SipMessage::Request(mut req)) = parse_datagram(raw.as_bytes()) else {
+            panic!("test request does not parse");
+        };
+        for_tcp(req.headers_mut(), true);
+        let vias: Vec<_> = req.headers().get_all("Via").collect();
+        assert!(
+            vias[0].starts_with("SIP/2.0/TCP 127.0.0.1:5060"),
+            "{vias:?}"
+        );
+        assert!(vias[0].contains("branch=z9hG4bKx"), "{vias:?}");
+        assert!(
+            vias.iter().any(|v| v.contains("SIP/2.0/UDP 10.0.0.1")),
+            "{vias:?}"
+        );
+        assert_eq!(
+            req.header("Contact"),
+            Some("<sip:siptg@127.0.0.1:5060;transport=tcp>")
+        );
+        // Idempotent.
+        for_tcp(req.headers_mut(), true);
+        assert_eq!(
+            req.header("Contact"),
+            Some("<sip:siptg@127.0.0.1:5060;transport=tcp>")
+        );
+    }
 }

@@ -1,6 +1,8 @@
-//! UDP SIP listeners of a Worker. Each request is parsed, handed to a [`Responder`] (the Worker,
+//! SIP listeners of a Worker. UDP: each request is parsed, handed to a [`Responder`] (the Worker,
 //! which consults its Manager), and answered from the socket it arrived on, to the source
 //! address and — with `rport` (RFC 3581) — the source port, else the Via's sent-by port.
+//! TCP ([`serve_tcp`], [`connect_tcp`]): per connection, messages framed by Content-Length go
+//! to the SIP core as [`TcpEvent`]s and a [`TcpWriter`] carries what the core sends back.
 
 use super::message::{parse_request, response, response_target, Request};
 use crate::metrics::Metrics;
@@ -185,5 +187,266 @@ pub async fn serve_udp(
                 tracing::warn!(%target, error = %e, "cannot send SIP response");
             }
         });
+    }
+}
+
+/// A TCP connection idle this long (no bytes in) is closed.
+pub const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long opening an outbound TCP connection may take.
+pub const TCP_CONNECT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Messages queued for one connection's writer before sends to it fail.
+const TCP_QUEUE: usize = 256;
+
+/// The sending half of a SIP TCP connection: bytes queued here are written in order.
+pub type TcpWriter = tokio::sync::mpsc::Sender<Vec<u8>>;
+
+/// What TCP connections report to the SIP core.
+#[derive(Debug)]
+pub enum TcpEvent {
+    /// A whole SIP message from `peer`, on the connection whose writer is `writer`.
+    Message {
+        msg: super::msg::SipMessage,
+        peer: SocketAddr,
+        local: SocketAddr,
+        writer: TcpWriter,
+    },
+    /// The connection to `peer` (writer `writer`) ended; `failed` when it never opened or
+    /// broke while sending.
+    Closed {
+        peer: SocketAddr,
+        writer: TcpWriter,
+        failed: bool,
+    },
+}
+
+/// Why a TCP connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpClose {
+    #[error("peer closed the connection")]
+    Eof,
+    #[error("idle for {0:?}")]
+    Idle(std::time::Duration),
+    #[error("SIP framing lost: {0}")]
+    Framing(#[from] super::msg::ParseError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the SIP core is gone")]
+    CoreGone,
+}
+
+/// Accepts SIP connections on `listener` until the process ends; every connection reports to
+/// `events`.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    events: tokio::sync::mpsc::Sender<TcpEvent>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let (writer, queue) = tokio::sync::mpsc::channel(TCP_QUEUE);
+                tokio::spawn(run_tcp(stream, peer, writer, queue, events.clone()));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "SIP TCP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Opens a connection to `peer` (within [`TCP_CONNECT`]) and runs it: `queue` is the receiving
+/// end of the writer the core already registered. A failure is reported as `Closed { failed }`.
+pub async fn connect_tcp(
+    peer: SocketAddr,
+    writer: TcpWriter,
+    queue: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    events: tokio::sync::mpsc::Sender<TcpEvent>,
+) {
+    match tokio::time::timeout(TCP_CONNECT, tokio::net::TcpStream::connect(peer)).await {
+        Ok(Ok(stream)) => run_tcp(stream, peer, writer, queue, events).await,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "SIP TCP connect failed");
+            let _ = events
+                .send(TcpEvent::Closed {
+                    peer,
+                    writer,
+                    failed: true,
+                })
+                .await;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "SIP TCP connect timed out");
+            let _ = events
+                .send(TcpEvent::Closed {
+                    peer,
+                    writer,
+                    failed: true,
+                })
+                .await;
+        }
+    }
+}
+
+/// Runs one connection: a writer task drains `queue`; this task frames what arrives.
+async fn run_tcp(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    writer: TcpWriter,
+    mut queue: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    events: tokio::sync::mpsc::Sender<TcpEvent>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr().unwrap_or(peer);
+    let (mut rd, mut wr) = stream.into_split();
+    let write_events = events.clone();
+    let write_writer = writer.clone();
+    let write_task = tokio::spawn(async move {
+        while let Some(bytes) = queue.recv().await {
+            if let Err(e) = wr.write_all(&bytes).await {
+                tracing::debug!(%peer, error = %e, "SIP TCP write failed");
+                let _ = write_events
+                    .send(TcpEvent::Closed {
+                        peer,
+                        writer: write_writer,
+                        failed: true,
+                    })
+                    .await;
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let why = read_tcp(&mut rd, peer, local, &writer, &events).await;
+    tracing::debug!(%peer, reason = %why, "SIP TCP connection closed");
+    write_task.abort();
+    let _ = events
+        .send(TcpEvent::Closed {
+            peer,
+            writer,
+            failed: false,
+        })
+        .await;
+}
+
+/// Reads and frames messages until the connection ends; the reason is returned.
+async fn read_tcp(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    peer: SocketAddr,
+    local: SocketAddr,
+    writer: &TcpWriter,
+    events: &tokio::sync::mpsc::Sender<TcpEvent>,
+) -> TcpClose {
+    use super::msg::{parse_stream_frame, StreamFrame};
+    use tokio::io::AsyncReadExt;
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        // Every whole frame in the buffer first.
+        loop {
+            match parse_stream_frame(&buf) {
+                Ok(None) => break,
+                Ok(Some((frame, used))) => {
+                    buf.drain(..used);
+                    match frame {
+                        StreamFrame::Message(msg) => {
+                            let ev = TcpEvent::Message {
+                                msg,
+                                peer,
+                                local,
+                                writer: writer.clone(),
+                            };
+                            if events.send(ev).await.is_err() {
+                                return TcpClose::CoreGone;
+                            }
+                        }
+                        // RFC 5626 §4.4.1: a CRLFCRLF ping is answered with a CRLF pong.
+                        StreamFrame::Ping => {
+                            let _ = writer.try_send(b"\r\n".to_vec());
+                        }
+                        StreamFrame::Pong => {}
+                    }
+                }
+                Err(e) => return TcpClose::Framing(e),
+            }
+        }
+        match tokio::time::timeout(TCP_IDLE, rd.read(&mut chunk)).await {
+            Err(_) => return TcpClose::Idle(TCP_IDLE),
+            Ok(Err(e)) => return TcpClose::Io(e),
+            Ok(Ok(0)) => return TcpClose::Eof,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tcp_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Pings get pongs, messages reach the core, a framing error closes the connection.
+    #[tokio::test]
+    async fn tcp_connection_frames_pings_and_errors() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (events, mut rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(serve_tcp(listener, events));
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"\r\n\r\n").await.unwrap();
+        let mut pong = [0u8; 2];
+        c.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"\r\n");
+        let msg =
+            "OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.1:1;branch=z9hG4bKt1\r\n\
+From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: c1\r\nCSeq: 1 OPTIONS\r\n\
+Content-Length: 0\r\n\r\n";
+        // Split across writes: framing waits for the whole message.
+        c.write_all(&msg.as_bytes()[..20]).await.unwrap();
+        c.flush().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        c.write_all(&msg.as_bytes()[20..]).await.unwrap();
+        let peer = c.local_addr().unwrap();
+        match rx.recv().await {
+            Some(TcpEvent::Message {
+                peer: p, writer, ..
+            }) => {
+                assert_eq!(p, peer);
+                writer.send(b"hello".to_vec()).await.unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut hello = [0u8; 5];
+        c.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello");
+        c.write_all(b"NOT SIP AT ALL\r\nX\r\n\r\n").await.unwrap();
+        match rx.recv().await {
+            Some(TcpEvent::Closed {
+                peer: p, failed, ..
+            }) => {
+                assert_eq!(p, peer);
+                assert!(!failed);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut rest = Vec::new();
+        assert_eq!(c.read_to_end(&mut rest).await.unwrap_or(0), 0);
+    }
+
+    /// A connect that fails reports `Closed { failed: true }`.
+    #[tokio::test]
+    async fn tcp_connect_failure_is_reported() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = l.local_addr().unwrap();
+        drop(l);
+        let (events, mut rx) = tokio::sync::mpsc::channel(4);
+        let (writer, queue) = tokio::sync::mpsc::channel(4);
+        connect_tcp(dead, writer, queue, events).await;
+        match rx.recv().await {
+            Some(TcpEvent::Closed { peer, failed, .. }) => {
+                assert_eq!(peer, dead);
+                assert!(failed);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -22,7 +22,7 @@ apt_need kamailio kamailio
 apt_need kamcmd kamailio
 build_siptg
 
-sip=$(free_port udp); admin=$(free_port tcp); kam=$(free_port udp)
+sip=$(free_port udp); admin=$(free_port tcp); kam=$(free_port udp); tcp=$(free_port tcp)
 
 # Kamailio: a registrar with digest auth (realm = To domain), passwords in memory; it relays
 # out-of-domain requests to registered contacts. Started first so siptg's first REGISTER lands.
@@ -103,7 +103,7 @@ socket = "$WORK/state/dp.sock"
 rtp_port_min = 47000
 rtp_port_max = 47099
 [sip]
-listen = ["udp:127.0.0.1:$sip"]
+listen = ["udp:127.0.0.1:$sip", "tcp:127.0.0.1:$tcp"]
 
 [[connection]]
 name = "office"
@@ -169,6 +169,7 @@ grep -q "PBX registered" "$WORK/siptg.log" || die "siptg did not log the registr
 python3 "$here/sip_probe.py" 127.0.0.1 "$sip" || die "raw SIP checks failed"
 # Malformed messages get 400 or silence, odd but valid ones are answered, siptg stays up.
 python3 "$here/malformed.py" 127.0.0.1 "$sip" || die "malformed-message checks failed"
+python3 "$here/tcp_probe.py" 127.0.0.1 "$tcp" && "$SIPTG" status --admin "127.0.0.1:$admin" --json | grep -q "tcp:127.0.0.1:$tcp" || die "SIP over TCP checks failed"
 # The ban is listed and lifted through the admin API; the address is answered again.
 curl -fsS "http://127.0.0.1:$admin/bans" | grep -q '"127.0.0.3/32"' || die "ban of 127.0.0.3 not listed"
 curl -fsS -X POST "http://127.0.0.1:$admin/bans/lift?ip=127.0.0.3" >/dev/null || die "ban not lifted"
