@@ -236,6 +236,10 @@ struct Pending {
     started: Instant,
     invite: SipRequest,
     acked: bool,
+    /// The last request sent (INVITE, then BYE) and when, for UDP retransmission (Timer A/E).
+    last: Vec<u8>,
+    sent_at: Instant,
+    answered: bool,
 }
 
 fn run_calls(gw: SocketAddr, uac: &Ua, uas: &Ua, calls: usize) -> (usize, usize, Duration) {
@@ -267,13 +271,17 @@ fn run_calls(gw: SocketAddr, uac: &Ua, uas: &Ua, calls: usize) -> (usize, usize,
             h.add("Contact", format!("<sip:uac@{}>", uac.addr));
             h.add("Content-Type", "application/sdp");
             inv.body = body.into_bytes();
-            uac.send(gw, &inv.to_bytes());
+            let bytes = inv.to_bytes();
+            uac.send(gw, &bytes);
             pending.insert(
                 call_id,
                 Pending {
                     started: Instant::now(),
                     invite: inv,
                     acked: false,
+                    last: bytes,
+                    sent_at: Instant::now(),
+                    answered: false,
                 },
             );
         }
@@ -314,6 +322,11 @@ fn run_calls(gw: SocketAddr, uac: &Ua, uas: &Ua, calls: usize) -> (usize, usize,
             let Some((_, method)) = resp.cseq() else {
                 continue;
             };
+            if let Some(p) = pending.get_mut(&call_id) {
+                if method == Method::Invite {
+                    p.answered = true; // any response stops INVITE retransmissions
+                }
+            }
             match (method, resp.code) {
                 (Method::Invite, 200) => {
                     let Some(p) = pending.get_mut(&call_id) else {
@@ -327,7 +340,7 @@ fn run_calls(gw: SocketAddr, uac: &Ua, uas: &Ua, calls: usize) -> (usize, usize,
                         .header("Contact")
                         .map(|c| c.trim_matches(|ch| ch == '<' || ch == '>').to_string())
                         .unwrap_or_else(|| format!("sip:{gw}"));
-                    for (method, cseq) in [(Method::Ack, 1), (Method::Bye, 2)] {
+                    for (method, cseq) in [(Method::Ack, 1u32), (Method::Bye, 2)] {
                         let mut r = SipRequest::new(method.clone(), target.clone());
                         let h = r.headers_mut();
                         h.add(
@@ -346,7 +359,13 @@ fn run_calls(gw: SocketAddr, uac: &Ua, uas: &Ua, calls: usize) -> (usize, usize,
                         h.add("To", resp.header("To").unwrap_or_default().to_string());
                         h.add("Call-ID", call_id.clone());
                         h.add("CSeq", format!("{cseq} {}", method.as_str()));
-                        uac.send(gw, &r.to_bytes());
+                        let bytes = r.to_bytes();
+                        uac.send(gw, &bytes);
+                        if method == Method::Bye {
+                            p.last = bytes;
+                            p.sent_at = Instant::now();
+                            p.answered = false;
+                        }
                     }
                 }
                 (Method::Bye, 200) if pending.remove(&call_id).is_some() => done += 1,
@@ -357,6 +376,13 @@ fn run_calls(gw: SocketAddr, uac: &Ua, uas: &Ua, calls: usize) -> (usize, usize,
             }
         }
         let now = Instant::now();
+        // Retransmit an unanswered INVITE or BYE every 500 ms, as a UA does on UDP.
+        for p in pending.values_mut() {
+            if !p.answered && now.duration_since(p.sent_at) >= Duration::from_millis(500) {
+                uac.send(gw, &p.last);
+                p.sent_at = now;
+            }
+        }
         pending.retain(|_, p| {
             let alive = now.duration_since(p.started) < Duration::from_secs(10);
             if !alive {
