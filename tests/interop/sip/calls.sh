@@ -10,7 +10,8 @@
 #     call is cancelled;
 #  5. an IP trunk (no registration, matched by its address 127.0.0.5) calls bob and is bridged;
 #     a phone at an address no connection names (127.0.0.6) gets 404 Route not found;
-#  6. no media session outlives the calls.
+#  6. a phone registered over TCP calls one registered over UDP, and the reverse (tones checked);
+#  7. no media session outlives the calls.
 # Usage: calls.sh SIPTG_BINARY (sourced helpers from ../lib.sh; run from tests/interop/sip/run.sh)
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -18,7 +19,7 @@ apt_need baresip baresip-core
 SIPTG=${1:-}
 [ -x "$SIPTG" ] || build_siptg
 
-sip=$(free_port udp); admin=$(free_port tcp)
+sip=$(free_port udp); admin=$(free_port tcp); siptcp=$(free_port tcp)
 cat >"$WORK/calls.toml" <<CFG
 [node]
 state_dir = "$WORK/calls-state"
@@ -30,7 +31,7 @@ socket = "$WORK/calls-state/dp.sock"
 rtp_port_min = 47200
 rtp_port_max = 47299
 [sip]
-listen = ["udp:127.0.0.1:$sip"]
+listen = ["udp:127.0.0.1:$sip", "tcp:127.0.0.1:$siptcp"]
 
 [[connection]]
 name = "alice"
@@ -146,7 +147,7 @@ call() {
   # Dial once the caller has registered (an INVITE before REGISTER gets 405, by design).
   local port; [ "$caller" = alice ] && port=$ctl_alice || port=$ctl_bob
   wait_until 5 grep -q "200 OK" "$WORK/phone-$caller/log"
-  ctrl "$port" dial "sip:$callee@127.0.0.1:$sip"
+  ctrl "$port" dial "sip:$callee@127.0.0.1:${DIAL:-$sip}"
   wait $caller_pid || true
   wait $callee_pid || true
   grep -q "Call established\|call established\|ESTABLISHED" "$WORK/phone-$caller/log" "$WORK/phone-$callee/log" 2>/dev/null \
@@ -249,6 +250,13 @@ ctrl "$ctl_stranger" dial "sip:bob@127.0.0.1:$sip"
 wait $stranger_pid || true
 grep -q "404 Route not found" "$WORK/phone-stranger/log" || { tail -n 10 "$WORK/phone-stranger/log"; die "an unknown source was not refused with 404"; }
 log "IP trunk: matched by address and bridged with tones both ways; an unknown source got 404 Route not found"
+
+# 6. alice over TCP, bob over UDP, both directions.
+echo "<sip:alice@127.0.0.1:$siptcp;transport=tcp>;auth_pass=alice-pass-1;answermode=auto;regint=600" >"$WORK/phone-alice/accounts"
+DIAL="$siptcp;transport=tcp" call alice bob caller
+call bob alice callee
+grep -q "TCP.*200 OK" "$WORK/phone-alice/log" || die "alice did not register over TCP"
+log "TCP: a phone registered over TCP called and was called by one over UDP"
 sleep 1
 left=$(curl -fsS "http://127.0.0.1:$admin/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(sh.get("sessions",0) for sh in (s.get("worker",{}).get("dataplane",{}).get("process",{}) or {}).get("shards",[])))' 2>/dev/null || echo "?")
 log "media sessions left after the calls: $left"
