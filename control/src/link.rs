@@ -132,6 +132,9 @@ pub enum Response {
         contact: String,
         /// Where the PBX registered from: requests go there (NAT-safe, like RFC 5626 flows).
         address: SocketAddr,
+        /// The calling connection's codecs, in its order of preference.
+        #[serde(default)]
+        codecs: Vec<String>,
     },
     Status {
         status: serde_json::Value,

@@ -127,6 +127,7 @@ impl Routing {
                             connection: c.name.clone(),
                             contact: b.contact.clone(),
                             address: b.source,
+                            codecs: caller.codecs.clone(),
                         }
                     }
                     None => reply(480, "Temporarily Unavailable", Vec::new()),
@@ -482,6 +483,7 @@ mod tests {
                 connection: "bob".into(),
                 contact: "<sip:bob@127.0.0.1:5070>".into(),
                 address: "127.0.0.1:5070".parse().unwrap(),
+                codecs: vec!["PCMA".into()],
             }
         );
         let got = r.route(&query("INVITE", "alice", "+15550001", None), "w1");

@@ -547,6 +547,28 @@ impl Call {
             (Method::Invite, _) if self.state == CallState::Confirmed => {
                 self.on_reinvite(side, req)
             }
+            (Method::Info, _) if self.state == CallState::Confirmed => {
+                // DTMF (`application/dtmf-relay`, `application/dtmf`) and other INFO bodies
+                // cross to the other side as they are.
+                let ok = SipResponse::to(&req, 200, "OK", None);
+                self.out.push_back(CallAction::Respond { side, resp: ok });
+                let other = side.other();
+                let dialog = match other {
+                    Side::A => &mut self.a,
+                    Side::B => &mut self.b,
+                };
+                let mut info = dialog.request(Method::Info, self.local);
+                if let Some(ct) = req.header("Content-Type") {
+                    info.headers_mut().add("Content-Type", ct.to_string());
+                }
+                info.body = req.body.clone();
+                let dest = dialog.address;
+                self.out.push_back(CallAction::Send {
+                    side: other,
+                    req: info,
+                    dest,
+                });
+            }
             (Method::Info | Method::Update | Method::Message | Method::Options, _) => {
                 // Answered here; media changes by UPDATE are not relayed yet.
                 let ok = SipResponse::to(&req, 200, "OK", None);
@@ -771,6 +793,44 @@ mod tests {
         assert_eq!(req.header("Call-ID"), Some("call-a"));
         assert!(req.header("To").unwrap().contains("atag"));
         assert!(matches!(&acts[2], CallAction::Ended { .. }));
+    }
+
+    #[test]
+    fn info_dtmf_is_relayed_to_the_other_side() {
+        let (mut call, acts) = start();
+        let inv = b_invite(&acts);
+        call.on_response(Side::B, answer_from_b(&inv, 200));
+        while call.poll_action().is_some() {}
+        let mut info = SipRequest::new(Method::Info, format!("sip:bob@{US}"));
+        for (n, v) in [
+            ("Via", format!("SIP/2.0/UDP {A};branch=z9hG4bKi1")),
+            ("From", "<sip:alice@127.0.0.1>;tag=atag".to_string()),
+            ("To", "<sip:bob@127.0.0.1>;tag=x".to_string()),
+            ("Call-ID", "call-a".to_string()),
+            ("CSeq", "2 INFO".to_string()),
+            ("Content-Type", "application/dtmf-relay".to_string()),
+        ] {
+            info.headers_mut().add(n, v);
+        }
+        info.body = b"Signal=5\r\nDuration=160\r\n".to_vec();
+        call.on_request(Side::A, info);
+        let acts: Vec<_> = std::iter::from_fn(|| call.poll_action()).collect();
+        assert!(
+            matches!(&acts[0], CallAction::Respond { side: Side::A, resp } if resp.code == 200)
+        );
+        let CallAction::Send {
+            side: Side::B,
+            req,
+            dest,
+        } = &acts[1]
+        else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(req.method, Method::Info);
+        assert_eq!(req.header("Content-Type"), Some("application/dtmf-relay"));
+        assert_eq!(req.body, b"Signal=5\r\nDuration=160\r\n");
+        assert_eq!(req.call_id(), inv.call_id());
+        assert_eq!(*dest, B.parse().unwrap());
     }
 
     #[test]

@@ -41,7 +41,9 @@ fn stamped(mut resp: SipResponse) -> SipResponse {
     resp
 }
 
-/// What a spawned step reports back to the core.
+/// What a spawned step reports back to the core. Sizes differ, but these travel once per
+/// request through a channel, not on a hot path.
+#[allow(clippy::large_enum_variant)]
 enum Done {
     /// A non-INVITE request (or a refused INVITE) is answered.
     Answer { key: ServerKey, resp: SipResponse },
@@ -51,6 +53,8 @@ enum Done {
         req: SipRequest,
         source: SocketAddr,
         transport: Transport,
+        /// The calling connection's codec preferences.
+        prefs: CodecPrefs,
         target: Target,
         session: SessionId,
         legs: [(u32, SocketAddr); 2],
@@ -169,7 +173,7 @@ pub async fn serve(
                     Done::Answer { key, resp } => {
                         let _ = tx.respond(now, &key, stamped(resp));
                     }
-                    Done::CallReady { key, req, source, transport, target, session, legs } => {
+                    Done::CallReady { key, req, source, transport, prefs, target, session, legs } => {
                         // The callee is reached over TCP when its Contact says so or it has a
                         // connection to us (it registered over TCP).
                         let b_tcp = tcp_events.is_some()
@@ -180,7 +184,7 @@ pub async fn serve(
                             Transport::Udp => local,
                             _ => conns.get(&source).map(|c| c.1).unwrap_or(local),
                         };
-                        match Call::start(req.clone(), source, &target, &CodecPrefs::default(), legs[0].1, legs[1].1, here) {
+                        match Call::start(req.clone(), source, &target, &prefs, legs[0].1, legs[1].1, here) {
                             Ok(call) => {
                                 let id = next_call;
                                 next_call += 1;
@@ -448,6 +452,16 @@ fn send_tcp(
     true
 }
 
+/// A connection's codec list as negotiation preferences (telephone-event always offered);
+/// SIP.TG's default order when the list is empty or names nothing usable.
+fn codec_prefs(names: &[String]) -> CodecPrefs {
+    let codecs: Vec<super::sdp::AudioCodec> = names
+        .iter()
+        .filter_map(|n| super::sdp::AudioCodec::from_name(n))
+        .collect();
+    CodecPrefs::new(codecs, true).unwrap_or_default()
+}
+
 fn tag() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
@@ -518,10 +532,13 @@ async fn route_invite(
         resp: response_for(&req, reply),
     };
     let Some(decision) = decision else { return };
-    let (contact, address) = match decision {
+    let (contact, address, codecs) = match decision {
         LinkResponse::Forward {
-            contact, address, ..
-        } => (contact, address),
+            contact,
+            address,
+            codecs,
+            ..
+        } => (contact, address, codecs),
         LinkResponse::Route {
             code,
             reason,
@@ -560,6 +577,7 @@ async fn route_invite(
                     req,
                     source,
                     transport,
+                    prefs: codec_prefs(&codecs),
                     target: Target { contact, address },
                     session,
                     legs,
