@@ -384,10 +384,35 @@ impl Call {
         match resp.code {
             100 => {}
             101..=199 => {
-                if self.state == CallState::Calling {
-                    let ringing =
-                        sdp_response(&self.a_invite, 180, "Ringing", &tag, self.local, None);
-                    self.out.push_back(CallAction::RespondInvite(ringing));
+                if self.state != CallState::Calling {
+                    return;
+                }
+                // Early media (183 with SDP, or 180 with SDP): take B's answer now so its
+                // ringback or announcement reaches A, which gets our answer in a 183.
+                let early = SessionDescription::parse(&resp.body)
+                    .ok()
+                    .and_then(|ans| sdp::apply_answer(&self.b_offer, &ans).ok());
+                match early {
+                    Some(neg) => {
+                        self.out.push_back(CallAction::UpdateLeg {
+                            side: Side::B,
+                            spec: neg.to_leg_spec(true),
+                        });
+                        let progress = sdp_response(
+                            &self.a_invite,
+                            183,
+                            "Session Progress",
+                            &tag,
+                            self.local,
+                            Some(&self.a_answer),
+                        );
+                        self.out.push_back(CallAction::RespondInvite(progress));
+                    }
+                    None => {
+                        let ringing =
+                            sdp_response(&self.a_invite, 180, "Ringing", &tag, self.local, None);
+                        self.out.push_back(CallAction::RespondInvite(ringing));
+                    }
                 }
             }
             200..=299 => {
@@ -793,6 +818,32 @@ mod tests {
         assert_eq!(req.header("Call-ID"), Some("call-a"));
         assert!(req.header("To").unwrap().contains("atag"));
         assert!(matches!(&acts[2], CallAction::Ended { .. }));
+    }
+
+    #[test]
+    fn early_media_from_the_callee_reaches_the_caller_in_a_183() {
+        let (mut call, acts) = start();
+        let inv = b_invite(&acts);
+        let mut progress = answer_from_b(&inv, 200);
+        progress.code = 183;
+        progress.reason = "Session Progress".into();
+        call.on_response(Side::B, progress);
+        let acts: Vec<_> = std::iter::from_fn(|| call.poll_action()).collect();
+        assert!(
+            matches!(&acts[0], CallAction::UpdateLeg { side: Side::B, spec } if spec.remote == Some("127.0.0.1:41000".parse().unwrap()))
+        );
+        let CallAction::RespondInvite(r) = &acts[1] else {
+            panic!("{acts:?}")
+        };
+        assert_eq!((r.code, r.reason.as_str()), (183, "Session Progress"));
+        assert!(String::from_utf8_lossy(&r.body).contains("m=audio 30000"));
+        // The 200 still completes the call.
+        call.on_response(Side::B, answer_from_b(&inv, 200));
+        let acts: Vec<_> = std::iter::from_fn(|| call.poll_action()).collect();
+        assert!(acts
+            .iter()
+            .any(|a| matches!(a, CallAction::RespondInvite(r) if r.code == 200)));
+        assert_eq!(call.state(), CallState::Confirmed);
     }
 
     #[test]

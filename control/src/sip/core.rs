@@ -238,6 +238,11 @@ pub async fn serve(
                         let resp =
                             SipResponse::to(&req, 481, "Call/Transaction Does Not Exist", None);
                         let _ = tx.respond(now, &key, resp);
+                    } else if let Some(unsupported) = unsupported_requirements(&req) {
+                        // RFC 3261 §8.2.2.3: extensions we do not implement are refused.
+                        let mut resp = SipResponse::to(&req, 420, "Bad Extension", Some(&tag()));
+                        resp.headers_mut().add("Unsupported", unsupported);
+                        let _ = tx.respond(now, &key, stamped(resp));
                     } else if req.method == Method::Invite {
                         tokio::spawn(route_invite(
                             worker.clone(),
@@ -450,6 +455,19 @@ fn send_tcp(
     conns.insert(dest, (writer.clone(), local));
     tokio::spawn(connect_tcp(dest, writer, queue, events.clone()));
     true
+}
+
+/// The `Require` options of a request that we do not implement (none yet: 100rel and timer are
+/// not, so a UA that requires them is told so instead of being half-served).
+fn unsupported_requirements(req: &SipRequest) -> Option<String> {
+    let options: Vec<&str> = req
+        .headers()
+        .get_all("Require")
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .collect();
+    (!options.is_empty()).then(|| options.join(", "))
 }
 
 /// A connection's codec list as negotiation preferences (telephone-event always offered);

@@ -86,6 +86,11 @@ for name, data in odd.items():
 got = send(options(extra="X-Big: " + "a" * 65000 + "\r\n")[:65507])
 print(f"[huge] 65 KB datagram: {got or 'no answer'} ok")
 
+got = send(options(extra="Require: 100rel, foo\r\n"))
+good = got == "SIP/2.0 420 Bad Extension"
+ok &= good
+print(f"[odd] Require of an unsupported extension: {got} {'ok' if good else 'WANTED 420 Bad Extension'}")
+
 got = send(options())
 ok &= got == "SIP/2.0 200 OK"
 print(f"[after] OPTIONS still answered: {got}")
