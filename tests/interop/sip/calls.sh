@@ -20,6 +20,7 @@ SIPTG=${1:-}
 [ -x "$SIPTG" ] || build_siptg
 
 sip=$(free_port udp); admin=$(free_port tcp); siptcp=$(free_port tcp)
+sip6=$(python3 -c "import socket; s=socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind(('::1',0)); print(s.getsockname()[1])")
 cat >"$WORK/calls.toml" <<CFG
 [node]
 state_dir = "$WORK/calls-state"
@@ -31,7 +32,7 @@ socket = "$WORK/calls-state/dp.sock"
 rtp_port_min = 47200
 rtp_port_max = 47299
 [sip]
-listen = ["udp:127.0.0.1:$sip", "tcp:127.0.0.1:$siptcp"]
+listen = ["udp:127.0.0.1:$sip", "tcp:127.0.0.1:$siptcp", "udp:[::1]:$sip6"]
 
 [[connection]]
 name = "alice"
@@ -250,6 +251,21 @@ ctrl "$ctl_stranger" dial "sip:bob@127.0.0.1:$sip"
 wait $stranger_pid || true
 grep -q "404 Route not found" "$WORK/phone-stranger/log" || { tail -n 10 "$WORK/phone-stranger/log"; die "an unknown source was not refused with 404"; }
 log "IP trunk: matched by address and bridged with tones both ways; an unknown source got 404 Route not found"
+
+# IPv6: the [::1] listener answers OPTIONS (Via with a bracketed address, rport).
+python3 - "$sip6" <<'PY' || die "no answer over IPv6"
+import socket, sys, uuid
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.bind(("::1", 0)); s.settimeout(3)
+lp = s.getsockname()[1]
+msg = (f"OPTIONS sip:gw@[::1]:{port} SIP/2.0\r\nVia: SIP/2.0/UDP [::1]:{lp};branch=z9hG4bK{uuid.uuid4().hex[:10]};rport\r\n"
+       f"From: <sip:probe@[::1]>;tag=1\r\nTo: <sip:gw@[::1]>\r\nCall-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\n"
+       "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n")
+s.sendto(msg.encode(), ("::1", port))
+line = s.recvfrom(65535)[0].split(b"\r\n", 1)[0].decode()
+print(f"[ipv6] OPTIONS over [::1]: {line}")
+sys.exit(0 if line == "SIP/2.0 200 OK" else 1)
+PY
 
 # 6. alice over TCP, bob over UDP, both directions.
 echo "<sip:alice@127.0.0.1:$siptcp;transport=tcp>;auth_pass=alice-pass-1;answermode=auto;regint=600" >"$WORK/phone-alice/accounts"
