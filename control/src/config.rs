@@ -481,6 +481,12 @@ pub struct SipConfig {
     pub listen: Vec<SipListen>,
     #[serde(default = "default_user_agent")]
     pub user_agent: String,
+    /// PEM certificate chain for `tls:` listeners (resolved against the config's directory).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls:` listeners.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for SipConfig {
@@ -488,6 +494,8 @@ impl Default for SipConfig {
         Self {
             listen: default_sip_listen(),
             user_agent: default_user_agent(),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -508,9 +516,12 @@ pub enum SipTransport {
     Udp,
     /// Connections framed by Content-Length (RFC 3261 §18.3).
     Tcp,
+    /// TCP connections inside TLS (RFC 3261 §26), with `sip.tls_cert` and `sip.tls_key`.
+    Tls,
 }
 
-/// One SIP listener, written `"udp:127.0.0.1:5060"` or `"tcp:[::1]:5060"`.
+/// One SIP listener, written `"udp:127.0.0.1:5060"`, `"tcp:[::1]:5060"` or
+/// `"tls:0.0.0.0:5061"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SipListen {
     pub transport: SipTransport,
@@ -528,11 +539,7 @@ impl<'de> Deserialize<'de> for SipListen {
         let transport = match t {
             "udp" => SipTransport::Udp,
             "tcp" => SipTransport::Tcp,
-            "tls" => {
-                return Err(de::Error::custom(format!(
-                    "transport {t:?} is not available in this build; use \"udp\" or \"tcp\""
-                )))
-            }
+            "tls" => SipTransport::Tls,
             other => {
                 return Err(de::Error::custom(format!(
                     "unknown SIP transport {other:?}"
@@ -758,10 +765,17 @@ pub fn load(
             PathBuf::from("."),
         ),
     };
-    let config = parse(&text, &source_name, env)?;
+    let mut config = parse(&text, &source_name, env)?;
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    // The SIP edge gets only its section, so its PEM paths are made absolute here.
+    for p in [&mut config.sip.tls_cert, &mut config.sip.tls_key] {
+        if let Some(path) = p.as_mut() {
+            *path = resolve(&base, path);
+        }
+    }
     Ok(Loaded {
         config,
-        base: std::fs::canonicalize(&base).unwrap_or(base),
+        base,
         source_name,
     })
 }
@@ -1236,6 +1250,24 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     if c.sip.listen.is_empty() {
         bad("sip.listen", "needs at least one listener".into());
     }
+    if let Some(i) = c
+        .sip
+        .listen
+        .iter()
+        .position(|l| l.transport == SipTransport::Tls)
+    {
+        for (key, value) in [
+            ("sip.tls_cert", &c.sip.tls_cert),
+            ("sip.tls_key", &c.sip.tls_key),
+        ] {
+            if value.as_deref().is_none_or(|p| p.as_os_str().is_empty()) {
+                bad(
+                    key,
+                    format!("a PEM file path is required by the tls listener sip.listen[{i}]"),
+                );
+            }
+        }
+    }
     out
 }
 
@@ -1264,13 +1296,31 @@ mod tests {
             [SipTransport::Udp, SipTransport::Tcp, SipTransport::Tcp]
         );
         assert_eq!(c.sip.listen[2].addr, "[::1]:5061".parse().unwrap());
-        for bad in ["sctp:127.0.0.1:5060", "tls:127.0.0.1:5061", "tcp:nowhere"] {
+        for bad in ["sctp:127.0.0.1:5060", "tls:nowhere", "tcp:nowhere"] {
             let issues = err(&format!(
                 "[node]\nstate_dir = \"x\"\n\n[sip]\nlisten = [\"{bad}\"]\n"
             ));
             assert_eq!(issues[0].key, "sip.listen[0]", "{bad}");
             assert_eq!(issues[0].line, Some(5), "{bad}");
         }
+    }
+
+    #[test]
+    fn sip_tls_listener_needs_cert_and_key() {
+        let c = parse(
+            "[sip]\nlisten = [\"tls:127.0.0.1:5061\"]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n",
+            "t.toml",
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(c.sip.listen[0].transport, SipTransport::Tls);
+        assert_eq!(c.sip.tls_key.as_deref(), Some(Path::new("k.pem")));
+        let issues = err("[sip]\nlisten = [\"udp:127.0.0.1:5060\", \"tls:127.0.0.1:5061\"]\ntls_key = \"k.pem\"\n");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "sip.tls_cert");
+        assert!(issues[0].message.contains("sip.listen[1]"), "{issues:?}");
+        let issues = err("[sip]\nlisten = [\"tls:127.0.0.1:5061\"]\ntls_cert = \"c.pem\"\n");
+        assert_eq!(issues[0].key, "sip.tls_key");
     }
 
     #[test]

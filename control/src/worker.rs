@@ -118,6 +118,35 @@ impl Worker {
             tokio::spawn(edge::serve_tcp(listener, events.0.clone()));
             listening.push(format!("tcp:{bound}"));
         }
+        // TLS listeners feed the same core; one acceptor (sip.tls_cert, sip.tls_key) for all.
+        let mut acceptor = None;
+        for l in sip
+            .listen
+            .iter()
+            .filter(|l| l.transport == SipTransport::Tls)
+        {
+            let acceptor = match &acceptor {
+                Some(a) => a,
+                None => acceptor.insert(sip_tls_acceptor(sip)?),
+            };
+            let listener = tokio::net::TcpListener::bind(l.addr).await.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen for SIP on tls:{}: {e}", l.addr),
+                )
+            })?;
+            let bound = listener.local_addr().unwrap_or(l.addr);
+            let (events, _) = tcp.get_or_insert_with(|| {
+                let (t, r) = tokio::sync::mpsc::channel(4096);
+                ((t, r), bound)
+            });
+            tokio::spawn(edge::serve_tls(
+                listener,
+                acceptor.clone(),
+                events.0.clone(),
+            ));
+            listening.push(format!("tls:{bound}"));
+        }
         for l in sip
             .listen
             .iter()
@@ -567,4 +596,21 @@ async fn run_outbound(
             }
         }
     }
+}
+
+/// The SIP TLS acceptor from `sip.tls_cert` and `sip.tls_key` (validation made sure both are
+/// set when a `tls:` listener exists); failures name the file.
+fn sip_tls_acceptor(sip: &SipConfig) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    let (Some(cert), Some(key)) = (&sip.tls_cert, &sip.tls_key) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a tls SIP listener needs sip.tls_cert and sip.tls_key",
+        ));
+    };
+    edge::tls_acceptor(cert, key).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("SIP over TLS: {e}"),
+        )
+    })
 }

@@ -76,13 +76,18 @@ struct CallEntry {
 /// outbound connections) and its receiving end.
 pub type TcpChannel = (mpsc::Sender<TcpEvent>, mpsc::Receiver<TcpEvent>);
 
-/// Rewrites the top Via's transport token and marks our Contact `;transport=tcp`, for a
-/// message that goes out on TCP (the calls build them for UDP).
-fn for_tcp(h: &mut Headers, via: bool) {
+/// Rewrites the top Via's transport token (`TCP`, `TLS`) and marks our Contact
+/// `;transport=tcp` or `;transport=tls`, for a message that goes out on a connection (the calls
+/// build them for UDP). Nothing changes for UDP.
+fn for_transport(h: &mut Headers, via: bool, transport: Transport) {
+    if !transport.is_reliable() {
+        return;
+    }
+    let token = transport.via_token();
     if via {
         if let Some(mut v) = h.top_via() {
             if v.transport.eq_ignore_ascii_case("UDP") {
-                v.transport = "TCP".into();
+                v.transport = token.into();
                 h.replace_top_via(v.to_string());
             }
         }
@@ -90,7 +95,7 @@ fn for_tcp(h: &mut Headers, via: bool) {
     if let Some(c) = h.get("Contact") {
         if let Some(inner) = c.strip_suffix('>') {
             if !c.to_ascii_lowercase().contains("transport=") && c.contains("@") {
-                let c = format!("{inner};transport=tcp>");
+                let c = format!("{inner};transport={}>", token.to_ascii_lowercase());
                 h.set("Contact", c);
             }
         }
@@ -112,8 +117,8 @@ pub async fn serve(
         Some(((t, r), _)) => (Some(t), Some(r)),
         None => (None, None),
     };
-    // TCP peers: their connection's writer and our address on it.
-    let mut conns: HashMap<SocketAddr, (TcpWriter, SocketAddr)> = HashMap::new();
+    // Connected peers (TCP, TLS): their connection's writer, our address on it, its transport.
+    let mut conns: HashMap<SocketAddr, (TcpWriter, SocketAddr, Transport)> = HashMap::new();
     let mut tx = TransactionLayer::new(TimerConfig::default());
     tx.set_server_header(Some(server.clone()));
     let _ = SERVER.set(server.clone());
@@ -152,17 +157,17 @@ pub async fn serve(
                 }
             } => {
                 match ev {
-                    TcpEvent::Message { msg, peer, local, writer } => {
-                        conns.insert(peer, (writer, local));
-                        tx.on_message(Instant::now(), msg, peer, Transport::Tcp);
+                    TcpEvent::Message { msg, peer, local, writer, transport } => {
+                        conns.insert(peer, (writer, local, transport));
+                        tx.on_message(Instant::now(), msg, peer, transport);
                     }
-                    TcpEvent::Closed { peer, writer, failed } => {
+                    TcpEvent::Closed { peer, writer, failed, transport } => {
                         // Only this connection's entry: a newer one to the same peer stays.
-                        if conns.get(&peer).is_some_and(|(w, _)| w.same_channel(&writer)) {
+                        if conns.get(&peer).is_some_and(|(w, _, _)| w.same_channel(&writer)) {
                             conns.remove(&peer);
                         }
                         if failed {
-                            tx.on_transport_error(peer, Transport::Tcp);
+                            tx.on_transport_error(peer, transport);
                         }
                     }
                 }
@@ -174,12 +179,16 @@ pub async fn serve(
                         let _ = tx.respond(now, &key, stamped(resp));
                     }
                     Done::CallReady { key, req, source, transport, prefs, target, session, legs } => {
-                        // The callee is reached over TCP when its Contact says so or it has a
-                        // connection to us (it registered over TCP).
-                        let b_tcp = tcp_events.is_some()
-                            && (target.contact.to_ascii_lowercase().contains("transport=tcp")
-                                || conns.contains_key(&target.address));
-                        let b_transport = if b_tcp { Transport::Tcp } else { Transport::Udp };
+                        // The callee is reached over its connection to us when it has one (it
+                        // registered over TCP or TLS), else over what its Contact says (TLS
+                        // only works over a connection it opened: we do not dial TLS).
+                        let contact = target.contact.to_ascii_lowercase();
+                        let b_transport = match conns.get(&target.address) {
+                            Some(c) if tcp_events.is_some() => c.2,
+                            _ if tcp_events.is_some() && contact.contains("transport=tls") => Transport::Tls,
+                            _ if tcp_events.is_some() && contact.contains("transport=tcp") => Transport::Tcp,
+                            _ => Transport::Udp,
+                        };
                         let here = match transport {
                             Transport::Udp => local,
                             _ => conns.get(&source).map(|c| c.1).unwrap_or(local),
@@ -310,15 +319,11 @@ pub async fn serve(
             while let Some(action) = e.call.poll_action() {
                 match action {
                     CallAction::RespondInvite(mut resp) => {
-                        if e.transport[0] == Transport::Tcp {
-                            for_tcp(resp.headers_mut(), false);
-                        }
+                        for_transport(resp.headers_mut(), false, e.transport[0]);
                         let _ = tx.respond(now, &e.invite, stamped(resp));
                     }
                     CallAction::Respond { side, mut resp } => {
-                        if e.transport[side_index(side)] == Transport::Tcp {
-                            for_tcp(resp.headers_mut(), false);
-                        }
+                        for_transport(resp.headers_mut(), false, e.transport[side_index(side)]);
                         let method = resp.cseq().map(|c| c.1);
                         if method == Some(Method::Cancel) {
                             continue; // answered by the transaction layer already
@@ -338,9 +343,7 @@ pub async fn serve(
                         dest,
                     } => {
                         let transport = e.transport[side_index(side)];
-                        if transport == Transport::Tcp {
-                            for_tcp(req.headers_mut(), true);
-                        }
+                        for_transport(req.headers_mut(), true, transport);
                         let result = if req.method == Method::Cancel {
                             let invite = by_client
                                 .iter()
@@ -365,9 +368,7 @@ pub async fn serve(
                         side,
                     } => {
                         let transport = e.transport[side_index(side)];
-                        if transport == Transport::Tcp {
-                            for_tcp(req.headers_mut(), true);
-                        }
+                        for_transport(req.headers_mut(), true, transport);
                         tx.send_stateless(dest, transport, req);
                     }
                     CallAction::UpdateLeg { side, spec } => {
@@ -412,7 +413,16 @@ pub async fn serve(
                         tx.on_transport_error(dest, Transport::Tcp);
                     }
                 }
-                Transport::Tls => tx.on_transport_error(dest, Transport::Tls),
+                Transport::Tls => {
+                    // Only over a connection the peer opened: there is no outbound TLS.
+                    let sent = conns
+                        .get(&dest)
+                        .is_some_and(|(w, _, t)| *t == Transport::Tls && w.try_send(bytes).is_ok());
+                    if !sent {
+                        tracing::debug!(%dest, "no SIP TLS connection to the peer");
+                        tx.on_transport_error(dest, Transport::Tls);
+                    }
+                }
             }
         }
     }
@@ -429,14 +439,14 @@ fn side_index(side: Side) -> usize {
 /// runs in its own task; a failure comes back as a failed `Closed`). False when it cannot be
 /// sent at all.
 fn send_tcp(
-    conns: &mut HashMap<SocketAddr, (TcpWriter, SocketAddr)>,
+    conns: &mut HashMap<SocketAddr, (TcpWriter, SocketAddr, Transport)>,
     events: Option<&mpsc::Sender<TcpEvent>>,
     dest: SocketAddr,
     bytes: Vec<u8>,
     local: SocketAddr,
 ) -> bool {
     let bytes = match conns.get(&dest) {
-        Some((w, _)) => match w.try_send(bytes) {
+        Some((w, _, _)) => match w.try_send(bytes) {
             Ok(()) => return true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::debug!(%dest, "SIP TCP connection backlogged; message dropped");
@@ -452,7 +462,7 @@ fn send_tcp(
     if writer.try_send(bytes).is_err() {
         return false;
     }
-    conns.insert(dest, (writer.clone(), local));
+    conns.insert(dest, (writer.clone(), local, Transport::Tcp));
     tokio::spawn(connect_tcp(dest, writer, queue, events.clone()));
     true
 }
@@ -640,7 +650,7 @@ Call-ID: c\r\nCSeq: 2 BYE\r\nContact: <sip:siptg@127.0.0.1:5060>\r\nContent-Leng
         let Ok(SipMessage::Request(mut req)) = parse_datagram(raw.as_bytes()) else {
             panic!("test request does not parse");
         };
-        for_tcp(req.headers_mut(), true);
+        for_transport(req.headers_mut(), true, Transport::Tcp);
         let vias: Vec<_> = req.headers().get_all("Via").collect();
         assert!(
             vias[0].starts_with("SIP/2.0/TCP 127.0.0.1:5060"),
@@ -656,10 +666,30 @@ Call-ID: c\r\nCSeq: 2 BYE\r\nContact: <sip:siptg@127.0.0.1:5060>\r\nContent-Leng
             Some("<sip:siptg@127.0.0.1:5060;transport=tcp>")
         );
         // Idempotent.
-        for_tcp(req.headers_mut(), true);
+        for_transport(req.headers_mut(), true, Transport::Tcp);
         assert_eq!(
             req.header("Contact"),
             Some("<sip:siptg@127.0.0.1:5060;transport=tcp>")
+        );
+    }
+
+    /// TLS: `SIP/2.0/TLS` and `;transport=tls`; UDP leaves the message alone.
+    #[test]
+    fn tls_rewrite_sets_via_token_and_contact_transport() {
+        let raw = "BYE sip:bob@127.0.0.1:5070 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx\r\n\
+From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:bob@127.0.0.1>;tag=2\r\nCall-ID: c\r\nCSeq: 2 BYE\r\n\
+Contact: <sip:siptg@127.0.0.1:5061>\r\nContent-Length: 0\r\n\r\n";
+        let Ok(SipMessage::Request(mut req)) = parse_datagram(raw.as_bytes()) else {
+            panic!("test request does not parse");
+        };
+        for_transport(req.headers_mut(), true, Transport::Udp);
+        assert_eq!(req.header("Contact"), Some("<sip:siptg@127.0.0.1:5061>"));
+        for_transport(req.headers_mut(), true, Transport::Tls);
+        let via = req.headers().get_all("Via").next().unwrap_or_default();
+        assert!(via.starts_with("SIP/2.0/TLS 127.0.0.1:5060"), "{via}");
+        assert_eq!(
+            req.header("Contact"),
+            Some("<sip:siptg@127.0.0.1:5061;transport=tls>")
         );
     }
 }

@@ -3,8 +3,12 @@
 //! address and — with `rport` (RFC 3581) — the source port, else the Via's sent-by port.
 //! TCP ([`serve_tcp`], [`connect_tcp`]): per connection, messages framed by Content-Length go
 //! to the SIP core as [`TcpEvent`]s and a [`TcpWriter`] carries what the core sends back.
+//! TLS ([`serve_tls`], RFC 3261 §26): accepted connections run the same task once the
+//! handshake is done; there is no outbound TLS, so the core can only answer TLS peers over the
+//! connections they opened.
 
 use super::message::{parse_request, response, response_target, Request};
+use super::transaction::Transport;
 use crate::metrics::Metrics;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -200,7 +204,7 @@ const TCP_QUEUE: usize = 256;
 /// The sending half of a SIP TCP connection: bytes queued here are written in order.
 pub type TcpWriter = tokio::sync::mpsc::Sender<Vec<u8>>;
 
-/// What TCP connections report to the SIP core.
+/// What TCP and TLS connections report to the SIP core.
 #[derive(Debug)]
 pub enum TcpEvent {
     /// A whole SIP message from `peer`, on the connection whose writer is `writer`.
@@ -209,6 +213,8 @@ pub enum TcpEvent {
         peer: SocketAddr,
         local: SocketAddr,
         writer: TcpWriter,
+        /// `Tcp` or `Tls`.
+        transport: Transport,
     },
     /// The connection to `peer` (writer `writer`) ended; `failed` when it never opened or
     /// broke while sending.
@@ -216,6 +222,7 @@ pub enum TcpEvent {
         peer: SocketAddr,
         writer: TcpWriter,
         failed: bool,
+        transport: Transport,
     },
 }
 
@@ -244,7 +251,14 @@ pub async fn serve_tcp(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let (writer, queue) = tokio::sync::mpsc::channel(TCP_QUEUE);
-                tokio::spawn(run_tcp(stream, peer, writer, queue, events.clone()));
+                let _ = stream.set_nodelay(true);
+                let local = stream.local_addr().unwrap_or(peer);
+                let conn = Conn {
+                    peer,
+                    local,
+                    transport: Transport::Tcp,
+                };
+                tokio::spawn(run_stream(stream, conn, writer, queue, events.clone()));
             }
             Err(e) => {
                 tracing::debug!(error = %e, "SIP TCP accept failed");
@@ -263,7 +277,16 @@ pub async fn connect_tcp(
     events: tokio::sync::mpsc::Sender<TcpEvent>,
 ) {
     match tokio::time::timeout(TCP_CONNECT, tokio::net::TcpStream::connect(peer)).await {
-        Ok(Ok(stream)) => run_tcp(stream, peer, writer, queue, events).await,
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().unwrap_or(peer);
+            let conn = Conn {
+                peer,
+                local,
+                transport: Transport::Tcp,
+            };
+            run_stream(stream, conn, writer, queue, events).await
+        }
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "SIP TCP connect failed");
             let _ = events
@@ -271,6 +294,7 @@ pub async fn connect_tcp(
                     peer,
                     writer,
                     failed: true,
+                    transport: Transport::Tcp,
                 })
                 .await;
         }
@@ -281,35 +305,54 @@ pub async fn connect_tcp(
                     peer,
                     writer,
                     failed: true,
+                    transport: Transport::Tcp,
                 })
                 .await;
         }
     }
 }
 
-/// Runs one connection: a writer task drains `queue`; this task frames what arrives.
-async fn run_tcp(
-    stream: tokio::net::TcpStream,
+/// The addresses and transport of one connection.
+#[derive(Debug, Clone, Copy)]
+struct Conn {
     peer: SocketAddr,
+    local: SocketAddr,
+    transport: Transport,
+}
+
+/// Runs one connection (TCP or TLS): a writer task drains `queue`; this task frames what
+/// arrives.
+async fn run_stream<S>(
+    stream: S,
+    conn: Conn,
     writer: TcpWriter,
     mut queue: tokio::sync::mpsc::Receiver<Vec<u8>>,
     events: tokio::sync::mpsc::Sender<TcpEvent>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     use tokio::io::AsyncWriteExt;
-    let _ = stream.set_nodelay(true);
-    let local = stream.local_addr().unwrap_or(peer);
-    let (mut rd, mut wr) = stream.into_split();
+    let Conn {
+        peer, transport, ..
+    } = conn;
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let write_events = events.clone();
     let write_writer = writer.clone();
     let write_task = tokio::spawn(async move {
         while let Some(bytes) = queue.recv().await {
-            if let Err(e) = wr.write_all(&bytes).await {
-                tracing::debug!(%peer, error = %e, "SIP TCP write failed");
+            // TLS buffers records: flush so each message leaves now.
+            let sent = match wr.write_all(&bytes).await {
+                Ok(()) => wr.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = sent {
+                tracing::debug!(%peer, ?transport, error = %e, "SIP stream write failed");
                 let _ = write_events
                     .send(TcpEvent::Closed {
                         peer,
                         writer: write_writer,
                         failed: true,
+                        transport,
                     })
                     .await;
                 return;
@@ -317,26 +360,31 @@ async fn run_tcp(
         }
         let _ = wr.shutdown().await;
     });
-    let why = read_tcp(&mut rd, peer, local, &writer, &events).await;
-    tracing::debug!(%peer, reason = %why, "SIP TCP connection closed");
+    let why = read_stream(&mut rd, conn, &writer, &events).await;
+    tracing::debug!(%peer, ?transport, reason = %why, "SIP connection closed");
     write_task.abort();
     let _ = events
         .send(TcpEvent::Closed {
             peer,
             writer,
             failed: false,
+            transport,
         })
         .await;
 }
 
 /// Reads and frames messages until the connection ends; the reason is returned.
-async fn read_tcp(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    peer: SocketAddr,
-    local: SocketAddr,
+async fn read_stream<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    conn: Conn,
     writer: &TcpWriter,
     events: &tokio::sync::mpsc::Sender<TcpEvent>,
 ) -> TcpClose {
+    let Conn {
+        peer,
+        local,
+        transport,
+    } = conn;
     use super::msg::{parse_stream_frame, StreamFrame};
     use tokio::io::AsyncReadExt;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
@@ -355,6 +403,7 @@ async fn read_tcp(
                                 peer,
                                 local,
                                 writer: writer.clone(),
+                                transport,
                             };
                             if events.send(ev).await.is_err() {
                                 return TcpClose::CoreGone;
@@ -375,6 +424,103 @@ async fn read_tcp(
             Ok(Err(e)) => return TcpClose::Io(e),
             Ok(Ok(0)) => return TcpClose::Eof,
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why the SIP TLS server configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SipTlsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no {what}")]
+    Missing { path: String, what: &'static str },
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A TLS acceptor for SIP (TLS 1.2 and 1.3, `ring`, no client certificates) from PEM files.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, SipTlsError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|source| SipTlsError::Read {
+            path: p.display().to_string(),
+            source,
+        })
+    };
+    let missing = |p: &std::path::Path, what| SipTlsError::Missing {
+        path: p.display().to_string(),
+        what,
+    };
+    let pem = read(cert)?;
+    let chain: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+        .filter_map(Result::ok)
+        .collect();
+    if chain.is_empty() {
+        return Err(missing(cert, "PEM certificate"));
+    }
+    let pem = read(key)?;
+    let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+        .ok()
+        .flatten()
+        .ok_or_else(|| missing(key, "PEM private key"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Accepts SIP-over-TLS connections on `listener` until the process ends; each completes its
+/// handshake (within [`TLS_HANDSHAKE`]) in its own task, then runs like a TCP connection and
+/// reports to `events` with `Transport::Tls`.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    events: tokio::sync::mpsc::Sender<TcpEvent>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let acceptor = acceptor.clone();
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let local = stream.local_addr().unwrap_or(peer);
+                    let tls =
+                        match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "SIP TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "SIP TLS handshake timed out");
+                                return;
+                            }
+                        };
+                    let (writer, queue) = tokio::sync::mpsc::channel(TCP_QUEUE);
+                    let conn = Conn {
+                        peer,
+                        local,
+                        transport: Transport::Tls,
+                    };
+                    run_stream(tls, conn, writer, queue, events).await;
+                });
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "SIP TLS accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
     }
 }
@@ -448,5 +594,69 @@ Content-Length: 0\r\n\r\n";
             }
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS connection delivers messages as `Transport::Tls` and carries replies back; a
+    /// plaintext client that sends garbage does not stop the listener.
+    #[tokio::test]
+    async fn tls_connection_reports_tls_and_survives_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::tls::init_ca(dir.path(), "test CA", false).unwrap();
+        let (cert, key) = (dir.path().join("w.pem"), dir.path().join("w.key"));
+        crate::tls::issue(&ca, "worker-1", &cert, &key, 30, false).unwrap();
+        let acceptor = tls_acceptor(&cert, &key).unwrap();
+        assert!(matches!(
+            tls_acceptor(&dir.path().join("none.pem"), &key),
+            Err(SipTlsError::Read { .. })
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (events, mut rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(serve_tls(listener, acceptor, events));
+
+        let mut junk = tokio::net::TcpStream::connect(addr).await.unwrap();
+        junk.write_all(b"OPTIONS sip:x SIP/2.0\r\n\r\n")
+            .await
+            .unwrap();
+        drop(junk);
+
+        let node = crate::tls::NodeTls {
+            ca: ca.cert.clone(),
+            cert,
+            key,
+        };
+        let connector = tokio_rustls::TlsConnector::from(crate::tls::client_config(&node).unwrap());
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let peer = tcp.local_addr().unwrap();
+        let name = crate::tls::server_name("worker-1").unwrap();
+        let mut c = connector.connect(name, tcp).await.unwrap();
+        let msg =
+            "OPTIONS sip:x@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:1;branch=z9hG4bKt1\r\n\
+From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:x@127.0.0.1>\r\nCall-ID: c1\r\nCSeq: 1 OPTIONS\r\n\
+Content-Length: 0\r\n\r\n";
+        c.write_all(msg.as_bytes()).await.unwrap();
+        c.flush().await.unwrap();
+        match rx.recv().await {
+            Some(TcpEvent::Message {
+                peer: p,
+                writer,
+                transport,
+                ..
+            }) => {
+                assert_eq!(p, peer);
+                assert_eq!(transport, Transport::Tls);
+                writer.send(b"hello".to_vec()).await.unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut hello = [0u8; 5];
+        c.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello");
     }
 }

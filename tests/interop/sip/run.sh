@@ -22,7 +22,7 @@ apt_need kamailio kamailio
 apt_need kamcmd kamailio
 build_siptg
 
-sip=$(free_port udp); admin=$(free_port tcp); kam=$(free_port udp); tcp=$(free_port tcp)
+sip=$(free_port udp); admin=$(free_port tcp); kam=$(free_port udp); tcp=$(free_port tcp); tlsport=$(free_port tcp)
 
 # Kamailio: a registrar with digest auth (realm = To domain), passwords in memory; it relays
 # out-of-domain requests to registered contacts. Started first so siptg's first REGISTER lands.
@@ -92,6 +92,9 @@ kamailio -c -f "$WORK/kamailio.cfg" >"$WORK/kamailio-check.log" 2>&1 || { cat "$
 start kamailio kamailio -f "$WORK/kamailio.cfg" -DD -E -m 64 -M 8 -P "$WORK/kamailio.pid" -Y "$WORK/kamrun"
 kamrpc() { kamcmd -s "unix:$WORK/kamrpc.sock" "$@"; }
 wait_until 10 kamrpc core.version || { cat "$WORK/kamailio.log"; die "kamailio did not start"; }
+# SIP over TLS: a certificate from `siptg certs` (a throwaway CA; the probe does not verify it).
+"$SIPTG" certs init --dir "$WORK/sipcerts" >/dev/null || die "siptg certs init failed"
+"$SIPTG" certs issue sip-edge --dir "$WORK/sipcerts" >/dev/null || die "siptg certs issue failed"
 cat >"$WORK/siptg.toml" <<CFG
 [node]
 state_dir = "$WORK/state"
@@ -103,7 +106,9 @@ socket = "$WORK/state/dp.sock"
 rtp_port_min = 47000
 rtp_port_max = 47099
 [sip]
-listen = ["udp:127.0.0.1:$sip", "tcp:127.0.0.1:$tcp"]
+listen = ["udp:127.0.0.1:$sip", "tcp:127.0.0.1:$tcp", "tls:127.0.0.1:$tlsport"]
+tls_cert = "$WORK/sipcerts/sip-edge.pem"
+tls_key = "$WORK/sipcerts/sip-edge.key"
 
 [[connection]]
 name = "office"
@@ -170,6 +175,7 @@ python3 "$here/sip_probe.py" 127.0.0.1 "$sip" || die "raw SIP checks failed"
 # Malformed messages get 400 or silence, odd but valid ones are answered, siptg stays up.
 python3 "$here/malformed.py" 127.0.0.1 "$sip" || die "malformed-message checks failed"
 python3 "$here/tcp_probe.py" 127.0.0.1 "$tcp" && "$SIPTG" status --admin "127.0.0.1:$admin" --json | grep -q "tcp:127.0.0.1:$tcp" || die "SIP over TCP checks failed"
+python3 "$here/tls_probe.py" 127.0.0.1 "$tlsport" && "$SIPTG" status --admin "127.0.0.1:$admin" --json | grep -q "tls:127.0.0.1:$tlsport" || die "SIP over TLS checks failed"
 # The ban is listed and lifted through the admin API; the address is answered again.
 curl -fsS "http://127.0.0.1:$admin/bans" | grep -q '"127.0.0.3/32"' || die "ban of 127.0.0.3 not listed"
 curl -fsS -X POST "http://127.0.0.1:$admin/bans/lift?ip=127.0.0.3" >/dev/null || die "ban not lifted"
