@@ -37,6 +37,28 @@ free_port() {
   python3 -c "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM if sys.argv[1]=='udp' else socket.SOCK_STREAM); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])" "$1"
 }
 
+# ua_port: a port for a SIP user agent (baresip), outside Linux's ephemeral range so no
+# short-lived client socket takes it, with port+1 free too (baresip also listens there for TLS).
+ua_port() {
+  python3 - <<'PY'
+import random, socket
+for _ in range(200):
+    p = random.randrange(61000, 64990, 2)
+    try:
+        socks = []
+        for port in (p, p + 1):
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                s = socket.socket(socket.AF_INET, kind); s.bind(("0.0.0.0", port)); socks.append(s)
+        print(p)
+        break
+    except OSError:
+        continue
+    finally:
+        for s in socks:
+            s.close()
+PY
+}
+
 # start NAME CMD...: runs CMD in its own process group, output in $WORK/NAME.log.
 start() {
   local name=$1; shift

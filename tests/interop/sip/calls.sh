@@ -74,7 +74,7 @@ phone() {
   tone "$dir/tone.wav" "$freq"
   cat >"$dir/config" <<BCFG
 poll_method		epoll
-sip_listen		$ip:$(free_port udp)
+sip_listen		$ip:$(ua_port)
 net_interface		$ip
 dns_server		127.0.0.1:53
 rtp_ports		$3

@@ -146,7 +146,7 @@ baresip_register() {
   mkdir -p "$dir"
   cat >"$dir/config" <<BCFG
 poll_method		epoll
-sip_listen		$ip:$(free_port udp)
+sip_listen		$ip:$(ua_port)
 net_interface		$ip
 dns_server		127.0.0.1:53
 module_path		/usr/lib/baresip/modules
