@@ -13,6 +13,9 @@ cleanup() {
   for g in "${PGIDS[@]:-}"; do [ -n "$g" ] && kill -TERM -- "-$g" 2>/dev/null || true; done
   sleep 1
   for g in "${PGIDS[@]:-}"; do [ -n "$g" ] && kill -KILL -- "-$g" 2>/dev/null || true; done
+  # A dataplane runs in its own process group; one whose siptg was killed outright is stopped
+  # here (its command line names this suite's config).
+  pkill -KILL -f -- "dataplane --config $WORK/" 2>/dev/null || true
   [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
