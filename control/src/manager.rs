@@ -185,20 +185,34 @@ impl Routing {
         {
             return Ok(c);
         }
+        // A PBX we register to calls us from its own address (the registrar or its proxy).
+        if let Some(c) = self.connections.iter().find(|c| {
+            c.kind == ConnectionKind::RegisterToPbx
+                && [c.server.as_deref(), c.proxy.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(host_ip)
+                    .any(|ip| ip == q.source.ip())
+        }) {
+            return Ok(c);
+        }
         tracing::info!(source = %q.source, from = ?q.from_user, "INVITE from no known connection; 404");
         Err(refuse(404, reasons::ROUTE_NOT_FOUND))
     }
 }
 
+/// The IP of a `host[:port]` setting when the host is a literal address.
+fn host_ip(s: &str) -> Option<std::net::IpAddr> {
+    s.parse::<std::net::SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| s.parse::<std::net::IpAddr>())
+        .ok()
+}
+
 /// Whether `q` comes from IP trunk `c`: its address (the `server` host, or a `trusted_ips`
 /// entry) and, if set, its extra header.
 fn ip_trunk_matches(c: &ConnectionConfig, q: &RouteQuery) -> bool {
-    let server_ip = c.server.as_deref().and_then(|s| {
-        s.parse::<std::net::SocketAddr>()
-            .map(|a| a.ip())
-            .or_else(|_| s.parse::<std::net::IpAddr>())
-            .ok()
-    });
+    let server_ip = c.server.as_deref().and_then(host_ip);
     let from_address = server_ip == Some(q.source.ip())
         || (!c.trusted_ips.is_empty() && crate::sip::registrar::trusted(c, q.source));
     if !from_address {
@@ -521,5 +535,25 @@ mod tests {
         q.headers = vec![("X-Line".into(), " trunk-a".into())];
         let got = r.route(&q, "w1");
         assert!(matches!(got, LinkResponse::Forward { .. }), "{got:?}");
+    }
+
+    #[test]
+    fn a_pbx_we_register_to_may_call_us_from_its_address() {
+        let mut pbx = conn("asterisk");
+        pbx.kind = ConnectionKind::RegisterToPbx;
+        pbx.trusted_ips = vec![];
+        pbx.server = Some("127.0.0.8:5060".into());
+        let r = Routing::new(vec![conn("bob"), pbx], "siptg");
+        register(&r, "bob");
+        let mut q = query("INVITE", "someone", "bob", None);
+        q.source = "127.0.0.8:5060".parse().unwrap();
+        let got = r.route(&q, "w1");
+        assert!(matches!(got, LinkResponse::Forward { .. }), "{got:?}");
+        q.source = "127.0.0.18:5060".parse().unwrap();
+        let got = r.route(&q, "w1");
+        assert!(
+            matches!(&got, LinkResponse::Route { code: 404, .. }),
+            "{got:?}"
+        );
     }
 }
