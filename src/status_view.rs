@@ -42,6 +42,26 @@ fn worker(out: &mut String, w: &Value) {
     let _ = writeln!(out, "  SIP: {}", s(&w["sip_listen"]));
     let _ = writeln!(out, "  manager links:");
     links(out, &w["manager_links"], "    ");
+    if let Some(regs) = w["outbound_registrations"]
+        .as_array()
+        .filter(|r| !r.is_empty())
+    {
+        let _ = writeln!(out, "  registrations at PBXs:");
+        for r in regs {
+            let detail = match r["state"].as_str() {
+                Some("registered") => format!("registered, expires in {}s", s(&r["expires_in_s"])),
+                Some("failed") => format!("FAILED: {} {}", s(&r["code"]), s(&r["reason"])),
+                Some(other) => other.to_string(),
+                None => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "    {} at {}: {detail}",
+                s(&r["name"]),
+                s(&r["server"])
+            );
+        }
+    }
     let sup = &w["dataplane"]["supervisor"];
     let proc_ = &w["dataplane"]["process"];
     if sup["connected"].as_bool() == Some(true) {
@@ -141,4 +161,37 @@ pub fn render(v: &Value) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn outbound_registrations_are_shown_with_their_state() {
+        let mut out = String::new();
+        worker(
+            &mut out,
+            &json!({
+                "name": "worker-1",
+                "sip_listen": ["udp:127.0.0.1:5060"],
+                "manager_links": [],
+                "outbound_registrations": [
+                    {"name": "asterisk", "server": "192.0.2.10:5060", "state": "registered", "expires_in_s": 570},
+                    {"name": "kam", "server": "192.0.2.11:5060", "state": "failed", "code": 403, "reason": "Wrong password"}
+                ],
+                "dataplane": {"supervisor": {"connected": false, "last_error": "x", "socket": "s"}}
+            }),
+        );
+        assert!(out.contains("registrations at PBXs:"), "{out}");
+        assert!(
+            out.contains("asterisk at 192.0.2.10:5060: registered, expires in 570s"),
+            "{out}"
+        );
+        assert!(
+            out.contains("kam at 192.0.2.11:5060: FAILED: 403 Wrong password"),
+            "{out}"
+        );
+    }
 }
