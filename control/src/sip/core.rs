@@ -17,7 +17,6 @@ use tokio::sync::mpsc;
 
 use super::call::{Call, CallAction, Side, Target};
 use super::edge::{connect_tcp, Reply, Responder, TcpEvent, TcpWriter};
-use super::message::parse_request;
 use super::msg::{parse_datagram, Headers, Method, SipRequest, SipResponse};
 use super::sdp::CodecPrefs;
 use super::transaction::{
@@ -503,8 +502,8 @@ fn delete_session(worker: &Arc<Worker>, session: SessionId) {
 }
 
 /// The old request reader's view of a request, for the Worker's routing decisions.
-fn legacy(req: &SipRequest) -> Option<super::message::Request> {
-    parse_request(&req.to_bytes()).ok()
+fn legacy(req: &SipRequest) -> super::message::Request {
+    super::message::Request::from_msg(req)
 }
 
 fn response_for(req: &SipRequest, reply: Reply) -> SipResponse {
@@ -533,7 +532,7 @@ async fn answer_plain(
     source: SocketAddr,
     done: mpsc::Sender<Done>,
 ) {
-    let Some(old) = legacy(&req) else { return };
+    let old = legacy(&req);
     if let Some(reply) = worker.answer(old, source).await {
         let _ = done
             .send(Done::Answer {
@@ -553,7 +552,7 @@ async fn route_invite(
     transport: Transport,
     done: mpsc::Sender<Done>,
 ) {
-    let Some(old) = legacy(&req) else { return };
+    let old = legacy(&req);
     let decision = worker.decide(&old, source).await;
     let answer = |reply: Reply| Done::Answer {
         key: key.clone(),

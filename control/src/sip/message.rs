@@ -58,6 +58,20 @@ impl Request {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The same request seen by this reader, built from the full message model without
+    /// writing and re-reading it (the routing still speaks this type).
+    pub fn from_msg(req: &super::msg::SipRequest) -> Self {
+        Request {
+            method: req.method.as_str().to_string(),
+            uri: req.uri.clone(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
     /// Every header line as (name, value), in order.
     pub fn all(&self) -> impl Iterator<Item = (&str, &str)> {
         self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()))
