@@ -72,6 +72,11 @@ impl Worker {
         })
     }
 
+    /// The metrics registry SIP counters go to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// The Worker's name.
     pub fn name(&self) -> &str {
         &self.cfg.name

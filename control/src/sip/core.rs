@@ -146,7 +146,10 @@ pub async fn serve(
                 }
                 match parse_datagram(data) {
                     Ok(msg) => tx.on_message(Instant::now(), msg, source, Transport::Udp),
-                    Err(e) => tracing::debug!(%source, error = %e, "unparseable SIP datagram dropped"),
+                    Err(e) => {
+                        tracing::debug!(%source, error = %e, "unparseable SIP datagram dropped");
+                        worker.metrics().inc("siptg_sip_malformed_total", &[]);
+                    }
                 }
             }
             Some(ev) = async {
@@ -224,6 +227,10 @@ pub async fn serve(
                     source,
                     transport,
                 } => {
+                    worker.metrics().inc(
+                        "siptg_sip_requests_total",
+                        &[("method", super::edge::method_label(req.method.as_str()))],
+                    );
                     let in_dialog = req.to_tag().is_some();
                     if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
                         if let Some(e) = calls.get_mut(&id) {

@@ -174,8 +174,8 @@ grep -q "PBX registered" "$WORK/siptg.log" || die "siptg did not log the registr
 python3 "$here/sip_probe.py" 127.0.0.1 "$sip" || die "raw SIP checks failed"
 # Malformed messages get 400 or silence, odd but valid ones are answered, siptg stays up.
 python3 "$here/malformed.py" 127.0.0.1 "$sip" || die "malformed-message checks failed"
-python3 "$here/tcp_probe.py" 127.0.0.1 "$tcp" && "$SIPTG" status --admin "127.0.0.1:$admin" --json | grep -q "tcp:127.0.0.1:$tcp" || die "SIP over TCP checks failed"
-python3 "$here/tls_probe.py" 127.0.0.1 "$tlsport" && "$SIPTG" status --admin "127.0.0.1:$admin" --json | grep -q "tls:127.0.0.1:$tlsport" || die "SIP over TLS checks failed"
+python3 "$here/tcp_probe.py" 127.0.0.1 "$tcp" && { "$SIPTG" status --admin "127.0.0.1:$admin" --json >"$WORK/status.json" && grep -q "tcp:127.0.0.1:$tcp" "$WORK/status.json"; } || die "SIP over TCP checks failed"
+python3 "$here/tls_probe.py" 127.0.0.1 "$tlsport" && { "$SIPTG" status --admin "127.0.0.1:$admin" --json >"$WORK/status.json" && grep -q "tls:127.0.0.1:$tlsport" "$WORK/status.json"; } || die "SIP over TLS checks failed"
 # The ban is listed and lifted through the admin API; the address is answered again.
 curl -fsS "http://127.0.0.1:$admin/bans" | grep -q '"127.0.0.3/32"' || die "ban of 127.0.0.3 not listed"
 curl -fsS -X POST "http://127.0.0.1:$admin/bans/lift?ip=127.0.0.3" >/dev/null || die "ban not lifted"
