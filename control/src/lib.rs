@@ -15,6 +15,8 @@ pub mod run;
 pub mod sip;
 pub mod storage;
 pub mod store;
+pub mod telegram;
 pub mod tgcall;
+pub mod tgsim;
 pub mod tls;
 pub mod worker;

@@ -9,6 +9,39 @@ use std::path::Path;
 use std::sync::Arc;
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_sessions");
+const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_accounts");
+const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_peers");
+
+/// The tables behind the key → bytes API; each is a table in redb and in PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    /// Account name → sealed MTProto session (auth keys; never stored in the clear).
+    Sessions,
+    /// Account name → account record (JSON: phone, user id, state).
+    Accounts,
+    /// `account/kind:value` → resolved peer (JSON: user id, access hash, names).
+    Peers,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Sessions => "telegram_sessions",
+            Table::Accounts => "telegram_accounts",
+            Table::Peers => "telegram_peers",
+        }
+    }
+
+    fn redb(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            Table::Sessions => SESSIONS,
+            Table::Accounts => ACCOUNTS,
+            Table::Peers => PEERS,
+        }
+    }
+
+    const ALL: [Table; 3] = [Table::Sessions, Table::Accounts, Table::Peers];
+}
 
 /// Why the database failed; the message names the backend and the operation.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +88,9 @@ impl Store {
                 }
                 let db = redb::Database::create(&path).map_err(redb_err("open"))?;
                 let tx = db.begin_write().map_err(redb_err("begin"))?;
-                tx.open_table(SESSIONS).map_err(redb_err("create table"))?;
+                for t in Table::ALL {
+                    tx.open_table(t.redb()).map_err(redb_err("create table"))?;
+                }
                 tx.commit().map_err(redb_err("commit"))?;
                 tracing::info!(path = %path.display(), "redb database open");
                 Ok(Store::Redb(Arc::new(db)))
@@ -73,16 +108,18 @@ impl Store {
                         tracing::error!(error = %e, "postgres connection lost");
                     }
                 });
-                client
-                    .batch_execute(
-                        "CREATE TABLE IF NOT EXISTS telegram_sessions (
-                            name TEXT PRIMARY KEY, data BYTEA NOT NULL)",
-                    )
-                    .await
-                    .map_err(|source| StoreError::Postgres {
-                        op: "create table",
-                        source,
-                    })?;
+                for t in Table::ALL {
+                    client
+                        .batch_execute(&format!(
+                            "CREATE TABLE IF NOT EXISTS {} (name TEXT PRIMARY KEY, data BYTEA NOT NULL)",
+                            t.name()
+                        ))
+                        .await
+                        .map_err(|source| StoreError::Postgres {
+                            op: "create table",
+                            source,
+                        })?;
+                }
                 tracing::info!("postgres database open");
                 Ok(Store::Postgres(Arc::new(client)))
             }
@@ -97,22 +134,25 @@ impl Store {
         }
     }
 
-    /// Saves (or replaces) a Telegram session.
-    pub async fn put_session(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+    /// Saves (or replaces) `key` in `table`.
+    pub async fn put(&self, table: Table, key: &str, data: &[u8]) -> Result<(), StoreError> {
         match self {
             Store::Redb(db) => {
                 let tx = db.begin_write().map_err(redb_err("begin"))?;
                 {
-                    let mut t = tx.open_table(SESSIONS).map_err(redb_err("open table"))?;
-                    t.insert(name, data).map_err(redb_err("insert"))?;
+                    let mut t = tx.open_table(table.redb()).map_err(redb_err("open table"))?;
+                    t.insert(key, data).map_err(redb_err("insert"))?;
                 }
                 tx.commit().map_err(redb_err("commit"))
             }
             Store::Postgres(c) => c
                 .execute(
-                    "INSERT INTO telegram_sessions (name, data) VALUES ($1, $2)
-                     ON CONFLICT (name) DO UPDATE SET data = EXCLUDED.data",
-                    &[&name, &data],
+                    &format!(
+                        "INSERT INTO {} (name, data) VALUES ($1, $2)
+                         ON CONFLICT (name) DO UPDATE SET data = EXCLUDED.data",
+                        table.name()
+                    ),
+                    &[&key, &data],
                 )
                 .await
                 .map(drop)
@@ -123,19 +163,19 @@ impl Store {
         }
     }
 
-    /// Loads a Telegram session.
-    pub async fn get_session(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// Loads `key` from `table`.
+    pub async fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Store::Redb(db) => {
                 let tx = db.begin_read().map_err(redb_err("begin"))?;
-                let t = tx.open_table(SESSIONS).map_err(redb_err("open table"))?;
-                let v = t.get(name).map_err(redb_err("get"))?;
+                let t = tx.open_table(table.redb()).map_err(redb_err("open table"))?;
+                let v = t.get(key).map_err(redb_err("get"))?;
                 Ok(v.map(|g| g.value().to_vec()))
             }
             Store::Postgres(c) => c
                 .query_opt(
-                    "SELECT data FROM telegram_sessions WHERE name = $1",
-                    &[&name],
+                    &format!("SELECT data FROM {} WHERE name = $1", table.name()),
+                    &[&key],
                 )
                 .await
                 .map(|row| row.map(|r| r.get::<_, Vec<u8>>(0)))
@@ -144,6 +184,82 @@ impl Store {
                     source,
                 }),
         }
+    }
+
+    /// Removes `key` from `table`; true if it was there.
+    pub async fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+        match self {
+            Store::Redb(db) => {
+                let tx = db.begin_write().map_err(redb_err("begin"))?;
+                let had = {
+                    let mut t = tx.open_table(table.redb()).map_err(redb_err("open table"))?;
+                    let had = t.remove(key).map_err(redb_err("remove"))?.is_some();
+                    had
+                };
+                tx.commit().map_err(redb_err("commit"))?;
+                Ok(had)
+            }
+            Store::Postgres(c) => c
+                .execute(
+                    &format!("DELETE FROM {} WHERE name = $1", table.name()),
+                    &[&key],
+                )
+                .await
+                .map(|n| n > 0)
+                .map_err(|source| StoreError::Postgres {
+                    op: "delete",
+                    source,
+                }),
+        }
+    }
+
+    /// Every entry of `table` whose key starts with `prefix`, in key order.
+    pub async fn list(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        match self {
+            Store::Redb(db) => {
+                let tx = db.begin_read().map_err(redb_err("begin"))?;
+                let t = tx.open_table(table.redb()).map_err(redb_err("open table"))?;
+                let mut out = Vec::new();
+                for item in t.range(prefix..).map_err(redb_err("range"))? {
+                    let (k, v) = item.map_err(redb_err("range"))?;
+                    if !k.value().starts_with(prefix) {
+                        break;
+                    }
+                    out.push((k.value().to_string(), v.value().to_vec()));
+                }
+                Ok(out)
+            }
+            Store::Postgres(c) => {
+                let like = format!("{}%", prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+                c.query(
+                    &format!(
+                        "SELECT name, data FROM {} WHERE name LIKE $1 ORDER BY name",
+                        table.name()
+                    ),
+                    &[&like],
+                )
+                .await
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
+                        .collect()
+                })
+                .map_err(|source| StoreError::Postgres {
+                    op: "select",
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Saves (or replaces) a Telegram session.
+    pub async fn put_session(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
+        self.put(Table::Sessions, name, data).await
+    }
+
+    /// Loads a Telegram session.
+    pub async fn get_session(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(Table::Sessions, name).await
     }
 
     /// Number of stored sessions.
@@ -163,6 +279,31 @@ impl Store {
                     source,
                 }),
         }
+    }
+}
+
+/// The behaviour every backend must show; run against redb always and PostgreSQL when
+/// `SIPTG_TEST_POSTGRES_URL` is set (`tests/interop/run storage` starts one).
+#[cfg(test)]
+pub(crate) async fn contract(s: &Store) {
+    s.put(Table::Accounts, "a/1", b"one").await.unwrap();
+    s.put(Table::Accounts, "a/2", b"two").await.unwrap();
+    s.put(Table::Accounts, "a_x", b"other").await.unwrap();
+    s.put(Table::Accounts, "b/1", b"b").await.unwrap();
+    s.put(Table::Accounts, "a/1", b"uno").await.unwrap();
+    let got = s.list(Table::Accounts, "a/").await.unwrap();
+    assert_eq!(
+        got,
+        vec![("a/1".to_string(), b"uno".to_vec()), ("a/2".to_string(), b"two".to_vec())]
+    );
+    assert_eq!(s.get(Table::Accounts, "b/1").await.unwrap().as_deref(), Some(&b"b"[..]));
+    // Tables are separate.
+    assert_eq!(s.get(Table::Peers, "b/1").await.unwrap(), None);
+    assert!(s.delete(Table::Accounts, "b/1").await.unwrap());
+    assert!(!s.delete(Table::Accounts, "b/1").await.unwrap());
+    assert_eq!(s.get(Table::Accounts, "b/1").await.unwrap(), None);
+    for k in ["a/1", "a/2", "a_x"] {
+        s.delete(Table::Accounts, k).await.unwrap();
     }
 }
 
@@ -189,5 +330,24 @@ mod tests {
             Some(&b"authkey"[..])
         );
         assert_eq!(s.get_session("nope").await.unwrap(), None);
+        contract(&s).await;
+    }
+
+    #[tokio::test]
+    async fn postgres_keeps_the_same_contract() {
+        let Ok(url) = std::env::var("SIPTG_TEST_POSTGRES_URL") else {
+            eprintln!("SIPTG_TEST_POSTGRES_URL not set: PostgreSQL contract runs in tests/interop/run storage");
+            return;
+        };
+        let cfg = DatabaseConfig {
+            backend: DatabaseBackend::Postgres,
+            path: Default::default(),
+            url: Some(url),
+        };
+        let s = Store::open(&cfg, Path::new(".")).await.unwrap();
+        contract(&s).await;
+        s.put_session("pg-acc", b"sealed").await.unwrap();
+        assert_eq!(s.get_session("pg-acc").await.unwrap().as_deref(), Some(&b"sealed"[..]));
+        s.delete(Table::Sessions, "pg-acc").await.unwrap();
     }
 }

@@ -1,0 +1,17 @@
+//! The Session Storage's Telegram side: accounts, their MTProto sessions (encrypted at rest),
+//! the allow-listed API the Manager and Workers may use, peer resolution and flood control.
+//!
+//! Everything above `transport` speaks TL (grammers-tl-types) and does not know whether it
+//! talks to Telegram through grammers (`mtproto`) or to the simulated cloud (`simclient`).
+
+pub mod error;
+pub mod flood;
+pub mod sealed;
+pub mod simwire;
+
+pub use error::TgError;
+pub mod mtproto;
+pub mod simclient;
+pub mod transport;
+pub mod account;
+pub mod resolve;

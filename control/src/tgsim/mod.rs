@@ -1,0 +1,225 @@
+//! `tgsim`, the simulated Telegram cloud: stands in for Telegram's servers in tests and the demo
+//! (they are unreachable from CI). It serves the TL API the Session Storage uses — the same
+//! serialized functions and results — over the sim wire (`telegram::simwire`).
+//!
+//! `world` holds the rules (sans-IO); this module runs them on tokio: a TCP listener, one task
+//! per connection, updates delivered to every connection of a user, ring timeouts on a timer.
+
+pub mod srp;
+pub mod world;
+
+use crate::telegram::simwire::{read_frame, SimFrame};
+use grammers_tl_types::{self as tl, Serializable};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+pub use world::{Privacy, SimUser, TurnServer, World, WorldConfig};
+use world::{Delivery, To};
+
+/// A running simulated cloud.
+#[derive(Clone)]
+pub struct TgSim {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    world: Mutex<World>,
+    conns: Mutex<HashMap<u64, Conn>>,
+    next_conn: std::sync::atomic::AtomicU64,
+    addr: SocketAddr,
+    wake: tokio::sync::Notify,
+}
+
+struct Conn {
+    key: [u8; 32],
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+fn unix_now() -> i32 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    i32::try_from(secs).unwrap_or(i32::MAX)
+}
+
+impl TgSim {
+    /// Binds `listen` and serves `cfg` until the returned handle and every clone are dropped
+    /// (the accept loop stops with the runtime).
+    pub async fn start(cfg: WorldConfig, listen: SocketAddr) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let sim = TgSim {
+            inner: Arc::new(Inner {
+                world: Mutex::new(World::new(cfg, Instant::now(), unix_now())),
+                conns: Mutex::new(HashMap::new()),
+                next_conn: 0.into(),
+                addr,
+                wake: tokio::sync::Notify::new(),
+            }),
+        };
+        tracing::info!(%addr, "simulated Telegram cloud listening");
+        let weak = Arc::downgrade(&sim.inner);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    continue;
+                };
+                let Some(inner) = weak.upgrade() else { break };
+                let sim = TgSim { inner };
+                tokio::spawn(async move {
+                    if let Err(e) = sim.serve(stream).await {
+                        tracing::debug!(%peer, error = %e, "tgsim connection ended");
+                    }
+                });
+            }
+        });
+        let weak = Arc::downgrade(&sim.inner);
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { break };
+                let next = inner.world.lock().map(|w| w.next_deadline()).ok().flatten();
+                let sleep = match next {
+                    Some(at) => tokio::time::sleep_until(at.into()),
+                    None => tokio::time::sleep(std::time::Duration::from_secs(3600)),
+                };
+                let wake = async { inner.wake.notified().await };
+                tokio::select! {
+                    _ = sleep => {}
+                    _ = wake => {}
+                }
+                let out = match inner.world.lock() {
+                    Ok(mut w) => w.tick(Instant::now()),
+                    Err(_) => break,
+                };
+                TgSim { inner }.deliver(out);
+            }
+        });
+        Ok(sim)
+    }
+
+    /// Where the cloud listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Runs `f` on the world (tests and the admin view change users through it).
+    pub fn with_world<T>(&self, f: impl FnOnce(&mut World) -> T) -> T {
+        let mut w = self
+            .inner
+            .world
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut w)
+    }
+
+    /// Accepts a QR login token as `user` (scanning the code in the app).
+    pub fn accept_qr(&self, token: &[u8], user: i64) -> Result<(), world::RpcErr> {
+        let d = self.with_world(|w| w.accept_qr(token, user))?;
+        self.deliver(vec![d]);
+        Ok(())
+    }
+
+    fn deliver(&self, out: Vec<Delivery>) {
+        if out.is_empty() {
+            return;
+        }
+        let date = unix_now();
+        let conns = self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let world = self
+            .inner
+            .world
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for d in out {
+            let body = tl::enums::Updates::UpdateShort(tl::types::UpdateShort {
+                update: d.update.clone(),
+                date,
+            })
+            .to_bytes();
+            let frame = SimFrame::Updates { body }.encode();
+            for c in conns.values() {
+                let target = match d.to {
+                    To::Key(k) => c.key == k,
+                    To::User(u) => {
+                        world.user_of(&c.key) == Some(u)
+                            && !(d.is_call
+                                && world
+                                    .keys_of(u)
+                                    .iter()
+                                    .any(|(k, disabled)| *k == c.key && *disabled))
+                            && !world.user(u).is_some_and(|u| u.offline)
+                    }
+                };
+                if target {
+                    let _ = c.tx.send(frame.clone());
+                }
+            }
+        }
+    }
+
+    async fn serve(&self, stream: TcpStream) -> Result<(), crate::telegram::simwire::WireError> {
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let Some(SimFrame::Hello { auth_key }) = read_frame(&mut rd).await? else {
+            return Ok(());
+        };
+        let key = self.with_world(|w| w.hello(auth_key, Instant::now()));
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let conn_id = self
+            .inner
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = tx.send(SimFrame::Welcome { auth_key: key }.encode());
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(conn_id, Conn { key, tx: tx.clone() });
+        // A device that comes online hears the calls still ringing for it.
+        let pending = self.with_world(|w| w.user_of(&key).map(|u| w.pending_for(u)).unwrap_or_default());
+        self.deliver(pending);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(frame) = rx.recv().await {
+                if wr.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let result = loop {
+            match read_frame(&mut rd).await {
+                Ok(Some(SimFrame::Invoke { id, body })) => {
+                    let outcome = self.with_world(|w| w.handle(key, &body, Instant::now()));
+                    let reply = match outcome.reply {
+                        Ok(body) => SimFrame::Result { id, body },
+                        Err((code, message)) => SimFrame::RpcError { id, code, message },
+                    };
+                    let _ = tx.send(reply.encode());
+                    // A login on this connection makes it a device of its user: deliver what
+                    // still rings.
+                    self.deliver(outcome.deliveries);
+                    self.inner.wake.notify_one();
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&conn_id);
+        self.with_world(|w| w.bye(&key));
+        writer.abort();
+        result
+    }
+}

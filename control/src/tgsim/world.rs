@@ -1,0 +1,1408 @@
+//! The simulated cloud's state and rules, sans-IO: a TL request from a connection's auth key at
+//! a given time in, the TL answer (or Telegram's RPC error) and the updates to deliver out.
+//!
+//! What it models is what the gateway depends on: login (code, 2FA by SRP, QR tokens), users
+//! with phones, usernames, contacts, blocks and privacy, online state, authorizations (for
+//! "calls disabled on other devices"), the DH config, 1:1 call states with the signalling relay,
+//! a 15 s ring timeout for offline callees, and flood limits.
+
+use super::srp::SrpRound;
+use grammers_tl_types::{self as tl, Deserializable, Identifiable, Serializable};
+use rand::{Rng, RngCore};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// An RPC error as Telegram sends it.
+pub type RpcErr = (i32, String);
+
+fn err(code: i32, msg: impl Into<String>) -> RpcErr {
+    (code, msg.into())
+}
+
+/// Who may do something (calls, P2P, adding to groups).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Privacy {
+    #[default]
+    Everybody,
+    Contacts,
+    Nobody,
+}
+
+/// A simulated Telegram user.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SimUser {
+    pub id: i64,
+    /// Digits only, no `+`.
+    pub phone: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub first_name: String,
+    #[serde(default)]
+    pub last_name: String,
+    /// The login code the cloud "sends" (default 12345).
+    #[serde(default = "default_code")]
+    pub code: String,
+    /// The 2FA password, if the account has one.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub contacts: HashSet<i64>,
+    #[serde(default)]
+    pub blocked: HashSet<i64>,
+    #[serde(default)]
+    pub calls: Privacy,
+    #[serde(default)]
+    pub p2p: Privacy,
+    #[serde(default)]
+    pub chat_invite: Privacy,
+    /// Forced offline (no pushes arrive, calls to it ring out after the offline timeout).
+    #[serde(default)]
+    pub offline: bool,
+}
+
+fn default_code() -> String {
+    "12345".into()
+}
+
+impl SimUser {
+    /// A user with defaults (everybody may call, code 12345, no password).
+    pub fn new(id: i64, phone: &str, username: Option<&str>, first_name: &str) -> Self {
+        Self {
+            id,
+            phone: phone.trim_start_matches('+').to_string(),
+            username: username.map(|u| u.trim_start_matches('@').to_string()),
+            first_name: first_name.into(),
+            last_name: String::new(),
+            code: default_code(),
+            password: None,
+            contacts: HashSet::new(),
+            blocked: HashSet::new(),
+            calls: Privacy::Everybody,
+            p2p: Privacy::Everybody,
+            chat_invite: Privacy::Everybody,
+            offline: false,
+        }
+    }
+
+    fn access_hash(&self) -> i64 {
+        // Stable per user, unguessable enough for a simulation.
+        (self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64)) ^ 0x5bd1_e995
+    }
+}
+
+/// Limits that make the cloud answer FLOOD_WAIT and PEER_FLOOD.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FloodRules {
+    /// phone.requestCall per caller per minute before FLOOD_WAIT.
+    pub calls_per_minute: u32,
+    /// Calls to users who do not have the caller as a contact before PEER_FLOOD.
+    pub stranger_calls: u32,
+}
+
+impl Default for FloodRules {
+    fn default() -> Self {
+        Self {
+            calls_per_minute: 20,
+            stranger_calls: 50,
+        }
+    }
+}
+
+/// A TURN server the cloud hands out in `phoneConnectionWebrtc`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TurnServer {
+    pub ip: String,
+    pub port: u16,
+    pub username: String,
+    pub password: String,
+}
+
+/// How the simulated cloud behaves.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WorldConfig {
+    pub users: Vec<SimUser>,
+    #[serde(default)]
+    pub flood: FloodRules,
+    #[serde(default)]
+    pub turn: Option<TurnServer>,
+    /// How long a call to an offline user rings before it is missed (Telegram: 15 s).
+    #[serde(default = "default_offline_ring", with = "secs")]
+    pub offline_ring_timeout: Duration,
+    /// How long a call to an online user rings before it is missed (Telegram: 90 s).
+    #[serde(default = "default_ring", with = "secs")]
+    pub ring_timeout: Duration,
+}
+
+fn default_offline_ring() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_ring() -> Duration {
+    Duration::from_secs(90)
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Default for WorldConfig {
+    fn default() -> Self {
+        Self {
+            users: Vec::new(),
+            flood: FloodRules::default(),
+            turn: None,
+            offline_ring_timeout: default_offline_ring(),
+            ring_timeout: default_ring(),
+        }
+    }
+}
+
+/// One auth key's session (an "authorization" once logged in).
+#[derive(Debug, Clone)]
+struct AuthSession {
+    user: Option<i64>,
+    hash: i64,
+    created: i32,
+    call_requests_disabled: bool,
+    /// The login in progress: phone and its phone_code_hash.
+    pending_code: Option<(String, String)>,
+    /// The user whose 2FA password is being asked for, and the SRP round.
+    pending_password: Option<(i64, i64)>,
+    /// The QR token this key exported, if any.
+    qr_token: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallState {
+    Requested,
+    Waiting { received: Option<i32> },
+    Accepted,
+    Active { start: i32 },
+    Discarded,
+}
+
+#[derive(Debug, Clone)]
+struct SimCall {
+    id: i64,
+    access_hash: i64,
+    date: i32,
+    admin: i64,
+    participant: i64,
+    g_a_hash: Vec<u8>,
+    g_a: Vec<u8>,
+    g_b: Vec<u8>,
+    fingerprint: i64,
+    admin_protocol: tl::types::PhoneCallProtocol,
+    participant_protocol: Option<tl::types::PhoneCallProtocol>,
+    state: CallState,
+    ring_deadline: Instant,
+}
+
+/// Whom an update is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum To {
+    /// Every connection logged in as this user.
+    User(i64),
+    /// The connections of one auth key (a QR login waiting for its token to be accepted).
+    Key([u8; 32]),
+}
+
+/// An update for every connection of a user (except those that disabled calls, for call
+/// updates), or of one key.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub to: To,
+    pub update: tl::enums::Update,
+    /// Call updates skip authorizations with calls disabled.
+    pub is_call: bool,
+}
+
+/// What one request produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub reply: Result<Vec<u8>, RpcErr>,
+    pub deliveries: Vec<Delivery>,
+}
+
+/// The simulated cloud.
+pub struct World {
+    cfg: WorldConfig,
+    users: BTreeMap<i64, SimUser>,
+    sessions: HashMap<[u8; 32], AuthSession>,
+    srp: HashMap<i64, SrpRound>,
+    /// QR token → (exporting key, accepted by user).
+    qr: HashMap<Vec<u8>, ([u8; 32], Option<i64>)>,
+    calls: HashMap<i64, SimCall>,
+    /// Recent requestCall times per caller; strangers called per caller.
+    call_times: HashMap<i64, Vec<Instant>>,
+    strangers: HashMap<i64, HashSet<i64>>,
+    /// Connected keys (online presence).
+    connected: HashMap<[u8; 32], usize>,
+    dh_prime: Vec<u8>,
+    epoch: (Instant, i32),
+    /// Every refused request, for tests: (method, error).
+    pub log: Vec<(String, String)>,
+}
+
+const SRP_SALT1: [u8; 8] = *b"siptgsa1";
+const SRP_SALT2: [u8; 16] = *b"siptg-sim-salt-2";
+
+impl World {
+    /// A cloud with `cfg`'s users.
+    pub fn new(cfg: WorldConfig, now: Instant, unix_now: i32) -> Self {
+        let users = cfg.users.iter().map(|u| (u.id, u.clone())).collect();
+        let dh_prime = hex_bytes(crate::tgcall::dh::KNOWN_PRIME_HEX);
+        Self {
+            cfg,
+            users,
+            sessions: HashMap::new(),
+            srp: HashMap::new(),
+            qr: HashMap::new(),
+            calls: HashMap::new(),
+            call_times: HashMap::new(),
+            strangers: HashMap::new(),
+            connected: HashMap::new(),
+            dh_prime,
+            epoch: (now, unix_now),
+            log: Vec::new(),
+        }
+    }
+
+    fn unix(&self, now: Instant) -> i32 {
+        let secs = now.saturating_duration_since(self.epoch.0).as_secs();
+        self.epoch.1.saturating_add(i32::try_from(secs).unwrap_or(i32::MAX))
+    }
+
+    /// Adds or replaces a user.
+    pub fn upsert_user(&mut self, user: SimUser) {
+        self.users.insert(user.id, user);
+    }
+
+    /// A user, for tests and the admin view.
+    pub fn user(&self, id: i64) -> Option<&SimUser> {
+        self.users.get(&id)
+    }
+
+    /// Changes a user (privacy, blocks, contacts, offline).
+    pub fn user_mut(&mut self, id: i64) -> Option<&mut SimUser> {
+        self.users.get_mut(&id)
+    }
+
+    /// A connection presents `key` (or none): the key it is bound to from now on.
+    pub fn hello(&mut self, key: Option<[u8; 32]>, now: Instant) -> [u8; 32] {
+        let key = match key {
+            Some(k) if self.sessions.contains_key(&k) => k,
+            _ => {
+                let mut k = [0u8; 32];
+                rand::thread_rng().fill_bytes(&mut k);
+                let created = self.unix(now);
+                self.sessions.insert(
+                    k,
+                    AuthSession {
+                        user: None,
+                        hash: rand::thread_rng().gen(),
+                        created,
+                        call_requests_disabled: false,
+                        pending_code: None,
+                        pending_password: None,
+                        qr_token: None,
+                    },
+                );
+                k
+            }
+        };
+        *self.connected.entry(key).or_default() += 1;
+        key
+    }
+
+    /// A connection with `key` went away.
+    pub fn bye(&mut self, key: &[u8; 32]) {
+        if let Some(n) = self.connected.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.connected.remove(key);
+            }
+        }
+    }
+
+    /// The user an auth key is logged in as.
+    pub fn user_of(&self, key: &[u8; 32]) -> Option<i64> {
+        self.sessions.get(key).and_then(|s| s.user)
+    }
+
+    /// Keys logged in as `user`, with whether calls are disabled on each.
+    pub fn keys_of(&self, user: i64) -> Vec<([u8; 32], bool)> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.user == Some(user))
+            .map(|(k, s)| (*k, s.call_requests_disabled))
+            .collect()
+    }
+
+    /// Logs `key` in as `user` without a code (another device of a test user).
+    pub fn authorize(&mut self, key: &[u8; 32], user: i64) {
+        if let Some(s) = self.sessions.get_mut(key) {
+            s.user = Some(user);
+        }
+    }
+
+    fn online(&self, user: i64) -> bool {
+        if self.users.get(&user).is_none_or(|u| u.offline) {
+            return false;
+        }
+        self.sessions
+            .iter()
+            .any(|(k, s)| s.user == Some(user) && self.connected.contains_key(k))
+    }
+
+    /// Accepts a QR login token as `user` (what scanning the code in the app does).
+    pub fn accept_qr(&mut self, token: &[u8], user: i64) -> Result<Delivery, RpcErr> {
+        let Some((key, accepted)) = self.qr.get_mut(token) else {
+            return Err(err(400, "AUTH_TOKEN_INVALID"));
+        };
+        *accepted = Some(user);
+        Ok(Delivery {
+            to: To::Key(*key),
+            update: tl::enums::Update::LoginToken,
+            is_call: false,
+        })
+    }
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    let clean: Vec<u8> = hex.bytes().filter(u8::is_ascii_hexdigit).collect();
+    clean
+        .chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap_or("00"), 16).unwrap_or(0))
+        .collect()
+}
+
+/// Decodes a function body (after its constructor id) or answers 400 like Telegram does.
+fn decode<R: Deserializable>(body: &[u8]) -> Result<R, RpcErr> {
+    R::from_bytes(body.get(4..).unwrap_or_default())
+        .map_err(|_| err(400, "INPUT_REQUEST_INVALID"))
+}
+
+fn ok<T: Serializable>(value: T) -> Result<Vec<u8>, RpcErr> {
+    Ok(value.to_bytes())
+}
+
+
+fn allowed(rule: Privacy, owner: &SimUser, who: i64) -> bool {
+    match rule {
+        Privacy::Everybody => true,
+        Privacy::Contacts => owner.contacts.contains(&who),
+        Privacy::Nobody => false,
+    }
+}
+
+impl World {
+    /// The TL `user` as `viewer` sees it.
+    fn user_tl(&self, id: i64, viewer: i64) -> Option<tl::enums::User> {
+        let u = self.users.get(&id)?;
+        let now_status = if self.online(id) {
+            tl::enums::UserStatus::Online(tl::types::UserStatusOnline { expires: i32::MAX })
+        } else {
+            tl::enums::UserStatus::Recently(tl::types::UserStatusRecently {
+                by_me: false,
+            })
+        };
+        Some(tl::enums::User::User(tl::types::User {
+            is_self: id == viewer,
+            contact: self.users.get(&viewer).is_some_and(|v| v.contacts.contains(&id)),
+            mutual_contact: false,
+            deleted: false,
+            bot: false,
+            bot_chat_history: false,
+            bot_nochats: false,
+            verified: false,
+            restricted: false,
+            min: false,
+            bot_inline_geo: false,
+            support: false,
+            scam: false,
+            apply_min_photo: false,
+            fake: false,
+            bot_attach_menu: false,
+            premium: false,
+            attach_menu_enabled: false,
+            bot_can_edit: false,
+            close_friend: false,
+            stories_hidden: false,
+            stories_unavailable: false,
+            contact_require_premium: false,
+            bot_business: false,
+            bot_has_main_app: false,
+            bot_forum_view: false,
+            bot_forum_can_manage_topics: false,
+            bot_can_manage_bots: false,
+            bot_guestchat: false,
+            bot_guard: false,
+            id,
+            access_hash: Some(u.access_hash()),
+            first_name: Some(u.first_name.clone()),
+            last_name: (!u.last_name.is_empty()).then(|| u.last_name.clone()),
+            username: u.username.clone(),
+            phone: Some(u.phone.clone()),
+            photo: None,
+            status: Some(now_status),
+            bot_info_version: None,
+            restriction_reason: None,
+            bot_inline_placeholder: None,
+            lang_code: None,
+            emoji_status: None,
+            usernames: None,
+            stories_max_id: None,
+            color: None,
+            profile_color: None,
+            bot_active_users: None,
+            bot_verification_icon: None,
+            send_paid_messages_stars: None,
+            linked_community_id: None,
+        }))
+    }
+
+    fn authorization(&self, user: i64) -> tl::enums::auth::Authorization {
+        tl::enums::auth::Authorization::Authorization(tl::types::auth::Authorization {
+            setup_password_required: false,
+            otherwise_relogin_days: None,
+            tmp_sessions: None,
+            future_auth_token: None,
+            user: self
+                .user_tl(user, user)
+                .unwrap_or(tl::enums::User::Empty(tl::types::UserEmpty { id: user })),
+        })
+    }
+
+    /// Resolves an `InputUser` as `me` names it; a wrong access hash is Telegram's
+    /// USER_ID_INVALID.
+    fn input_user(&self, me: i64, input: &tl::enums::InputUser) -> Result<i64, RpcErr> {
+        match input {
+            tl::enums::InputUser::UserSelf => Ok(me),
+            tl::enums::InputUser::User(u) => match self.users.get(&u.user_id) {
+                Some(found) if found.access_hash() == u.access_hash => Ok(u.user_id),
+                _ => Err(err(400, "USER_ID_INVALID")),
+            },
+            _ => Err(err(400, "USER_ID_INVALID")),
+        }
+    }
+
+    fn phone_call_of(&self, me: i64, input: &tl::enums::InputPhoneCall) -> Result<i64, RpcErr> {
+        let tl::enums::InputPhoneCall::Call(c) = input;
+        match self.calls.get(&c.id) {
+            Some(call)
+                if call.access_hash == c.access_hash
+                    && (call.admin == me || call.participant == me) =>
+            {
+                Ok(c.id)
+            }
+            _ => Err(err(400, "CALL_PEER_INVALID")),
+        }
+    }
+
+    /// Handles one TL request from a connection bound to `key`.
+    pub fn handle(&mut self, key: [u8; 32], body: &[u8], now: Instant) -> Outcome {
+        let id = body
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .unwrap_or(0);
+        let mut deliveries = Vec::new();
+        let reply = self.dispatch(key, id, body, now, &mut deliveries);
+        if let Err((code, msg)) = &reply {
+            self.log
+                .push((tl::name_for_id(id).to_string(), format!("{code} {msg}")));
+        }
+        Outcome { reply, deliveries }
+    }
+
+    fn me(&self, key: &[u8; 32]) -> Result<i64, RpcErr> {
+        self.user_of(key).ok_or_else(|| err(401, "AUTH_KEY_UNREGISTERED"))
+    }
+
+    fn dispatch(
+        &mut self,
+        key: [u8; 32],
+        id: u32,
+        body: &[u8],
+        now: Instant,
+        out: &mut Vec<Delivery>,
+    ) -> Result<Vec<u8>, RpcErr> {
+        use tl::functions as f;
+        let unix = self.unix(now);
+        match id {
+            f::auth::SendCode::CONSTRUCTOR_ID => {
+                let r: f::auth::SendCode = decode(body)?;
+                let phone: String = r.phone_number.chars().filter(char::is_ascii_digit).collect();
+                if phone.is_empty() {
+                    return Err(err(400, "PHONE_NUMBER_INVALID"));
+                }
+                if !self.users.values().any(|u| u.phone == phone) {
+                    // Sign-up is not simulated.
+                    return Err(err(400, "PHONE_NUMBER_UNOCCUPIED"));
+                }
+                let hash = format!("{:016x}", rand::thread_rng().gen::<u64>());
+                if let Some(s) = self.sessions.get_mut(&key) {
+                    s.pending_code = Some((phone, hash.clone()));
+                }
+                ok(tl::enums::auth::SentCode::Code(tl::types::auth::SentCode {
+                    r#type: tl::enums::auth::SentCodeType::App(
+                        tl::types::auth::SentCodeTypeApp { length: 5 },
+                    ),
+                    phone_code_hash: hash,
+                    next_type: None,
+                    timeout: None,
+                }))
+            }
+            f::auth::SignIn::CONSTRUCTOR_ID => {
+                let r: f::auth::SignIn = decode(body)?;
+                let pending = self.sessions.get(&key).and_then(|s| s.pending_code.clone());
+                let phone: String = r.phone_number.chars().filter(char::is_ascii_digit).collect();
+                match pending {
+                    Some((p, h)) if p == phone && h == r.phone_code_hash => {}
+                    _ => return Err(err(400, "PHONE_CODE_EXPIRED")),
+                }
+                let user = self
+                    .users
+                    .values()
+                    .find(|u| u.phone == phone)
+                    .cloned()
+                    .ok_or_else(|| err(400, "PHONE_NUMBER_UNOCCUPIED"))?;
+                if r.phone_code.as_deref() != Some(user.code.as_str()) {
+                    return Err(err(400, "PHONE_CODE_INVALID"));
+                }
+                if let Some(s) = self.sessions.get_mut(&key) {
+                    s.pending_code = None;
+                }
+                if user.password.is_some() {
+                    if let Some(s) = self.sessions.get_mut(&key) {
+                        s.pending_password = Some((user.id, 0));
+                    }
+                    return Err(err(401, "SESSION_PASSWORD_NEEDED"));
+                }
+                self.authorize(&key, user.id);
+                ok(self.authorization(user.id))
+            }
+            f::account::GetPassword::CONSTRUCTOR_ID => {
+                let pending = self.sessions.get(&key).and_then(|s| s.pending_password);
+                let user = match (pending, self.user_of(&key)) {
+                    (Some((u, _)), _) | (None, Some(u)) => u,
+                    _ => return Err(err(401, "AUTH_KEY_UNREGISTERED")),
+                };
+                let password = self.users.get(&user).and_then(|u| u.password.clone());
+                let Some(password) = password else {
+                    return ok(self.password_info(None, None, false));
+                };
+                let mut b = [0u8; 256];
+                rand::thread_rng().fill_bytes(&mut b);
+                let round = SrpRound::new(
+                    &self.dh_prime,
+                    3,
+                    &SRP_SALT1,
+                    &SRP_SALT2,
+                    password.as_bytes(),
+                    b,
+                );
+                let srp_id: i64 = rand::thread_rng().gen();
+                let g_b = round.g_b.to_vec();
+                self.srp.insert(srp_id, round);
+                if let Some(s) = self.sessions.get_mut(&key) {
+                    s.pending_password = Some((user, srp_id));
+                }
+                ok(self.password_info(Some(g_b), Some(srp_id), true))
+            }
+            f::auth::CheckPassword::CONSTRUCTOR_ID => {
+                let r: f::auth::CheckPassword = decode(body)?;
+                let tl::enums::InputCheckPasswordSrp::Srp(srp) = r.password else {
+                    return Err(err(400, "PASSWORD_HASH_INVALID"));
+                };
+                let pending = self.sessions.get(&key).and_then(|s| s.pending_password);
+                let Some((user, srp_id)) = pending else {
+                    return Err(err(400, "PASSWORD_HASH_INVALID"));
+                };
+                if srp_id != srp.srp_id {
+                    return Err(err(400, "SRP_ID_INVALID"));
+                }
+                let good = self
+                    .srp
+                    .remove(&srp_id)
+                    .is_some_and(|round| round.verify(&srp.a, &srp.m1));
+                if !good {
+                    return Err(err(400, "PASSWORD_HASH_INVALID"));
+                }
+                if let Some(s) = self.sessions.get_mut(&key) {
+                    s.pending_password = None;
+                }
+                self.authorize(&key, user);
+                ok(self.authorization(user))
+            }
+            f::auth::ExportLoginToken::CONSTRUCTOR_ID => {
+                let _r: f::auth::ExportLoginToken = decode(body)?;
+                let previous = self.sessions.get(&key).and_then(|s| s.qr_token.clone());
+                if let Some(tok) = previous {
+                    if let Some((_, Some(user))) = self.qr.get(&tok).cloned() {
+                        self.qr.remove(&tok);
+                        if let Some(s) = self.sessions.get_mut(&key) {
+                            s.qr_token = None;
+                        }
+                        if self.users.get(&user).is_some_and(|u| u.password.is_some()) {
+                            if let Some(s) = self.sessions.get_mut(&key) {
+                                s.pending_password = Some((user, 0));
+                            }
+                            return Err(err(401, "SESSION_PASSWORD_NEEDED"));
+                        }
+                        self.authorize(&key, user);
+                        return ok(tl::enums::auth::LoginToken::Success(
+                            tl::types::auth::LoginTokenSuccess {
+                                authorization: self.authorization(user),
+                            },
+                        ));
+                    }
+                    self.qr.remove(&tok);
+                }
+                let mut token = vec![0u8; 32];
+                rand::thread_rng().fill_bytes(&mut token);
+                self.qr.insert(token.clone(), (key, None));
+                if let Some(s) = self.sessions.get_mut(&key) {
+                    s.qr_token = Some(token.clone());
+                }
+                ok(tl::enums::auth::LoginToken::Token(tl::types::auth::LoginToken {
+                    expires: unix + 30,
+                    token,
+                }))
+            }
+            f::auth::AcceptLoginToken::CONSTRUCTOR_ID => {
+                let r: f::auth::AcceptLoginToken = decode(body)?;
+                let me = self.me(&key)?;
+                let d = self.accept_qr(&r.token, me)?;
+                out.push(d);
+                let auth = self.authorization_tl(&key, false);
+                ok(auth)
+            }
+            f::auth::LogOut::CONSTRUCTOR_ID => {
+                self.me(&key)?;
+                if let Some(s) = self.sessions.get_mut(&key) {
+                    s.user = None;
+                }
+                ok(tl::enums::auth::LoggedOut::Out(tl::types::auth::LoggedOut {
+                    future_auth_token: None,
+                }))
+            }
+            f::users::GetUsers::CONSTRUCTOR_ID => {
+                let r: f::users::GetUsers = decode(body)?;
+                let me = self.me(&key)?;
+                let mut v = Vec::new();
+                for u in &r.id {
+                    if let Ok(uid) = self.input_user(me, u) {
+                        if let Some(t) = self.user_tl(uid, me) {
+                            v.push(t);
+                        }
+                    }
+                }
+                ok(v)
+            }
+            f::contacts::ResolveUsername::CONSTRUCTOR_ID => {
+                let r: f::contacts::ResolveUsername = decode(body)?;
+                let me = self.me(&key)?;
+                let name = r.username.trim_start_matches('@').to_ascii_lowercase();
+                if name.len() < 4 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    return Err(err(400, "USERNAME_INVALID"));
+                }
+                let found = self
+                    .users
+                    .values()
+                    .find(|u| u.username.as_deref().map(str::to_ascii_lowercase) == Some(name.clone()))
+                    .map(|u| u.id)
+                    .ok_or_else(|| err(400, "USERNAME_NOT_OCCUPIED"))?;
+                self.resolved(found, me)
+            }
+            f::contacts::ResolvePhone::CONSTRUCTOR_ID => {
+                let r: f::contacts::ResolvePhone = decode(body)?;
+                let me = self.me(&key)?;
+                let phone: String = r.phone.chars().filter(char::is_ascii_digit).collect();
+                let found = self
+                    .users
+                    .values()
+                    .find(|u| u.phone == phone)
+                    .map(|u| u.id)
+                    .ok_or_else(|| err(400, "PHONE_NOT_OCCUPIED"))?;
+                self.resolved(found, me)
+            }
+            f::contacts::ImportContacts::CONSTRUCTOR_ID => {
+                let r: f::contacts::ImportContacts = decode(body)?;
+                let me = self.me(&key)?;
+                let mut imported = Vec::new();
+                let mut users = Vec::new();
+                for c in &r.contacts {
+                    let tl::enums::InputContact::InputPhoneContact(c) = c;
+                    let phone: String = c.phone.chars().filter(char::is_ascii_digit).collect();
+                    let found = self.users.values().find(|u| u.phone == phone).map(|u| u.id);
+                    if let Some(uid) = found {
+                        if let Some(m) = self.users.get_mut(&me) {
+                            m.contacts.insert(uid);
+                        }
+                        imported.push(tl::enums::ImportedContact::Contact(
+                            tl::types::ImportedContact {
+                                user_id: uid,
+                                client_id: c.client_id,
+                            },
+                        ));
+                        users.extend(self.user_tl(uid, me));
+                    }
+                }
+                ok(tl::enums::contacts::ImportedContacts::Contacts(
+                    tl::types::contacts::ImportedContacts {
+                        imported,
+                        popular_invites: vec![],
+                        retry_contacts: vec![],
+                        users,
+                    },
+                ))
+            }
+            f::account::SetPrivacy::CONSTRUCTOR_ID => {
+                let r: f::account::SetPrivacy = decode(body)?;
+                let me = self.me(&key)?;
+                let rule = privacy_of(&r.rules);
+                let (rules_out, u) = (r.rules.clone(), self.users.get_mut(&me));
+                if let Some(u) = u {
+                    match r.key {
+                        tl::enums::InputPrivacyKey::PhoneCall => u.calls = rule,
+                        tl::enums::InputPrivacyKey::PhoneP2P => u.p2p = rule,
+                        tl::enums::InputPrivacyKey::ChatInvite => u.chat_invite = rule,
+                        _ => {}
+                    }
+                }
+                let rules = rules_out
+                    .iter()
+                    .filter_map(|r| match r {
+                        tl::enums::InputPrivacyRule::InputPrivacyValueAllowAll => {
+                            Some(tl::enums::PrivacyRule::PrivacyValueAllowAll)
+                        }
+                        tl::enums::InputPrivacyRule::InputPrivacyValueDisallowAll => {
+                            Some(tl::enums::PrivacyRule::PrivacyValueDisallowAll)
+                        }
+                        tl::enums::InputPrivacyRule::InputPrivacyValueAllowContacts => {
+                            Some(tl::enums::PrivacyRule::PrivacyValueAllowContacts)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                ok(tl::enums::account::PrivacyRules::Rules(
+                    tl::types::account::PrivacyRules {
+                        rules,
+                        chats: vec![],
+                        users: vec![],
+                    },
+                ))
+            }
+            f::account::GetAuthorizations::CONSTRUCTOR_ID => {
+                let me = self.me(&key)?;
+                let keys: Vec<_> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.user == Some(me))
+                    .map(|(k, _)| *k)
+                    .collect();
+                let authorizations = keys
+                    .iter()
+                    .map(|k| self.authorization_tl(k, *k == key))
+                    .collect();
+                ok(tl::enums::account::Authorizations::Authorizations(
+                    tl::types::account::Authorizations {
+                        authorization_ttl_days: 180,
+                        authorizations,
+                    },
+                ))
+            }
+            f::account::ChangeAuthorizationSettings::CONSTRUCTOR_ID => {
+                let r: f::account::ChangeAuthorizationSettings = decode(body)?;
+                let me = self.me(&key)?;
+                // Hash 0 is the current authorization.
+                let target = if r.hash == 0 {
+                    self.sessions.get_mut(&key)
+                } else {
+                    self.sessions
+                        .values_mut()
+                        .find(|s| s.user == Some(me) && s.hash == r.hash)
+                }
+                .ok_or_else(|| err(400, "HASH_INVALID"))?;
+                if let Some(v) = r.call_requests_disabled {
+                    target.call_requests_disabled = v;
+                }
+                ok(true)
+            }
+            f::messages::GetDhConfig::CONSTRUCTOR_ID => {
+                let r: f::messages::GetDhConfig = decode(body)?;
+                self.me(&key)?;
+                let len = usize::try_from(r.random_length.clamp(0, 1024)).unwrap_or(0);
+                let mut random = vec![0u8; len];
+                rand::thread_rng().fill_bytes(&mut random);
+                if r.version == 1 {
+                    return ok(tl::enums::messages::DhConfig::NotModified(
+                        tl::types::messages::DhConfigNotModified { random },
+                    ));
+                }
+                ok(tl::enums::messages::DhConfig::Config(tl::types::messages::DhConfig {
+                    g: 3,
+                    p: self.dh_prime.clone(),
+                    version: 1,
+                    random,
+                }))
+            }
+            f::phone::GetCallConfig::CONSTRUCTOR_ID => {
+                self.me(&key)?;
+                ok(tl::enums::DataJson::Json(tl::types::DataJson {
+                    data: format!(
+                        "{{\"call_ring_timeout_ms\":{},\"call_connect_timeout_ms\":30000}}",
+                        self.cfg.ring_timeout.as_millis()
+                    ),
+                }))
+            }
+            f::phone::RequestCall::CONSTRUCTOR_ID => {
+                let r: f::phone::RequestCall = decode(body)?;
+                let me = self.me(&key)?;
+                let callee = self.input_user(me, &r.user_id)?;
+                self.request_call(me, callee, r, now, out)
+            }
+            f::phone::ReceivedCall::CONSTRUCTOR_ID => {
+                let r: f::phone::ReceivedCall = decode(body)?;
+                let me = self.me(&key)?;
+                let id = self.phone_call_of(me, &r.peer)?;
+                let unix_now = unix;
+                if let Some(call) = self.calls.get_mut(&id) {
+                    if call.participant == me && call.state == CallState::Requested {
+                        call.state = CallState::Waiting {
+                            received: Some(unix_now),
+                        };
+                        let admin = call.admin;
+                        let pc = self.call_tl(id, admin);
+                        out.push(call_update(admin, pc));
+                    }
+                }
+                ok(true)
+            }
+            f::phone::AcceptCall::CONSTRUCTOR_ID => {
+                let r: f::phone::AcceptCall = decode(body)?;
+                let me = self.me(&key)?;
+                let id = self.phone_call_of(me, &r.peer)?;
+                let call = self.calls.get_mut(&id).ok_or_else(|| err(400, "CALL_PEER_INVALID"))?;
+                if call.participant != me {
+                    return Err(err(400, "CALL_PEER_INVALID"));
+                }
+                match call.state {
+                    CallState::Requested | CallState::Waiting { .. } => {}
+                    CallState::Discarded => return Err(err(400, "CALL_ALREADY_DECLINED")),
+                    _ => return Err(err(400, "CALL_ALREADY_ACCEPTED")),
+                }
+                if r.g_b.len() != 256 {
+                    return Err(err(400, "G_B_INVALID"));
+                }
+                let tl::enums::PhoneCallProtocol::Protocol(p) = r.protocol;
+                call.g_b = r.g_b;
+                call.participant_protocol = Some(p);
+                call.state = CallState::Accepted;
+                let admin = call.admin;
+                // The other devices of the callee stop ringing.
+                let pc_admin = self.call_tl(id, admin);
+                out.push(call_update(admin, pc_admin));
+                let pc = self.call_tl(id, me);
+                ok(tl::enums::phone::PhoneCall::Call(tl::types::phone::PhoneCall {
+                    phone_call: pc,
+                    users: self.call_users(id, me),
+                }))
+            }
+            f::phone::ConfirmCall::CONSTRUCTOR_ID => {
+                let r: f::phone::ConfirmCall = decode(body)?;
+                let me = self.me(&key)?;
+                let id = self.phone_call_of(me, &r.peer)?;
+                let call = self.calls.get_mut(&id).ok_or_else(|| err(400, "CALL_PEER_INVALID"))?;
+                if call.admin != me || call.state != CallState::Accepted {
+                    return Err(err(400, "CALL_PEER_INVALID"));
+                }
+                let hash = crate::tgcall::dh::g_a_hash(&r.g_a);
+                if hash[..] != call.g_a_hash[..] {
+                    return Err(err(400, "G_A_INVALID"));
+                }
+                call.state = CallState::Active { start: unix };
+                call.g_a = r.g_a;
+                call.fingerprint = r.key_fingerprint;
+                let participant = call.participant;
+                let pc_p = self.active_tl(id, participant);
+                out.push(call_update(participant, pc_p));
+                let pc = self.active_tl(id, me);
+                ok(tl::enums::phone::PhoneCall::Call(tl::types::phone::PhoneCall {
+                    phone_call: pc,
+                    users: self.call_users(id, me),
+                }))
+            }
+            f::phone::DiscardCall::CONSTRUCTOR_ID => {
+                let r: f::phone::DiscardCall = decode(body)?;
+                let me = self.me(&key)?;
+                let id = self.phone_call_of(me, &r.peer)?;
+                let reason = match (&r.reason, self.calls.get(&id).map(|c| c.state)) {
+                    // Declining an incoming call tells the caller "busy".
+                    (tl::enums::PhoneCallDiscardReason::Hangup, Some(CallState::Requested))
+                    | (tl::enums::PhoneCallDiscardReason::Hangup, Some(CallState::Waiting { .. }))
+                        if self.calls.get(&id).is_some_and(|c| c.participant == me) =>
+                    {
+                        tl::enums::PhoneCallDiscardReason::Busy
+                    }
+                    (reason, _) => reason.clone(),
+                };
+                let updates = self.discard(id, reason, Some(r.duration), out);
+                ok(updates)
+            }
+            f::phone::SendSignalingData::CONSTRUCTOR_ID => {
+                let r: f::phone::SendSignalingData = decode(body)?;
+                let me = self.me(&key)?;
+                let id = self.phone_call_of(me, &r.peer)?;
+                let call = &self.calls[&id];
+                if call.state == CallState::Discarded {
+                    return Err(err(400, "CALL_ALREADY_DECLINED"));
+                }
+                let other = if call.admin == me {
+                    call.participant
+                } else {
+                    call.admin
+                };
+                out.push(Delivery {
+                    to: To::User(other),
+                    update: tl::enums::Update::PhoneCallSignalingData(
+                        tl::types::UpdatePhoneCallSignalingData {
+                            phone_call_id: id,
+                            data: r.data,
+                        },
+                    ),
+                    is_call: true,
+                });
+                ok(true)
+            }
+            f::phone::SetCallRating::CONSTRUCTOR_ID => {
+                let _r: f::phone::SetCallRating = decode(body)?;
+                self.me(&key)?;
+                ok(empty_updates(unix))
+            }
+            f::phone::SaveCallDebug::CONSTRUCTOR_ID => {
+                let _r: f::phone::SaveCallDebug = decode(body)?;
+                self.me(&key)?;
+                ok(true)
+            }
+            f::updates::GetState::CONSTRUCTOR_ID => {
+                self.me(&key)?;
+                ok(tl::enums::updates::State::State(tl::types::updates::State {
+                    pts: 1,
+                    qts: 0,
+                    date: unix,
+                    seq: 0,
+                    unread_count: 0,
+                }))
+            }
+            _ => Err(err(400, "METHOD_NOT_SIMULATED")),
+        }
+    }
+
+    fn password_info(
+        &self,
+        srp_b: Option<Vec<u8>>,
+        srp_id: Option<i64>,
+        has: bool,
+    ) -> tl::enums::account::Password {
+        let algo = tl::enums::PasswordKdfAlgo::Sha256Sha256Pbkdf2Hmacsha512iter100000Sha256ModPow(
+            tl::types::PasswordKdfAlgoSha256Sha256Pbkdf2Hmacsha512iter100000Sha256ModPow {
+                salt1: SRP_SALT1.to_vec(),
+                salt2: SRP_SALT2.to_vec(),
+                g: 3,
+                p: self.dh_prime.clone(),
+            },
+        );
+        tl::enums::account::Password::Password(tl::types::account::Password {
+            has_recovery: false,
+            has_secure_values: false,
+            has_password: has,
+            current_algo: has.then(|| algo.clone()),
+            srp_b,
+            srp_id,
+            hint: None,
+            email_unconfirmed_pattern: None,
+            new_algo: algo,
+            new_secure_algo: tl::enums::SecurePasswordKdfAlgo::Unknown,
+            secure_random: vec![0; 32],
+            pending_reset_date: None,
+            login_email_pattern: None,
+        })
+    }
+
+    fn authorization_tl(&self, key: &[u8; 32], current: bool) -> tl::enums::Authorization {
+        let s = self.sessions.get(key);
+        tl::enums::Authorization::Authorization(tl::types::Authorization {
+            current,
+            official_app: false,
+            password_pending: false,
+            encrypted_requests_disabled: false,
+            call_requests_disabled: s.is_some_and(|s| s.call_requests_disabled),
+            unconfirmed: false,
+            hash: if current { 0 } else { s.map_or(0, |s| s.hash) },
+            device_model: "tgsim".into(),
+            platform: "sim".into(),
+            system_version: "1".into(),
+            api_id: 1,
+            app_name: "tgsim".into(),
+            app_version: env!("CARGO_PKG_VERSION").into(),
+            date_created: s.map_or(0, |s| s.created),
+            date_active: s.map_or(0, |s| s.created),
+            ip: "127.0.0.1".into(),
+            country: "Simland".into(),
+            region: String::new(),
+        })
+    }
+
+    fn resolved(&self, user: i64, me: i64) -> Result<Vec<u8>, RpcErr> {
+        ok(tl::enums::contacts::ResolvedPeer::Peer(tl::types::contacts::ResolvedPeer {
+            peer: tl::enums::Peer::User(tl::types::PeerUser { user_id: user }),
+            chats: vec![],
+            users: self.user_tl(user, me).into_iter().collect(),
+        }))
+    }
+
+    fn request_call(
+        &mut self,
+        me: i64,
+        callee: i64,
+        r: tl::functions::phone::RequestCall,
+        now: Instant,
+        out: &mut Vec<Delivery>,
+    ) -> Result<Vec<u8>, RpcErr> {
+        if callee == me {
+            return Err(err(400, "USER_ID_INVALID"));
+        }
+        if r.g_a_hash.len() != 32 {
+            return Err(err(400, "G_A_HASH_INVALID"));
+        }
+        // Flood limits first, as Telegram counts attempts.
+        let times = self.call_times.entry(me).or_default();
+        times.retain(|t| now.saturating_duration_since(*t) < Duration::from_secs(60));
+        if times.len() >= self.cfg.flood.calls_per_minute as usize {
+            let oldest = times.first().copied().unwrap_or(now);
+            let wait = 60u64.saturating_sub(now.saturating_duration_since(oldest).as_secs());
+            return Err(err(420, format!("FLOOD_WAIT_{}", wait.max(1))));
+        }
+        times.push(now);
+        let target = self.users.get(&callee).cloned().ok_or_else(|| err(400, "USER_ID_INVALID"))?;
+        if !target.contacts.contains(&me) {
+            let s = self.strangers.entry(me).or_default();
+            s.insert(callee);
+            if s.len() > self.cfg.flood.stranger_calls as usize {
+                return Err(err(400, "PEER_FLOOD"));
+            }
+        }
+        if target.blocked.contains(&me) {
+            return Err(err(400, "USER_IS_BLOCKED"));
+        }
+        if !allowed(target.calls, &target, me) {
+            return Err(err(403, "USER_PRIVACY_RESTRICTED"));
+        }
+        let tl::enums::PhoneCallProtocol::Protocol(protocol) = r.protocol;
+        let mut rng = rand::thread_rng();
+        let id: i64 = rng.gen_range(1..i64::MAX);
+        let online = self.online(callee);
+        let ring = if online {
+            self.cfg.ring_timeout
+        } else {
+            self.cfg.offline_ring_timeout
+        };
+        let call = SimCall {
+            id,
+            access_hash: rng.gen(),
+            date: self.unix(now),
+            admin: me,
+            participant: callee,
+            g_a_hash: r.g_a_hash,
+            g_a: Vec::new(),
+            g_b: Vec::new(),
+            fingerprint: 0,
+            admin_protocol: protocol,
+            participant_protocol: None,
+            state: CallState::Requested,
+            ring_deadline: now + ring,
+        };
+        self.calls.insert(id, call);
+        if online {
+            let pc = self.call_tl(id, callee);
+            out.push(call_update(callee, pc));
+        }
+        let pc = self.call_tl(id, me);
+        ok(tl::enums::phone::PhoneCall::Call(tl::types::phone::PhoneCall {
+            phone_call: pc,
+            users: self.call_users(id, me),
+        }))
+    }
+
+    fn call_users(&self, id: i64, me: i64) -> Vec<tl::enums::User> {
+        let Some(c) = self.calls.get(&id) else {
+            return vec![];
+        };
+        [c.admin, c.participant]
+            .iter()
+            .filter_map(|u| self.user_tl(*u, me))
+            .collect()
+    }
+
+    fn protocol_for(&self, c: &SimCall) -> tl::enums::PhoneCallProtocol {
+        // The server picks the versions both sides have, in the caller's order.
+        let mut p = c.admin_protocol.clone();
+        if let Some(theirs) = &c.participant_protocol {
+            p.library_versions
+                .retain(|v| theirs.library_versions.contains(v));
+            p.udp_p2p &= theirs.udp_p2p;
+            p.min_layer = p.min_layer.max(theirs.min_layer);
+            p.max_layer = p.max_layer.min(theirs.max_layer);
+        }
+        tl::enums::PhoneCallProtocol::Protocol(p)
+    }
+
+    /// The call as `viewer` sees it now.
+    fn call_tl(&self, id: i64, viewer: i64) -> tl::enums::PhoneCall {
+        let Some(c) = self.calls.get(&id) else {
+            return tl::enums::PhoneCall::Empty(tl::types::PhoneCallEmpty { id });
+        };
+        match c.state {
+            CallState::Requested | CallState::Waiting { .. } if viewer == c.participant => {
+                tl::enums::PhoneCall::Requested(tl::types::PhoneCallRequested {
+                    video: false,
+                    id,
+                    access_hash: c.access_hash,
+                    date: c.date,
+                    admin_id: c.admin,
+                    participant_id: c.participant,
+                    g_a_hash: c.g_a_hash.clone(),
+                    protocol: self.protocol_for(c),
+                })
+            }
+            CallState::Requested => tl::enums::PhoneCall::Waiting(tl::types::PhoneCallWaiting {
+                video: false,
+                id,
+                access_hash: c.access_hash,
+                date: c.date,
+                admin_id: c.admin,
+                participant_id: c.participant,
+                protocol: self.protocol_for(c),
+                receive_date: None,
+            }),
+            CallState::Waiting { received } => {
+                tl::enums::PhoneCall::Waiting(tl::types::PhoneCallWaiting {
+                    video: false,
+                    id,
+                    access_hash: c.access_hash,
+                    date: c.date,
+                    admin_id: c.admin,
+                    participant_id: c.participant,
+                    protocol: self.protocol_for(c),
+                    receive_date: received,
+                })
+            }
+            CallState::Accepted if viewer == c.admin => {
+                tl::enums::PhoneCall::Accepted(tl::types::PhoneCallAccepted {
+                    video: false,
+                    id,
+                    access_hash: c.access_hash,
+                    date: c.date,
+                    admin_id: c.admin,
+                    participant_id: c.participant,
+                    g_b: c.g_b.clone(),
+                    protocol: self.protocol_for(c),
+                })
+            }
+            CallState::Accepted => tl::enums::PhoneCall::Waiting(tl::types::PhoneCallWaiting {
+                video: false,
+                id,
+                access_hash: c.access_hash,
+                date: c.date,
+                admin_id: c.admin,
+                participant_id: c.participant,
+                protocol: self.protocol_for(c),
+                receive_date: Some(c.date),
+            }),
+            CallState::Active { .. } => self.active_tl(id, viewer),
+            CallState::Discarded => {
+                tl::enums::PhoneCall::Discarded(tl::types::PhoneCallDiscarded {
+                    need_rating: false,
+                    need_debug: false,
+                    video: false,
+                    id,
+                    reason: None,
+                    duration: None,
+                })
+            }
+        }
+    }
+
+    /// An active call: the caller sees g_b, the callee g_a.
+    fn active_tl(&self, id: i64, viewer: i64) -> tl::enums::PhoneCall {
+        let Some(c) = self.calls.get(&id) else {
+            return tl::enums::PhoneCall::Empty(tl::types::PhoneCallEmpty { id });
+        };
+        let start = match c.state {
+            CallState::Active { start } => start,
+            _ => c.date,
+        };
+        let p2p = self.users.get(&c.admin).is_some_and(|a| allowed(a.p2p, a, c.participant))
+            && self
+                .users
+                .get(&c.participant)
+                .is_some_and(|p| allowed(p.p2p, p, c.admin));
+        let connections = self
+            .cfg
+            .turn
+            .iter()
+            .map(|t| {
+                tl::enums::PhoneConnection::Webrtc(tl::types::PhoneConnectionWebrtc {
+                    turn: true,
+                    stun: true,
+                    id: 1,
+                    ip: t.ip.clone(),
+                    ipv6: String::new(),
+                    port: i32::from(t.port),
+                    username: t.username.clone(),
+                    password: t.password.clone(),
+                })
+            })
+            .collect();
+        let g_a_or_b = if viewer == c.admin {
+            c.g_b.clone()
+        } else {
+            c.g_a.clone()
+        };
+        tl::enums::PhoneCall::Call(tl::types::PhoneCall {
+            p2p_allowed: p2p,
+            video: false,
+            conference_supported: false,
+            id,
+            access_hash: c.access_hash,
+            date: c.date,
+            admin_id: c.admin,
+            participant_id: c.participant,
+            g_a_or_b,
+            key_fingerprint: c.fingerprint,
+            protocol: self.protocol_for(c),
+            connections,
+            start_date: start,
+            custom_parameters: None,
+        })
+    }
+
+    /// Ends a call for both sides; returns the `Updates` answer for the one who hung up.
+    fn discard(
+        &mut self,
+        id: i64,
+        reason: tl::enums::PhoneCallDiscardReason,
+        duration: Option<i32>,
+        out: &mut Vec<Delivery>,
+    ) -> tl::enums::Updates {
+        let Some(c) = self.calls.get_mut(&id) else {
+            return tl::enums::Updates::TooLong;
+        };
+        let was = c.state;
+        c.state = CallState::Discarded;
+        let discarded = tl::enums::PhoneCall::Discarded(tl::types::PhoneCallDiscarded {
+            need_rating: matches!(was, CallState::Active { .. }),
+            need_debug: false,
+            video: false,
+            id,
+            reason: Some(reason),
+            duration,
+        });
+        let (admin, participant) = (c.admin, c.participant);
+        let date = c.date;
+        if was != CallState::Discarded {
+            out.push(call_update(admin, discarded.clone()));
+            out.push(call_update(participant, discarded.clone()));
+        }
+        tl::enums::Updates::Updates(tl::types::Updates {
+            updates: vec![tl::enums::Update::PhoneCall(tl::types::UpdatePhoneCall {
+                phone_call: discarded,
+            })],
+            users: vec![],
+            chats: vec![],
+            date,
+            seq: 0,
+        })
+    }
+
+    /// Time passes: calls that rang out are missed.
+    pub fn tick(&mut self, now: Instant) -> Vec<Delivery> {
+        let expired: Vec<i64> = self
+            .calls
+            .values()
+            .filter(|c| {
+                matches!(c.state, CallState::Requested | CallState::Waiting { .. })
+                    && now >= c.ring_deadline
+            })
+            .map(|c| c.id)
+            .collect();
+        let mut out = Vec::new();
+        for id in expired {
+            self.discard(id, tl::enums::PhoneCallDiscardReason::Missed, Some(0), &mut out);
+        }
+        self.calls
+            .retain(|_, c| c.state != CallState::Discarded || now < c.ring_deadline + Duration::from_secs(600));
+        out
+    }
+
+    /// The earliest ring deadline, for the runtime's timer.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.calls
+            .values()
+            .filter(|c| matches!(c.state, CallState::Requested | CallState::Waiting { .. }))
+            .map(|c| c.ring_deadline)
+            .min()
+    }
+
+    /// A newly connected device: it gets the calls that still ring for its user (what a push
+    /// on wake-up does).
+    pub fn pending_for(&self, user: i64) -> Vec<Delivery> {
+        self.calls
+            .values()
+            .filter(|c| c.participant == user && matches!(c.state, CallState::Requested | CallState::Waiting { .. }))
+            .map(|c| call_update(user, self.call_tl(c.id, user)))
+            .collect()
+    }
+}
+
+fn call_update(user: i64, phone_call: tl::enums::PhoneCall) -> Delivery {
+    Delivery {
+        to: To::User(user),
+        update: tl::enums::Update::PhoneCall(tl::types::UpdatePhoneCall { phone_call }),
+        is_call: true,
+    }
+}
+
+fn empty_updates(date: i32) -> tl::enums::Updates {
+    tl::enums::Updates::Updates(tl::types::Updates {
+        updates: vec![],
+        users: vec![],
+        chats: vec![],
+        date,
+        seq: 0,
+    })
+}
+
+fn privacy_of(rules: &[tl::enums::InputPrivacyRule]) -> Privacy {
+    use tl::enums::InputPrivacyRule as R;
+    for r in rules {
+        match r {
+            R::InputPrivacyValueAllowAll => return Privacy::Everybody,
+            R::InputPrivacyValueAllowContacts => return Privacy::Contacts,
+            R::InputPrivacyValueDisallowAll => return Privacy::Nobody,
+            _ => {}
+        }
+    }
+    Privacy::Nobody
+}
