@@ -15,3 +15,4 @@ pub mod simclient;
 pub mod transport;
 pub mod account;
 pub mod resolve;
+pub mod accounts;
