@@ -1,6 +1,7 @@
 //! The `siptg` command: wires the CLI to the roles in `siptg-control` and `siptg-dataplane`.
 
 mod status_view;
+mod storage_cli;
 mod tgcall_peer;
 
 use clap::{Parser, Subcommand};
@@ -31,8 +32,22 @@ enum Cmd {
     Manager,
     /// Run a Worker alone (SIP, media via the dataplane; its Manager connects over mutual TLS).
     Worker,
-    /// Run a Session Storage alone (Telegram sessions; its Manager connects over mutual TLS).
-    Storage,
+    /// Run a Session Storage alone (Telegram sessions; its Manager connects over mutual TLS),
+    /// or manage its accounts: `siptg storage login|logout|list`.
+    Storage {
+        #[command(subcommand)]
+        action: Option<storage_cli::StorageCmd>,
+    },
+    /// Run the simulated Telegram cloud alone (tests, demos; Telegram's servers stand-in).
+    Tgsim {
+        /// Where to listen (the Storage's `[telegram] sim_address`).
+        #[arg(long, default_value = "127.0.0.1:50003")]
+        listen: SocketAddr,
+        /// The world's users (TOML; see config/tgsim.example.toml). Built-in demo users when
+        /// missing.
+        #[arg(long)]
+        world: Option<PathBuf>,
+    },
     /// Run the media dataplane: one pinned relay shard per configured core.
     Dataplane,
     /// Validate a configuration file; errors name the key and line.
@@ -170,7 +185,19 @@ fn main() -> ExitCode {
         Cmd::Demo => run_role(cli.config, true, |i| Box::pin(run::up(i))),
         Cmd::Manager => run_role(cli.config, false, |i| Box::pin(run::manager(i))),
         Cmd::Worker => run_role(cli.config, false, |i| Box::pin(run::worker(i))),
-        Cmd::Storage => run_role(cli.config, false, |i| Box::pin(run::storage(i))),
+        Cmd::Storage { action: None } => {
+            run_role(cli.config, false, |i| Box::pin(run::storage(i)))
+        }
+        Cmd::Storage {
+            action: Some(action),
+        } => load(cli.config.as_deref()).and_then(|loaded| {
+            observability::init(&loaded.config.log);
+            runtime()?.block_on(storage_cli::run(loaded, action))
+        }),
+        Cmd::Tgsim { listen, world } => {
+            observability::init(&Default::default());
+            runtime().and_then(|rt| rt.block_on(storage_cli::tgsim(listen, world)))
+        }
         Cmd::Dataplane => run_dataplane(cli.config),
         Cmd::CheckConfig { file } => check_config(file.or(cli.config)),
         Cmd::Status { admin, json } => status(cli.config, admin, json),

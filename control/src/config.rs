@@ -294,6 +294,19 @@ pub struct StorageConfig {
     /// Manager names (certificate CNs) allowed to link; empty allows any Manager from the CA.
     #[serde(default)]
     pub managers: Vec<String>,
+    /// The file with the key that seals MTProto sessions at rest (64 hex digits; created with
+    /// a random key if missing). `SIPTG_STORAGE_KEY` overrides it.
+    #[serde(default = "default_storage_key_file")]
+    pub key_file: PathBuf,
+    /// A request Telegram has not answered after this gets `408 Timeout of waiting RPC result`.
+    #[serde(default = "default_rpc_timeout", deserialize_with = "duration")]
+    pub rpc_timeout: Duration,
+    /// How long PEER_FLOOD holds back an account's calls and messages (Telegram does not say).
+    #[serde(default = "default_peer_flood_hold", deserialize_with = "duration")]
+    pub peer_flood_hold: Duration,
+    /// Account settings applied on connect.
+    #[serde(default)]
+    pub hygiene: crate::telegram::account::Hygiene,
 }
 
 impl Default for StorageConfig {
@@ -302,8 +315,25 @@ impl Default for StorageConfig {
             name: default_storage_name(),
             link_listen: default_storage_link(),
             managers: Vec::new(),
+            key_file: default_storage_key_file(),
+            rpc_timeout: default_rpc_timeout(),
+            peer_flood_hold: default_peer_flood_hold(),
+            hygiene: Default::default(),
         }
     }
+}
+
+/// The environment variable that overrides `[storage] key_file`.
+pub const STORAGE_KEY_ENV: &str = "SIPTG_STORAGE_KEY";
+
+fn default_storage_key_file() -> PathBuf {
+    PathBuf::from("var/storage.key")
+}
+fn default_rpc_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_peer_flood_hold() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_storage_name() -> String {
@@ -561,6 +591,17 @@ pub struct TelegramConfig {
     pub backend: TelegramBackend,
     pub api_id: Option<i64>,
     pub api_hash: Option<String>,
+    /// backend = "sim": where the simulated cloud listens (`siptg tgsim`, or the one `siptg up`
+    /// starts when `sim_embedded`).
+    #[serde(default = "default_sim_address")]
+    pub sim_address: SocketAddr,
+    /// backend = "sim": start the simulated cloud inside `siptg up`/`siptg demo`.
+    #[serde(default = "default_true")]
+    pub sim_embedded: bool,
+    /// The simulated cloud's users (a TOML file, see `config/tgsim.example.toml`); the
+    /// built-in demo users when unset.
+    #[serde(default)]
+    pub sim_world: Option<PathBuf>,
 }
 
 impl Default for TelegramConfig {
@@ -569,8 +610,18 @@ impl Default for TelegramConfig {
             backend: TelegramBackend::Sim,
             api_id: None,
             api_hash: None,
+            sim_address: default_sim_address(),
+            sim_embedded: true,
+            sim_world: None,
         }
     }
+}
+
+fn default_sim_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50003))
+}
+fn default_true() -> bool {
+    true
 }
 
 /// The simulated cloud or the real MTProto client.

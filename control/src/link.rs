@@ -86,6 +86,47 @@ pub enum Request {
     Route(Box<RouteQuery>),
     /// Manager → Worker/Storage: the node's status, for `siptg status`.
     Status,
+    /// Manager or Worker → Storage: a Telegram request for one account (allow-listed there).
+    Telegram(Box<TelegramRequest>),
+    /// Storage → Manager: an update from one of its accounts (already filtered by the
+    /// Storage's update allow-list); `update` is the TL `Update`, base64.
+    TelegramUpdate { account: String, update: String },
+}
+
+/// A Telegram request through the Session Storage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelegramRequest {
+    pub account: String,
+    pub op: TelegramOp,
+}
+
+/// What to do with the account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum TelegramOp {
+    /// A serialized TL function (base64); refused unless on the Storage's allow-list.
+    Invoke { body: String },
+    /// Who is this peer (with the Storage's persistent cache).
+    Resolve {
+        query: crate::telegram::resolve::PeerQuery,
+    },
+    /// The Storage's accounts and their states (`account` is ignored).
+    Accounts,
+}
+
+/// The Storage's answer to a [`TelegramRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum TelegramAnswer {
+    /// The TL result (base64).
+    Invoked { body: String },
+    Peer {
+        peer: crate::telegram::resolve::Peer,
+        cached: bool,
+    },
+    Accounts {
+        accounts: Vec<crate::telegram::accounts::AccountRecord>,
+    },
 }
 
 /// What the Manager needs to route a SIP request.
@@ -139,6 +180,12 @@ pub enum Response {
     Status {
         status: serde_json::Value,
     },
+    /// A Telegram request's outcome, with Telegram's error names kept.
+    Telegram {
+        result: Result<TelegramAnswer, crate::telegram::TgError>,
+    },
+    /// Acknowledges a notification (`TelegramUpdate`).
+    Done,
     Error {
         message: String,
     },

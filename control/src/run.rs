@@ -108,7 +108,15 @@ async fn start_storage(
         name_cfg.name.clone(),
         name_cfg.managers.clone(),
     );
-    Ok(Storage::new(name_cfg, cfg.telegram.clone(), links, store))
+    let accounts = crate::storage::open_accounts(cfg, &name_cfg, &inv.loaded.base, store.clone())
+        .map_err(|e| RunError::Setup(format!("session storage: {e}")))?;
+    Ok(Storage::start(
+        name_cfg,
+        cfg.telegram.clone(),
+        links,
+        store,
+        accounts,
+    ))
 }
 
 /// The roles a process runs.
@@ -186,6 +194,20 @@ async fn wait_for_shutdown() {
     tracing::info!("shutting down");
 }
 
+/// With the simulated cloud configured as embedded, starts it where the Storage looks for it.
+async fn start_embedded_sim(inv: &Invocation) -> Result<Option<crate::tgsim::TgSim>, RunError> {
+    let t = &inv.loaded.config.telegram;
+    if t.backend != crate::config::TelegramBackend::Sim || !t.sim_embedded {
+        return Ok(None);
+    }
+    let path = t.sim_world.as_ref().map(|p| inv.loaded.path(p));
+    let world = crate::tgsim::load_world(path.as_deref()).map_err(|e| RunError::Setup(e.to_string()))?;
+    let sim = crate::tgsim::TgSim::start(world, t.sim_address)
+        .await
+        .map_err(|e| RunError::Setup(format!("simulated Telegram cloud on {}: {e}", t.sim_address)))?;
+    Ok(Some(sim))
+}
+
 /// All roles in one process, linked in-process; the dataplane as a supervised child.
 pub async fn up(inv: Invocation) -> Result<(), RunError> {
     prepare_state_dir(&inv)?;
@@ -194,6 +216,8 @@ pub async fn up(inv: Invocation) -> Result<(), RunError> {
     let worker = start_worker(&inv, &metrics);
     let dataplane = worker.dataplane().clone();
     worker.start_sip(&cfg.sip).await?;
+    // Held until shutdown: the simulated Telegram cloud stops when the last handle goes.
+    let _sim = start_embedded_sim(&inv).await?;
     let storage = start_storage(&inv, cfg.storage.clone().unwrap_or_default()).await?;
     let mcfg = cfg.manager.clone().unwrap_or_default();
     let manager = Manager::new(

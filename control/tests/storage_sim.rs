@@ -196,7 +196,7 @@ async fn sessions_are_sealed_at_rest_and_survive_a_restart() {
     let wrong = env
         .accounts_with(StorageKey::from_bytes(&[1; 32]).unwrap())
         .await;
-    assert!(matches!(wrong.connect("gw").await, Err(TgError::Store(_))));
+    assert!(matches!(wrong.connect("gw").await, Err(TgError::Store { .. })));
 }
 
 #[tokio::test]
@@ -221,7 +221,7 @@ async fn requests_outside_the_allow_list_are_refused() {
         .invoke_allowed(tl::functions::auth::LogOut {}.to_bytes())
         .await
         .unwrap_err();
-    assert_eq!(refused, TgError::NotAllowed("auth.logOut".into()));
+    assert_eq!(refused, TgError::NotAllowed { method: "auth.logOut".into() });
     let dh = a
         .invoke_allowed(
             tl::functions::messages::GetDhConfig {
@@ -240,7 +240,7 @@ async fn requests_outside_the_allow_list_are_refused() {
     dh::DhParams::check(c.g, &c.p, &mut rand::thread_rng()).expect("a real safe-prime DH config");
     // Still logged in: the refused logOut never reached Telegram.
     assert_eq!(a.me().await.unwrap().user_id, ALICE);
-    assert!(matches!(a.invoke_allowed(vec![1, 2]).await, Err(TgError::NotAllowed(_))));
+    assert!(matches!(a.invoke_allowed(vec![1, 2]).await, Err(TgError::NotAllowed { method: _ })));
 }
 
 #[tokio::test]
@@ -262,7 +262,7 @@ async fn resolution_by_username_phone_and_id_with_cache() {
     let e = resolve(&a, store, &PeerQuery::parse("@nobody_here").unwrap()).await.unwrap_err();
     assert!(e.is("USERNAME_NOT_OCCUPIED"), "{e}");
     let e = resolve(&a, store, &PeerQuery::UserId(4242)).await.unwrap_err();
-    assert_eq!(e, TgError::UnknownUser(4242));
+    assert_eq!(e, TgError::UnknownUser { user_id: 4242 });
     assert!(e.to_string().contains("Chat not found"));
     // The cache is persistent: a new Storage over the same database still knows Bob.
     accounts.disconnect("gw");

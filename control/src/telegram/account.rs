@@ -207,7 +207,7 @@ impl Account {
         let method = method_name(&body);
         if !ALLOWED.contains(&method) {
             tracing::warn!(account = %self.name, method, "refused a request outside the allow-list");
-            return Err(TgError::NotAllowed(method.to_string()));
+            return Err(TgError::NotAllowed { method: method.to_string() });
         }
         self.invoke_raw(body).await
     }
@@ -218,7 +218,7 @@ impl Account {
         let method = method_name(&body);
         let answer = self.invoke_raw(body).await?;
         R::Return::from_bytes(&answer).map_err(|e| TgError::Decode {
-            request: method,
+            request: method.into(),
             why: e.to_string(),
         })
     }
@@ -234,12 +234,12 @@ impl Account {
         users
             .first()
             .and_then(Me::from_user)
-            .ok_or_else(|| TgError::NotAuthorized(self.name.clone()))
+            .ok_or_else(|| TgError::NotAuthorized { account: self.name.clone() })
     }
 
     fn unauthorized(&self, e: TgError) -> TgError {
         match &e {
-            TgError::Rpc { code: 401, .. } => TgError::NotAuthorized(self.name.clone()),
+            TgError::Rpc { code: 401, .. } => TgError::NotAuthorized { account: self.name.clone() },
             _ => e,
         }
     }
@@ -249,7 +249,7 @@ impl Account {
         let digits: String = phone.chars().filter(char::is_ascii_digit).collect();
         if digits.len() < 5 || digits.len() > 15 {
             return Err(TgError::Invalid {
-                what: "phone number",
+                what: "phone number".into(),
                 why: format!("{phone:?} is not an international number"),
             });
         }
@@ -277,11 +277,11 @@ impl Account {
                 phone_code_hash: c.phone_code_hash,
             }),
             tl::enums::auth::SentCode::Success(s) => Err(TgError::Invalid {
-                what: "login",
+                what: "login".into(),
                 why: format!("already authorized: {:?}", s.authorization),
             }),
             tl::enums::auth::SentCode::PaymentRequired(_) => Err(TgError::Invalid {
-                what: "login",
+                what: "login".into(),
                 why: "Telegram asks for a payment to send the code".into(),
             }),
         }
@@ -307,9 +307,9 @@ impl Account {
         match r {
             Ok(tl::enums::auth::Authorization::Authorization(a)) => Me::from_user(&a.user)
                 .map(LoginStep::Done)
-                .ok_or_else(|| TgError::NotAuthorized(self.name.clone())),
+                .ok_or_else(|| TgError::NotAuthorized { account: self.name.clone() }),
             Ok(tl::enums::auth::Authorization::SignUpRequired(_)) => Err(TgError::Invalid {
-                what: "login",
+                what: "login".into(),
                 why: "this phone has no Telegram account (sign up in an app first)".into(),
             }),
             Err(e) if e.is("SESSION_PASSWORD_NEEDED") => {
@@ -330,14 +330,14 @@ impl Account {
         let (Some(algo), Some(srp_b), Some(srp_id)) = (info.current_algo, info.srp_b, info.srp_id)
         else {
             return Err(TgError::Invalid {
-                what: "password",
+                what: "password".into(),
                 why: "the account has no 2FA password".into(),
             });
         };
         let tl::enums::PasswordKdfAlgo::Sha256Sha256Pbkdf2Hmacsha512iter100000Sha256ModPow(p) = algo
         else {
             return Err(TgError::Invalid {
-                what: "password",
+                what: "password".into(),
                 why: "unknown password KDF (update siptg)".into(),
             });
         };
@@ -353,7 +353,7 @@ impl Account {
             }
         })
         .await
-        .map_err(|e| TgError::Transport(format!("2FA computation: {e}")))?;
+        .map_err(|e| TgError::transport(format!("2FA computation: {e}")))?;
         let r = self
             .invoke(&tl::functions::auth::CheckPassword {
                 password: tl::enums::InputCheckPasswordSrp::Srp(tl::types::InputCheckPasswordSrp {

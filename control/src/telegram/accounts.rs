@@ -80,7 +80,7 @@ pub struct Accounts {
 }
 
 fn store_err(e: crate::store::StoreError) -> TgError {
-    TgError::Store(e.to_string())
+    TgError::store(e.to_string())
 }
 
 fn valid_name(name: &str) -> Result<(), TgError> {
@@ -93,7 +93,7 @@ fn valid_name(name: &str) -> Result<(), TgError> {
         Ok(())
     } else {
         Err(TgError::Invalid {
-            what: "account name",
+            what: "account name".into(),
             why: format!("{name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"),
         })
     }
@@ -132,7 +132,7 @@ impl Accounts {
         self.live()
             .get(name)
             .cloned()
-            .ok_or_else(|| TgError::UnknownAccount(name.into()))
+            .ok_or_else(|| TgError::UnknownAccount { account: name.into() })
     }
 
     /// Every stored record.
@@ -151,7 +151,7 @@ impl Accounts {
     }
 
     async fn save_record(&self, r: &AccountRecord) -> Result<(), TgError> {
-        let v = serde_json::to_vec(r).map_err(|e| TgError::Store(e.to_string()))?;
+        let v = serde_json::to_vec(r).map_err(|e| TgError::store(e.to_string()))?;
         self.store.put(Table::Accounts, &r.name, &v).await.map_err(store_err)
     }
 
@@ -172,7 +172,7 @@ impl Accounts {
             Some(sealed) => Some(
                 self.key
                     .open(name, &sealed)
-                    .map_err(|e| TgError::Store(e.to_string()))?,
+                    .map_err(|e| TgError::store(e.to_string()))?,
             ),
             None => None,
         };
@@ -275,7 +275,7 @@ impl Accounts {
         }
         self.disconnect(name);
         self.store.delete(Table::Sessions, name).await.map_err(store_err)?;
-        let mut r = self.record(name).await?.ok_or_else(|| TgError::UnknownAccount(name.into()))?;
+        let mut r = self.record(name).await?.ok_or_else(|| TgError::UnknownAccount { account: name.into() })?;
         r.state = AccountState::LoggedOut;
         self.save_record(&r).await
     }
@@ -295,7 +295,7 @@ impl Accounts {
                             }
                             AccountState::Active
                         }
-                        Err(TgError::NotAuthorized(_)) => AccountState::Inactive,
+                        Err(TgError::NotAuthorized { account: _ }) => AccountState::Inactive,
                         Err(e) => {
                             tracing::warn!(account = %r.name, error = %e, "cannot check the account");
                             r.state

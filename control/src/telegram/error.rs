@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 /// Why a Telegram request failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TgError {
     /// Telegram answered with an RPC error; `name` has any numeric suffix removed
     /// (`FLOOD_WAIT_30` → `FLOOD_WAIT`, value 30).
@@ -25,33 +26,47 @@ pub enum TgError {
     #[error("Timeout of waiting RPC result")]
     Timeout,
     /// The request is not on the Session Storage's allow-list.
-    #[error("request {0} is not allowed by the Session Storage")]
-    NotAllowed(String),
+    #[error("request {method} is not allowed by the Session Storage")]
+    NotAllowed { method: String },
     /// The account has no authorized session (log in first).
-    #[error("account {0} is not logged in")]
-    NotAuthorized(String),
+    #[error("account {account} is not logged in")]
+    NotAuthorized { account: String },
     /// No such account in this Storage.
-    #[error("no Telegram account named {0}")]
-    UnknownAccount(String),
+    #[error("no Telegram account named {account}")]
+    UnknownAccount { account: String },
     /// A numeric user id without a known access hash (Telegram only lets you call users you
     /// have met: a message, a call, a contact).
-    #[error("user {0} is not known to this account (no access hash): Chat not found")]
-    UnknownUser(i64),
+    #[error("user {user_id} is not known to this account (no access hash): Chat not found")]
+    UnknownUser { user_id: i64 },
     /// Bad input from the caller of the API (phone, username, parameters).
     #[error("invalid {what}: {why}")]
-    Invalid { what: &'static str, why: String },
+    Invalid { what: String, why: String },
     /// The connection to Telegram (or the simulated cloud) failed.
-    #[error("telegram transport: {0}")]
-    Transport(String),
+    #[error("telegram transport: {message}")]
+    Transport { message: String },
     /// Telegram's answer did not decode as the expected TL type.
     #[error("cannot decode Telegram's answer to {request}: {why}")]
-    Decode { request: &'static str, why: String },
+    Decode { request: String, why: String },
     /// The Storage's database failed.
-    #[error("session store: {0}")]
-    Store(String),
+    #[error("session store: {message}")]
+    Store { message: String },
 }
 
 impl TgError {
+    /// A transport failure.
+    pub fn transport(message: impl Into<String>) -> Self {
+        TgError::Transport {
+            message: message.into(),
+        }
+    }
+
+    /// A database failure.
+    pub fn store(message: impl Into<String>) -> Self {
+        TgError::Store {
+            message: message.into(),
+        }
+    }
+
     /// An RPC error from Telegram's `error_message`: trailing `_N` numbers become `value`.
     pub fn from_rpc(code: i32, message: &str) -> Self {
         if let Some(n) = message.strip_prefix("Too Many Requests: retry after ") {

@@ -45,7 +45,7 @@ impl StoredSession {
     pub fn load(blob: Option<&[u8]>) -> Result<Self, TgError> {
         let state = match blob {
             Some(b) => serde_json::from_slice::<State>(b)
-                .map_err(|e| TgError::Store(format!("stored MTProto session: {e}")))?,
+                .map_err(|e| TgError::store(format!("stored MTProto session: {e}")))?,
             None => {
                 let d = SessionData::default();
                 State {
@@ -73,7 +73,7 @@ impl StoredSession {
             peers: lock(&self.peers).values().cloned().collect(),
             updates: lock(&self.updates).clone(),
         };
-        serde_json::to_vec(&state).map_err(|e| TgError::Store(e.to_string()))
+        serde_json::to_vec(&state).map_err(|e| TgError::store(e.to_string()))
     }
 
     /// Fires whenever something worth persisting changed (a new auth key, a DC move).
@@ -180,7 +180,7 @@ impl MtprotoClient {
                 },
             )
             .await
-            .map_err(|e| TgError::Transport(e.to_string()))?;
+            .map_err(|e| TgError::transport(e.to_string()))?;
         let pump = tokio::spawn(async move {
             // grammers orders updates and fills gaps; we forward the raw TL update.
             while let Ok((update, _, _)) = stream.next_raw().await {
@@ -218,14 +218,14 @@ fn map_invocation(e: InvocationError) -> TgError {
             };
             TgError::from_rpc(rpc.code, &name)
         }
-        other => TgError::Transport(other.to_string()),
+        other => TgError::transport(other.to_string()),
     }
 }
 
 impl Transport for MtprotoClient {
     fn invoke_raw(&self, body: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, TgError>> {
         Box::pin(async move {
-            let mut dc = self.session.home_dc_id().map_err(|e| TgError::Store(e.to_string()))?;
+            let mut dc = self.session.home_dc_id().map_err(|e| TgError::store(e.to_string()))?;
             // Follow at most one DC migration (PHONE_MIGRATE_N, USER_MIGRATE_N, …).
             for _ in 0..2 {
                 match self.handle.raw_invoke_in_dc(dc, body.clone()).await {
@@ -243,7 +243,7 @@ impl Transport for MtprotoClient {
                     }
                 }
             }
-            Err(TgError::Transport("DC migration loop".into()))
+            Err(TgError::transport("DC migration loop"))
         })
     }
 

@@ -24,7 +24,7 @@ impl PeerQuery {
     pub fn parse(text: &str) -> Result<Self, TgError> {
         let t = text.trim();
         let invalid = |why: &str| TgError::Invalid {
-            what: "peer",
+            what: "peer".into(),
             why: format!("{t:?}: {why}"),
         };
         if let Some(name) = t.strip_prefix('@').or_else(|| t.strip_prefix("tg#")) {
@@ -103,7 +103,7 @@ pub enum Source {
 
 /// Remembers `peer` under all its keys for `account`.
 pub async fn remember(store: &Store, account: &str, peer: &Peer) -> Result<(), TgError> {
-    let value = serde_json::to_vec(peer).map_err(|e| TgError::Store(e.to_string()))?;
+    let value = serde_json::to_vec(peer).map_err(|e| TgError::store(e.to_string()))?;
     let mut keys = vec![PeerQuery::UserId(peer.user_id)];
     if let Some(p) = &peer.phone {
         keys.push(PeerQuery::Phone(p.clone()));
@@ -115,7 +115,7 @@ pub async fn remember(store: &Store, account: &str, peer: &Peer) -> Result<(), T
         store
             .put(Table::Peers, &k.cache_key(account), &value)
             .await
-            .map_err(|e| TgError::Store(e.to_string()))?;
+            .map_err(|e| TgError::store(e.to_string()))?;
     }
     Ok(())
 }
@@ -130,7 +130,7 @@ pub async fn resolve(
     if let Some(bytes) = store
         .get(Table::Peers, &key)
         .await
-        .map_err(|e| TgError::Store(e.to_string()))?
+        .map_err(|e| TgError::store(e.to_string()))?
     {
         if let Ok(peer) = serde_json::from_slice::<Peer>(&bytes) {
             return Ok((peer, Source::Cache));
@@ -177,7 +177,7 @@ pub async fn resolve(
                 Err(e) => return Err(e),
             }
         }
-        PeerQuery::UserId(id) => return Err(TgError::UnknownUser(*id)),
+        PeerQuery::UserId(id) => return Err(TgError::UnknownUser { user_id: *id }),
     };
     let peer = users
         .iter()

@@ -30,22 +30,22 @@ impl SimClient {
         let auth_key = match stored {
             Some(s) => Some(
                 <[u8; 32]>::try_from(s)
-                    .map_err(|_| TgError::Transport("stored sim session is not 32 bytes".into()))?,
+                    .map_err(|_| TgError::transport("stored sim session is not 32 bytes"))?,
             ),
             None => None,
         };
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|e| TgError::Transport(format!("connect {addr}: {e}")))?;
+            .map_err(|e| TgError::transport(format!("connect {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
         wr.write_all(&SimFrame::Hello { auth_key }.encode())
             .await
-            .map_err(|e| TgError::Transport(e.to_string()))?;
+            .map_err(|e| TgError::transport(e.to_string()))?;
         let key = match read_frame(&mut rd).await {
             Ok(Some(SimFrame::Welcome { auth_key })) => auth_key,
-            Ok(_) => return Err(TgError::Transport("tgsim did not welcome us".into())),
-            Err(e) => return Err(TgError::Transport(e.to_string())),
+            Ok(_) => return Err(TgError::transport("tgsim did not welcome us")),
+            Err(e) => return Err(TgError::transport(e.to_string())),
         };
         let pending: Pending = Arc::default();
         let (utx, urx) = mpsc::unbounded_channel();
@@ -87,7 +87,7 @@ impl SimClient {
             }
             // Everyone still waiting learns the connection is gone.
             for (_, tx) in lock(&p).drain() {
-                let _ = tx.send(Err(TgError::Transport("connection to tgsim lost".into())));
+                let _ = tx.send(Err(TgError::transport("connection to tgsim lost")));
             }
         });
         Ok((
@@ -115,10 +115,10 @@ impl Transport for SimClient {
             lock(&self.pending).insert(id, tx);
             if self.tx.send(SimFrame::Invoke { id, body }.encode()).is_err() {
                 lock(&self.pending).remove(&id);
-                return Err(TgError::Transport("connection to tgsim lost".into()));
+                return Err(TgError::transport("connection to tgsim lost"));
             }
             rx.await
-                .map_err(|_| TgError::Transport("connection to tgsim lost".into()))?
+                .map_err(|_| TgError::transport("connection to tgsim lost"))?
         })
     }
 

@@ -19,6 +19,52 @@ use tokio::sync::mpsc;
 pub use world::{Privacy, SimUser, TurnServer, World, WorldConfig};
 use world::{Delivery, To};
 
+/// The built-in world (`config/tgsim.example.toml`).
+pub const EXAMPLE_WORLD: &str = include_str!("../../../config/tgsim.example.toml");
+
+/// Why a world file is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum WorldError {
+    #[error("{path}: {message}")]
+    Bad { path: String, message: String },
+}
+
+/// Reads a world file (or the built-in one) and checks it: ids, phones and usernames unique.
+pub fn load_world(path: Option<&std::path::Path>) -> Result<WorldConfig, WorldError> {
+    let (name, text) = match path {
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p).map_err(|e| WorldError::Bad {
+                path: p.display().to_string(),
+                message: e.to_string(),
+            })?,
+        ),
+        None => ("built-in world".to_string(), EXAMPLE_WORLD.to_string()),
+    };
+    let bad = |message: String| WorldError::Bad {
+        path: name.clone(),
+        message,
+    };
+    let cfg: WorldConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let mut ids = std::collections::HashSet::new();
+    let mut phones = std::collections::HashSet::new();
+    let mut names = std::collections::HashSet::new();
+    for u in &cfg.users {
+        if u.id <= 0 || !ids.insert(u.id) {
+            return Err(bad(format!("user id {} is not positive or not unique", u.id)));
+        }
+        if u.phone.is_empty() || !u.phone.bytes().all(|b| b.is_ascii_digit()) || !phones.insert(u.phone.clone()) {
+            return Err(bad(format!("user {}: phone {:?} must be unique digits", u.id, u.phone)));
+        }
+        if let Some(n) = &u.username {
+            if !names.insert(n.to_ascii_lowercase()) {
+                return Err(bad(format!("user {}: username {n} is taken", u.id)));
+            }
+        }
+    }
+    Ok(cfg)
+}
+
 /// A running simulated cloud.
 #[derive(Clone)]
 pub struct TgSim {
