@@ -59,6 +59,15 @@ pub struct Manager {
     peers: Mutex<BTreeMap<String, PeerSlot>>,
     metrics: Arc<Metrics>,
     routing: Arc<Routing>,
+    telegram_updates: tokio::sync::broadcast::Sender<StorageUpdate>,
+}
+
+/// An update from an account of a Storage, as the Manager hears it.
+#[derive(Debug, Clone)]
+pub struct StorageUpdate {
+    pub storage: String,
+    pub account: String,
+    pub update: grammers_tl_types::enums::Update,
 }
 
 /// What the Manager decides SIP with: the connections and the registrations of their PBXs.
@@ -241,6 +250,7 @@ impl Manager {
             cfg,
             peers: Mutex::new(BTreeMap::new()),
             metrics,
+            telegram_updates: tokio::sync::broadcast::channel(1024).0,
         })
     }
 
@@ -328,17 +338,102 @@ impl Manager {
         ))
     }
 
-    /// Answers the questions of Worker `peer`.
+    /// Updates of every Storage's accounts.
+    pub fn telegram_updates(&self) -> tokio::sync::broadcast::Receiver<StorageUpdate> {
+        self.telegram_updates.subscribe()
+    }
+
+    /// A Telegram request through Storage `storage`. A Storage without a live link is
+    /// `TgError::Transport` naming it.
+    pub async fn telegram(
+        &self,
+        storage: &str,
+        account: &str,
+        op: crate::link::TelegramOp,
+    ) -> Result<crate::link::TelegramAnswer, crate::telegram::TgError> {
+        use crate::telegram::TgError;
+        let link = self
+            .peers()
+            .get(storage)
+            .and_then(|p| p.link.clone())
+            .ok_or_else(|| TgError::transport(format!("session storage {storage} is not linked")))?;
+        let req = LinkRequest::Telegram(Box::new(crate::link::TelegramRequest {
+            account: account.to_string(),
+            op,
+        }));
+        // The Storage times the RPC out itself; this only covers a dead link.
+        match link.request(req, Duration::from_secs(60)).await {
+            Ok(LinkResponse::Telegram { result }) => result,
+            Ok(other) => Err(TgError::transport(format!("storage {storage} answered {other:?}"))),
+            Err(crate::link::LinkError::Timeout(_)) => Err(TgError::Timeout),
+            Err(e) => Err(TgError::transport(format!("storage {storage}: {e}"))),
+        }
+    }
+
+    /// A typed TL request for `account` through Storage `storage`.
+    pub async fn invoke<R: grammers_tl_types::RemoteCall>(
+        &self,
+        storage: &str,
+        account: &str,
+        request: &R,
+    ) -> Result<R::Return, crate::telegram::TgError> {
+        use base64::Engine;
+        use crate::telegram::TgError;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = b64.encode(request.to_bytes());
+        match self
+            .telegram(storage, account, crate::link::TelegramOp::Invoke { body })
+            .await?
+        {
+            crate::link::TelegramAnswer::Invoked { body } => {
+                let bytes = b64
+                    .decode(body.as_bytes())
+                    .map_err(|e| TgError::transport(format!("storage answer: {e}")))?;
+                <R::Return as grammers_tl_types::Deserializable>::from_bytes(&bytes).map_err(|e| {
+                    TgError::Decode {
+                        request: crate::telegram::account::method_name(&request.to_bytes()).into(),
+                        why: e.to_string(),
+                    }
+                })
+            }
+            other => Err(TgError::transport(format!("unexpected storage answer {other:?}"))),
+        }
+    }
+
+    /// Answers the questions of Worker or Storage `peer`.
     fn handler(&self, peer: &str) -> Handler {
         let metrics = self.metrics.clone();
         let routing = self.routing.clone();
+        let updates = self.telegram_updates.clone();
         let peer = peer.to_string();
         Arc::new(move |req| {
             let metrics = metrics.clone();
             let routing = routing.clone();
+            let updates = updates.clone();
             let peer = peer.clone();
             Box::pin(async move {
                 match req {
+                    LinkRequest::TelegramUpdate { account, update } => {
+                        use base64::Engine;
+                        use grammers_tl_types::Deserializable;
+                        let decoded = base64::engine::general_purpose::STANDARD
+                            .decode(update.as_bytes())
+                            .ok()
+                            .and_then(|b| grammers_tl_types::enums::Update::from_bytes(&b).ok());
+                        match decoded {
+                            Some(update) => {
+                                let _ = updates.send(StorageUpdate {
+                                    storage: peer.clone(),
+                                    account,
+                                    update,
+                                });
+                                LinkResponse::Done
+                            }
+                            None => LinkResponse::Error {
+                                message: "undecodable Telegram update".into(),
+                            },
+                        }
+                    }
                     LinkRequest::Route(q) => {
                         let answer = routing.route(&q, &peer);
                         let decision = match &answer {
