@@ -2,6 +2,7 @@
 
 mod status_view;
 mod storage_cli;
+mod tgsim_app;
 mod tgcall_peer;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,20 @@ enum Cmd {
     Storage {
         #[command(subcommand)]
         action: Option<storage_cli::StorageCmd>,
+    },
+    /// A simulated user's Telegram app on stdin/stdout (JSON lines), for conformance tests.
+    #[command(hide = true)]
+    TgsimApp {
+        /// The simulated cloud.
+        #[arg(long, default_value = "127.0.0.1:50003")]
+        sim: SocketAddr,
+        /// The user's phone.
+        #[arg(long)]
+        phone: String,
+        #[arg(long, default_value = "12345")]
+        code: String,
+        #[arg(long)]
+        password: Option<String>,
     },
     /// Run the simulated Telegram cloud alone (tests, demos; Telegram's servers stand-in).
     Tgsim {
@@ -194,6 +209,12 @@ fn main() -> ExitCode {
             observability::init(&loaded.config.log);
             runtime()?.block_on(storage_cli::run(loaded, action))
         }),
+        Cmd::TgsimApp {
+            sim,
+            phone,
+            code,
+            password,
+        } => runtime().and_then(|rt| rt.block_on(tgsim_app::run(sim, phone, code, password))),
         Cmd::Tgsim { listen, world } => {
             observability::init(&Default::default());
             runtime().and_then(|rt| rt.block_on(storage_cli::tgsim(listen, world)))

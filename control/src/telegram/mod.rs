@@ -10,6 +10,8 @@ pub mod sealed;
 pub mod simwire;
 
 pub use error::TgError;
+/// The TL types (grammers-tl-types) the Telegram API is spoken in.
+pub use grammers_tl_types as tl;
 pub mod mtproto;
 pub mod simclient;
 pub mod transport;

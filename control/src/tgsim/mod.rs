@@ -243,6 +243,9 @@ impl TgSim {
         let result = loop {
             match read_frame(&mut rd).await {
                 Ok(Some(SimFrame::Invoke { id, body })) => {
+                    if self.with_world(|w| w.unanswered(&body)) {
+                        continue;
+                    }
                     let outcome = self.with_world(|w| w.handle(key, &body, Instant::now()));
                     let reply = match outcome.reply {
                         Ok(body) => SimFrame::Result { id, body },

@@ -133,6 +133,9 @@ pub struct WorldConfig {
     /// How long a call to an online user rings before it is missed (Telegram: 90 s).
     #[serde(default = "default_ring", with = "secs")]
     pub ring_timeout: Duration,
+    /// Methods the cloud never answers (to test RPC timeouts), e.g. `["phone.requestCall"]`.
+    #[serde(default)]
+    pub unanswered: Vec<String>,
 }
 
 fn default_offline_ring() -> Duration {
@@ -162,6 +165,7 @@ impl Default for WorldConfig {
             turn: None,
             offline_ring_timeout: default_offline_ring(),
             ring_timeout: default_ring(),
+            unanswered: Vec::new(),
         }
     }
 }
@@ -507,6 +511,16 @@ impl World {
             }
             _ => Err(err(400, "CALL_PEER_INVALID")),
         }
+    }
+
+    /// Does the cloud stay silent on this request (configured for timeout tests)?
+    pub fn unanswered(&self, body: &[u8]) -> bool {
+        let id = body
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .unwrap_or(0);
+        let name = tl::name_for_id(id);
+        self.cfg.unanswered.iter().any(|m| m == name)
     }
 
     /// Handles one TL request from a connection bound to `key`.
