@@ -582,3 +582,41 @@ async fn an_unanswered_request_is_the_rpc_timeout() {
     // The account keeps working.
     assert_eq!(a.me().await.unwrap().user_id, ALICE);
 }
+
+#[tokio::test]
+async fn text_messages_both_ways() {
+    let env = Env::new(world()).await;
+    let accounts = env.accounts().await;
+    login(&accounts, "gw", "+10000000001").await;
+    login(&accounts, "carol", "+10000000003").await;
+    let mut rx = accounts.subscribe();
+    let a = accounts.get("gw").unwrap();
+    let (carol, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@carol_tg").unwrap()).await.unwrap();
+    let send = |to: &siptg_control::telegram::resolve::Peer, text: &str| tl::functions::messages::SendMessage {
+        no_webpage: true, silent: false, background: false, clear_draft: false, noforwards: false,
+        update_stickersets_order: false, invert_media: false, allow_paid_floodskip: false,
+        peer: tl::enums::InputPeer::User(tl::types::InputPeerUser { user_id: to.user_id, access_hash: to.access_hash }),
+        reply_to: None, message: text.into(), random_id: rand::random(), reply_markup: None,
+        entities: None, schedule_date: None, schedule_repeat_period: None, send_as: None,
+        quick_reply_shortcut: None, effect: None, allow_paid_stars: None, suggested_post: None,
+        rich_message: None,
+    };
+    a.invoke_allowed(tl::Serializable::to_bytes(&send(&carol, "123#"))).await.unwrap();
+    let tl::enums::Update::NewMessage(m) = next_call_update(&mut rx, "carol").await else { panic!() };
+    let tl::enums::Message::Message(m) = m.message else { panic!() };
+    assert_eq!(m.message, "123#");
+    assert_eq!(m.from_id, Some(tl::enums::Peer::User(tl::types::PeerUser { user_id: ALICE })));
+    let b = accounts.get("carol").unwrap();
+    let (alice, _) = resolve(&b, accounts.store(), &PeerQuery::UserId(ALICE)).await
+        .or_else(|_| Ok::<_, TgError>((siptg_control::telegram::resolve::Peer { user_id: 0, access_hash: 0, username: None, phone: None, first_name: String::new(), last_name: String::new() }, Source::Cache)))
+        .unwrap();
+    // Carol's account has not met Alice through resolution: by id it is unknown.
+    assert_eq!(alice.user_id, 0);
+    let (alice, _) = resolve(&b, accounts.store(), &PeerQuery::parse("@alice_tg").unwrap()).await.unwrap();
+    b.invoke(&send(&alice, "hello gateway")).await.unwrap();
+    let tl::enums::Update::NewMessage(m) = next_call_update(&mut rx, "gw").await else { panic!() };
+    let tl::enums::Message::Message(m) = m.message else { panic!() };
+    assert_eq!(m.message, "hello gateway");
+    let e = b.invoke(&send(&alice, "")).await.unwrap_err();
+    assert!(e.is("MESSAGE_EMPTY"), "{e}");
+}

@@ -252,6 +252,7 @@ pub struct World {
     /// Connected keys (online presence).
     connected: HashMap<[u8; 32], usize>,
     dh_prime: Vec<u8>,
+    next_message: i32,
     epoch: (Instant, i32),
     /// Every refused request, for tests: (method, error).
     pub log: Vec<(String, String)>,
@@ -276,6 +277,7 @@ impl World {
             strangers: HashMap::new(),
             connected: HashMap::new(),
             dh_prime,
+            next_message: 0,
             epoch: (now, unix_now),
             log: Vec::new(),
         }
@@ -1009,6 +1011,53 @@ impl World {
                 self.me(&key)?;
                 ok(true)
             }
+            f::messages::SendMessage::CONSTRUCTOR_ID => {
+                let r: f::messages::SendMessage = decode(body)?;
+                let me = self.me(&key)?;
+                let to = match &r.peer {
+                    tl::enums::InputPeer::User(u) => self.input_user(
+                        me,
+                        &tl::enums::InputUser::User(tl::types::InputUser {
+                            user_id: u.user_id,
+                            access_hash: u.access_hash,
+                        }),
+                    )?,
+                    tl::enums::InputPeer::PeerSelf => me,
+                    _ => return Err(err(400, "PEER_ID_INVALID")),
+                };
+                if r.message.is_empty() {
+                    return Err(err(400, "MESSAGE_EMPTY"));
+                }
+                if r.message.chars().count() > 4096 {
+                    return Err(err(400, "MESSAGE_TOO_LONG"));
+                }
+                if self.users.get(&to).is_some_and(|u| u.blocked.contains(&me)) {
+                    return Err(err(400, "USER_IS_BLOCKED"));
+                }
+                self.next_message += 1;
+                let id = self.next_message;
+                out.push(Delivery {
+                    to: To::User(to),
+                    update: tl::enums::Update::NewMessage(tl::types::UpdateNewMessage {
+                        message: text_message(id, me, to, unix, &r.message),
+                        pts: id,
+                        pts_count: 1,
+                    }),
+                    is_call: false,
+                });
+                ok(tl::enums::Updates::UpdateShortSentMessage(
+                    tl::types::UpdateShortSentMessage {
+                        out: true,
+                        id,
+                        pts: id,
+                        pts_count: 1,
+                        date: unix,
+                        media: None,
+                        entities: None,
+                        ttl_period: None,
+                    },
+                ))
+            }
             f::updates::GetState::CONSTRUCTOR_ID => {
                 self.me(&key)?;
                 ok(tl::enums::updates::State::State(tl::types::updates::State {
@@ -1388,6 +1437,63 @@ impl World {
             .map(|c| call_update(user, self.call_tl(c.id, user)))
             .collect()
     }
+}
+
+/// A plain text message from `from` to `to`, as the recipient sees it.
+fn text_message(id: i32, from: i64, to: i64, date: i32, text: &str) -> tl::enums::Message {
+    let _ = to;
+    tl::enums::Message::Message(tl::types::Message {
+        out: false,
+        mentioned: false,
+        media_unread: false,
+        silent: false,
+        post: false,
+        from_scheduled: false,
+        legacy: false,
+        edit_hide: false,
+        pinned: false,
+        noforwards: false,
+        invert_media: false,
+        offline: false,
+        video_processing_pending: false,
+        paid_suggested_post_stars: false,
+        paid_suggested_post_ton: false,
+        id,
+        from_id: Some(tl::enums::Peer::User(tl::types::PeerUser { user_id: from })),
+        from_boosts_applied: None,
+        from_rank: None,
+        // In a private chat the recipient sees the chat as the sender.
+        peer_id: tl::enums::Peer::User(tl::types::PeerUser { user_id: from }),
+        saved_peer_id: None,
+        fwd_from: None,
+        via_bot_id: None,
+        via_business_bot_id: None,
+        guestchat_via_from: None,
+        reply_to: None,
+        date,
+        message: text.to_string(),
+        media: None,
+        reply_markup: None,
+        entities: None,
+        views: None,
+        forwards: None,
+        replies: None,
+        edit_date: None,
+        post_author: None,
+        grouped_id: None,
+        reactions: None,
+        restriction_reason: None,
+        ttl_period: None,
+        quick_reply_shortcut_id: None,
+        effect: None,
+        factcheck: None,
+        report_delivery_until_date: None,
+        paid_message_stars: None,
+        suggested_post: None,
+        schedule_repeat_period: None,
+        summary_from_language: None,
+        rich_message: None,
+    })
 }
 
 fn call_update(user: i64, phone_call: tl::enums::PhoneCall) -> Delivery {
