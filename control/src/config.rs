@@ -487,6 +487,14 @@ pub struct SipConfig {
     /// PEM private key for `tls:` listeners.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Session timers (RFC 4028): the interval granted to a caller that supports timers
+    /// without asking for one, and the longest accepted.
+    #[serde(default = "default_session_expires", deserialize_with = "duration")]
+    pub session_expires: Duration,
+    /// The shortest session interval accepted (`Min-SE`); shorter requests get
+    /// `422 Session Interval Too Small`. At least 90 s (RFC 4028).
+    #[serde(default = "default_min_se", deserialize_with = "duration")]
+    pub min_se: Duration,
 }
 
 impl Default for SipConfig {
@@ -496,8 +504,17 @@ impl Default for SipConfig {
             user_agent: default_user_agent(),
             tls_cert: None,
             tls_key: None,
+            session_expires: default_session_expires(),
+            min_se: default_min_se(),
         }
     }
+}
+
+fn default_session_expires() -> Duration {
+    Duration::from_secs(1800)
+}
+fn default_min_se() -> Duration {
+    Duration::from_secs(90)
 }
 
 fn default_sip_listen() -> Vec<SipListen> {
@@ -1249,6 +1266,15 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     }
     if c.sip.listen.is_empty() {
         bad("sip.listen", "needs at least one listener".into());
+    }
+    if c.sip.min_se < Duration::from_secs(90) {
+        bad("sip.min_se", "must be at least 90s (RFC 4028 §4)".into());
+    }
+    if c.sip.session_expires < c.sip.min_se {
+        bad(
+            "sip.session_expires",
+            format!("must not be shorter than sip.min_se ({:?})", c.sip.min_se),
+        );
     }
     if let Some(i) = c
         .sip

@@ -105,6 +105,11 @@ impl Worker {
     /// (their Contact is the first listener).
     pub async fn start_sip(self: &Arc<Self>, sip: &SipConfig) -> std::io::Result<()> {
         use crate::config::SipTransport;
+        let call_config = crate::sip::call::CallConfig {
+            session_expires: sip.session_expires,
+            min_se: sip.min_se,
+            ..Default::default()
+        };
         let mut first = None;
         let mut listening = Vec::new();
         // TCP listeners first: their connections feed the first core.
@@ -166,6 +171,7 @@ impl Worker {
                 tcp.take(),
                 self.clone(),
                 sip.user_agent.clone(),
+                call_config,
             ));
         }
         if let Some(t) = tcp.take() {
@@ -176,6 +182,7 @@ impl Worker {
                 Some(t),
                 self.clone(),
                 sip.user_agent.clone(),
+                call_config,
             ));
         }
         for l in listening {
