@@ -11,7 +11,9 @@
 #  5. an IP trunk (no registration, matched by its address 127.0.0.5) calls bob and is bridged;
 #     a phone at an address no connection names (127.0.0.6) gets 404 Route not found;
 #  6. a phone registered over TCP calls one registered over UDP, and the reverse (tones checked);
-#  7. no media session outlives the calls.
+#  7. raw SIP (rel_probe.py): reliable provisionals (RFC 3262) both ways, session timers
+#     (RFC 4028) negotiated and refreshed by UPDATE, 422 below Min-SE;
+#  8. no media session outlives the calls.
 # Usage: calls.sh SIPTG_BINARY (sourced helpers from ../lib.sh; run from tests/interop/sip/run.sh)
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -273,6 +275,9 @@ DIAL="$siptcp;transport=tcp" call alice bob caller
 call bob alice callee
 grep -q "TCP.*200 OK" "$WORK/phone-alice/log" || die "alice did not register over TCP"
 log "TCP: a phone registered over TCP called and was called by one over UDP"
+# 7. Raw SIP: reliable provisionals both ways, session-timer terms, a refreshing UPDATE, 422.
+python3 "$here/rel_probe.py" 127.0.0.1 "$sip" || { tail -n 30 "$WORK/calls-siptg.log"; die "100rel/session-timer checks failed"; }
+log "100rel: reliable 180s PRACKed both ways; session timer negotiated and refreshed by UPDATE; 422 below Min-SE"
 sleep 1
 left=$(curl -fsS "http://127.0.0.1:$admin/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(sh.get("sessions",0) for sh in (s.get("worker",{}).get("dataplane",{}).get("process",{}) or {}).get("shards",[])))' 2>/dev/null || echo "?")
 log "media sessions left after the calls: $left"
