@@ -86,6 +86,14 @@ pub struct ConnectionConfig {
     /// on a REGISTER whose challenges include any algorithm they do not know.
     #[serde(default = "default_digest")]
     pub digest: Vec<String>,
+    /// `ip` and `register_to_pbx`: how often an OPTIONS checks that the PBX answers (any
+    /// response means up); `"0s"` turns it off.
+    #[serde(default = "default_keepalive", deserialize_with = "duration")]
+    pub keepalive: Duration,
+}
+
+fn default_keepalive() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_digest() -> Vec<String> {

@@ -435,6 +435,7 @@ mod tests {
             header: None,
             codecs: vec!["PCMA".into()],
             digest: vec!["MD5".into()],
+            keepalive: std::time::Duration::from_secs(30),
         }
     }
 

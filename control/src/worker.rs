@@ -13,6 +13,7 @@ use crate::linkserver::LinkServer;
 use crate::metrics::Metrics;
 use crate::sip::ban::{BanConfig, BanList};
 use crate::sip::edge::{self, Answer, Reply, Responder};
+use crate::sip::keepalive::{KeepAlive, PeerState};
 use crate::sip::message::{uri_user, Request};
 use crate::sip::outbound::{OutboundRegistration, Status as OutboundStatus};
 use crate::sip::reasons;
@@ -38,6 +39,23 @@ pub struct Worker {
     connections: Vec<ConnectionConfig>,
     /// Running outbound registrations (gateway → PBX).
     outbound: std::sync::Mutex<Vec<Outbound>>,
+    /// OPTIONS keep-alives toward PBXs (`ip` and `register_to_pbx` connections).
+    keepalives: std::sync::Mutex<Vec<KeepaliveEntry>>,
+}
+
+/// One PBX watched by OPTIONS, as `/status` and `/metrics` show it.
+struct KeepaliveEntry {
+    name: String,
+    target: String,
+    view: Arc<std::sync::Mutex<PeerView>>,
+}
+
+/// The last known state of a watched PBX.
+#[derive(Debug, Clone, Copy)]
+struct PeerView {
+    state: PeerState,
+    rtt: Option<Duration>,
+    since: Instant,
 }
 
 /// One running outbound registration: what `/status` shows and how to stop it.
@@ -69,6 +87,7 @@ impl Worker {
             bans: std::sync::Mutex::new(BanList::new(BanConfig::default())),
             connections,
             outbound: std::sync::Mutex::new(Vec::new()),
+            keepalives: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -194,6 +213,7 @@ impl Worker {
         }
         if let Some(listen) = first {
             self.start_outbound(listen, &sip.user_agent);
+            self.start_keepalives(listen, &sip.user_agent);
         }
         Ok(())
     }
@@ -230,6 +250,76 @@ impl Worker {
                 task: Some(task),
             });
         }
+    }
+
+    /// One OPTIONS keep-alive task per `ip` connection with a `server` and per
+    /// `register_to_pbx` connection, unless its `keepalive` is 0.
+    fn start_keepalives(&self, listen: SocketAddr, user_agent: &str) {
+        let mut list = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
+        for conn in &self.connections {
+            let spec = match conn.kind {
+                ConnectionKind::RegisterToPbx => OutboundRegistration::target_spec(conn).ok(),
+                ConnectionKind::Ip => conn
+                    .server
+                    .as_deref()
+                    .and_then(crate::sip::outbound::split_host_port),
+                ConnectionKind::PbxRegisters => None,
+            };
+            let Some((host, port)) = spec else { continue };
+            if conn.keepalive.is_zero() {
+                continue;
+            }
+            let view = Arc::new(std::sync::Mutex::new(PeerView {
+                state: PeerState::Unknown,
+                rtt: None,
+                since: Instant::now(),
+            }));
+            list.push(KeepaliveEntry {
+                name: conn.name.clone(),
+                target: format!("{host}:{port}"),
+                view: view.clone(),
+            });
+            tokio::spawn(run_keepalive(
+                conn.name.clone(),
+                (host, port),
+                conn.keepalive,
+                listen,
+                user_agent.to_string(),
+                view,
+            ));
+        }
+    }
+
+    fn keepalive_status(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let list = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
+        json!(list
+            .iter()
+            .map(|k| {
+                let v = *k.view.lock().unwrap_or_else(|p| p.into_inner());
+                let mut j = json!({
+                    "name": k.name,
+                    "target": k.target,
+                    "state": v.state.label(),
+                    "since_s": now.saturating_duration_since(v.since).as_secs(),
+                });
+                if let Some(rtt) = v.rtt {
+                    j["rtt_ms"] = json!(rtt.as_millis() as u64);
+                }
+                j
+            })
+            .collect::<Vec<_>>())
+    }
+
+    /// Each watched PBX and whether it answers OPTIONS, for the `siptg_sip_peer_up` gauge.
+    pub fn peers_up(&self) -> Vec<(String, bool)> {
+        let list = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter()
+            .map(|k| {
+                let v = k.view.lock().unwrap_or_else(|p| p.into_inner());
+                (k.name.clone(), v.state == PeerState::Up)
+            })
+            .collect()
     }
 
     /// Un-registers every outbound registration, waiting at most `limit` for the PBX.
@@ -300,6 +390,7 @@ impl Worker {
             "manager_links": self.links.status(),
             "sip_listen": *self.sip_listen.lock().unwrap_or_else(|p| p.into_inner()),
             "outbound_registrations": self.outbound_status(),
+            "peers": self.keepalive_status(),
             "dataplane": { "supervisor": dp, "process": shards },
         })
     }
@@ -465,10 +556,15 @@ impl Responder for Worker {
 /// `local`.
 async fn resolve_target(conn: &ConnectionConfig, local: SocketAddr) -> Result<SocketAddr, String> {
     let (host, port) = OutboundRegistration::target_spec(conn).map_err(|e| e.to_string())?;
+    resolve_host(&host, port, local).await
+}
+
+/// `host:port` to an address (DNS for names), preferring the family of `local`.
+async fn resolve_host(host: &str, port: u16, local: SocketAddr) -> Result<SocketAddr, String> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|e| format!("cannot resolve {host}: {e}"))?
         .collect();
@@ -606,6 +702,82 @@ async fn run_outbound(
                 stopping = true;
                 reg.stop(Instant::now());
             }
+        }
+    }
+}
+
+/// Pings one PBX with OPTIONS every `interval` from a socket next to the SIP listener, keeps
+/// `view` current and logs each change of state. Runs for the life of the process.
+async fn run_keepalive(
+    name: String,
+    (host, port): (String, u16),
+    interval: Duration,
+    listen: SocketAddr,
+    user_agent: String,
+    view: Arc<std::sync::Mutex<PeerView>>,
+) {
+    let set = |state: PeerState, rtt: Option<Duration>| {
+        let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
+        if v.state != state {
+            v.since = Instant::now();
+        }
+        v.state = state;
+        v.rtt = rtt;
+    };
+    let (sock, mut ka) = loop {
+        let setup = async {
+            let target = resolve_host(&host, port, listen).await?;
+            let (sock, local, _) = bind_outbound(listen, target)
+                .await
+                .map_err(|e| format!("cannot bind a keep-alive socket: {e}"))?;
+            let ka = KeepAlive::new(target, local, interval, Instant::now())
+                .with_user_agent(user_agent.clone());
+            Ok::<_, String>((sock, ka))
+        };
+        match setup.await {
+            Ok(ready) => break ready,
+            Err(e) => {
+                tracing::warn!(connection = %name, error = %e, "OPTIONS keep-alive cannot start");
+                set(PeerState::Down, None);
+                tokio::time::sleep(interval).await;
+            }
+        }
+    };
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        while let Some((to, bytes)) = ka.poll_transmit() {
+            if let Err(e) = sock.send_to(&bytes, to).await {
+                tracing::debug!(connection = %name, %to, error = %e, "cannot send OPTIONS");
+            }
+        }
+        match ka.take_change() {
+            Some(PeerState::Up) => {
+                tracing::info!(connection = %name, pbx = %host, rtt_ms = ka.last_rtt().map(|d| d.as_millis() as u64), "PBX answers OPTIONS: up")
+            }
+            Some(PeerState::Down) => {
+                tracing::warn!(connection = %name, pbx = %host, "PBX does not answer OPTIONS: down")
+            }
+            _ => {}
+        }
+        set(ka.state(), ka.last_rtt());
+        let deadline = ka
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + interval);
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    if let Err(e) = ka.on_datagram(Instant::now(), &buf[..n]) {
+                        tracing::debug!(connection = %name, %from, error = %e, "keep-alive datagram ignored");
+                    }
+                }
+                Err(e) => {
+                    // ICMP port unreachable and the like: the timeout reports the PBX down.
+                    tracing::debug!(connection = %name, error = %e, "keep-alive socket error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => ka.handle_timeout(Instant::now()),
         }
     }
 }

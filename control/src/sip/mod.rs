@@ -6,6 +6,7 @@ pub mod cidr;
 pub mod core;
 pub mod digest;
 pub mod edge;
+pub mod keepalive;
 pub mod message;
 pub mod msg;
 pub mod outbound;

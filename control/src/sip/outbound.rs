@@ -231,7 +231,7 @@ fn param<'a>(params: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// `host[:port]` (optionally with a `sip:` prefix; IPv6 as `[addr]:port` or bare) → host, port.
-fn split_host_port(value: &str) -> Option<(String, u16)> {
+pub(crate) fn split_host_port(value: &str) -> Option<(String, u16)> {
     let v = value.trim();
     let v = v
         .strip_prefix("sip:")

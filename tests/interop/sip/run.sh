@@ -14,7 +14,8 @@
 #      and an OPTIONS sent to siptg's AOR at Kamailio reaches siptg by location lookup (200);
 #   8. a connection with a wrong password shows as failed (403) in siptg's /status, and is not
 #      retried in a loop;
-#   9. on shutdown (SIGTERM) siptg un-registers: the binding is gone from Kamailio.
+#   9. on shutdown (SIGTERM) siptg un-registers: the binding is gone from Kamailio;
+#  10. OPTIONS keep-alive: Kamailio is up, a trunk nobody answers for is down (status, metric, log).
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
 apt_need baresip baresip-core
@@ -23,6 +24,7 @@ apt_need kamcmd kamailio
 build_siptg
 
 sip=$(free_port udp); admin=$(free_port tcp); kam=$(free_port udp); tcp=$(free_port tcp); tlsport=$(free_port tcp)
+deadport=$(free_port udp)
 
 # Kamailio: a registrar with digest auth (realm = To domain), passwords in memory; it relays
 # out-of-domain requests to registered contacts. Started first so siptg's first REGISTER lands.
@@ -124,6 +126,13 @@ server = "127.0.0.1:$kam"
 login = "gateway"
 password = "gw-pass-1"
 expires = 600
+keepalive = "2s"
+
+[[connection]]
+name = "dead-trunk"
+type = "ip"
+server = "127.0.0.9:$deadport"
+keepalive = "2s"
 
 [[connection]]
 name = "kamailio-wrong"
@@ -207,6 +216,28 @@ grep -q "REGISTERED gateway contact <sip:gateway@127.0.0.1:$sip>" "$WORK/kamaili
 kamrpc ul.dump >"$WORK/uldump.txt"
 grep -q "sip:gateway@127.0.0.1:$sip" "$WORK/uldump.txt" || { cat "$WORK/uldump.txt"; die "no binding for siptg in kamailio's location table"; }
 log "kamailio: location table holds $(grep -o "sip:gateway@127.0.0.1:$sip" "$WORK/uldump.txt" | head -n 1)"
+
+# OPTIONS keep-alive: Kamailio answers (its 404 counts: any answer means up); nobody listens at
+# the dead trunk's address, so it is down. Both in `siptg status` and in /metrics.
+peer() { "$SIPTG" status --admin "127.0.0.1:$admin" --json | python3 -c '
+import json, sys
+def find(v):
+    if isinstance(v, dict):
+        if "peers" in v: return v["peers"]
+        for x in v.values():
+            r = find(x)
+            if r is not None: return r
+for p in find(json.load(sys.stdin)) or []:
+    if p["name"] == sys.argv[1]: print(p["state"])' "$1"; }
+kam_up() { [ "$(peer kamailio)" = up ]; }
+dead_down() { [ "$(peer dead-trunk)" = down ]; }
+wait_until 10 kam_up || { "$SIPTG" status --admin "127.0.0.1:$admin"; die "kamailio not up by OPTIONS"; }
+wait_until 10 dead_down || { "$SIPTG" status --admin "127.0.0.1:$admin"; die "the dead trunk is not down by OPTIONS"; }
+"$SIPTG" status --admin "127.0.0.1:$admin" >"$WORK/status.txt"
+grep -q "kamailio at 127.0.0.1:$kam: up" "$WORK/status.txt" || { cat "$WORK/status.txt"; die "siptg status does not show kamailio up"; }
+curl -fsS "http://127.0.0.1:$admin/metrics" | grep -q 'siptg_sip_peer_up{connection="dead-trunk"} 0' || die "no siptg_sip_peer_up gauge for the dead trunk"
+grep -q "PBX does not answer OPTIONS: down.*dead-trunk" "$WORK/siptg.log" || die "the down transition was not logged"
+log "keepalive: kamailio up (answers OPTIONS), dead trunk down; shown in status and /metrics"
 
 # An OPTIONS to siptg's AOR at Kamailio is relayed by location lookup and answered by siptg.
 python3 - "$kam" <<'PY' || die "OPTIONS through kamailio did not reach siptg"
