@@ -62,7 +62,7 @@ fn worker(out: &mut String, w: &Value) {
             );
         }
     }
-    if let Some(peers) = w["peers"].as_array().filter(|p| !p.is_empty()) {
+    if let Some(peers) = w["pbx_options"].as_array().filter(|p| !p.is_empty()) {
         let _ = writeln!(out, "  PBXs watched by OPTIONS:");
         for p in peers {
             let detail = match p["state"].as_str() {
@@ -224,7 +224,7 @@ mod tests {
                 "name": "worker-1",
                 "sip_listen": [],
                 "manager_links": [],
-                "peers": [
+                "pbx_options": [
                     {"name": "provider", "target": "192.0.2.20:5060", "state": "up", "since_s": 120, "rtt_ms": 14},
                     {"name": "asterisk", "target": "192.0.2.10:5060", "state": "down", "since_s": 35}
                 ],

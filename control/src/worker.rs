@@ -390,7 +390,7 @@ impl Worker {
             "manager_links": self.links.status(),
             "sip_listen": *self.sip_listen.lock().unwrap_or_else(|p| p.into_inner()),
             "outbound_registrations": self.outbound_status(),
-            "peers": self.keepalive_status(),
+            "pbx_options": self.keepalive_status(),
             "dataplane": { "supervisor": dp, "process": shards },
         })
     }
