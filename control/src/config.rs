@@ -90,6 +90,31 @@ pub struct ConnectionConfig {
     /// response means up); `"0s"` turns it off.
     #[serde(default = "default_keepalive", deserialize_with = "duration")]
     pub keepalive: Duration,
+    /// `register_to_pbx`: `"udp"` (default) or `"tls"` (REGISTERs over a TLS connection to
+    /// `server`/`proxy`, usually port 5061).
+    #[serde(default)]
+    pub transport: RegisterTransport,
+    /// `register_to_pbx` over TLS: PEM CA file the PBX's certificate must chain to (default:
+    /// the system trust store).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// `register_to_pbx` over TLS: `false` accepts any certificate (lab PBXs with self-signed
+    /// ones; encrypted but not authenticated).
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
+}
+
+/// How REGISTERs reach a PBX.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegisterTransport {
+    #[default]
+    Udp,
+    Tls,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_keepalive() -> Duration {
@@ -793,7 +818,10 @@ pub fn load(
     let mut config = parse(&text, &source_name, env)?;
     let base = std::fs::canonicalize(&base).unwrap_or(base);
     // The SIP edge gets only its section, so its PEM paths are made absolute here.
-    for p in [&mut config.sip.tls_cert, &mut config.sip.tls_key] {
+    for p in [&mut config.sip.tls_cert, &mut config.sip.tls_key]
+        .into_iter()
+        .chain(config.connection.iter_mut().map(|c| &mut c.tls_ca))
+    {
         if let Some(path) = p.as_mut() {
             *path = resolve(&base, path);
         }

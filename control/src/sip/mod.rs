@@ -13,4 +13,5 @@ pub mod outbound;
 pub mod reasons;
 pub mod registrar;
 pub mod sdp;
+pub mod tls_client;
 pub mod transaction;

@@ -343,6 +343,8 @@ pub struct OutboundRegistration {
     phase: Phase,
     stopping: bool,
     queue: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// The Via transport token; `TLS` also means a reliable transport: no retransmissions.
+    via_transport: &'static str,
 }
 
 impl OutboundRegistration {
@@ -457,6 +459,7 @@ impl OutboundRegistration {
             phase: Phase::Waiting(now),
             stopping: false,
             queue: VecDeque::new(),
+            via_transport: "UDP",
         })
     }
 
@@ -464,6 +467,17 @@ impl OutboundRegistration {
     pub fn with_contact(mut self, contact: SocketAddr) -> Self {
         self.contact = contact;
         self
+    }
+
+    /// REGISTERs go over a TLS connection from `local`: `SIP/2.0/TLS` in Via and no
+    /// retransmissions (RFC 3261 §17.1.2.2: Timer E is for unreliable transports only).
+    pub fn over_tls(mut self) -> Self {
+        self.via_transport = "TLS";
+        self
+    }
+
+    fn reliable(&self) -> bool {
+        self.via_transport != "UDP"
     }
 
     /// Sets the User-Agent header.
@@ -522,6 +536,10 @@ impl OutboundRegistration {
                     self.retry_later(now);
                 }
             }
+            Phase::Pending(tx) if now >= tx.next_retransmit && self.via_transport != "UDP" => {
+                // Reliable transport: nothing to retransmit, only Timer F.
+                tx.next_retransmit = tx.deadline;
+            }
             Phase::Pending(tx) if now >= tx.next_retransmit => {
                 self.queue.push_back((self.target, tx.bytes.clone()));
                 tx.interval = (tx.interval * 2).min(T2);
@@ -563,8 +581,10 @@ impl OutboundRegistration {
         }
         if resp.code < 200 {
             // Proceeding: the server has it; retransmit at T2 only (RFC 3261 §17.1.2.2).
-            tx.interval = T2;
-            tx.next_retransmit = now + T2;
+            if self.via_transport == "UDP" {
+                tx.interval = T2;
+                tx.next_retransmit = now + T2;
+            }
             return Ok(());
         }
         let (unregister, auth) = (tx.unregister, tx.auth);
@@ -783,8 +803,9 @@ impl OutboundRegistration {
         }
         let mut m = format!(
             "REGISTER {ruri} SIP/2.0\r\n\
-             Via: SIP/2.0/UDP {local};rport;branch={branch}\r\n\
+             Via: SIP/2.0/{transport} {local};rport;branch={branch}\r\n\
              Max-Forwards: 70\r\n",
+            transport = self.via_transport,
             local = self.local
         );
         if let Some(r) = &self.route {
@@ -812,11 +833,16 @@ impl OutboundRegistration {
         ));
         let bytes = m.into_bytes();
         self.queue.push_back((self.target, bytes.clone()));
+        let next_retransmit = if self.reliable() {
+            now + TIMER_F
+        } else {
+            now + T1
+        };
         self.phase = Phase::Pending(Transaction {
             cseq: self.cseq,
             branch,
             bytes,
-            next_retransmit: now + T1,
+            next_retransmit,
             interval: T1,
             deadline: now + TIMER_F,
             unregister,
@@ -1355,6 +1381,30 @@ mod tests {
         assert!(c.is_stopped());
         assert_eq!(c.status(), &Status::Stopped);
         assert_eq!(c.poll_timeout(), None);
+    }
+
+    /// Over TLS: `SIP/2.0/TLS` in Via, no retransmissions, Timer F still ends a silent
+    /// transaction, and the poll deadline never lies in the past (no busy loop).
+    #[test]
+    fn over_tls_there_are_no_retransmissions() {
+        let t0 = Instant::now();
+        let mut c = client(t0).over_tls();
+        c.handle_timeout(t0);
+        let first = sent(&mut c);
+        assert!(
+            header(&first, "Via")
+                .expect("via")
+                .starts_with(&format!("SIP/2.0/TLS {LOCAL};rport;branch=z9hG4bK")),
+            "{first}"
+        );
+        assert_eq!(c.poll_timeout(), Some(t0 + TIMER_F));
+        c.on_response(t0, &reply(&first, 100, "Trying", &[]))
+            .expect("matches");
+        assert_eq!(c.poll_timeout(), Some(t0 + TIMER_F));
+        c.handle_timeout(t0 + Duration::from_secs(5));
+        assert!(c.poll_transmit().is_none());
+        c.handle_timeout(t0 + TIMER_F);
+        assert_eq!(c.status(), &Status::Unreachable);
     }
 
     #[test]
