@@ -635,6 +635,9 @@ async fn run_outbound(
     status: Arc<std::sync::Mutex<OutboundStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    if conn.transport == crate::config::RegisterTransport::Tls {
+        return run_outbound_tls(conn, listen, user_agent, status, stop).await;
+    }
     let name = conn.name.clone();
     let mut delay = crate::sip::outbound::BACKOFF_MIN;
     let (sock, mut reg) = loop {
@@ -698,6 +701,193 @@ async fn run_outbound(
             },
             _ = tokio::time::sleep_until(deadline) => reg.handle_timeout(Instant::now()),
             // A stop request, or the Worker is gone.
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                reg.stop(Instant::now());
+            }
+        }
+    }
+}
+
+/// How one TLS registration connection ended.
+enum TlsEnd {
+    /// Un-registered (or told to stop): the task is done.
+    Stopped,
+    /// The connection broke or never came up: reconnect after a backoff.
+    Broken(String),
+}
+
+/// An outbound registration over TLS (`transport = "tls"`): connects to the PBX, checks its
+/// certificate (`tls_ca`, the system store, or not at all with `tls_verify = false`), and drives
+/// the registration client over the connection, reconnecting with backoff when it breaks. The
+/// Contact stays the Worker's first listener: calls from the PBX arrive there.
+async fn run_outbound_tls(
+    conn: ConnectionConfig,
+    listen: SocketAddr,
+    user_agent: String,
+    status: Arc<std::sync::Mutex<OutboundStatus>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = conn.name.clone();
+    let config = match crate::sip::tls_client::client_config(
+        conn.tls_ca.as_deref(),
+        conn.tls_verify,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(connection = %name, error = %e, "outbound registration over TLS cannot start");
+            set_status(
+                &name,
+                &status,
+                &OutboundStatus::Failed {
+                    code: 0,
+                    reason: e.to_string(),
+                },
+                Instant::now(),
+            );
+            return;
+        }
+    };
+    if !conn.tls_verify {
+        tracing::warn!(connection = %name, "tls_verify = false: the PBX's certificate is not checked");
+    }
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut delay = crate::sip::outbound::BACKOFF_MIN;
+    loop {
+        let end =
+            outbound_tls_once(&conn, &connector, listen, &user_agent, &status, &mut stop).await;
+        match end {
+            TlsEnd::Stopped => {
+                set_status(&name, &status, &OutboundStatus::Stopped, Instant::now());
+                return;
+            }
+            TlsEnd::Broken(e) => {
+                tracing::warn!(connection = %name, error = %e, "TLS connection to the PBX lost or refused");
+                set_status(&name, &status, &OutboundStatus::Unreachable, Instant::now());
+            }
+        }
+        if *stop.borrow() {
+            set_status(&name, &status, &OutboundStatus::Stopped, Instant::now());
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => {
+                set_status(&name, &status, &OutboundStatus::Stopped, Instant::now());
+                return;
+            }
+        }
+        delay = (delay * 2).min(crate::sip::outbound::BACKOFF_MAX);
+    }
+}
+
+/// One TLS connection's life: connect, handshake, register and refresh until it breaks or the
+/// registration is stopped.
+async fn outbound_tls_once(
+    conn: &ConnectionConfig,
+    connector: &tokio_rustls::TlsConnector,
+    listen: SocketAddr,
+    user_agent: &str,
+    status: &std::sync::Mutex<OutboundStatus>,
+    stop: &mut watch::Receiver<bool>,
+) -> TlsEnd {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = &conn.name;
+    let (host, _) = match OutboundRegistration::target_spec(conn) {
+        Ok(t) => t,
+        Err(e) => return TlsEnd::Broken(e.to_string()),
+    };
+    let target = match resolve_target(conn, listen).await {
+        Ok(t) => t,
+        Err(e) => return TlsEnd::Broken(e),
+    };
+    let tcp = match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return TlsEnd::Broken(format!("cannot connect to {target}: {e}")),
+        Err(_) => return TlsEnd::Broken(format!("no TCP connection to {target} within 10 s")),
+    };
+    let local = match tcp.local_addr() {
+        Ok(l) => l,
+        Err(e) => return TlsEnd::Broken(e.to_string()),
+    };
+    let server_name = match rustls::pki_types::ServerName::try_from(host.clone()) {
+        Ok(n) => n,
+        Err(e) => return TlsEnd::Broken(format!("{host:?} is not a TLS server name: {e}")),
+    };
+    let stream =
+        match tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name, tcp))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return TlsEnd::Broken(format!("TLS handshake with {host}: {e}")),
+            Err(_) => return TlsEnd::Broken(format!("no TLS handshake with {host} within 10 s")),
+        };
+    let contact = SocketAddr::new(local.ip(), listen.port());
+    let mut reg = match OutboundRegistration::with_target(conn, target, local, Instant::now()) {
+        Ok(r) => r
+            .with_contact(contact)
+            .with_user_agent(user_agent)
+            .over_tls(),
+        Err(e) => return TlsEnd::Broken(e.to_string()),
+    };
+    tracing::info!(connection = %name, pbx = %target, %local, %contact, "registering at the PBX over TLS");
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16_384];
+    let mut stopping = *stop.borrow();
+    if stopping {
+        return TlsEnd::Stopped;
+    }
+    loop {
+        while let Some((_, bytes)) = reg.poll_transmit() {
+            if let Err(e) = wr.write_all(&bytes).await {
+                return TlsEnd::Broken(format!("write: {e}"));
+            }
+        }
+        set_status(name, status, reg.status(), Instant::now());
+        if reg.is_stopped() {
+            return TlsEnd::Stopped;
+        }
+        let deadline = reg
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = rd.read(&mut chunk) => match r {
+                Ok(0) => return TlsEnd::Broken("the PBX closed the connection".into()),
+                Err(e) => return TlsEnd::Broken(format!("read: {e}")),
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        match crate::sip::msg::parse_stream_frame(&buf) {
+                            Ok(Some((frame, used))) => {
+                                let bytes: Vec<u8> = buf.drain(..used).collect();
+                                match frame {
+                                    crate::sip::msg::StreamFrame::Message(_) => {
+                                        if let Err(e) = reg.on_response(Instant::now(), &bytes) {
+                                            tracing::debug!(connection = %name, error = %e, "message on the registration connection ignored");
+                                        }
+                                    }
+                                    crate::sip::msg::StreamFrame::Ping => {
+                                        if wr.write_all(b"\r\n").await.is_err() {
+                                            return TlsEnd::Broken("write: pong".into());
+                                        }
+                                    }
+                                    crate::sip::msg::StreamFrame::Pong => {}
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return TlsEnd::Broken(format!("unframeable SIP from the PBX: {e}")),
+                        }
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => reg.handle_timeout(Instant::now()),
             _ = stop.changed(), if !stopping => {
                 stopping = true;
                 reg.stop(Instant::now());
@@ -797,4 +987,162 @@ fn sip_tls_acceptor(sip: &SipConfig) -> std::io::Result<tokio_rustls::TlsAccepto
             format!("SIP over TLS: {e}"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::msg::{parse_stream, SipMessage, SipResponse};
+    use std::path::{Path, PathBuf};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS "PBX" on 127.0.0.1 with a certificate for `localhost` from a fresh CA in `dir`:
+    /// answers every REGISTER 200 (Expires 600) and reports each request's top Via. Returns
+    /// its address, the CA file and the Via channel.
+    async fn tls_pbx(dir: &Path) -> (SocketAddr, PathBuf, tokio::sync::mpsc::Receiver<String>) {
+        let ca = crate::tls::init_ca(dir, "test-pbx-ca", false).expect("ca");
+        let (cert, key) = (dir.join("pbx.pem"), dir.join("pbx.key"));
+        crate::tls::issue(&ca, "localhost", &cert, &key, 1, false).expect("leaf");
+        let acceptor = edge::tls_acceptor(&cert, &key).expect("acceptor");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                    loop {
+                        let n = match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Ok(Some((msg, used))) = parse_stream(&buf) {
+                            buf.drain(..used);
+                            let SipMessage::Request(req) = msg else {
+                                continue;
+                            };
+                            let _ = tx
+                                .send(req.header("Via").unwrap_or_default().to_string())
+                                .await;
+                            let mut ok = SipResponse::to(&req, 200, "OK", Some("pbx"));
+                            let expires = req.header("Expires").unwrap_or("600").to_string();
+                            ok.headers_mut().add(
+                                "Contact",
+                                format!(
+                                    "{};expires={expires}",
+                                    req.header("Contact").unwrap_or_default()
+                                ),
+                            );
+                            ok.headers_mut().add("Expires", expires);
+                            if s.write_all(&ok.to_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, ca.cert, rx)
+    }
+
+    fn tls_conn(port: u16, ca: Option<PathBuf>, verify: bool) -> ConnectionConfig {
+        let mut c: ConnectionConfig = toml::from_str(
+            "name = \"pbx\"\ntype = \"register_to_pbx\"\nlogin = \"siptg\"\npassword = \"pw\"\ntransport = \"tls\"\n",
+        )
+        .expect("connection parses");
+        c.server = Some(format!("localhost:{port}"));
+        c.tls_ca = ca;
+        c.tls_verify = verify;
+        c
+    }
+
+    /// Runs the registration of `conn` until `want` holds for its status (true) or 5 s pass.
+    async fn registration_reaches(
+        conn: ConnectionConfig,
+        want: fn(&OutboundStatus) -> bool,
+    ) -> (
+        bool,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+        Arc<std::sync::Mutex<OutboundStatus>>,
+    ) {
+        let status = Arc::new(std::sync::Mutex::new(OutboundStatus::Registering));
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_outbound(
+            conn,
+            "127.0.0.1:5060".parse().expect("addr"),
+            "siptg-test".into(),
+            status.clone(),
+            stop_rx,
+        ));
+        for _ in 0..50 {
+            if want(&status.lock().unwrap_or_else(|p| p.into_inner())) {
+                return (true, stop, task, status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (false, stop, task, status)
+    }
+
+    #[tokio::test]
+    async fn registers_over_tls_with_the_pbx_certificate_checked_and_unregisters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (addr, ca, mut vias) = tls_pbx(dir.path()).await;
+        let (ok, stop, task, status) =
+            registration_reaches(tls_conn(addr.port(), Some(ca), true), |s| {
+                matches!(s, OutboundStatus::Registered { .. })
+            })
+            .await;
+        assert!(ok, "not registered: {:?}", status.lock().map(|s| s.clone()));
+        let via = vias.recv().await.expect("a REGISTER reached the PBX");
+        assert!(via.starts_with("SIP/2.0/TLS 127.0.0.1:"), "{via}");
+        let _ = stop.send(true);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .expect("task");
+        let unregister = vias.recv().await.expect("an un-REGISTER");
+        assert!(unregister.starts_with("SIP/2.0/TLS"), "{unregister}");
+        assert_eq!(
+            *status.lock().unwrap_or_else(|p| p.into_inner()),
+            OutboundStatus::Stopped
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pbx_certificate_from_another_ca_is_refused_unless_verification_is_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = tempfile::tempdir().expect("tempdir");
+        let (addr, _ca, mut vias) = tls_pbx(dir.path()).await;
+        let other_ca = crate::tls::init_ca(other.path(), "other-ca", false)
+            .expect("ca")
+            .cert;
+        let (refused, stop, task, status) =
+            registration_reaches(tls_conn(addr.port(), Some(other_ca), true), |s| {
+                *s == OutboundStatus::Unreachable
+            })
+            .await;
+        assert!(refused, "{:?}", status.lock().map(|s| s.clone()));
+        assert!(
+            vias.try_recv().is_err(),
+            "no REGISTER may cross an unverified connection"
+        );
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        // tls_verify = false: the same PBX is accepted.
+        let (ok, stop, task, _) = registration_reaches(tls_conn(addr.port(), None, false), |s| {
+            matches!(s, OutboundStatus::Registered { .. })
+        })
+        .await;
+        assert!(ok);
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
 }

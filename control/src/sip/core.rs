@@ -435,7 +435,7 @@ pub async fn serve(
                     }
                 }
                 Transport::Tls => {
-                    // Only over a connection the peer opened: there is no outbound TLS.
+                    // Only over a connection the peer opened: calls do not dial TLS (only registrations do).
                     let sent = conns
                         .get(&dest)
                         .is_some_and(|(w, _, t)| *t == Transport::Tls && w.try_send(bytes).is_ok());
