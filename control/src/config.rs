@@ -1344,6 +1344,30 @@ mod tests {
         }
     }
 
+    /// Session timers: Min-SE below RFC 4028's 90 s, or an interval below Min-SE, is refused;
+    /// connection keys for keep-alive and TLS registration parse.
+    #[test]
+    fn session_timer_bounds_and_connection_transport_keys() {
+        let issues = err("[sip]\nmin_se = \"30s\"\n");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "sip.min_se");
+        let issues = err("[sip]\nmin_se = \"120s\"\nsession_expires = \"100s\"\n");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "sip.session_expires");
+        let c = parse(
+            "[[connection]]\nname = \"pbx\"\ntype = \"register_to_pbx\"\nserver = \"pbx.example:5061\"\nlogin = \"a\"\npassword = \"b\"\ntransport = \"tls\"\ntls_verify = false\nkeepalive = \"0s\"\n",
+            "t.toml",
+            Vec::new(),
+        )
+        .expect("valid");
+        let conn = &c.connection[0];
+        assert_eq!(conn.transport, RegisterTransport::Tls);
+        assert!(!conn.tls_verify);
+        assert!(conn.keepalive.is_zero());
+        assert_eq!(c.sip.min_se, Duration::from_secs(90));
+        assert_eq!(c.sip.session_expires, Duration::from_secs(1800));
+    }
+
     #[test]
     fn sip_listen_takes_udp_and_tcp_and_names_unknown_transports() {
         let c = parse(
