@@ -62,6 +62,26 @@ fn worker(out: &mut String, w: &Value) {
             );
         }
     }
+    if let Some(peers) = w["pbx_options"].as_array().filter(|p| !p.is_empty()) {
+        let _ = writeln!(out, "  PBXs watched by OPTIONS:");
+        for p in peers {
+            let detail = match p["state"].as_str() {
+                Some("up") => match p["rtt_ms"].as_u64() {
+                    Some(rtt) => format!("up for {}s, answers in {rtt} ms", s(&p["since_s"])),
+                    None => format!("up for {}s", s(&p["since_s"])),
+                },
+                Some("down") => format!("DOWN for {}s (no answer to OPTIONS)", s(&p["since_s"])),
+                Some(other) => other.to_string(),
+                None => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "    {} at {}: {detail}",
+                s(&p["name"]),
+                s(&p["target"])
+            );
+        }
+    }
     let sup = &w["dataplane"]["supervisor"];
     let proc_ = &w["dataplane"]["process"];
     if sup["connected"].as_bool() == Some(true) {
@@ -191,6 +211,33 @@ mod tests {
         );
         assert!(
             out.contains("kam at 192.0.2.11:5060: FAILED: 403 Wrong password"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn peers_watched_by_options_are_shown_up_or_down() {
+        let mut out = String::new();
+        worker(
+            &mut out,
+            &json!({
+                "name": "worker-1",
+                "sip_listen": [],
+                "manager_links": [],
+                "pbx_options": [
+                    {"name": "provider", "target": "192.0.2.20:5060", "state": "up", "since_s": 120, "rtt_ms": 14},
+                    {"name": "asterisk", "target": "192.0.2.10:5060", "state": "down", "since_s": 35}
+                ],
+                "dataplane": {"supervisor": {"connected": false, "last_error": "x", "socket": "s"}}
+            }),
+        );
+        assert!(out.contains("PBXs watched by OPTIONS:"), "{out}");
+        assert!(
+            out.contains("provider at 192.0.2.20:5060: up for 120s, answers in 14 ms"),
+            "{out}"
+        );
+        assert!(
+            out.contains("asterisk at 192.0.2.10:5060: DOWN for 35s (no answer to OPTIONS)"),
             "{out}"
         );
     }

@@ -86,6 +86,39 @@ pub struct ConnectionConfig {
     /// on a REGISTER whose challenges include any algorithm they do not know.
     #[serde(default = "default_digest")]
     pub digest: Vec<String>,
+    /// `ip` and `register_to_pbx`: how often an OPTIONS checks that the PBX answers (any
+    /// response means up); `"0s"` turns it off.
+    #[serde(default = "default_keepalive", deserialize_with = "duration")]
+    pub keepalive: Duration,
+    /// `register_to_pbx`: `"udp"` (default) or `"tls"` (REGISTERs over a TLS connection to
+    /// `server`/`proxy`, usually port 5061).
+    #[serde(default)]
+    pub transport: RegisterTransport,
+    /// `register_to_pbx` over TLS: PEM CA file the PBX's certificate must chain to (default:
+    /// the system trust store).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// `register_to_pbx` over TLS: `false` accepts any certificate (lab PBXs with self-signed
+    /// ones; encrypted but not authenticated).
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
+}
+
+/// How REGISTERs reach a PBX.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegisterTransport {
+    #[default]
+    Udp,
+    Tls,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_keepalive() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_digest() -> Vec<String> {
@@ -517,6 +550,14 @@ pub struct SipConfig {
     /// PEM private key for `tls:` listeners.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Session timers (RFC 4028): the interval granted to a caller that supports timers
+    /// without asking for one, and the longest accepted.
+    #[serde(default = "default_session_expires", deserialize_with = "duration")]
+    pub session_expires: Duration,
+    /// The shortest session interval accepted (`Min-SE`); shorter requests get
+    /// `422 Session Interval Too Small`. At least 90 s (RFC 4028).
+    #[serde(default = "default_min_se", deserialize_with = "duration")]
+    pub min_se: Duration,
 }
 
 impl Default for SipConfig {
@@ -526,8 +567,17 @@ impl Default for SipConfig {
             user_agent: default_user_agent(),
             tls_cert: None,
             tls_key: None,
+            session_expires: default_session_expires(),
+            min_se: default_min_se(),
         }
     }
+}
+
+fn default_session_expires() -> Duration {
+    Duration::from_secs(1800)
+}
+fn default_min_se() -> Duration {
+    Duration::from_secs(90)
 }
 
 fn default_sip_listen() -> Vec<SipListen> {
@@ -819,7 +869,10 @@ pub fn load(
     let mut config = parse(&text, &source_name, env)?;
     let base = std::fs::canonicalize(&base).unwrap_or(base);
     // The SIP edge gets only its section, so its PEM paths are made absolute here.
-    for p in [&mut config.sip.tls_cert, &mut config.sip.tls_key] {
+    for p in [&mut config.sip.tls_cert, &mut config.sip.tls_key]
+        .into_iter()
+        .chain(config.connection.iter_mut().map(|c| &mut c.tls_ca))
+    {
         if let Some(path) = p.as_mut() {
             *path = resolve(&base, path);
         }
@@ -1301,6 +1354,15 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     if c.sip.listen.is_empty() {
         bad("sip.listen", "needs at least one listener".into());
     }
+    if c.sip.min_se < Duration::from_secs(90) {
+        bad("sip.min_se", "must be at least 90s (RFC 4028 §4)".into());
+    }
+    if c.sip.session_expires < c.sip.min_se {
+        bad(
+            "sip.session_expires",
+            format!("must not be shorter than sip.min_se ({:?})", c.sip.min_se),
+        );
+    }
     if let Some(i) = c
         .sip
         .listen
@@ -1331,6 +1393,30 @@ mod tests {
             Err(ConfigError::Invalid { issues, .. }) => issues,
             other => panic!("expected invalid, got {other:?}"),
         }
+    }
+
+    /// Session timers: Min-SE below RFC 4028's 90 s, or an interval below Min-SE, is refused;
+    /// connection keys for keep-alive and TLS registration parse.
+    #[test]
+    fn session_timer_bounds_and_connection_transport_keys() {
+        let issues = err("[sip]\nmin_se = \"30s\"\n");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "sip.min_se");
+        let issues = err("[sip]\nmin_se = \"120s\"\nsession_expires = \"100s\"\n");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].key, "sip.session_expires");
+        let c = parse(
+            "[[connection]]\nname = \"pbx\"\ntype = \"register_to_pbx\"\nserver = \"pbx.example:5061\"\nlogin = \"a\"\npassword = \"b\"\ntransport = \"tls\"\ntls_verify = false\nkeepalive = \"0s\"\n",
+            "t.toml",
+            Vec::new(),
+        )
+        .expect("valid");
+        let conn = &c.connection[0];
+        assert_eq!(conn.transport, RegisterTransport::Tls);
+        assert!(!conn.tls_verify);
+        assert!(conn.keepalive.is_zero());
+        assert_eq!(c.sip.min_se, Duration::from_secs(90));
+        assert_eq!(c.sip.session_expires, Duration::from_secs(1800));
     }
 
     #[test]

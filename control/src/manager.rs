@@ -124,9 +124,14 @@ impl Routing {
             };
             tracing::debug!(connection = %caller.name, source = %q.source, "INVITE from a known connection");
             // A call to the login of a registered PBX goes to that PBX (B2BUA through the
-            // Worker that holds its registration).
+            // Worker that holds its registration). The login is the To user or, when a PBX
+            // routes a dialled number to our registered contact (To naming our own AOR there),
+            // the Request-URI user.
+            let ruri_user = crate::sip::message::uri_user(&q.request_uri);
             let target = self.connections.iter().find(|c| {
-                c.kind == ConnectionKind::PbxRegisters && c.login.is_some() && c.login == q.to_user
+                c.kind == ConnectionKind::PbxRegisters
+                    && c.login.is_some()
+                    && (c.login == q.to_user || c.login == ruri_user)
             });
             if let Some(c) = target {
                 return match registrar.binding(&c.name, now) {
@@ -177,6 +182,18 @@ impl Routing {
                 tracing::info!(connection = %c.name, source = %q.source, "INVITE before REGISTER; 405");
                 return Err(refuse(405, reasons::REGISTER_REQUIRED));
             }
+            return Ok(c);
+        }
+        // A PBX (ip trunk or one we register to) whose configured `server`/`proxy` is exactly
+        // the source address: more specific than a registration from the same IP.
+        if let Some(c) = self.connections.iter().find(|c| {
+            matches!(c.kind, ConnectionKind::Ip | ConnectionKind::RegisterToPbx)
+                && (c.kind != ConnectionKind::Ip || ip_trunk_matches(c, q))
+                && [c.server.as_deref(), c.proxy.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s.trim().parse::<std::net::SocketAddr>().ok() == Some(q.source))
+        }) {
             return Ok(c);
         }
         if let Some(c) = self.connections.iter().find(|c| {
@@ -530,6 +547,10 @@ mod tests {
             header: None,
             codecs: vec!["PCMA".into()],
             digest: vec!["MD5".into()],
+            keepalive: std::time::Duration::from_secs(30),
+            transport: Default::default(),
+            tls_ca: None,
+            tls_verify: true,
         }
     }
 
@@ -645,6 +666,41 @@ mod tests {
         let got = r.route(&q, "w1");
         assert!(matches!(got, LinkResponse::Forward { .. }), "{got:?}");
         q.source = "127.0.0.18:5060".parse().unwrap();
+        let got = r.route(&q, "w1");
+        assert!(
+            matches!(&got, LinkResponse::Route { code: 404, .. }),
+            "{got:?}"
+        );
+    }
+
+    /// Kamailio on the same host as a registered phone: the exact address picks the PBX we
+    /// register to (its codecs), and the dialled login comes from the Request-URI when To
+    /// names our AOR at the PBX.
+    #[test]
+    fn a_call_from_the_pbx_we_register_to_reaches_the_dialled_phone() {
+        let mut pbx = conn("kamailio");
+        pbx.kind = ConnectionKind::RegisterToPbx;
+        pbx.login = Some("gateway".into());
+        pbx.trusted_ips = vec![];
+        pbx.server = Some("127.0.0.1:5090".into());
+        pbx.codecs = vec!["PCMU".into()];
+        let r = Routing::new(vec![conn("bob"), pbx], "siptg");
+        register(&r, "bob");
+        let mut q = query("INVITE", "carol", "gateway", None);
+        q.source = "127.0.0.1:5090".parse().unwrap();
+        q.request_uri = "sip:bob@127.0.0.1:5060".into();
+        let got = r.route(&q, "w1");
+        assert_eq!(
+            got,
+            LinkResponse::Forward {
+                connection: "bob".into(),
+                contact: "<sip:bob@127.0.0.1:5070>".into(),
+                address: "127.0.0.1:5070".parse().unwrap(),
+                codecs: vec!["PCMU".into()],
+            }
+        );
+        // Nobody dialled: our own AOR in both is no route.
+        q.request_uri = "sip:gateway@127.0.0.1:5060".into();
         let got = r.route(&q, "w1");
         assert!(
             matches!(&got, LinkResponse::Route { code: 404, .. }),

@@ -100,6 +100,13 @@ impl Node {
                 &[("node", w.name().to_string())],
                 flag(w.links().manager().is_some()),
             ));
+            for (connection, up) in w.peers_up() {
+                g.push(Gauge::new(
+                    "siptg_sip_peer_up",
+                    &[("connection", connection)],
+                    flag(up),
+                ));
+            }
             let sup = w.dataplane().status();
             g.push(Gauge::new(
                 "siptg_dataplane_connected",

@@ -13,6 +13,7 @@ use crate::linkserver::LinkServer;
 use crate::metrics::Metrics;
 use crate::sip::ban::{BanConfig, BanList};
 use crate::sip::edge::{self, Answer, Reply, Responder};
+use crate::sip::keepalive::{KeepAlive, PeerState};
 use crate::sip::message::{uri_user, Request};
 use crate::sip::outbound::{OutboundRegistration, Status as OutboundStatus};
 use crate::sip::reasons;
@@ -38,6 +39,23 @@ pub struct Worker {
     connections: Vec<ConnectionConfig>,
     /// Running outbound registrations (gateway → PBX).
     outbound: std::sync::Mutex<Vec<Outbound>>,
+    /// OPTIONS keep-alives toward PBXs (`ip` and `register_to_pbx` connections).
+    keepalives: std::sync::Mutex<Vec<KeepaliveEntry>>,
+}
+
+/// One PBX watched by OPTIONS, as `/status` and `/metrics` show it.
+struct KeepaliveEntry {
+    name: String,
+    target: String,
+    view: Arc<std::sync::Mutex<PeerView>>,
+}
+
+/// The last known state of a watched PBX.
+#[derive(Debug, Clone, Copy)]
+struct PeerView {
+    state: PeerState,
+    rtt: Option<Duration>,
+    since: Instant,
 }
 
 /// One running outbound registration: what `/status` shows and how to stop it.
@@ -69,6 +87,7 @@ impl Worker {
             bans: std::sync::Mutex::new(BanList::new(BanConfig::default())),
             connections,
             outbound: std::sync::Mutex::new(Vec::new()),
+            keepalives: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -105,6 +124,11 @@ impl Worker {
     /// (their Contact is the first listener).
     pub async fn start_sip(self: &Arc<Self>, sip: &SipConfig) -> std::io::Result<()> {
         use crate::config::SipTransport;
+        let call_config = crate::sip::call::CallConfig {
+            session_expires: sip.session_expires,
+            min_se: sip.min_se,
+            ..Default::default()
+        };
         let mut first = None;
         let mut listening = Vec::new();
         // TCP listeners first: their connections feed the first core.
@@ -166,6 +190,7 @@ impl Worker {
                 tcp.take(),
                 self.clone(),
                 sip.user_agent.clone(),
+                call_config,
             ));
         }
         if let Some(t) = tcp.take() {
@@ -176,6 +201,7 @@ impl Worker {
                 Some(t),
                 self.clone(),
                 sip.user_agent.clone(),
+                call_config,
             ));
         }
         for l in listening {
@@ -187,6 +213,7 @@ impl Worker {
         }
         if let Some(listen) = first {
             self.start_outbound(listen, &sip.user_agent);
+            self.start_keepalives(listen, &sip.user_agent);
         }
         Ok(())
     }
@@ -223,6 +250,76 @@ impl Worker {
                 task: Some(task),
             });
         }
+    }
+
+    /// One OPTIONS keep-alive task per `ip` connection with a `server` and per
+    /// `register_to_pbx` connection, unless its `keepalive` is 0.
+    fn start_keepalives(&self, listen: SocketAddr, user_agent: &str) {
+        let mut list = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
+        for conn in &self.connections {
+            let spec = match conn.kind {
+                ConnectionKind::RegisterToPbx => OutboundRegistration::target_spec(conn).ok(),
+                ConnectionKind::Ip => conn
+                    .server
+                    .as_deref()
+                    .and_then(crate::sip::outbound::split_host_port),
+                ConnectionKind::PbxRegisters => None,
+            };
+            let Some((host, port)) = spec else { continue };
+            if conn.keepalive.is_zero() {
+                continue;
+            }
+            let view = Arc::new(std::sync::Mutex::new(PeerView {
+                state: PeerState::Unknown,
+                rtt: None,
+                since: Instant::now(),
+            }));
+            list.push(KeepaliveEntry {
+                name: conn.name.clone(),
+                target: format!("{host}:{port}"),
+                view: view.clone(),
+            });
+            tokio::spawn(run_keepalive(
+                conn.name.clone(),
+                (host, port),
+                conn.keepalive,
+                listen,
+                user_agent.to_string(),
+                view,
+            ));
+        }
+    }
+
+    fn keepalive_status(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let list = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
+        json!(list
+            .iter()
+            .map(|k| {
+                let v = *k.view.lock().unwrap_or_else(|p| p.into_inner());
+                let mut j = json!({
+                    "name": k.name,
+                    "target": k.target,
+                    "state": v.state.label(),
+                    "since_s": now.saturating_duration_since(v.since).as_secs(),
+                });
+                if let Some(rtt) = v.rtt {
+                    j["rtt_ms"] = json!(rtt.as_millis() as u64);
+                }
+                j
+            })
+            .collect::<Vec<_>>())
+    }
+
+    /// Each watched PBX and whether it answers OPTIONS, for the `siptg_sip_peer_up` gauge.
+    pub fn peers_up(&self) -> Vec<(String, bool)> {
+        let list = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
+        list.iter()
+            .map(|k| {
+                let v = k.view.lock().unwrap_or_else(|p| p.into_inner());
+                (k.name.clone(), v.state == PeerState::Up)
+            })
+            .collect()
     }
 
     /// Un-registers every outbound registration, waiting at most `limit` for the PBX.
@@ -293,6 +390,7 @@ impl Worker {
             "manager_links": self.links.status(),
             "sip_listen": *self.sip_listen.lock().unwrap_or_else(|p| p.into_inner()),
             "outbound_registrations": self.outbound_status(),
+            "pbx_options": self.keepalive_status(),
             "dataplane": { "supervisor": dp, "process": shards },
         })
     }
@@ -458,10 +556,15 @@ impl Responder for Worker {
 /// `local`.
 async fn resolve_target(conn: &ConnectionConfig, local: SocketAddr) -> Result<SocketAddr, String> {
     let (host, port) = OutboundRegistration::target_spec(conn).map_err(|e| e.to_string())?;
+    resolve_host(&host, port, local).await
+}
+
+/// `host:port` to an address (DNS for names), preferring the family of `local`.
+async fn resolve_host(host: &str, port: u16, local: SocketAddr) -> Result<SocketAddr, String> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
         .map_err(|e| format!("cannot resolve {host}: {e}"))?
         .collect();
@@ -532,6 +635,9 @@ async fn run_outbound(
     status: Arc<std::sync::Mutex<OutboundStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    if conn.transport == crate::config::RegisterTransport::Tls {
+        return run_outbound_tls(conn, listen, user_agent, status, stop).await;
+    }
     let name = conn.name.clone();
     let mut delay = crate::sip::outbound::BACKOFF_MIN;
     let (sock, mut reg) = loop {
@@ -603,6 +709,269 @@ async fn run_outbound(
     }
 }
 
+/// How one TLS registration connection ended.
+enum TlsEnd {
+    /// Un-registered (or told to stop): the task is done.
+    Stopped,
+    /// The connection broke or never came up: reconnect after a backoff.
+    Broken(String),
+}
+
+/// An outbound registration over TLS (`transport = "tls"`): connects to the PBX, checks its
+/// certificate (`tls_ca`, the system store, or not at all with `tls_verify = false`), and drives
+/// the registration client over the connection, reconnecting with backoff when it breaks. The
+/// Contact stays the Worker's first listener: calls from the PBX arrive there.
+async fn run_outbound_tls(
+    conn: ConnectionConfig,
+    listen: SocketAddr,
+    user_agent: String,
+    status: Arc<std::sync::Mutex<OutboundStatus>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = conn.name.clone();
+    let config = match crate::sip::tls_client::client_config(
+        conn.tls_ca.as_deref(),
+        conn.tls_verify,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(connection = %name, error = %e, "outbound registration over TLS cannot start");
+            set_status(
+                &name,
+                &status,
+                &OutboundStatus::Failed {
+                    code: 0,
+                    reason: e.to_string(),
+                },
+                Instant::now(),
+            );
+            return;
+        }
+    };
+    if !conn.tls_verify {
+        tracing::warn!(connection = %name, "tls_verify = false: the PBX's certificate is not checked");
+    }
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut delay = crate::sip::outbound::BACKOFF_MIN;
+    loop {
+        let end =
+            outbound_tls_once(&conn, &connector, listen, &user_agent, &status, &mut stop).await;
+        match end {
+            TlsEnd::Stopped => {
+                set_status(&name, &status, &OutboundStatus::Stopped, Instant::now());
+                return;
+            }
+            TlsEnd::Broken(e) => {
+                tracing::warn!(connection = %name, error = %e, "TLS connection to the PBX lost or refused");
+                set_status(&name, &status, &OutboundStatus::Unreachable, Instant::now());
+            }
+        }
+        if *stop.borrow() {
+            set_status(&name, &status, &OutboundStatus::Stopped, Instant::now());
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => {
+                set_status(&name, &status, &OutboundStatus::Stopped, Instant::now());
+                return;
+            }
+        }
+        delay = (delay * 2).min(crate::sip::outbound::BACKOFF_MAX);
+    }
+}
+
+/// One TLS connection's life: connect, handshake, register and refresh until it breaks or the
+/// registration is stopped.
+async fn outbound_tls_once(
+    conn: &ConnectionConfig,
+    connector: &tokio_rustls::TlsConnector,
+    listen: SocketAddr,
+    user_agent: &str,
+    status: &std::sync::Mutex<OutboundStatus>,
+    stop: &mut watch::Receiver<bool>,
+) -> TlsEnd {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = &conn.name;
+    let (host, _) = match OutboundRegistration::target_spec(conn) {
+        Ok(t) => t,
+        Err(e) => return TlsEnd::Broken(e.to_string()),
+    };
+    let target = match resolve_target(conn, listen).await {
+        Ok(t) => t,
+        Err(e) => return TlsEnd::Broken(e),
+    };
+    let tcp = match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(target),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return TlsEnd::Broken(format!("cannot connect to {target}: {e}")),
+        Err(_) => return TlsEnd::Broken(format!("no TCP connection to {target} within 10 s")),
+    };
+    let local = match tcp.local_addr() {
+        Ok(l) => l,
+        Err(e) => return TlsEnd::Broken(e.to_string()),
+    };
+    let server_name = match rustls::pki_types::ServerName::try_from(host.clone()) {
+        Ok(n) => n,
+        Err(e) => return TlsEnd::Broken(format!("{host:?} is not a TLS server name: {e}")),
+    };
+    let stream =
+        match tokio::time::timeout(Duration::from_secs(10), connector.connect(server_name, tcp))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return TlsEnd::Broken(format!("TLS handshake with {host}: {e}")),
+            Err(_) => return TlsEnd::Broken(format!("no TLS handshake with {host} within 10 s")),
+        };
+    let contact = SocketAddr::new(local.ip(), listen.port());
+    let mut reg = match OutboundRegistration::with_target(conn, target, local, Instant::now()) {
+        Ok(r) => r
+            .with_contact(contact)
+            .with_user_agent(user_agent)
+            .over_tls(),
+        Err(e) => return TlsEnd::Broken(e.to_string()),
+    };
+    tracing::info!(connection = %name, pbx = %target, %local, %contact, "registering at the PBX over TLS");
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 16_384];
+    let mut stopping = *stop.borrow();
+    if stopping {
+        return TlsEnd::Stopped;
+    }
+    loop {
+        while let Some((_, bytes)) = reg.poll_transmit() {
+            if let Err(e) = wr.write_all(&bytes).await {
+                return TlsEnd::Broken(format!("write: {e}"));
+            }
+        }
+        set_status(name, status, reg.status(), Instant::now());
+        if reg.is_stopped() {
+            return TlsEnd::Stopped;
+        }
+        let deadline = reg
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = rd.read(&mut chunk) => match r {
+                Ok(0) => return TlsEnd::Broken("the PBX closed the connection".into()),
+                Err(e) => return TlsEnd::Broken(format!("read: {e}")),
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        match crate::sip::msg::parse_stream_frame(&buf) {
+                            Ok(Some((frame, used))) => {
+                                let bytes: Vec<u8> = buf.drain(..used).collect();
+                                match frame {
+                                    crate::sip::msg::StreamFrame::Message(_) => {
+                                        if let Err(e) = reg.on_response(Instant::now(), &bytes) {
+                                            tracing::debug!(connection = %name, error = %e, "message on the registration connection ignored");
+                                        }
+                                    }
+                                    crate::sip::msg::StreamFrame::Ping => {
+                                        if wr.write_all(b"\r\n").await.is_err() {
+                                            return TlsEnd::Broken("write: pong".into());
+                                        }
+                                    }
+                                    crate::sip::msg::StreamFrame::Pong => {}
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => return TlsEnd::Broken(format!("unframeable SIP from the PBX: {e}")),
+                        }
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => reg.handle_timeout(Instant::now()),
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                reg.stop(Instant::now());
+            }
+        }
+    }
+}
+
+/// Pings one PBX with OPTIONS every `interval` from a socket next to the SIP listener, keeps
+/// `view` current and logs each change of state. Runs for the life of the process.
+async fn run_keepalive(
+    name: String,
+    (host, port): (String, u16),
+    interval: Duration,
+    listen: SocketAddr,
+    user_agent: String,
+    view: Arc<std::sync::Mutex<PeerView>>,
+) {
+    let set = |state: PeerState, rtt: Option<Duration>| {
+        let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
+        if v.state != state {
+            v.since = Instant::now();
+        }
+        v.state = state;
+        v.rtt = rtt;
+    };
+    let (sock, mut ka) = loop {
+        let setup = async {
+            let target = resolve_host(&host, port, listen).await?;
+            let (sock, local, _) = bind_outbound(listen, target)
+                .await
+                .map_err(|e| format!("cannot bind a keep-alive socket: {e}"))?;
+            let ka = KeepAlive::new(target, local, interval, Instant::now())
+                .with_user_agent(user_agent.clone());
+            Ok::<_, String>((sock, ka))
+        };
+        match setup.await {
+            Ok(ready) => break ready,
+            Err(e) => {
+                tracing::warn!(connection = %name, error = %e, "OPTIONS keep-alive cannot start");
+                set(PeerState::Down, None);
+                tokio::time::sleep(interval).await;
+            }
+        }
+    };
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        while let Some((to, bytes)) = ka.poll_transmit() {
+            if let Err(e) = sock.send_to(&bytes, to).await {
+                tracing::debug!(connection = %name, %to, error = %e, "cannot send OPTIONS");
+            }
+        }
+        match ka.take_change() {
+            Some(PeerState::Up) => {
+                tracing::info!(connection = %name, pbx = %host, rtt_ms = ka.last_rtt().map(|d| d.as_millis() as u64), "PBX answers OPTIONS: up")
+            }
+            Some(PeerState::Down) => {
+                tracing::warn!(connection = %name, pbx = %host, "PBX does not answer OPTIONS: down")
+            }
+            _ => {}
+        }
+        set(ka.state(), ka.last_rtt());
+        let deadline = ka
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + interval);
+        tokio::select! {
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    if let Err(e) = ka.on_datagram(Instant::now(), &buf[..n]) {
+                        tracing::debug!(connection = %name, %from, error = %e, "keep-alive datagram ignored");
+                    }
+                }
+                Err(e) => {
+                    // ICMP port unreachable and the like: the timeout reports the PBX down.
+                    tracing::debug!(connection = %name, error = %e, "keep-alive socket error");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = tokio::time::sleep_until(deadline) => ka.handle_timeout(Instant::now()),
+        }
+    }
+}
+
 /// The SIP TLS acceptor from `sip.tls_cert` and `sip.tls_key` (validation made sure both are
 /// set when a `tls:` listener exists); failures name the file.
 fn sip_tls_acceptor(sip: &SipConfig) -> std::io::Result<tokio_rustls::TlsAcceptor> {
@@ -618,4 +987,162 @@ fn sip_tls_acceptor(sip: &SipConfig) -> std::io::Result<tokio_rustls::TlsAccepto
             format!("SIP over TLS: {e}"),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::msg::{parse_stream, SipMessage, SipResponse};
+    use std::path::{Path, PathBuf};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS "PBX" on 127.0.0.1 with a certificate for `localhost` from a fresh CA in `dir`:
+    /// answers every REGISTER 200 (Expires 600) and reports each request's top Via. Returns
+    /// its address, the CA file and the Via channel.
+    async fn tls_pbx(dir: &Path) -> (SocketAddr, PathBuf, tokio::sync::mpsc::Receiver<String>) {
+        let ca = crate::tls::init_ca(dir, "test-pbx-ca", false).expect("ca");
+        let (cert, key) = (dir.join("pbx.pem"), dir.join("pbx.key"));
+        crate::tls::issue(&ca, "localhost", &cert, &key, 1, false).expect("leaf");
+        let acceptor = edge::tls_acceptor(&cert, &key).expect("acceptor");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                    loop {
+                        let n = match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Ok(Some((msg, used))) = parse_stream(&buf) {
+                            buf.drain(..used);
+                            let SipMessage::Request(req) = msg else {
+                                continue;
+                            };
+                            let _ = tx
+                                .send(req.header("Via").unwrap_or_default().to_string())
+                                .await;
+                            let mut ok = SipResponse::to(&req, 200, "OK", Some("pbx"));
+                            let expires = req.header("Expires").unwrap_or("600").to_string();
+                            ok.headers_mut().add(
+                                "Contact",
+                                format!(
+                                    "{};expires={expires}",
+                                    req.header("Contact").unwrap_or_default()
+                                ),
+                            );
+                            ok.headers_mut().add("Expires", expires);
+                            if s.write_all(&ok.to_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, ca.cert, rx)
+    }
+
+    fn tls_conn(port: u16, ca: Option<PathBuf>, verify: bool) -> ConnectionConfig {
+        let mut c: ConnectionConfig = toml::from_str(
+            "name = \"pbx\"\ntype = \"register_to_pbx\"\nlogin = \"siptg\"\npassword = \"pw\"\ntransport = \"tls\"\n",
+        )
+        .expect("connection parses");
+        c.server = Some(format!("localhost:{port}"));
+        c.tls_ca = ca;
+        c.tls_verify = verify;
+        c
+    }
+
+    /// Runs the registration of `conn` until `want` holds for its status (true) or 5 s pass.
+    async fn registration_reaches(
+        conn: ConnectionConfig,
+        want: fn(&OutboundStatus) -> bool,
+    ) -> (
+        bool,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+        Arc<std::sync::Mutex<OutboundStatus>>,
+    ) {
+        let status = Arc::new(std::sync::Mutex::new(OutboundStatus::Registering));
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_outbound(
+            conn,
+            "127.0.0.1:5060".parse().expect("addr"),
+            "siptg-test".into(),
+            status.clone(),
+            stop_rx,
+        ));
+        for _ in 0..50 {
+            if want(&status.lock().unwrap_or_else(|p| p.into_inner())) {
+                return (true, stop, task, status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (false, stop, task, status)
+    }
+
+    #[tokio::test]
+    async fn registers_over_tls_with_the_pbx_certificate_checked_and_unregisters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (addr, ca, mut vias) = tls_pbx(dir.path()).await;
+        let (ok, stop, task, status) =
+            registration_reaches(tls_conn(addr.port(), Some(ca), true), |s| {
+                matches!(s, OutboundStatus::Registered { .. })
+            })
+            .await;
+        assert!(ok, "not registered: {:?}", status.lock().map(|s| s.clone()));
+        let via = vias.recv().await.expect("a REGISTER reached the PBX");
+        assert!(via.starts_with("SIP/2.0/TLS 127.0.0.1:"), "{via}");
+        let _ = stop.send(true);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .expect("task");
+        let unregister = vias.recv().await.expect("an un-REGISTER");
+        assert!(unregister.starts_with("SIP/2.0/TLS"), "{unregister}");
+        assert_eq!(
+            *status.lock().unwrap_or_else(|p| p.into_inner()),
+            OutboundStatus::Stopped
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pbx_certificate_from_another_ca_is_refused_unless_verification_is_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = tempfile::tempdir().expect("tempdir");
+        let (addr, _ca, mut vias) = tls_pbx(dir.path()).await;
+        let other_ca = crate::tls::init_ca(other.path(), "other-ca", false)
+            .expect("ca")
+            .cert;
+        let (refused, stop, task, status) =
+            registration_reaches(tls_conn(addr.port(), Some(other_ca), true), |s| {
+                *s == OutboundStatus::Unreachable
+            })
+            .await;
+        assert!(refused, "{:?}", status.lock().map(|s| s.clone()));
+        assert!(
+            vias.try_recv().is_err(),
+            "no REGISTER may cross an unverified connection"
+        );
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        // tls_verify = false: the same PBX is accepted.
+        let (ok, stop, task, _) = registration_reaches(tls_conn(addr.port(), None, false), |s| {
+            matches!(s, OutboundStatus::Registered { .. })
+        })
+        .await;
+        assert!(ok);
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
 }

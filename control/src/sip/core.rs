@@ -15,7 +15,7 @@ use siptg_proto::SessionId;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::call::{Call, CallAction, Side, Target};
+use super::call::{Call, CallAction, CallConfig, Side, Target};
 use super::edge::{connect_tcp, Reply, Responder, TcpEvent, TcpWriter};
 use super::msg::{parse_datagram, Headers, Method, SipRequest, SipResponse};
 use super::sdp::CodecPrefs;
@@ -107,6 +107,7 @@ pub async fn serve(
     tcp: Option<(TcpChannel, SocketAddr)>,
     worker: Arc<Worker>,
     server: String,
+    call_config: CallConfig,
 ) {
     let udp_local = sock.as_ref().and_then(|s| s.local_addr().ok());
     let Some(local) = udp_local.or(tcp.as_ref().map(|t| t.1)) else {
@@ -128,7 +129,12 @@ pub async fn serve(
     let mut next_call = 1u64;
     let mut buf = vec![0u8; 65_535];
     loop {
-        let sleep = match tx.poll_timeout() {
+        let calls_due = calls.values().filter_map(|e| e.call.poll_timeout()).min();
+        let due = match (tx.poll_timeout(), calls_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let sleep = match due {
             Some(t) => tokio::time::sleep_until(t.into()),
             None => tokio::time::sleep(std::time::Duration::from_secs(1)),
         };
@@ -195,7 +201,7 @@ pub async fn serve(
                             Transport::Udp => local,
                             _ => conns.get(&source).map(|c| c.1).unwrap_or(local),
                         };
-                        match Call::start(req.clone(), source, &target, &prefs, legs[0].1, legs[1].1, here) {
+                        match Call::start(req.clone(), source, &target, &prefs, legs[0].1, legs[1].1, here, &call_config) {
                             Ok(call) => {
                                 let id = next_call;
                                 next_call += 1;
@@ -205,8 +211,11 @@ pub async fn serve(
                                 calls.insert(id, CallEntry { call, invite: key, session, legs: [legs[0].0, legs[1].0], transport: [transport, b_transport], pending: Vec::new() });
                             }
                             Err(refusal) => {
-                                let resp = SipResponse::to(&req, refusal.code, &refusal.reason, Some(&tag()));
-                                let _ = tx.respond(now, &key, resp);
+                                let mut resp = SipResponse::to(&req, refusal.code, &refusal.reason, Some(&tag()));
+                                for (n, v) in refusal.headers {
+                                    resp.headers_mut().add(&n, v);
+                                }
+                                let _ = tx.respond(now, &key, stamped(resp));
                                 delete_session(&worker, session);
                             }
                         }
@@ -214,7 +223,13 @@ pub async fn serve(
                 }
             }
             _ = sleep => {
-                tx.handle_timeout(Instant::now());
+                let now = Instant::now();
+                tx.handle_timeout(now);
+                for e in calls.values_mut() {
+                    if e.call.poll_timeout().is_some_and(|t| t <= now) {
+                        e.call.handle_timeout(now);
+                    }
+                }
             }
         }
         // Events from the transaction layer.
@@ -247,7 +262,7 @@ pub async fn serve(
                                 tracing::info!(session = e.session, ?side, %direction, "re-INVITE");
                             }
                             e.pending.push((side, req.method.clone(), key));
-                            e.call.on_request(side, req);
+                            e.call.on_request(now, side, req);
                         }
                     } else if in_dialog {
                         let resp =
@@ -280,7 +295,7 @@ pub async fn serve(
                 TxEvent::Ack { req, .. } => {
                     if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
                         if let Some(e) = calls.get_mut(&id) {
-                            e.call.on_request(side, req);
+                            e.call.on_request(now, side, req);
                         }
                     }
                 }
@@ -288,14 +303,14 @@ pub async fn serve(
                     // The layer already answered the CANCEL; the call answers the INVITE 487.
                     if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
                         if let Some(e) = calls.get_mut(&id) {
-                            e.call.on_request(side, req);
+                            e.call.on_request(now, side, req);
                         }
                     }
                 }
                 TxEvent::Response { key, resp, .. } => {
                     if let Some(&(id, side)) = by_client.get(&key) {
                         if let Some(e) = calls.get_mut(&id) {
-                            e.call.on_response(side, resp);
+                            e.call.on_response(now, side, resp);
                         }
                     }
                 }
@@ -309,7 +324,7 @@ pub async fn serve(
                                     resp.headers_mut().add("CSeq", "1 INVITE");
                                     resp.headers_mut()
                                         .add("Call-ID", e.call.call_ids().1.to_string());
-                                    e.call.on_response(side, resp);
+                                    e.call.on_response(now, side, resp);
                                 }
                             }
                         }
@@ -420,7 +435,7 @@ pub async fn serve(
                     }
                 }
                 Transport::Tls => {
-                    // Only over a connection the peer opened: there is no outbound TLS.
+                    // Only over a connection the peer opened: calls do not dial TLS (only registrations do).
                     let sent = conns
                         .get(&dest)
                         .is_some_and(|(w, _, t)| *t == Transport::Tls && w.try_send(bytes).is_ok());
@@ -473,15 +488,18 @@ fn send_tcp(
     true
 }
 
-/// The `Require` options of a request that we do not implement (none yet: 100rel and timer are
-/// not, so a UA that requires them is told so instead of being half-served).
+/// The `Require` options of a request that we do not implement: everything but `100rel`
+/// (RFC 3262) and `timer` (RFC 4028), which the calls implement. A UA that requires anything
+/// else is told so instead of being half-served.
 fn unsupported_requirements(req: &SipRequest) -> Option<String> {
     let options: Vec<&str> = req
         .headers()
         .get_all("Require")
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|o| !o.is_empty())
+        .filter(|o| {
+            !o.is_empty() && !o.eq_ignore_ascii_case("100rel") && !o.eq_ignore_ascii_case("timer")
+        })
         .collect();
     (!options.is_empty()).then(|| options.join(", "))
 }
@@ -527,6 +545,7 @@ fn response_for(req: &SipRequest, reply: Reply) -> SipResponse {
             "Allow",
             "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, INFO, UPDATE, PRACK, MESSAGE",
         );
+        resp.headers_mut().add("Supported", super::call::SUPPORTED);
     }
     resp
 }

@@ -15,6 +15,7 @@
 
 use crate::config::{ConnectionConfig, ConnectionKind};
 use crate::sip::digest;
+use crate::sip::msg::{parse_datagram, SipMessage, SipResponse};
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -62,16 +63,12 @@ pub enum OutboundError {
 /// Why a datagram was not taken as the answer to our REGISTER.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResponseError {
-    #[error("not UTF-8 in the header section")]
-    NotText,
-    #[error("no end of headers")]
-    Truncated,
-    #[error("malformed status line {0:?}")]
-    StatusLine(String),
-    #[error("malformed header line {0:?}")]
-    Header(String),
-    #[error("missing header {0}")]
-    Missing(&'static str),
+    /// Not a SIP message ([`super::msg`]'s parser says why).
+    #[error("malformed SIP: {0}")]
+    Malformed(#[from] super::msg::ParseError),
+    /// A request, where only responses are expected.
+    #[error("a request, not a response")]
+    NotAResponse,
     /// Well-formed, but not for the transaction in progress (late retransmission, stray).
     #[error("not for the REGISTER in progress")]
     Unmatched,
@@ -105,99 +102,13 @@ impl Status {
     }
 }
 
-/// A parsed SIP response: status and headers with full names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub code: u16,
-    pub reason: String,
-    headers: Vec<(String, String)>,
-}
-
-impl Response {
-    /// First value of a header (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+/// Reads a response with the SIP message model ([`super::msg`], which also insists on the
+/// Via, From, To, Call-ID and CSeq our transaction is matched by).
+fn parse_response(data: &[u8]) -> Result<SipResponse, ResponseError> {
+    match parse_datagram(data)? {
+        SipMessage::Response(resp) => Ok(resp),
+        SipMessage::Request(_) => Err(ResponseError::NotAResponse),
     }
-
-    /// Every value of a header, in order.
-    pub fn headers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-fn full_name(name: &str) -> &str {
-    match name.to_ascii_lowercase().as_str() {
-        "v" => "Via",
-        "f" => "From",
-        "t" => "To",
-        "i" => "Call-ID",
-        "m" => "Contact",
-        "l" => "Content-Length",
-        _ => name,
-    }
-}
-
-/// Reads the header section of a SIP response (compact names, folding, bare LF accepted).
-pub fn parse_response(data: &[u8]) -> Result<Response, ResponseError> {
-    let end = find(data, b"\r\n\r\n")
-        .or_else(|| find(data, b"\n\n"))
-        .ok_or(ResponseError::Truncated)?;
-    let head = std::str::from_utf8(&data[..end]).map_err(|_| ResponseError::NotText)?;
-    let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let first = lines
-        .by_ref()
-        .find(|l| !l.is_empty())
-        .ok_or(ResponseError::Truncated)?;
-    let bad_status = || ResponseError::StatusLine(first.chars().take(80).collect());
-    let (version, rest) = first.split_once(' ').ok_or_else(bad_status)?;
-    if !version.eq_ignore_ascii_case("SIP/2.0") {
-        return Err(bad_status());
-    }
-    let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
-    let code: u16 = match code.parse() {
-        Ok(c) if code.len() == 3 && (100..700).contains(&c) => c,
-        _ => return Err(bad_status()),
-    };
-    let mut headers: Vec<(String, String)> = Vec::new();
-    for line in lines {
-        if line.starts_with([' ', '\t']) {
-            let (_, v) = headers
-                .last_mut()
-                .ok_or_else(|| ResponseError::Header(line.chars().take(80).collect()))?;
-            v.push(' ');
-            v.push_str(line.trim());
-            continue;
-        }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| ResponseError::Header(line.chars().take(80).collect()))?;
-        let name = name.trim();
-        if name.is_empty() || name.contains([' ', '\t']) {
-            return Err(ResponseError::Header(line.chars().take(80).collect()));
-        }
-        headers.push((full_name(name).to_string(), value.trim().to_string()));
-    }
-    let resp = Response {
-        code,
-        reason: reason.trim().to_string(),
-        headers,
-    };
-    for h in ["Via", "Call-ID", "CSeq"] {
-        if resp.header(h).is_none() {
-            return Err(ResponseError::Missing(h));
-        }
-    }
-    Ok(resp)
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Splits a header value into its comma-separated elements (outside quotes and brackets).
@@ -231,7 +142,7 @@ fn param<'a>(params: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// `host[:port]` (optionally with a `sip:` prefix; IPv6 as `[addr]:port` or bare) → host, port.
-fn split_host_port(value: &str) -> Option<(String, u16)> {
+pub(crate) fn split_host_port(value: &str) -> Option<(String, u16)> {
     let v = value.trim();
     let v = v
         .strip_prefix("sip:")
@@ -343,6 +254,8 @@ pub struct OutboundRegistration {
     phase: Phase,
     stopping: bool,
     queue: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// The Via transport token; `TLS` also means a reliable transport: no retransmissions.
+    via_transport: &'static str,
 }
 
 impl OutboundRegistration {
@@ -457,6 +370,7 @@ impl OutboundRegistration {
             phase: Phase::Waiting(now),
             stopping: false,
             queue: VecDeque::new(),
+            via_transport: "UDP",
         })
     }
 
@@ -464,6 +378,17 @@ impl OutboundRegistration {
     pub fn with_contact(mut self, contact: SocketAddr) -> Self {
         self.contact = contact;
         self
+    }
+
+    /// REGISTERs go over a TLS connection from `local`: `SIP/2.0/TLS` in Via and no
+    /// retransmissions (RFC 3261 §17.1.2.2: Timer E is for unreliable transports only).
+    pub fn over_tls(mut self) -> Self {
+        self.via_transport = "TLS";
+        self
+    }
+
+    fn reliable(&self) -> bool {
+        self.via_transport != "UDP"
     }
 
     /// Sets the User-Agent header.
@@ -522,6 +447,10 @@ impl OutboundRegistration {
                     self.retry_later(now);
                 }
             }
+            Phase::Pending(tx) if now >= tx.next_retransmit && self.via_transport != "UDP" => {
+                // Reliable transport: nothing to retransmit, only Timer F.
+                tx.next_retransmit = tx.deadline;
+            }
             Phase::Pending(tx) if now >= tx.next_retransmit => {
                 self.queue.push_back((self.target, tx.bytes.clone()));
                 tx.interval = (tx.interval * 2).min(T2);
@@ -563,8 +492,10 @@ impl OutboundRegistration {
         }
         if resp.code < 200 {
             // Proceeding: the server has it; retransmit at T2 only (RFC 3261 §17.1.2.2).
-            tx.interval = T2;
-            tx.next_retransmit = now + T2;
+            if self.via_transport == "UDP" {
+                tx.interval = T2;
+                tx.next_retransmit = now + T2;
+            }
             return Ok(());
         }
         let (unregister, auth) = (tx.unregister, tx.auth);
@@ -591,7 +522,7 @@ impl OutboundRegistration {
         Ok(())
     }
 
-    fn matches(call_id: &str, resp: &Response, cseq: u32, branch: &str) -> bool {
+    fn matches(call_id: &str, resp: &SipResponse, cseq: u32, branch: &str) -> bool {
         let via_ok = resp.header("Via").is_some_and(|v| {
             let top = elements(v).first().copied().unwrap_or("");
             param(top, "branch") == Some(branch)
@@ -605,7 +536,7 @@ impl OutboundRegistration {
         via_ok && cseq_ok && call_ok
     }
 
-    fn on_success(&mut self, now: Instant, resp: &Response) {
+    fn on_success(&mut self, now: Instant, resp: &SipResponse) {
         let granted = self.granted_expiry(resp);
         if granted == 0 {
             self.status = Status::Failed {
@@ -629,9 +560,9 @@ impl OutboundRegistration {
 
     /// The expiry the server granted our binding: our Contact's `expires`, else the Expires
     /// header, else what we asked for.
-    fn granted_expiry(&self, resp: &Response) -> u32 {
+    fn granted_expiry(&self, resp: &SipResponse) -> u32 {
         let ours = self.contact_uri().to_ascii_lowercase();
-        for value in resp.headers("Contact") {
+        for value in resp.headers().get_all("Contact") {
             for element in elements(value) {
                 let (uri, params) = match (element.find('<'), element.find('>')) {
                     (Some(a), Some(b)) if a < b => (&element[a + 1..b], &element[b + 1..]),
@@ -660,14 +591,14 @@ impl OutboundRegistration {
             .unwrap_or(self.expires)
     }
 
-    fn on_challenge(&mut self, now: Instant, resp: &Response, unregister: bool, auth: AuthUse) {
+    fn on_challenge(&mut self, now: Instant, resp: &SipResponse, unregister: bool, auth: AuthUse) {
         let proxy = resp.code == 407;
         let name = if proxy {
             "Proxy-Authenticate"
         } else {
             "WWW-Authenticate"
         };
-        let challenge = resp.headers(name).collect::<Vec<_>>().join(", ");
+        let challenge = resp.headers().get_all(name).collect::<Vec<_>>().join(", ");
         let parsed = digest::Challenge::parse_all(&challenge);
         let Some(best) = parsed.as_ref().ok().and_then(|c| c.first()) else {
             let why = match parsed {
@@ -703,7 +634,7 @@ impl OutboundRegistration {
         self.send_register(now, unregister);
     }
 
-    fn fail(&mut self, now: Instant, resp: &Response) {
+    fn fail(&mut self, now: Instant, resp: &SipResponse) {
         self.fail_with(now, false, resp.code, resp.reason.clone());
     }
 
@@ -783,8 +714,9 @@ impl OutboundRegistration {
         }
         let mut m = format!(
             "REGISTER {ruri} SIP/2.0\r\n\
-             Via: SIP/2.0/UDP {local};rport;branch={branch}\r\n\
+             Via: SIP/2.0/{transport} {local};rport;branch={branch}\r\n\
              Max-Forwards: 70\r\n",
+            transport = self.via_transport,
             local = self.local
         );
         if let Some(r) = &self.route {
@@ -812,11 +744,16 @@ impl OutboundRegistration {
         ));
         let bytes = m.into_bytes();
         self.queue.push_back((self.target, bytes.clone()));
+        let next_retransmit = if self.reliable() {
+            now + TIMER_F
+        } else {
+            now + T1
+        };
         self.phase = Phase::Pending(Transaction {
             cseq: self.cseq,
             branch,
             bytes,
-            next_retransmit: now + T1,
+            next_retransmit,
             interval: T1,
             deadline: now + TIMER_F,
             unregister,
@@ -1210,38 +1147,36 @@ mod tests {
         c.handle_timeout(now);
         let req = sent(&mut c);
         let before = c.poll_timeout();
-        let cases: Vec<(&[u8], ResponseError)> = vec![
-            (b"", ResponseError::Truncated),
-            (b"SIP/2.0 200 OK\r\nVia: x\r\n", ResponseError::Truncated),
-            (b"\xff\xfe\r\n\r\n", ResponseError::NotText),
-            (
-                b"HTTP/1.1 200 OK\r\n\r\n",
-                ResponseError::StatusLine("HTTP/1.1 200 OK".into()),
-            ),
-            (
-                b"SIP/2.0 2000 OK\r\n\r\n",
-                ResponseError::StatusLine("SIP/2.0 2000 OK".into()),
-            ),
-            (
-                b"SIP/2.0 OK\r\n\r\n",
-                ResponseError::StatusLine("SIP/2.0 OK".into()),
-            ),
-            (
-                b"SIP/2.0 200 OK\r\nno colon\r\n\r\n",
-                ResponseError::Header("no colon".into()),
-            ),
-            (
-                b"SIP/2.0 200 OK\r\n folded first\r\n\r\n",
-                ResponseError::Header(" folded first".into()),
-            ),
-            (
-                b"SIP/2.0 200 OK\r\nCSeq: 1 REGISTER\r\n\r\n",
-                ResponseError::Missing("Via"),
-            ),
+        // Not SIP, or not a response: the message model's parser refuses them.
+        let malformed: Vec<&[u8]> = vec![
+            b"",
+            b"\xff\xfe\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            b"SIP/2.0 2000 OK\r\n\r\n",
+            b"SIP/2.0 OK\r\n\r\n",
+            b"SIP/2.0 200 OK\r\nno colon\r\n\r\n",
+            b"SIP/2.0 200 OK\r\n folded first\r\n\r\n",
         ];
-        for (data, want) in cases {
-            assert_eq!(c.on_response(now, data), Err(want));
+        for data in malformed {
+            assert!(
+                matches!(c.on_response(now, data), Err(ResponseError::Malformed(_))),
+                "{:?}",
+                String::from_utf8_lossy(data)
+            );
         }
+        assert_eq!(
+            c.on_response(now, b"SIP/2.0 200 OK\r\nCSeq: 1 REGISTER\r\n\r\n"),
+            Err(ResponseError::Malformed(
+                crate::sip::msg::ParseError::Missing("Via")
+            ))
+        );
+        assert_eq!(
+            c.on_response(
+                now,
+                b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@h>;tag=1\r\nTo: <sip:x>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n\r\n"
+            ),
+            Err(ResponseError::NotAResponse)
+        );
         let other_branch =
             text(&reply(&req, 200, "OK", &[])).replace("branch=z9hG4bK", "branch=z9hG4bKx");
         assert_eq!(
@@ -1355,6 +1290,30 @@ mod tests {
         assert!(c.is_stopped());
         assert_eq!(c.status(), &Status::Stopped);
         assert_eq!(c.poll_timeout(), None);
+    }
+
+    /// Over TLS: `SIP/2.0/TLS` in Via, no retransmissions, Timer F still ends a silent
+    /// transaction, and the poll deadline never lies in the past (no busy loop).
+    #[test]
+    fn over_tls_there_are_no_retransmissions() {
+        let t0 = Instant::now();
+        let mut c = client(t0).over_tls();
+        c.handle_timeout(t0);
+        let first = sent(&mut c);
+        assert!(
+            header(&first, "Via")
+                .expect("via")
+                .starts_with(&format!("SIP/2.0/TLS {LOCAL};rport;branch=z9hG4bK")),
+            "{first}"
+        );
+        assert_eq!(c.poll_timeout(), Some(t0 + TIMER_F));
+        c.on_response(t0, &reply(&first, 100, "Trying", &[]))
+            .expect("matches");
+        assert_eq!(c.poll_timeout(), Some(t0 + TIMER_F));
+        c.handle_timeout(t0 + Duration::from_secs(5));
+        assert!(c.poll_transmit().is_none());
+        c.handle_timeout(t0 + TIMER_F);
+        assert_eq!(c.status(), &Status::Unreachable);
     }
 
     #[test]

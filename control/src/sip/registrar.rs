@@ -274,6 +274,10 @@ mod tests {
             header: None,
             codecs: vec!["PCMA".into()],
             digest: vec!["MD5".into()],
+            keepalive: std::time::Duration::from_secs(30),
+            transport: Default::default(),
+            tls_ca: None,
+            tls_verify: true,
         }
     }
 

@@ -11,10 +11,13 @@
 #  5. an IP trunk (no registration, matched by its address 127.0.0.5) calls bob and is bridged;
 #     a phone at an address no connection names (127.0.0.6) gets 404 Route not found;
 #  6. a phone registered over TCP calls one registered over UDP, and the reverse (tones checked);
-#  7. no media session outlives the calls.
+#  7. raw SIP (rel_probe.py): reliable provisionals (RFC 3262) both ways, session timers
+#     (RFC 4028) negotiated and refreshed by UPDATE, 422 below Min-SE;
+#  8. no media session outlives the calls.
 # Usage: calls.sh SIPTG_BINARY (sourced helpers from ../lib.sh; run from tests/interop/sip/run.sh)
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/phones.sh"
 apt_need baresip baresip-core
 SIPTG=${1:-}
 [ -x "$SIPTG" ] || build_siptg
@@ -57,15 +60,6 @@ start calls-siptg "$SIPTG" up --config "$WORK/calls.toml"
 wait_until 20 "$SIPTG" status --admin "127.0.0.1:$admin" || { cat "$WORK/calls-siptg.log"; die "siptg did not start"; }
 sleep 1
 
-tone() {  # tone FILE FREQ: 8 kHz mono S16LE WAV, 12 s
-  python3 - "$1" "$2" <<'PY'
-import math, struct, sys, wave
-with wave.open(sys.argv[1], "wb") as w:
-    w.setnchannels(1); w.setsampwidth(2); w.setframerate(8000)
-    f = float(sys.argv[2])
-    w.writeframes(b"".join(struct.pack("<h", int(9000 * math.sin(2 * math.pi * f * i / 8000))) for i in range(8000 * 12)))
-PY
-}
 
 # phone NAME FREQ: a baresip dir that sends FREQ, records what it hears, auto-answers.
 phone() {
@@ -96,44 +90,11 @@ BCFG
   echo "<sip:$name@127.0.0.1:$sip>;auth_pass=$name-pass-1;answermode=auto;regint=600" >"$dir/accounts"
 }
 
-goertzel() {  # goertzel WAV WANT OTHER -> exit 0 when WANT dominates OTHER by 100x and rms > 1000
-  python3 - "$@" <<'PY'
-import math, struct, sys, wave
-with wave.open(sys.argv[1], "rb") as w:
-    ch, rate, n = w.getnchannels(), w.getframerate(), w.getnframes()
-    x = struct.unpack("<%dh" % n * ch, w.readframes(n))[::ch][int(rate * 0.5):]
-def p(f):
-    k = 2 * math.cos(2 * math.pi * f / rate); s1 = s2 = 0.0
-    for v in x: s0 = v + k * s1 - s2; s2, s1 = s1, s0
-    return s1 * s1 + s2 * s2 - k * s1 * s2
-want, other = float(sys.argv[2]), float(sys.argv[3])
-rms = math.sqrt(sum(v * v for v in x) / max(1, len(x)))
-ok = rms > 1000 and p(want) > 100 * max(p(other), p(2000))
-print(f"{sys.argv[1].split('/')[-3]} heard {want:g} Hz: {'yes' if ok else 'NO'} (rms {rms:.0f}, {len(x) / rate:.1f} s)")
-sys.exit(0 if ok else 1)
-PY
-}
 
 ctl_alice=$(free_port tcp); ctl_bob=$(free_port tcp)
 phone alice 440 20300-20319 "$ctl_alice"
 phone bob 1000 20320-20339 "$ctl_bob"
 
-ctrl() {  # ctrl PORT COMMAND PARAMS: one ctrl_tcp command (netstring JSON), after the phone is up
-  python3 - "$@" <<'PY'
-import json, socket, sys, time
-port, cmd, params = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-end = time.time() + 10
-while True:
-    try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=2); break
-    except OSError:
-        if time.time() > end: sys.exit("ctrl_tcp not reachable")
-        time.sleep(0.1)
-body = json.dumps({"command": cmd, "params": params, "token": "1"}).encode()
-s.sendall(str(len(body)).encode() + b":" + body + b",")
-time.sleep(0.3)
-PY
-}
 
 # call CALLER CALLEE HANGUP_BY: the callee runs longer or shorter so the chosen side hangs up.
 call() {
@@ -273,6 +234,9 @@ DIAL="$siptcp;transport=tcp" call alice bob caller
 call bob alice callee
 grep -q "TCP.*200 OK" "$WORK/phone-alice/log" || die "alice did not register over TCP"
 log "TCP: a phone registered over TCP called and was called by one over UDP"
+# 7. Raw SIP: reliable provisionals both ways, session-timer terms, a refreshing UPDATE, 422.
+python3 "$here/rel_probe.py" 127.0.0.1 "$sip" || { tail -n 30 "$WORK/calls-siptg.log"; die "100rel/session-timer checks failed"; }
+log "100rel: reliable 180s PRACKed both ways; session timer negotiated and refreshed by UPDATE; 422 below Min-SE"
 sleep 1
 left=$(curl -fsS "http://127.0.0.1:$admin/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(sum(sh.get("sessions",0) for sh in (s.get("worker",{}).get("dataplane",{}).get("process",{}) or {}).get("shards",[])))' 2>/dev/null || echo "?")
 log "media sessions left after the calls: $left"

@@ -14,15 +14,21 @@
 #      and an OPTIONS sent to siptg's AOR at Kamailio reaches siptg by location lookup (200);
 #   8. a connection with a wrong password shows as failed (403) in siptg's /status, and is not
 #      retried in a loop;
-#   9. on shutdown (SIGTERM) siptg un-registers: the binding is gone from Kamailio.
+#   9. on shutdown (SIGTERM) siptg un-registers: the binding is gone from Kamailio;
+#  10. OPTIONS keep-alive: Kamailio is up, a trunk nobody answers for is down (status, metric, log);
+#  11. a call routed from Kamailio to siptg (a baresip phone at Kamailio dials a number it routes
+#      to siptg's registered contact) is answered by a baresip phone registered at siptg; tones
+#      are checked both ways.
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/phones.sh"
 apt_need baresip baresip-core
 apt_need kamailio kamailio
 apt_need kamcmd kamailio
 build_siptg
 
 sip=$(free_port udp); admin=$(free_port tcp); kam=$(free_port udp); tcp=$(free_port tcp); tlsport=$(free_port tcp)
+deadport=$(free_port udp)
 
 # Kamailio: a registrar with digest auth (realm = To domain), passwords in memory; it relays
 # out-of-domain requests to registered contacts. Started first so siptg's first REGISTER lands.
@@ -64,12 +70,17 @@ modparam("htable", "htable", "pw=>size=4;")
 event_route[htable:mod-init] {
     \$sht(pw=>gateway) = "gw-pass-1";
     \$sht(pw=>gateway2) = "gw-pass-2";
+    \$sht(pw=>carol) = "carol-pass-1";
 }
 request_route {
     if (!mf_process_maxfwd_header("10")) { sl_send_reply("483", "Too Many Hops"); exit; }
     if (!sanity_check("17895", "7")) { exit; }
     xlog("L_INFO", "REQ \$rm \$ru from \$fu (src \$si:\$sp)\n");
-    if (has_totag()) { sl_send_reply("404", "Not here"); exit; }
+    if (has_totag()) {
+        # In-dialog requests of calls it record-routed; nothing else.
+        if (loose_route()) { t_relay(); exit; }
+        sl_send_reply("404", "Not here"); exit;
+    }
     t_check_trans();
     if (is_method("REGISTER")) {
         if (\$sht(pw=>\$tU) == \$null) { sl_send_reply("403", "Unknown user"); exit; }
@@ -83,7 +94,21 @@ request_route {
         xlog("L_INFO", "REGISTERED \$tU contact \$ct expires \$hdr(Expires)\n");
         exit;
     }
-    if (!lookup("location")) { sl_send_reply("404", "Not Found"); exit; }
+    if (is_method("INVITE")) { record_route(); }
+    if (!lookup("location")) {
+        # A number no local phone has goes out the gateway trunk: to siptg's registered
+        # contact, with the dialled user kept in the Request-URI.
+        if (is_method("INVITE") && \$rU != \$null) {
+            \$var(dialled) = \$rU;
+            if (lookup("location", "sip:gateway@127.0.0.1:$kam")) {
+                \$rU = \$var(dialled);
+                xlog("L_INFO", "TRUNK \$var(dialled) to \$ru\n");
+                t_relay();
+                exit;
+            }
+        }
+        sl_send_reply("404", "Not Found"); exit;
+    }
     if (!t_relay()) { sl_reply_error(); }
     exit;
 }
@@ -124,6 +149,13 @@ server = "127.0.0.1:$kam"
 login = "gateway"
 password = "gw-pass-1"
 expires = 600
+keepalive = "2s"
+
+[[connection]]
+name = "dead-trunk"
+type = "ip"
+server = "127.0.0.9:$deadport"
+keepalive = "2s"
 
 [[connection]]
 name = "kamailio-wrong"
@@ -208,6 +240,28 @@ kamrpc ul.dump >"$WORK/uldump.txt"
 grep -q "sip:gateway@127.0.0.1:$sip" "$WORK/uldump.txt" || { cat "$WORK/uldump.txt"; die "no binding for siptg in kamailio's location table"; }
 log "kamailio: location table holds $(grep -o "sip:gateway@127.0.0.1:$sip" "$WORK/uldump.txt" | head -n 1)"
 
+# OPTIONS keep-alive: Kamailio answers (its 404 counts: any answer means up); nobody listens at
+# the dead trunk's address, so it is down. Both in `siptg status` and in /metrics.
+peer() { "$SIPTG" status --admin "127.0.0.1:$admin" --json | python3 -c '
+import json, sys
+def find(v):
+    if isinstance(v, dict):
+        if "pbx_options" in v: return v["pbx_options"]
+        for x in v.values():
+            r = find(x)
+            if r is not None: return r
+for p in find(json.load(sys.stdin)) or []:
+    if p["name"] == sys.argv[1]: print(p["state"])' "$1"; }
+kam_up() { [ "$(peer kamailio)" = up ]; }
+dead_down() { [ "$(peer dead-trunk)" = down ]; }
+wait_until 10 kam_up || { "$SIPTG" status --admin "127.0.0.1:$admin"; die "kamailio not up by OPTIONS"; }
+wait_until 10 dead_down || { "$SIPTG" status --admin "127.0.0.1:$admin"; die "the dead trunk is not down by OPTIONS"; }
+"$SIPTG" status --admin "127.0.0.1:$admin" >"$WORK/status.txt"
+grep -q "kamailio at 127.0.0.1:$kam: up" "$WORK/status.txt" || { cat "$WORK/status.txt"; die "siptg status does not show kamailio up"; }
+curl -fsS "http://127.0.0.1:$admin/metrics" | grep -q 'siptg_sip_peer_up{connection="dead-trunk"} 0' || die "no siptg_sip_peer_up gauge for the dead trunk"
+grep -q "PBX does not answer OPTIONS: down.*dead-trunk" "$WORK/siptg.log" || die "the down transition was not logged"
+log "keepalive: kamailio up (answers OPTIONS), dead trunk down; shown in status and /metrics"
+
 # An OPTIONS to siptg's AOR at Kamailio is relayed by location lookup and answered by siptg.
 python3 - "$kam" <<'PY' || die "OPTIONS through kamailio did not reach siptg"
 import socket, sys, uuid
@@ -229,6 +283,59 @@ server = next((l for l in data.split("\r\n") if l.lower().startswith("server:"))
 print("[interop] kamailio: OPTIONS to siptg's AOR:", line, "|", server)
 sys.exit(0 if line.startswith("SIP/2.0 200") and "siptg" in server.lower() else 1)
 PY
+
+# A call routed from Kamailio to siptg is answered: carol (baresip registered at Kamailio) dials
+# `office`, a number Kamailio does not have; it sends the call to siptg's registered contact;
+# siptg takes it as coming from the `kamailio` connection and bridges it to the `office` phone
+# (baresip registered at siptg, auto-answer). Tones are checked both ways.
+kphone() {  # kphone NAME FREQ RTP_PORTS CTL_PORT ACCOUNT
+  local name=$1 dir="$WORK/kphone-$1"
+  mkdir -p "$dir/rec"
+  tone "$dir/tone.wav" "$2"
+  cat >"$dir/config" <<BCFG
+poll_method		epoll
+sip_listen		127.0.0.1:$(ua_port)
+net_interface		127.0.0.1
+dns_server		127.0.0.1:53
+rtp_ports		$3
+audio_source		aufile,$dir/tone.wav
+audio_player		aubridge,null_$name
+audio_alert		aubridge,nullalert_$name
+module_path		/usr/lib/baresip/modules
+module			g711.so
+module			aufile.so
+module			aubridge.so
+module			sndfile.so
+snd_path		$dir/rec
+module_tmp		uuid.so
+module_tmp		account.so
+module_app		menu.so
+module_app		ctrl_tcp.so
+ctrl_tcp_listen		127.0.0.1:$4
+BCFG
+  echo "$5" >"$dir/accounts"
+}
+ctl_office=$(free_port tcp); ctl_carol=$(free_port tcp)
+kphone office 1000 20400-20419 "$ctl_office" "<sip:office@127.0.0.1:$sip>;auth_pass=office-pass-1;answermode=auto;regint=600"
+kphone carol 440 20420-20439 "$ctl_carol" "<sip:carol@127.0.0.1:$kam>;auth_pass=carol-pass-1;regint=600"
+timeout 20 baresip -f "$WORK/kphone-office" -t 12 </dev/null >"$WORK/kphone-office/log" 2>&1 &
+office_pid=$!
+timeout 20 baresip -f "$WORK/kphone-carol" -t 10 </dev/null >"$WORK/kphone-carol/log" 2>&1 &
+carol_pid=$!
+wait_until 5 grep -q "200 OK" "$WORK/kphone-office/log" || die "office phone did not register at siptg"
+wait_until 5 grep -q "200 OK" "$WORK/kphone-carol/log" || { tail -n 20 "$WORK/kphone-carol/log"; die "carol did not register at kamailio"; }
+ctrl "$ctl_carol" dial "sip:office@127.0.0.1:$kam"
+wait $carol_pid || true
+wait $office_pid || true
+grep -q "TRUNK office to sip:office@127.0.0.1:$sip" "$WORK/kamailio.log" \
+  || { tail -n 20 "$WORK/kamailio.log"; die "kamailio did not send the call to siptg's contact"; }
+grep -qi "established" "$WORK/kphone-carol/log" && grep -qi "established" "$WORK/kphone-office/log" \
+  || { tail -n 20 "$WORK/kphone-carol/log" "$WORK/kphone-office/log"; tail -n 30 "$WORK/siptg.log"; die "the call from kamailio was not answered"; }
+wc=$(ls "$WORK/kphone-carol"/rec/*-dec.wav 2>/dev/null | head -n 1); wo=$(ls "$WORK/kphone-office"/rec/*-dec.wav 2>/dev/null | head -n 1)
+[ -n "$wc" ] && [ -n "$wo" ] || die "call from kamailio: no recording"
+goertzel "$wc" 1000 440 || die "carol (at kamailio) did not hear the office phone"
+goertzel "$wo" 440 1000 || die "the office phone did not hear carol"
+log "kamailio: a call routed from Kamailio to siptg was answered by the office phone; tones both ways"
 
 # The wrong password: failed with Kamailio's 403, and not retried in a loop.
 failed() { local o; o=$(outbound kamailio-wrong); [[ $o == *'"state":"failed"'* && $o == *'"code":403'* ]]; }
