@@ -2,8 +2,8 @@
 
 mod status_view;
 mod storage_cli;
-mod tgsim_app;
 mod tgcall_peer;
+mod tgsim_app;
 
 use clap::{Parser, Subcommand};
 use siptg_control::config::{self, Loaded, TelegramBackend};
@@ -200,9 +200,7 @@ fn main() -> ExitCode {
         Cmd::Demo => run_role(cli.config, true, |i| Box::pin(run::up(i))),
         Cmd::Manager => run_role(cli.config, false, |i| Box::pin(run::manager(i))),
         Cmd::Worker => run_role(cli.config, false, |i| Box::pin(run::worker(i))),
-        Cmd::Storage { action: None } => {
-            run_role(cli.config, false, |i| Box::pin(run::storage(i)))
-        }
+        Cmd::Storage { action: None } => run_role(cli.config, false, |i| Box::pin(run::storage(i))),
         Cmd::Storage {
             action: Some(action),
         } => load(cli.config.as_deref()).and_then(|loaded| {

@@ -72,20 +72,24 @@ pub async fn run(loaded: Loaded, cmd: StorageCmd) -> Result<(), String> {
         StorageCmd::List => {
             let list = accounts.list().await.map_err(|e| e.to_string())?;
             if list.is_empty() {
-                println!("no Telegram accounts (add one with `siptg storage login NAME --phone +…`)");
+                println!(
+                    "no Telegram accounts (add one with `siptg storage login NAME --phone +…`)"
+                );
             }
             for r in list {
-                let who = r
-                    .me
-                    .as_ref()
-                    .map(|m| {
-                        format!(
-                            "user {}{}",
-                            m.user_id,
-                            m.username.as_ref().map(|u| format!(" @{u}")).unwrap_or_default()
-                        )
-                    })
-                    .unwrap_or_default();
+                let who =
+                    r.me.as_ref()
+                        .map(|m| {
+                            format!(
+                                "user {}{}",
+                                m.user_id,
+                                m.username
+                                    .as_ref()
+                                    .map(|u| format!(" @{u}"))
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .unwrap_or_default();
                 println!(
                     "{:<20} {:<11} {} {}",
                     r.name,
@@ -123,12 +127,15 @@ pub async fn run(loaded: Loaded, cmd: StorageCmd) -> Result<(), String> {
                         LoginStep::QrToken { token, .. } => {
                             if token != shown {
                                 use base64::Engine;
-                                let t = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&token);
+                                let t =
+                                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&token);
                                 eprintln!("scan in a Telegram app (Settings → Devices → Link Desktop Device):\n  tg://login?token={t}");
                                 shown = token;
                             }
                             if tokio::time::Instant::now() > deadline {
-                                return Err("QR login: nobody scanned the code within 5 minutes".into());
+                                return Err(
+                                    "QR login: nobody scanned the code within 5 minutes".into()
+                                );
                             }
                             tokio::time::sleep(Duration::from_secs(2)).await;
                         }
@@ -195,7 +202,10 @@ pub async fn tgsim(listen: SocketAddr, world: Option<PathBuf>) -> Result<(), Str
     let sim = TgSim::start(world, listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    eprintln!("tgsim: simulated Telegram cloud on {} with {users} users", sim.addr());
+    eprintln!(
+        "tgsim: simulated Telegram cloud on {} with {users} users",
+        sim.addr()
+    );
     let _ = tokio::signal::ctrl_c().await;
     Ok(())
 }

@@ -8,11 +8,11 @@
 //! Events: `ready`, `dh`, `calling`, `incoming`, `ringing`, `accepted`, `active`, `signal`,
 //! `discarded`, `error`.
 
-use siptg_control::telegram::tl;
 use serde_json::{json, Value};
 use siptg_control::telegram::account::{Account, AccountOptions, LoginStep};
 use siptg_control::telegram::resolve::{Peer, PeerQuery};
 use siptg_control::telegram::simclient::SimClient;
+use siptg_control::telegram::tl;
 use siptg_control::telegram::TgError;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err("odd hex".into());
     }
     (0..s.len())
@@ -76,8 +76,12 @@ fn active_event(c: &tl::types::PhoneCall) -> Value {
 type Current = Arc<Mutex<Option<tl::enums::InputPhoneCall>>>;
 
 fn set_current(cur: &Current, id: i64, access_hash: i64) {
-    *cur.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-        Some(tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall { id, access_hash }));
+    *cur.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+        Some(tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
+            id,
+            access_hash,
+        }));
 }
 
 fn current(cur: &Current) -> Result<tl::enums::InputPhoneCall, String> {
@@ -88,14 +92,31 @@ fn current(cur: &Current) -> Result<tl::enums::InputPhoneCall, String> {
 }
 
 /// Runs the app until stdin closes.
-pub async fn run(sim: SocketAddr, phone: String, code: String, password: Option<String>) -> Result<(), String> {
-    let (client, mut updates) = SimClient::connect(sim, None).await.map_err(|e| e.to_string())?;
-    let account = Arc::new(Account::new("app", Arc::new(client), AccountOptions::default()));
+pub async fn run(
+    sim: SocketAddr,
+    phone: String,
+    code: String,
+    password: Option<String>,
+) -> Result<(), String> {
+    let (client, mut updates) = SimClient::connect(sim, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let account = Arc::new(Account::new(
+        "app",
+        Arc::new(client),
+        AccountOptions::default(),
+    ));
     let sent = account.send_code(&phone).await.map_err(|e| e.to_string())?;
-    let mut step = account.sign_in(&sent, &code).await.map_err(|e| e.to_string())?;
+    let mut step = account
+        .sign_in(&sent, &code)
+        .await
+        .map_err(|e| e.to_string())?;
     if let LoginStep::PasswordNeeded { .. } = step {
         let pw = password.ok_or("the user has a 2FA password: pass --password")?;
-        step = account.check_password(&pw).await.map_err(|e| e.to_string())?;
+        step = account
+            .check_password(&pw)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     let LoginStep::Done(me) = step else {
         return Err(format!("login did not finish: {step:?}"));
@@ -111,10 +132,14 @@ pub async fn run(sim: SocketAddr, phone: String, code: String, password: Option<
                     tl::enums::PhoneCall::Requested(r) => {
                         set_current(&cur2, r.id, r.access_hash);
                         let tl::enums::PhoneCallProtocol::Protocol(p) = &r.protocol;
-                        emit(json!({"event": "incoming", "from": r.admin_id, "g_a_hash": hex(&r.g_a_hash),
-                                    "versions": p.library_versions}));
+                        emit(
+                            json!({"event": "incoming", "from": r.admin_id, "g_a_hash": hex(&r.g_a_hash),
+                                    "versions": p.library_versions}),
+                        );
                         if let Ok(peer) = current(&cur2) {
-                            let _ = acc2.invoke(&tl::functions::phone::ReceivedCall { peer }).await;
+                            let _ = acc2
+                                .invoke(&tl::functions::phone::ReceivedCall { peer })
+                                .await;
                         }
                     }
                     tl::enums::PhoneCall::Waiting(w) if w.receive_date.is_some() => {
@@ -156,7 +181,11 @@ pub async fn run(sim: SocketAddr, phone: String, code: String, password: Option<
 fn versions(cmd: &Value) -> Vec<String> {
     cmd["versions"]
         .as_array()
-        .map(|v| v.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .map(|v| {
+            v.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_else(|| vec!["8.0.0".to_string()])
 }
 
@@ -165,11 +194,18 @@ fn field<'a>(cmd: &'a Value, name: &str) -> Result<&'a str, String> {
 }
 
 async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), String> {
-    let err = |e: TgError| e.rpc_name().map(str::to_string).unwrap_or_else(|| e.to_string());
+    let err = |e: TgError| {
+        e.rpc_name()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.to_string())
+    };
     match cmd["op"].as_str().unwrap_or("") {
         "dh" => {
             let c = account
-                .invoke(&tl::functions::messages::GetDhConfig { version: 0, random_length: 256 })
+                .invoke(&tl::functions::messages::GetDhConfig {
+                    version: 0,
+                    random_length: 256,
+                })
                 .await
                 .map_err(err)?;
             let tl::enums::messages::DhConfig::Config(c) = c else {
@@ -182,7 +218,10 @@ async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), St
             let users = match q {
                 PeerQuery::Username(u) => {
                     let tl::enums::contacts::ResolvedPeer::Peer(r) = account
-                        .invoke(&tl::functions::contacts::ResolveUsername { username: u, referer: None })
+                        .invoke(&tl::functions::contacts::ResolveUsername {
+                            username: u,
+                            referer: None,
+                        })
                         .await
                         .map_err(err)?;
                     r.users
@@ -196,7 +235,10 @@ async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), St
                 }
                 PeerQuery::UserId(_) => return Err("call by username or phone".into()),
             };
-            let peer = users.iter().find_map(Peer::from_user).ok_or("no such user")?;
+            let peer = users
+                .iter()
+                .find_map(Peer::from_user)
+                .ok_or("no such user")?;
             let r = account
                 .invoke(&tl::functions::phone::RequestCall {
                     video: false,

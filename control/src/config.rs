@@ -670,9 +670,6 @@ impl Default for TelegramConfig {
 fn default_sim_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 50003))
 }
-fn default_true() -> bool {
-    true
-}
 
 /// The simulated cloud or the real MTProto client.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -373,7 +373,9 @@ impl Manager {
             .peers()
             .get(storage)
             .and_then(|p| p.link.clone())
-            .ok_or_else(|| TgError::transport(format!("session storage {storage} is not linked")))?;
+            .ok_or_else(|| {
+                TgError::transport(format!("session storage {storage} is not linked"))
+            })?;
         let req = LinkRequest::Telegram(Box::new(crate::link::TelegramRequest {
             account: account.to_string(),
             op,
@@ -381,7 +383,9 @@ impl Manager {
         // The Storage times the RPC out itself; this only covers a dead link.
         match link.request(req, Duration::from_secs(60)).await {
             Ok(LinkResponse::Telegram { result }) => result,
-            Ok(other) => Err(TgError::transport(format!("storage {storage} answered {other:?}"))),
+            Ok(other) => Err(TgError::transport(format!(
+                "storage {storage} answered {other:?}"
+            ))),
             Err(crate::link::LinkError::Timeout(_)) => Err(TgError::Timeout),
             Err(e) => Err(TgError::transport(format!("storage {storage}: {e}"))),
         }
@@ -394,8 +398,8 @@ impl Manager {
         account: &str,
         request: &R,
     ) -> Result<R::Return, crate::telegram::TgError> {
-        use base64::Engine;
         use crate::telegram::TgError;
+        use base64::Engine;
         let b64 = base64::engine::general_purpose::STANDARD;
         let body = b64.encode(request.to_bytes());
         match self
@@ -413,7 +417,9 @@ impl Manager {
                     }
                 })
             }
-            other => Err(TgError::transport(format!("unexpected storage answer {other:?}"))),
+            other => Err(TgError::transport(format!(
+                "unexpected storage answer {other:?}"
+            ))),
         }
     }
 

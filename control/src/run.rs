@@ -201,10 +201,16 @@ async fn start_embedded_sim(inv: &Invocation) -> Result<Option<crate::tgsim::TgS
         return Ok(None);
     }
     let path = t.sim_world.as_ref().map(|p| inv.loaded.path(p));
-    let world = crate::tgsim::load_world(path.as_deref()).map_err(|e| RunError::Setup(e.to_string()))?;
+    let world =
+        crate::tgsim::load_world(path.as_deref()).map_err(|e| RunError::Setup(e.to_string()))?;
     let sim = crate::tgsim::TgSim::start(world, t.sim_address)
         .await
-        .map_err(|e| RunError::Setup(format!("simulated Telegram cloud on {}: {e}", t.sim_address)))?;
+        .map_err(|e| {
+            RunError::Setup(format!(
+                "simulated Telegram cloud on {}: {e}",
+                t.sim_address
+            ))
+        })?;
     Ok(Some(sim))
 }
 

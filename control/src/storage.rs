@@ -43,7 +43,8 @@ pub fn open_accounts(
     store: Store,
 ) -> Result<Arc<Accounts>, TgError> {
     let key_file = crate::config::resolve(base, &storage.key_file);
-    let key = StorageKey::load(STORAGE_KEY_ENV, &key_file, true).map_err(|e| TgError::store(e.to_string()))?;
+    let key = StorageKey::load(STORAGE_KEY_ENV, &key_file, true)
+        .map_err(|e| TgError::store(e.to_string()))?;
     let opts = AccountOptions {
         api_id: config
             .telegram
@@ -102,7 +103,10 @@ impl Storage {
                 let u = match rx.recv().await {
                     Ok(u) => u,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(lost = n, "Telegram updates dropped: the Manager is too slow");
+                        tracing::warn!(
+                            lost = n,
+                            "Telegram updates dropped: the Manager is too slow"
+                        );
                         continue;
                     }
                     Err(_) => break,
@@ -175,10 +179,12 @@ impl Storage {
             }),
             TelegramOp::Invoke { body } => {
                 let a = self.accounts.get(account)?;
-                let body = b64().decode(body.as_bytes()).map_err(|e| TgError::Invalid {
-                    what: "request body".into(),
-                    why: e.to_string(),
-                })?;
+                let body = b64()
+                    .decode(body.as_bytes())
+                    .map_err(|e| TgError::Invalid {
+                        what: "request body".into(),
+                        why: e.to_string(),
+                    })?;
                 let answer = a.invoke_allowed(body).await?;
                 Ok(TelegramAnswer::Invoked {
                     body: b64().encode(answer),

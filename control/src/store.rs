@@ -140,7 +140,9 @@ impl Store {
             Store::Redb(db) => {
                 let tx = db.begin_write().map_err(redb_err("begin"))?;
                 {
-                    let mut t = tx.open_table(table.redb()).map_err(redb_err("open table"))?;
+                    let mut t = tx
+                        .open_table(table.redb())
+                        .map_err(redb_err("open table"))?;
                     t.insert(key, data).map_err(redb_err("insert"))?;
                 }
                 tx.commit().map_err(redb_err("commit"))
@@ -168,7 +170,9 @@ impl Store {
         match self {
             Store::Redb(db) => {
                 let tx = db.begin_read().map_err(redb_err("begin"))?;
-                let t = tx.open_table(table.redb()).map_err(redb_err("open table"))?;
+                let t = tx
+                    .open_table(table.redb())
+                    .map_err(redb_err("open table"))?;
                 let v = t.get(key).map_err(redb_err("get"))?;
                 Ok(v.map(|g| g.value().to_vec()))
             }
@@ -192,7 +196,9 @@ impl Store {
             Store::Redb(db) => {
                 let tx = db.begin_write().map_err(redb_err("begin"))?;
                 let had = {
-                    let mut t = tx.open_table(table.redb()).map_err(redb_err("open table"))?;
+                    let mut t = tx
+                        .open_table(table.redb())
+                        .map_err(redb_err("open table"))?;
                     let had = t.remove(key).map_err(redb_err("remove"))?.is_some();
                     had
                 };
@@ -214,11 +220,17 @@ impl Store {
     }
 
     /// Every entry of `table` whose key starts with `prefix`, in key order.
-    pub async fn list(&self, table: Table, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    pub async fn list(
+        &self,
+        table: Table,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match self {
             Store::Redb(db) => {
                 let tx = db.begin_read().map_err(redb_err("begin"))?;
-                let t = tx.open_table(table.redb()).map_err(redb_err("open table"))?;
+                let t = tx
+                    .open_table(table.redb())
+                    .map_err(redb_err("open table"))?;
                 let mut out = Vec::new();
                 for item in t.range(prefix..).map_err(redb_err("range"))? {
                     let (k, v) = item.map_err(redb_err("range"))?;
@@ -230,7 +242,13 @@ impl Store {
                 Ok(out)
             }
             Store::Postgres(c) => {
-                let like = format!("{}%", prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+                let like = format!(
+                    "{}%",
+                    prefix
+                        .replace('\\', "\\\\")
+                        .replace('%', "\\%")
+                        .replace('_', "\\_")
+                );
                 c.query(
                     &format!(
                         "SELECT name, data FROM {} WHERE name LIKE $1 ORDER BY name",
@@ -294,9 +312,15 @@ pub(crate) async fn contract(s: &Store) {
     let got = s.list(Table::Accounts, "a/").await.unwrap();
     assert_eq!(
         got,
-        vec![("a/1".to_string(), b"uno".to_vec()), ("a/2".to_string(), b"two".to_vec())]
+        vec![
+            ("a/1".to_string(), b"uno".to_vec()),
+            ("a/2".to_string(), b"two".to_vec())
+        ]
     );
-    assert_eq!(s.get(Table::Accounts, "b/1").await.unwrap().as_deref(), Some(&b"b"[..]));
+    assert_eq!(
+        s.get(Table::Accounts, "b/1").await.unwrap().as_deref(),
+        Some(&b"b"[..])
+    );
     // Tables are separate.
     assert_eq!(s.get(Table::Peers, "b/1").await.unwrap(), None);
     assert!(s.delete(Table::Accounts, "b/1").await.unwrap());
@@ -347,7 +371,10 @@ mod tests {
         let s = Store::open(&cfg, Path::new(".")).await.unwrap();
         contract(&s).await;
         s.put_session("pg-acc", b"sealed").await.unwrap();
-        assert_eq!(s.get_session("pg-acc").await.unwrap().as_deref(), Some(&b"sealed"[..]));
+        assert_eq!(
+            s.get_session("pg-acc").await.unwrap().as_deref(),
+            Some(&b"sealed"[..])
+        );
         s.delete(Table::Sessions, "pg-acc").await.unwrap();
     }
 }

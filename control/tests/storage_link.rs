@@ -3,7 +3,9 @@
 //! resolution goes through the Storage's cache, and account updates reach the Manager.
 
 use grammers_tl_types as tl;
-use siptg_control::config::{DatabaseBackend, DatabaseConfig, ManagerConfig, StorageConfig, TelegramConfig};
+use siptg_control::config::{
+    DatabaseBackend, DatabaseConfig, ManagerConfig, StorageConfig, TelegramConfig,
+};
 use siptg_control::link::{Role, TelegramAnswer, TelegramOp};
 use siptg_control::linkserver::LinkServer;
 use siptg_control::manager::{Connector, LinkStream, Manager};
@@ -28,7 +30,9 @@ async fn manager_uses_the_storage_over_a_link() {
         ],
         ..Default::default()
     };
-    let sim = TgSim::start(world, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let sim = TgSim::start(world, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(
         &DatabaseConfig {
@@ -49,12 +53,23 @@ async fn manager_uses_the_storage_over_a_link() {
     );
     for (name, phone) in [("gw", "+10000000001"), ("alice", "+10000000002")] {
         let sent = accounts.begin_phone_login(name, phone).await.unwrap();
-        let step = accounts.get(name).unwrap().sign_in(&sent, "12345").await.unwrap();
+        let step = accounts
+            .get(name)
+            .unwrap()
+            .sign_in(&sent, "12345")
+            .await
+            .unwrap();
         assert!(matches!(step, LoginStep::Done(_)));
         accounts.finish_step(name, &step).await.unwrap();
     }
     let links = LinkServer::new(Role::Storage, "storage-1".into(), vec![]);
-    let storage = Storage::start(StorageConfig::default(), TelegramConfig::default(), links.clone(), store, accounts);
+    let storage = Storage::start(
+        StorageConfig::default(),
+        TelegramConfig::default(),
+        links.clone(),
+        store,
+        accounts,
+    );
     let handler = storage.handler();
     let connect: Connector = Arc::new(move || {
         let (links, handler) = (links.clone(), handler.clone());
@@ -66,9 +81,19 @@ async fn manager_uses_the_storage_over_a_link() {
             Ok(Box::new(ours) as Box<dyn LinkStream>)
         })
     });
-    let manager = Manager::new("m".into(), ManagerConfig::default(), vec![], Arc::new(Metrics::default()));
+    let manager = Manager::new(
+        "m".into(),
+        ManagerConfig::default(),
+        vec![],
+        Arc::new(Metrics::default()),
+    );
     let mut updates = manager.telegram_updates();
-    manager.add_peer(Role::Storage, "storage-1".into(), "in-process".into(), connect);
+    manager.add_peer(
+        Role::Storage,
+        "storage-1".into(),
+        "in-process".into(),
+        connect,
+    );
     // Wait for the link.
     let mut up = false;
     for _ in 0..100 {
@@ -82,7 +107,14 @@ async fn manager_uses_the_storage_over_a_link() {
 
     // Allowed: the DH config comes back typed.
     let dh: tl::enums::messages::DhConfig = manager
-        .invoke("storage-1", "gw", &tl::functions::messages::GetDhConfig { version: 0, random_length: 256 })
+        .invoke(
+            "storage-1",
+            "gw",
+            &tl::functions::messages::GetDhConfig {
+                version: 0,
+                random_length: 256,
+            },
+        )
         .await
         .unwrap();
     assert!(matches!(dh, tl::enums::messages::DhConfig::Config(ref c) if c.p.len() == 256));
@@ -91,27 +123,64 @@ async fn manager_uses_the_storage_over_a_link() {
         .invoke("storage-1", "gw", &tl::functions::auth::LogOut {})
         .await
         .unwrap_err();
-    assert_eq!(e, TgError::NotAllowed { method: "auth.logOut".into() });
+    assert_eq!(
+        e,
+        TgError::NotAllowed {
+            method: "auth.logOut".into()
+        }
+    );
     // Unknown account.
     let e = manager
-        .invoke("storage-1", "nobody", &tl::functions::messages::GetDhConfig { version: 0, random_length: 0 })
+        .invoke(
+            "storage-1",
+            "nobody",
+            &tl::functions::messages::GetDhConfig {
+                version: 0,
+                random_length: 0,
+            },
+        )
         .await
         .unwrap_err();
-    assert_eq!(e, TgError::UnknownAccount { account: "nobody".into() });
+    assert_eq!(
+        e,
+        TgError::UnknownAccount {
+            account: "nobody".into()
+        }
+    );
     // Resolution with the cache; Telegram's error names survive the link.
     let first = manager
-        .telegram("storage-1", "gw", TelegramOp::Resolve { query: PeerQuery::parse("@alice_tg").unwrap() })
+        .telegram(
+            "storage-1",
+            "gw",
+            TelegramOp::Resolve {
+                query: PeerQuery::parse("@alice_tg").unwrap(),
+            },
+        )
         .await
         .unwrap();
-    let TelegramAnswer::Peer { peer, cached } = first else { panic!() };
+    let TelegramAnswer::Peer { peer, cached } = first else {
+        panic!()
+    };
     assert_eq!((peer.user_id, cached), (2, false));
     let again = manager
-        .telegram("storage-1", "gw", TelegramOp::Resolve { query: PeerQuery::UserId(2) })
+        .telegram(
+            "storage-1",
+            "gw",
+            TelegramOp::Resolve {
+                query: PeerQuery::UserId(2),
+            },
+        )
         .await
         .unwrap();
     assert!(matches!(again, TelegramAnswer::Peer { cached: true, .. }));
     let e = manager
-        .telegram("storage-1", "gw", TelegramOp::Resolve { query: PeerQuery::parse("@nobody_here").unwrap() })
+        .telegram(
+            "storage-1",
+            "gw",
+            TelegramOp::Resolve {
+                query: PeerQuery::parse("@nobody_here").unwrap(),
+            },
+        )
         .await
         .unwrap_err();
     assert!(e.is("USERNAME_NOT_OCCUPIED"), "{e}");
@@ -146,13 +215,18 @@ async fn manager_uses_the_storage_over_a_link() {
         .await
         .unwrap();
     let u = loop {
-        let u = tokio::time::timeout(Duration::from_secs(5), updates.recv()).await.unwrap().unwrap();
+        let u = tokio::time::timeout(Duration::from_secs(5), updates.recv())
+            .await
+            .unwrap()
+            .unwrap();
         if u.account == "alice" {
             break u;
         }
     };
     assert_eq!(u.storage, "storage-1");
-    let tl::enums::Update::PhoneCall(pc) = u.update else { panic!() };
+    let tl::enums::Update::PhoneCall(pc) = u.update else {
+        panic!()
+    };
     assert!(matches!(pc.phone_call, tl::enums::PhoneCall::Requested(_)));
     // A Storage the Manager has no link to is a typed error.
     let e = manager

@@ -49,13 +49,20 @@ struct Env {
 
 impl Env {
     async fn new(cfg: WorldConfig) -> Self {
-        let sim = TgSim::start(cfg, "127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let sim = TgSim::start(cfg, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let db = match std::env::var("SIPTG_TEST_POSTGRES_URL") {
             Ok(url) => {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
                 tokio::spawn(conn);
                 let name = format!("siptg_t{:016x}", rand::random::<u64>());
-                client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap();
                 let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
                 DatabaseConfig {
                     backend: DatabaseBackend::Postgres,
@@ -121,7 +128,13 @@ impl Env {
 
     async fn accounts_with(&self, key: StorageKey) -> Arc<Accounts> {
         let store = Store::open(&self.db, self.dir.path()).await.unwrap();
-        Accounts::new(store, key, Cloud::Sim(self.sim.addr()), self.opts.clone(), Hygiene::default())
+        Accounts::new(
+            store,
+            key,
+            Cloud::Sim(self.sim.addr()),
+            self.opts.clone(),
+            Hygiene::default(),
+        )
     }
 }
 
@@ -153,30 +166,46 @@ async fn phone_login_wrong_code_then_right_and_hygiene() {
         k
     });
     let accounts = env.accounts().await;
-    let sent = accounts.begin_phone_login("gw", "+1 000 000 0001").await.unwrap();
+    let sent = accounts
+        .begin_phone_login("gw", "+1 000 000 0001")
+        .await
+        .unwrap();
     let a = accounts.get("gw").unwrap();
     let wrong = a.sign_in(&sent, "99999").await.unwrap_err();
     assert!(wrong.is("PHONE_CODE_INVALID"), "{wrong}");
     let step = a.sign_in(&sent, "12345").await.unwrap();
-    let LoginStep::Done(me) = &step else { panic!("{step:?}") };
+    let LoginStep::Done(me) = &step else {
+        panic!("{step:?}")
+    };
     assert_eq!(me.user_id, ALICE);
     assert_eq!(me.username.as_deref(), Some("alice_tg"));
     let report = accounts.finish_step("gw", &step).await.unwrap().unwrap();
     assert_eq!(report.devices_calls_disabled, 1);
-    assert_eq!(report.privacy_set, vec!["phone_call", "phone_p2p", "chat_invite"]);
+    assert_eq!(
+        report.privacy_set,
+        vec!["phone_call", "phone_p2p", "chat_invite"]
+    );
     let keys = env.sim.with_world(|w| w.keys_of(ALICE));
     let other = keys.iter().find(|(k, _)| *k == other_device).unwrap();
     assert!(other.1, "calls disabled on the other device");
     let alice = env.sim.with_world(|w| w.user(ALICE).cloned()).unwrap();
-    assert_eq!((alice.calls, alice.p2p, alice.chat_invite), (Privacy::Everybody, Privacy::Everybody, Privacy::Nobody));
-    assert_eq!(accounts.record("gw").await.unwrap().unwrap().state, AccountState::Active);
+    assert_eq!(
+        (alice.calls, alice.p2p, alice.chat_invite),
+        (Privacy::Everybody, Privacy::Everybody, Privacy::Nobody)
+    );
+    assert_eq!(
+        accounts.record("gw").await.unwrap().unwrap().state,
+        AccountState::Active
+    );
     // Bad phone input is refused before Telegram sees it.
     assert!(matches!(
         accounts.begin_phone_login("gw2", "call me").await,
         Err(TgError::Invalid { .. })
     ));
     assert!(matches!(
-        accounts.begin_phone_login("bad name!", "+10000000001").await,
+        accounts
+            .begin_phone_login("bad name!", "+10000000001")
+            .await,
         Err(TgError::Invalid { .. })
     ));
 }
@@ -185,14 +214,19 @@ async fn phone_login_wrong_code_then_right_and_hygiene() {
 async fn two_factor_password_wrong_then_right() {
     let env = Env::new(world()).await;
     let accounts = env.accounts().await;
-    let sent = accounts.begin_phone_login("bob", "+10000000002").await.unwrap();
+    let sent = accounts
+        .begin_phone_login("bob", "+10000000002")
+        .await
+        .unwrap();
     let a = accounts.get("bob").unwrap();
     let step = a.sign_in(&sent, "12345").await.unwrap();
     assert!(matches!(step, LoginStep::PasswordNeeded { .. }), "{step:?}");
     let wrong = a.check_password("letmein").await.unwrap_err();
     assert!(wrong.is("PASSWORD_HASH_INVALID"), "{wrong}");
     let step = a.check_password("hunter2").await.unwrap();
-    let LoginStep::Done(me) = &step else { panic!("{step:?}") };
+    let LoginStep::Done(me) = &step else {
+        panic!("{step:?}")
+    };
     assert_eq!(me.user_id, BOB);
     accounts.finish_step("bob", &step).await.unwrap();
 }
@@ -208,13 +242,23 @@ async fn qr_login_completes_when_the_app_accepts_the_token() {
     };
     assert!(expires > 0 && token.len() >= 16);
     // Before anyone accepts it, polling gives a token again.
-    assert!(matches!(a.qr_login().await.unwrap(), LoginStep::QrToken { .. }));
-    let LoginStep::QrToken { token, .. } = a.qr_login().await.unwrap() else { panic!() };
+    assert!(matches!(
+        a.qr_login().await.unwrap(),
+        LoginStep::QrToken { .. }
+    ));
+    let LoginStep::QrToken { token, .. } = a.qr_login().await.unwrap() else {
+        panic!()
+    };
     env.sim.accept_qr(&token, CAROL).unwrap();
-    let u = tokio::time::timeout(Duration::from_secs(5), updates.recv()).await.unwrap().unwrap();
+    let u = tokio::time::timeout(Duration::from_secs(5), updates.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(matches!(u.update, tl::enums::Update::LoginToken));
     let step = a.qr_login().await.unwrap();
-    let LoginStep::Done(me) = &step else { panic!("{step:?}") };
+    let LoginStep::Done(me) = &step else {
+        panic!("{step:?}")
+    };
     assert_eq!(me.user_id, CAROL);
     assert!(env.sim.accept_qr(b"forged token", CAROL).is_err());
 }
@@ -230,7 +274,10 @@ async fn sessions_are_sealed_at_rest_and_survive_a_restart() {
     // The sim's auth key for Alice's gateway session never appears in the database file.
     let keys = env.sim.with_world(|w| w.keys_of(ALICE));
     assert_eq!(keys.len(), 1);
-    assert!(!env.files_contain(&keys[0].0).await, "auth key stored in the clear");
+    assert!(
+        !env.files_contain(&keys[0].0).await,
+        "auth key stored in the clear"
+    );
     // (The check can see: the account's name is in the files, unsealed.)
     assert!(env.db.backend != DatabaseBackend::Redb || env.files_contain(b"alice_tg").await);
     // A restarted Storage (new store handle, new connections) is still logged in.
@@ -238,14 +285,20 @@ async fn sessions_are_sealed_at_rest_and_survive_a_restart() {
     let records = accounts.start_all().await.unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].state, AccountState::Active);
-    assert_eq!(accounts.get("gw").unwrap().me().await.unwrap().user_id, ALICE);
+    assert_eq!(
+        accounts.get("gw").unwrap().me().await.unwrap().user_id,
+        ALICE
+    );
     accounts.disconnect("gw");
     drop(accounts);
     // The wrong storage key cannot open it.
     let wrong = env
         .accounts_with(StorageKey::from_bytes(&[1; 32]).unwrap())
         .await;
-    assert!(matches!(wrong.connect("gw").await, Err(TgError::Store { .. })));
+    assert!(matches!(
+        wrong.connect("gw").await,
+        Err(TgError::Store { .. })
+    ));
 }
 
 #[tokio::test]
@@ -254,7 +307,10 @@ async fn log_out_forgets_the_session() {
     let accounts = env.accounts().await;
     login(&accounts, "gw", "+10000000001").await;
     accounts.log_out("gw").await.unwrap();
-    assert_eq!(accounts.record("gw").await.unwrap().unwrap().state, AccountState::LoggedOut);
+    assert_eq!(
+        accounts.record("gw").await.unwrap().unwrap().state,
+        AccountState::LoggedOut
+    );
     assert!(accounts.store().get_session("gw").await.unwrap().is_none());
     assert!(env.sim.with_world(|w| w.keys_of(ALICE)).is_empty());
 }
@@ -270,7 +326,12 @@ async fn requests_outside_the_allow_list_are_refused() {
         .invoke_allowed(tl::functions::auth::LogOut {}.to_bytes())
         .await
         .unwrap_err();
-    assert_eq!(refused, TgError::NotAllowed { method: "auth.logOut".into() });
+    assert_eq!(
+        refused,
+        TgError::NotAllowed {
+            method: "auth.logOut".into()
+        }
+    );
     let dh = a
         .invoke_allowed(
             tl::functions::messages::GetDhConfig {
@@ -289,7 +350,10 @@ async fn requests_outside_the_allow_list_are_refused() {
     dh::DhParams::check(c.g, &c.p, &mut rand::thread_rng()).expect("a real safe-prime DH config");
     // Still logged in: the refused logOut never reached Telegram.
     assert_eq!(a.me().await.unwrap().user_id, ALICE);
-    assert!(matches!(a.invoke_allowed(vec![1, 2]).await, Err(TgError::NotAllowed { method: _ })));
+    assert!(matches!(
+        a.invoke_allowed(vec![1, 2]).await,
+        Err(TgError::NotAllowed { method: _ })
+    ));
 }
 
 #[tokio::test]
@@ -299,18 +363,28 @@ async fn resolution_by_username_phone_and_id_with_cache() {
     login(&accounts, "gw", "+10000000001").await;
     let a = accounts.get("gw").unwrap();
     let store = accounts.store();
-    let (bob, src) = resolve(&a, store, &PeerQuery::parse("@Bob_TG").unwrap()).await.unwrap();
+    let (bob, src) = resolve(&a, store, &PeerQuery::parse("@Bob_TG").unwrap())
+        .await
+        .unwrap();
     assert_eq!((bob.user_id, src), (BOB, Source::Telegram));
-    let (again, src) = resolve(&a, store, &PeerQuery::parse("@bob_tg").unwrap()).await.unwrap();
+    let (again, src) = resolve(&a, store, &PeerQuery::parse("@bob_tg").unwrap())
+        .await
+        .unwrap();
     assert_eq!((again, src), (bob.clone(), Source::Cache));
     // The id and phone of a resolved user are cached too.
     let (by_id, src) = resolve(&a, store, &PeerQuery::UserId(BOB)).await.unwrap();
     assert_eq!((by_id.user_id, src), (BOB, Source::Cache));
-    let (carol, src) = resolve(&a, store, &PeerQuery::parse("+10000000003").unwrap()).await.unwrap();
+    let (carol, src) = resolve(&a, store, &PeerQuery::parse("+10000000003").unwrap())
+        .await
+        .unwrap();
     assert_eq!((carol.user_id, src), (CAROL, Source::Telegram));
-    let e = resolve(&a, store, &PeerQuery::parse("@nobody_here").unwrap()).await.unwrap_err();
+    let e = resolve(&a, store, &PeerQuery::parse("@nobody_here").unwrap())
+        .await
+        .unwrap_err();
     assert!(e.is("USERNAME_NOT_OCCUPIED"), "{e}");
-    let e = resolve(&a, store, &PeerQuery::UserId(4242)).await.unwrap_err();
+    let e = resolve(&a, store, &PeerQuery::UserId(4242))
+        .await
+        .unwrap_err();
     assert_eq!(e, TgError::UnknownUser { user_id: 4242 });
     assert!(e.to_string().contains("Chat not found"));
     // The cache is persistent: a new Storage over the same database still knows Bob.
@@ -319,7 +393,9 @@ async fn resolution_by_username_phone_and_id_with_cache() {
     let accounts = env.accounts().await;
     accounts.start_all().await.unwrap();
     let a = accounts.get("gw").unwrap();
-    let (b, src) = resolve(&a, accounts.store(), &PeerQuery::UserId(BOB)).await.unwrap();
+    let (b, src) = resolve(&a, accounts.store(), &PeerQuery::UserId(BOB))
+        .await
+        .unwrap();
     assert_eq!((b.user_id, src), (BOB, Source::Cache));
 }
 
@@ -368,16 +444,26 @@ async fn flood_wait_and_peer_flood_hold_requests_back() {
     let accounts = env.accounts().await;
     login(&accounts, "gw", "+10000000001").await;
     let a = accounts.get("gw").unwrap();
-    let (bob, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@bob_tg").unwrap()).await.unwrap();
+    let (bob, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@bob_tg").unwrap())
+        .await
+        .unwrap();
     request_call(&a, &bob).await.unwrap();
     request_call(&a, &bob).await.unwrap();
     let e = request_call(&a, &bob).await.unwrap_err();
-    let TgError::FloodWait { seconds } = e else { panic!("{e}") };
+    let TgError::FloodWait { seconds } = e else {
+        panic!("{e}")
+    };
     assert!((1..=60).contains(&seconds));
-    assert_eq!(e.to_string(), format!("Too Many Requests: retry after {seconds}"));
+    assert_eq!(
+        e.to_string(),
+        format!("Too Many Requests: retry after {seconds}")
+    );
     // Held back locally: the cloud does not see the next attempt.
     let seen = env.sim.with_world(|w| w.log.len());
-    assert!(matches!(request_call(&a, &bob).await, Err(TgError::FloodWait { .. })));
+    assert!(matches!(
+        request_call(&a, &bob).await,
+        Err(TgError::FloodWait { .. })
+    ));
     assert_eq!(env.sim.with_world(|w| w.log.len()), seen);
     assert_eq!(a.flood_waits()[0].0, "phone.requestCall");
     // Other requests still go through.
@@ -390,13 +476,24 @@ async fn flood_wait_and_peer_flood_hold_requests_back() {
     let accounts = env.accounts().await;
     login(&accounts, "gw", "+10000000001").await;
     let a = accounts.get("gw").unwrap();
-    let (bob, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@bob_tg").unwrap()).await.unwrap();
-    let (carol, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@carol_tg").unwrap()).await.unwrap();
+    let (bob, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@bob_tg").unwrap())
+        .await
+        .unwrap();
+    let (carol, _) = resolve(
+        &a,
+        accounts.store(),
+        &PeerQuery::parse("@carol_tg").unwrap(),
+    )
+    .await
+    .unwrap();
     request_call(&a, &bob).await.unwrap();
     let e = request_call(&a, &carol).await.unwrap_err();
     assert!(matches!(e, TgError::PeerFlood { .. }), "{e}");
     assert!(e.is("PEER_FLOOD"));
-    assert!(matches!(request_call(&a, &bob).await, Err(TgError::PeerFlood { .. })));
+    assert!(matches!(
+        request_call(&a, &bob).await,
+        Err(TgError::PeerFlood { .. })
+    ));
 }
 
 #[tokio::test]
@@ -408,10 +505,18 @@ async fn privacy_and_blocks_are_telegrams_errors() {
     let accounts = env.accounts().await;
     login(&accounts, "gw", "+10000000001").await;
     let a = accounts.get("gw").unwrap();
-    let (dave, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@dave_tg").unwrap()).await.unwrap();
+    let (dave, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@dave_tg").unwrap())
+        .await
+        .unwrap();
     let e = request_call(&a, &dave).await.unwrap_err();
     assert!(e.is("USER_PRIVACY_RESTRICTED"), "{e}");
-    let (carol, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@carol_tg").unwrap()).await.unwrap();
+    let (carol, _) = resolve(
+        &a,
+        accounts.store(),
+        &PeerQuery::parse("@carol_tg").unwrap(),
+    )
+    .await
+    .unwrap();
     let e = request_call(&a, &carol).await.unwrap_err();
     assert!(e.is("USER_IS_BLOCKED"), "{e}");
 }
@@ -441,10 +546,23 @@ async fn full_call(accounts: &Arc<Accounts>, caller: &str, callee: &str, callee_
         tl::enums::messages::DhConfig::Config(c) => c,
         _ => panic!(),
     };
-    let ca = dh_conf(a.invoke(&tl::functions::messages::GetDhConfig { version: 0, random_length: 256 }).await.unwrap());
+    let ca = dh_conf(
+        a.invoke(&tl::functions::messages::GetDhConfig {
+            version: 0,
+            random_length: 256,
+        })
+        .await
+        .unwrap(),
+    );
     let pa = dh::DhParams::check(ca.g, &ca.p, &mut rng).unwrap();
     let sa = pa.secret(&ca.random, rand256).unwrap();
-    let (peer, _) = resolve(&a, accounts.store(), &PeerQuery::parse(callee_query).unwrap()).await.unwrap();
+    let (peer, _) = resolve(
+        &a,
+        accounts.store(),
+        &PeerQuery::parse(callee_query).unwrap(),
+    )
+    .await
+    .unwrap();
     let r = a
         .invoke(&tl::functions::phone::RequestCall {
             video: false,
@@ -456,58 +574,142 @@ async fn full_call(accounts: &Arc<Accounts>, caller: &str, callee: &str, callee_
         .await
         .unwrap();
     let tl::enums::phone::PhoneCall::Call(pc) = r;
-    let tl::enums::PhoneCall::Waiting(w) = pc.phone_call else { panic!() };
-    let input = tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall { id: w.id, access_hash: w.access_hash });
+    let tl::enums::PhoneCall::Waiting(w) = pc.phone_call else {
+        panic!()
+    };
+    let input = tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
+        id: w.id,
+        access_hash: w.access_hash,
+    });
     // The callee's device rings.
-    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, callee).await else { panic!() };
-    let tl::enums::PhoneCall::Requested(req) = u.phone_call else { panic!("{:?}", u.phone_call) };
+    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, callee).await else {
+        panic!()
+    };
+    let tl::enums::PhoneCall::Requested(req) = u.phone_call else {
+        panic!("{:?}", u.phone_call)
+    };
     assert_eq!(req.id, w.id);
-    let b_input = tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall { id: req.id, access_hash: req.access_hash });
-    assert!(b.invoke(&tl::functions::phone::ReceivedCall { peer: b_input.clone() }).await.unwrap());
-    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, caller).await else { panic!() };
-    let tl::enums::PhoneCall::Waiting(w2) = u.phone_call else { panic!() };
-    assert!(w2.receive_date.is_some(), "caller learns the call is ringing");
+    let b_input = tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
+        id: req.id,
+        access_hash: req.access_hash,
+    });
+    assert!(b
+        .invoke(&tl::functions::phone::ReceivedCall {
+            peer: b_input.clone()
+        })
+        .await
+        .unwrap());
+    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, caller).await else {
+        panic!()
+    };
+    let tl::enums::PhoneCall::Waiting(w2) = u.phone_call else {
+        panic!()
+    };
+    assert!(
+        w2.receive_date.is_some(),
+        "caller learns the call is ringing"
+    );
     // Callee accepts with g_b.
-    let cb = dh_conf(b.invoke(&tl::functions::messages::GetDhConfig { version: 0, random_length: 256 }).await.unwrap());
+    let cb = dh_conf(
+        b.invoke(&tl::functions::messages::GetDhConfig {
+            version: 0,
+            random_length: 256,
+        })
+        .await
+        .unwrap(),
+    );
     let pb = dh::DhParams::check(cb.g, &cb.p, &mut rng).unwrap();
     let sb = pb.secret(&cb.random, rand256).unwrap();
-    b.invoke(&tl::functions::phone::AcceptCall { peer: b_input.clone(), g_b: sb.public.to_vec(), protocol: protocol(&["8.0.0"]) })
-        .await
-        .unwrap();
-    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, caller).await else { panic!() };
-    let tl::enums::PhoneCall::Accepted(acc) = u.phone_call else { panic!() };
+    b.invoke(&tl::functions::phone::AcceptCall {
+        peer: b_input.clone(),
+        g_b: sb.public.to_vec(),
+        protocol: protocol(&["8.0.0"]),
+    })
+    .await
+    .unwrap();
+    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, caller).await else {
+        panic!()
+    };
+    let tl::enums::PhoneCall::Accepted(acc) = u.phone_call else {
+        panic!()
+    };
     let key_a = pa.shared_key(&sa, &acc.g_b).unwrap();
     let fp = dh::key_fingerprint(&key_a);
     let r = a
-        .invoke(&tl::functions::phone::ConfirmCall { peer: input.clone(), g_a: sa.public.to_vec(), key_fingerprint: fp, protocol: protocol(&["13.0.0", "8.0.0"]) })
+        .invoke(&tl::functions::phone::ConfirmCall {
+            peer: input.clone(),
+            g_a: sa.public.to_vec(),
+            key_fingerprint: fp,
+            protocol: protocol(&["13.0.0", "8.0.0"]),
+        })
         .await
         .unwrap();
     let tl::enums::phone::PhoneCall::Call(pc) = r;
-    let tl::enums::PhoneCall::Call(active_a) = pc.phone_call else { panic!() };
+    let tl::enums::PhoneCall::Call(active_a) = pc.phone_call else {
+        panic!()
+    };
     // The server chose the version both have.
     let tl::enums::PhoneCallProtocol::Protocol(p) = &active_a.protocol;
     assert_eq!(p.library_versions, vec!["8.0.0".to_string()]);
-    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, callee).await else { panic!() };
-    let tl::enums::PhoneCall::Call(active_b) = u.phone_call else { panic!() };
+    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, callee).await else {
+        panic!()
+    };
+    let tl::enums::PhoneCall::Call(active_b) = u.phone_call else {
+        panic!()
+    };
     dh::verify_g_a(&active_b.g_a_or_b, &req.g_a_hash).unwrap();
     let key_b = pb.shared_key(&sb, &active_b.g_a_or_b).unwrap();
     assert_eq!(key_a, key_b);
     dh::verify_fingerprint(&key_b, active_b.key_fingerprint).unwrap();
     // Signalling is relayed both ways, bytes intact.
-    assert!(a.invoke(&tl::functions::phone::SendSignalingData { peer: input.clone(), data: vec![1, 2, 3] }).await.unwrap());
-    let tl::enums::Update::PhoneCallSignalingData(s) = next_call_update(&mut rx, callee).await else { panic!() };
+    assert!(a
+        .invoke(&tl::functions::phone::SendSignalingData {
+            peer: input.clone(),
+            data: vec![1, 2, 3]
+        })
+        .await
+        .unwrap());
+    let tl::enums::Update::PhoneCallSignalingData(s) = next_call_update(&mut rx, callee).await
+    else {
+        panic!()
+    };
     assert_eq!((s.phone_call_id, s.data), (w.id, vec![1, 2, 3]));
-    assert!(b.invoke(&tl::functions::phone::SendSignalingData { peer: b_input.clone(), data: vec![9; 300] }).await.unwrap());
-    let tl::enums::Update::PhoneCallSignalingData(s) = next_call_update(&mut rx, caller).await else { panic!() };
+    assert!(b
+        .invoke(&tl::functions::phone::SendSignalingData {
+            peer: b_input.clone(),
+            data: vec![9; 300]
+        })
+        .await
+        .unwrap());
+    let tl::enums::Update::PhoneCallSignalingData(s) = next_call_update(&mut rx, caller).await
+    else {
+        panic!()
+    };
     assert_eq!(s.data, vec![9; 300]);
     // The callee hangs up: both hear Discarded (hangup).
-    b.invoke(&tl::functions::phone::DiscardCall { video: false, peer: b_input, duration: 5, reason: tl::enums::PhoneCallDiscardReason::Hangup, connection_id: 0 })
-        .await
-        .unwrap();
-    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, caller).await else { panic!() };
-    let tl::enums::PhoneCall::Discarded(d) = u.phone_call else { panic!() };
+    b.invoke(&tl::functions::phone::DiscardCall {
+        video: false,
+        peer: b_input,
+        duration: 5,
+        reason: tl::enums::PhoneCallDiscardReason::Hangup,
+        connection_id: 0,
+    })
+    .await
+    .unwrap();
+    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, caller).await else {
+        panic!()
+    };
+    let tl::enums::PhoneCall::Discarded(d) = u.phone_call else {
+        panic!()
+    };
     assert_eq!(d.reason, Some(tl::enums::PhoneCallDiscardReason::Hangup));
-    let e = a.invoke(&tl::functions::phone::SendSignalingData { peer: input, data: vec![1] }).await.unwrap_err();
+    let e = a
+        .invoke(&tl::functions::phone::SendSignalingData {
+            peer: input,
+            data: vec![1],
+        })
+        .await
+        .unwrap_err();
     assert!(e.is("CALL_ALREADY_DECLINED"), "{e}");
 }
 
@@ -530,11 +732,17 @@ async fn offline_callee_rings_out_after_the_offline_timeout() {
     login(&accounts, "gw", "+10000000001").await;
     let mut rx = accounts.subscribe();
     let a = accounts.get("gw").unwrap();
-    let (erin, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@erin_tg").unwrap()).await.unwrap();
+    let (erin, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@erin_tg").unwrap())
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     request_call(&a, &erin).await.unwrap();
-    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, "gw").await else { panic!() };
-    let tl::enums::PhoneCall::Discarded(d) = u.phone_call else { panic!("{:?}", u.phone_call) };
+    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, "gw").await else {
+        panic!()
+    };
+    let tl::enums::PhoneCall::Discarded(d) = u.phone_call else {
+        panic!("{:?}", u.phone_call)
+    };
     assert_eq!(d.reason, Some(tl::enums::PhoneCallDiscardReason::Missed));
     assert!(started.elapsed() >= Duration::from_millis(300));
 }
@@ -548,21 +756,38 @@ async fn declining_an_incoming_call_tells_the_caller_busy() {
     let mut rx = accounts.subscribe();
     let a = accounts.get("gw").unwrap();
     let b = accounts.get("carol").unwrap();
-    let (carol, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@carol_tg").unwrap()).await.unwrap();
+    let (carol, _) = resolve(
+        &a,
+        accounts.store(),
+        &PeerQuery::parse("@carol_tg").unwrap(),
+    )
+    .await
+    .unwrap();
     request_call(&a, &carol).await.unwrap();
-    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, "carol").await else { panic!() };
-    let tl::enums::PhoneCall::Requested(req) = u.phone_call else { panic!() };
+    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, "carol").await else {
+        panic!()
+    };
+    let tl::enums::PhoneCall::Requested(req) = u.phone_call else {
+        panic!()
+    };
     b.invoke(&tl::functions::phone::DiscardCall {
         video: false,
-        peer: tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall { id: req.id, access_hash: req.access_hash }),
+        peer: tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
+            id: req.id,
+            access_hash: req.access_hash,
+        }),
         duration: 0,
         reason: tl::enums::PhoneCallDiscardReason::Hangup,
         connection_id: 0,
     })
     .await
     .unwrap();
-    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, "gw").await else { panic!() };
-    let tl::enums::PhoneCall::Discarded(d) = u.phone_call else { panic!() };
+    let tl::enums::Update::PhoneCall(u) = next_call_update(&mut rx, "gw").await else {
+        panic!()
+    };
+    let tl::enums::PhoneCall::Discarded(d) = u.phone_call else {
+        panic!()
+    };
     assert_eq!(d.reason, Some(tl::enums::PhoneCallDiscardReason::Busy));
 }
 
@@ -575,7 +800,9 @@ async fn an_unanswered_request_is_the_rpc_timeout() {
     let accounts = env.accounts().await;
     login(&accounts, "gw", "+10000000001").await;
     let a = accounts.get("gw").unwrap();
-    let (bob, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@bob_tg").unwrap()).await.unwrap();
+    let (bob, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@bob_tg").unwrap())
+        .await
+        .unwrap();
     let e = request_call(&a, &bob).await.unwrap_err();
     assert_eq!(e, TgError::Timeout);
     assert_eq!(e.to_string(), "Timeout of waiting RPC result");
@@ -591,31 +818,91 @@ async fn text_messages_both_ways() {
     login(&accounts, "carol", "+10000000003").await;
     let mut rx = accounts.subscribe();
     let a = accounts.get("gw").unwrap();
-    let (carol, _) = resolve(&a, accounts.store(), &PeerQuery::parse("@carol_tg").unwrap()).await.unwrap();
-    let send = |to: &siptg_control::telegram::resolve::Peer, text: &str| tl::functions::messages::SendMessage {
-        no_webpage: true, silent: false, background: false, clear_draft: false, noforwards: false,
-        update_stickersets_order: false, invert_media: false, allow_paid_floodskip: false,
-        peer: tl::enums::InputPeer::User(tl::types::InputPeerUser { user_id: to.user_id, access_hash: to.access_hash }),
-        reply_to: None, message: text.into(), random_id: rand::random(), reply_markup: None,
-        entities: None, schedule_date: None, schedule_repeat_period: None, send_as: None,
-        quick_reply_shortcut: None, effect: None, allow_paid_stars: None, suggested_post: None,
-        rich_message: None,
+    let (carol, _) = resolve(
+        &a,
+        accounts.store(),
+        &PeerQuery::parse("@carol_tg").unwrap(),
+    )
+    .await
+    .unwrap();
+    let send = |to: &siptg_control::telegram::resolve::Peer, text: &str| {
+        tl::functions::messages::SendMessage {
+            no_webpage: true,
+            silent: false,
+            background: false,
+            clear_draft: false,
+            noforwards: false,
+            update_stickersets_order: false,
+            invert_media: false,
+            allow_paid_floodskip: false,
+            peer: tl::enums::InputPeer::User(tl::types::InputPeerUser {
+                user_id: to.user_id,
+                access_hash: to.access_hash,
+            }),
+            reply_to: None,
+            message: text.into(),
+            random_id: rand::random(),
+            reply_markup: None,
+            entities: None,
+            schedule_date: None,
+            schedule_repeat_period: None,
+            send_as: None,
+            quick_reply_shortcut: None,
+            effect: None,
+            allow_paid_stars: None,
+            suggested_post: None,
+            rich_message: None,
+        }
     };
-    a.invoke_allowed(tl::Serializable::to_bytes(&send(&carol, "123#"))).await.unwrap();
-    let tl::enums::Update::NewMessage(m) = next_call_update(&mut rx, "carol").await else { panic!() };
-    let tl::enums::Message::Message(m) = m.message else { panic!() };
+    a.invoke_allowed(tl::Serializable::to_bytes(&send(&carol, "123#")))
+        .await
+        .unwrap();
+    let tl::enums::Update::NewMessage(m) = next_call_update(&mut rx, "carol").await else {
+        panic!()
+    };
+    let tl::enums::Message::Message(m) = m.message else {
+        panic!()
+    };
     assert_eq!(m.message, "123#");
-    assert_eq!(m.from_id, Some(tl::enums::Peer::User(tl::types::PeerUser { user_id: ALICE })));
+    assert_eq!(
+        m.from_id,
+        Some(tl::enums::Peer::User(tl::types::PeerUser {
+            user_id: ALICE
+        }))
+    );
     let b = accounts.get("carol").unwrap();
-    let (alice, _) = resolve(&b, accounts.store(), &PeerQuery::UserId(ALICE)).await
-        .or_else(|_| Ok::<_, TgError>((siptg_control::telegram::resolve::Peer { user_id: 0, access_hash: 0, username: None, phone: None, first_name: String::new(), last_name: String::new() }, Source::Cache)))
+    let (alice, _) = resolve(&b, accounts.store(), &PeerQuery::UserId(ALICE))
+        .await
+        .or_else(|_| {
+            Ok::<_, TgError>((
+                siptg_control::telegram::resolve::Peer {
+                    user_id: 0,
+                    access_hash: 0,
+                    username: None,
+                    phone: None,
+                    first_name: String::new(),
+                    last_name: String::new(),
+                },
+                Source::Cache,
+            ))
+        })
         .unwrap();
     // Carol's account has not met Alice through resolution: by id it is unknown.
     assert_eq!(alice.user_id, 0);
-    let (alice, _) = resolve(&b, accounts.store(), &PeerQuery::parse("@alice_tg").unwrap()).await.unwrap();
+    let (alice, _) = resolve(
+        &b,
+        accounts.store(),
+        &PeerQuery::parse("@alice_tg").unwrap(),
+    )
+    .await
+    .unwrap();
     b.invoke(&send(&alice, "hello gateway")).await.unwrap();
-    let tl::enums::Update::NewMessage(m) = next_call_update(&mut rx, "gw").await else { panic!() };
-    let tl::enums::Message::Message(m) = m.message else { panic!() };
+    let tl::enums::Update::NewMessage(m) = next_call_update(&mut rx, "gw").await else {
+        panic!()
+    };
+    let tl::enums::Message::Message(m) = m.message else {
+        panic!()
+    };
     assert_eq!(m.message, "hello gateway");
     let e = b.invoke(&send(&alice, "")).await.unwrap_err();
     assert!(e.is("MESSAGE_EMPTY"), "{e}");

@@ -35,7 +35,11 @@ pub const ALLOWED: &[&str] = &[
 ];
 
 /// Requests that reach other users, held back by PEER_FLOOD.
-const TO_PEER: &[&str] = &["phone.requestCall", "messages.sendMessage", "contacts.importContacts"];
+const TO_PEER: &[&str] = &[
+    "phone.requestCall",
+    "messages.sendMessage",
+    "contacts.importContacts",
+];
 
 /// The TL name of a serialized function (`phone.requestCall`), from its constructor id.
 pub fn method_name(body: &[u8]) -> &'static str {
@@ -207,7 +211,9 @@ impl Account {
         let method = method_name(&body);
         if !ALLOWED.contains(&method) {
             tracing::warn!(account = %self.name, method, "refused a request outside the allow-list");
-            return Err(TgError::NotAllowed { method: method.to_string() });
+            return Err(TgError::NotAllowed {
+                method: method.to_string(),
+            });
         }
         self.invoke_raw(body).await
     }
@@ -234,12 +240,16 @@ impl Account {
         users
             .first()
             .and_then(Me::from_user)
-            .ok_or_else(|| TgError::NotAuthorized { account: self.name.clone() })
+            .ok_or_else(|| TgError::NotAuthorized {
+                account: self.name.clone(),
+            })
     }
 
     fn unauthorized(&self, e: TgError) -> TgError {
         match &e {
-            TgError::Rpc { code: 401, .. } => TgError::NotAuthorized { account: self.name.clone() },
+            TgError::Rpc { code: 401, .. } => TgError::NotAuthorized {
+                account: self.name.clone(),
+            },
             _ => e,
         }
     }
@@ -307,7 +317,9 @@ impl Account {
         match r {
             Ok(tl::enums::auth::Authorization::Authorization(a)) => Me::from_user(&a.user)
                 .map(LoginStep::Done)
-                .ok_or_else(|| TgError::NotAuthorized { account: self.name.clone() }),
+                .ok_or_else(|| TgError::NotAuthorized {
+                    account: self.name.clone(),
+                }),
             Ok(tl::enums::auth::Authorization::SignUpRequired(_)) => Err(TgError::Invalid {
                 what: "login".into(),
                 why: "this phone has no Telegram account (sign up in an app first)".into(),
@@ -334,7 +346,8 @@ impl Account {
                 why: "the account has no 2FA password".into(),
             });
         };
-        let tl::enums::PasswordKdfAlgo::Sha256Sha256Pbkdf2Hmacsha512iter100000Sha256ModPow(p) = algo
+        let tl::enums::PasswordKdfAlgo::Sha256Sha256Pbkdf2Hmacsha512iter100000Sha256ModPow(p) =
+            algo
         else {
             return Err(TgError::Invalid {
                 what: "password".into(),
@@ -381,7 +394,9 @@ impl Account {
                 token: t.token,
                 expires: t.expires,
             }),
-            Ok(tl::enums::auth::LoginToken::Success(s)) => self.after_authorization(Ok(s.authorization)).await,
+            Ok(tl::enums::auth::LoginToken::Success(s)) => {
+                self.after_authorization(Ok(s.authorization)).await
+            }
             Ok(tl::enums::auth::LoginToken::MigrateTo(m)) => Err(TgError::Rpc {
                 code: 303,
                 name: "LOGIN_TOKEN_MIGRATE".into(),
@@ -400,8 +415,9 @@ impl Account {
     pub async fn apply_hygiene(&self, h: &Hygiene) -> Result<HygieneReport, TgError> {
         let mut report = HygieneReport::default();
         if h.disable_calls_on_other_devices {
-            let tl::enums::account::Authorizations::Authorizations(list) =
-                self.invoke(&tl::functions::account::GetAuthorizations {}).await?;
+            let tl::enums::account::Authorizations::Authorizations(list) = self
+                .invoke(&tl::functions::account::GetAuthorizations {})
+                .await?;
             for a in list.authorizations {
                 let tl::enums::Authorization::Authorization(a) = a;
                 if a.current || a.call_requests_disabled {
@@ -422,13 +438,21 @@ impl Account {
         let set = |key: K, rule: R, label: &'static str| (key, rule, label);
         let mut wanted = Vec::new();
         if h.allow_calls_from_everybody {
-            wanted.push(set(K::PhoneCall, R::InputPrivacyValueAllowAll, "phone_call"));
+            wanted.push(set(
+                K::PhoneCall,
+                R::InputPrivacyValueAllowAll,
+                "phone_call",
+            ));
         }
         if h.allow_p2p_from_everybody {
             wanted.push(set(K::PhoneP2P, R::InputPrivacyValueAllowAll, "phone_p2p"));
         }
         if h.disallow_group_invites {
-            wanted.push(set(K::ChatInvite, R::InputPrivacyValueDisallowAll, "chat_invite"));
+            wanted.push(set(
+                K::ChatInvite,
+                R::InputPrivacyValueDisallowAll,
+                "chat_invite",
+            ));
         }
         for (key, rule, label) in wanted {
             self.invoke(&tl::functions::account::SetPrivacy {

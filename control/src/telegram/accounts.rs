@@ -101,7 +101,13 @@ fn valid_name(name: &str) -> Result<(), TgError> {
 
 impl Accounts {
     /// Accounts over `store`, sealing sessions with `key`.
-    pub fn new(store: Store, key: StorageKey, cloud: Cloud, opts: AccountOptions, hygiene: Hygiene) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        key: StorageKey,
+        cloud: Cloud,
+        opts: AccountOptions,
+        hygiene: Hygiene,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             key,
@@ -124,7 +130,9 @@ impl Accounts {
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Account>>> {
-        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The live account `name`, if connected.
@@ -132,12 +140,18 @@ impl Accounts {
         self.live()
             .get(name)
             .cloned()
-            .ok_or_else(|| TgError::UnknownAccount { account: name.into() })
+            .ok_or_else(|| TgError::UnknownAccount {
+                account: name.into(),
+            })
     }
 
     /// Every stored record.
     pub async fn list(&self) -> Result<Vec<AccountRecord>, TgError> {
-        let rows = self.store.list(Table::Accounts, "").await.map_err(store_err)?;
+        let rows = self
+            .store
+            .list(Table::Accounts, "")
+            .await
+            .map_err(store_err)?;
         Ok(rows
             .iter()
             .filter_map(|(_, v)| serde_json::from_slice(v).ok())
@@ -146,20 +160,30 @@ impl Accounts {
 
     /// One stored record.
     pub async fn record(&self, name: &str) -> Result<Option<AccountRecord>, TgError> {
-        let v = self.store.get(Table::Accounts, name).await.map_err(store_err)?;
+        let v = self
+            .store
+            .get(Table::Accounts, name)
+            .await
+            .map_err(store_err)?;
         Ok(v.and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
     async fn save_record(&self, r: &AccountRecord) -> Result<(), TgError> {
         let v = serde_json::to_vec(r).map_err(|e| TgError::store(e.to_string()))?;
-        self.store.put(Table::Accounts, &r.name, &v).await.map_err(store_err)
+        self.store
+            .put(Table::Accounts, &r.name, &v)
+            .await
+            .map_err(store_err)
     }
 
     /// Seals and stores the account's session as it is now.
     pub async fn persist(&self, account: &Account) -> Result<(), TgError> {
         let blob = account.transport().session_blob()?;
         let sealed = self.key.seal(account.name(), &blob);
-        self.store.put_session(account.name(), &sealed).await.map_err(store_err)
+        self.store
+            .put_session(account.name(), &sealed)
+            .await
+            .map_err(store_err)
     }
 
     /// Connects `name` with its stored session (or a fresh one) and starts pumping its updates.
@@ -234,7 +258,11 @@ impl Accounts {
     }
 
     /// Starts a phone login: the code goes to the account's apps.
-    pub async fn begin_phone_login(self: &Arc<Self>, name: &str, phone: &str) -> Result<super::account::CodeSent, TgError> {
+    pub async fn begin_phone_login(
+        self: &Arc<Self>,
+        name: &str,
+        phone: &str,
+    ) -> Result<super::account::CodeSent, TgError> {
         let account = self.connect(name).await?;
         let sent = account.send_code(phone).await?;
         self.save_record(&AccountRecord {
@@ -248,7 +276,11 @@ impl Accounts {
     }
 
     /// Records the outcome of a login step; on success applies hygiene and stores the session.
-    pub async fn finish_step(&self, name: &str, step: &LoginStep) -> Result<Option<HygieneReport>, TgError> {
+    pub async fn finish_step(
+        &self,
+        name: &str,
+        step: &LoginStep,
+    ) -> Result<Option<HygieneReport>, TgError> {
         let LoginStep::Done(me) = step else {
             return Ok(None);
         };
@@ -261,7 +293,11 @@ impl Accounts {
             phone: me.phone.clone(),
         })
         .await?;
-        tracing::info!(account = name, user_id = me.user_id, "Telegram account logged in");
+        tracing::info!(
+            account = name,
+            user_id = me.user_id,
+            "Telegram account logged in"
+        );
         let report = account.apply_hygiene(&self.hygiene).await?;
         Ok(Some(report))
     }
@@ -274,8 +310,16 @@ impl Accounts {
             }
         }
         self.disconnect(name);
-        self.store.delete(Table::Sessions, name).await.map_err(store_err)?;
-        let mut r = self.record(name).await?.ok_or_else(|| TgError::UnknownAccount { account: name.into() })?;
+        self.store
+            .delete(Table::Sessions, name)
+            .await
+            .map_err(store_err)?;
+        let mut r = self
+            .record(name)
+            .await?
+            .ok_or_else(|| TgError::UnknownAccount {
+                account: name.into(),
+            })?;
         r.state = AccountState::LoggedOut;
         self.save_record(&r).await
     }

@@ -161,6 +161,9 @@ mod tests {
             TgError::FloodWait { seconds: 7 }.to_string(),
             "Too Many Requests: retry after 7"
         );
-        assert_eq!(TgError::Timeout.to_string(), "Timeout of waiting RPC result");
+        assert_eq!(
+            TgError::Timeout.to_string(),
+            "Timeout of waiting RPC result"
+        );
     }
 }

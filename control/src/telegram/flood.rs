@@ -35,7 +35,12 @@ impl FloodGate {
     }
 
     /// May `method` be sent now? `to_peer` marks calls and messages to other users.
-    pub fn check(&mut self, method: &'static str, to_peer: bool, now: Instant) -> Result<(), TgError> {
+    pub fn check(
+        &mut self,
+        method: &'static str,
+        to_peer: bool,
+        now: Instant,
+    ) -> Result<(), TgError> {
         self.until.retain(|_, until| *until > now);
         if to_peer {
             if let Some(until) = self.until.get(&FloodScope::Peers) {
@@ -65,7 +70,10 @@ impl FloodGate {
         match error.flood_wait() {
             Some(wait) if !wait.is_zero() => {
                 let until = now + wait;
-                let slot = self.until.entry(FloodScope::Method(method)).or_insert(until);
+                let slot = self
+                    .until
+                    .entry(FloodScope::Method(method))
+                    .or_insert(until);
                 *slot = (*slot).max(until);
                 TgError::FloodWait {
                     seconds: remaining(*slot, now),
@@ -110,7 +118,11 @@ mod tests {
         let mut gate = FloodGate::new(Duration::from_secs(86400));
         let t0 = Instant::now();
         assert!(gate.check("phone.requestCall", true, t0).is_ok());
-        let e = gate.observe("phone.requestCall", TgError::from_rpc(420, "FLOOD_WAIT_30"), t0);
+        let e = gate.observe(
+            "phone.requestCall",
+            TgError::from_rpc(420, "FLOOD_WAIT_30"),
+            t0,
+        );
         assert_eq!(e, TgError::FloodWait { seconds: 30 });
         assert_eq!(
             gate.check("phone.requestCall", true, t0 + Duration::from_secs(10)),
@@ -128,7 +140,11 @@ mod tests {
     fn peer_flood_holds_back_calls_and_messages_only() {
         let mut gate = FloodGate::new(Duration::from_secs(3600));
         let t0 = Instant::now();
-        let e = gate.observe("phone.requestCall", TgError::from_rpc(400, "PEER_FLOOD"), t0);
+        let e = gate.observe(
+            "phone.requestCall",
+            TgError::from_rpc(400, "PEER_FLOOD"),
+            t0,
+        );
         assert_eq!(e, TgError::PeerFlood { seconds: 3600 });
         assert!(matches!(
             gate.check("messages.sendMessage", true, t0),

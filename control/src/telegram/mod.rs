@@ -12,9 +12,9 @@ pub mod simwire;
 pub use error::TgError;
 /// The TL types (grammers-tl-types) the Telegram API is spoken in.
 pub use grammers_tl_types as tl;
+pub mod account;
+pub mod accounts;
 pub mod mtproto;
+pub mod resolve;
 pub mod simclient;
 pub mod transport;
-pub mod account;
-pub mod resolve;
-pub mod accounts;

@@ -93,7 +93,10 @@ impl Session for StoredSession {
         Ok(*lock(&self.home_dc))
     }
 
-    fn set_home_dc_id(&self, dc_id: i32) -> grammers_session::BoxFuture<'_, Result<(), Self::Error>> {
+    fn set_home_dc_id(
+        &self,
+        dc_id: i32,
+    ) -> grammers_session::BoxFuture<'_, Result<(), Self::Error>> {
         Box::pin(async move {
             *lock(&self.home_dc) = dc_id;
             self.bump();
@@ -105,7 +108,10 @@ impl Session for StoredSession {
         Ok(lock(&self.dc_options).get(&dc_id).cloned())
     }
 
-    fn set_dc_option(&self, dc_option: &DcOption) -> grammers_session::BoxFuture<'_, Result<(), Self::Error>> {
+    fn set_dc_option(
+        &self,
+        dc_option: &DcOption,
+    ) -> grammers_session::BoxFuture<'_, Result<(), Self::Error>> {
         let dc_option = dc_option.clone();
         Box::pin(async move {
             lock(&self.dc_options).insert(dc_option.id, dc_option);
@@ -114,11 +120,17 @@ impl Session for StoredSession {
         })
     }
 
-    fn peer(&self, peer: PeerId) -> grammers_session::BoxFuture<'_, Result<Option<PeerInfo>, Self::Error>> {
+    fn peer(
+        &self,
+        peer: PeerId,
+    ) -> grammers_session::BoxFuture<'_, Result<Option<PeerInfo>, Self::Error>> {
         Box::pin(async move { Ok(lock(&self.peers).get(&peer).cloned()) })
     }
 
-    fn cache_peer(&self, peer: PeerInfo) -> grammers_session::BoxFuture<'_, Result<(), Self::Error>> {
+    fn cache_peer(
+        &self,
+        peer: PeerInfo,
+    ) -> grammers_session::BoxFuture<'_, Result<(), Self::Error>> {
         Box::pin(async move {
             lock(&self.peers)
                 .entry(peer.id())
@@ -132,7 +144,10 @@ impl Session for StoredSession {
         Box::pin(async move { Ok(lock(&self.updates).clone()) })
     }
 
-    fn set_update_state(&self, update: UpdateState) -> grammers_session::BoxFuture<'_, Result<(), Self::Error>> {
+    fn set_update_state(
+        &self,
+        update: UpdateState,
+    ) -> grammers_session::BoxFuture<'_, Result<(), Self::Error>> {
         Box::pin(async move {
             let mut s = lock(&self.updates);
             match update {
@@ -162,7 +177,10 @@ pub struct MtprotoClient {
 
 impl MtprotoClient {
     /// Starts grammers' sender pool on `session` and an update pump.
-    pub async fn connect(session: Arc<StoredSession>, api_id: i32) -> Result<(Self, UpdateRx), TgError> {
+    pub async fn connect(
+        session: Arc<StoredSession>,
+        api_id: i32,
+    ) -> Result<(Self, UpdateRx), TgError> {
         let SenderPool {
             runner,
             updates,
@@ -175,9 +193,7 @@ impl MtprotoClient {
         let mut stream = client
             .stream_updates(
                 updates,
-                grammers_mtsender::UpdatesConfiguration {
-                    catch_up: false,
-                },
+                grammers_mtsender::UpdatesConfiguration { catch_up: false },
             )
             .await
             .map_err(|e| TgError::transport(e.to_string()))?;
@@ -225,7 +241,10 @@ fn map_invocation(e: InvocationError) -> TgError {
 impl Transport for MtprotoClient {
     fn invoke_raw(&self, body: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, TgError>> {
         Box::pin(async move {
-            let mut dc = self.session.home_dc_id().map_err(|e| TgError::store(e.to_string()))?;
+            let mut dc = self
+                .session
+                .home_dc_id()
+                .map_err(|e| TgError::store(e.to_string()))?;
             // Follow at most one DC migration (PHONE_MIGRATE_N, USER_MIGRATE_N, …).
             for _ in 0..2 {
                 match self.handle.raw_invoke_in_dc(dc, body.clone()).await {
@@ -234,7 +253,11 @@ impl Transport for MtprotoClient {
                         let e = map_invocation(e);
                         match e.migrate_to() {
                             Some(to) if to != dc => {
-                                tracing::info!(from = dc, to, "Telegram moved the account to another DC");
+                                tracing::info!(
+                                    from = dc,
+                                    to,
+                                    "Telegram moved the account to another DC"
+                                );
                                 let _ = self.session.set_home_dc_id(to).await;
                                 dc = to;
                             }

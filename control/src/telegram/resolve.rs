@@ -199,11 +199,27 @@ mod tests {
     #[test]
     fn queries_parse() {
         assert_eq!(PeerQuery::parse("+7 999").ok(), None);
-        assert_eq!(PeerQuery::parse("+79991234567").unwrap(), PeerQuery::Phone("79991234567".into()));
-        assert_eq!(PeerQuery::parse("@Alice_1").unwrap(), PeerQuery::Username("alice_1".into()));
-        assert_eq!(PeerQuery::parse("tg#bobby").unwrap(), PeerQuery::Username("bobby".into()));
+        assert_eq!(
+            PeerQuery::parse("+79991234567").unwrap(),
+            PeerQuery::Phone("79991234567".into())
+        );
+        assert_eq!(
+            PeerQuery::parse("@Alice_1").unwrap(),
+            PeerQuery::Username("alice_1".into())
+        );
+        assert_eq!(
+            PeerQuery::parse("tg#bobby").unwrap(),
+            PeerQuery::Username("bobby".into())
+        );
         assert_eq!(PeerQuery::parse("id:42").unwrap(), PeerQuery::UserId(42));
-        for bad in ["", "@ab", "id:x", "hello", "@with space", "+1234567890123456"] {
+        for bad in [
+            "",
+            "@ab",
+            "id:x",
+            "hello",
+            "@with space",
+            "+1234567890123456",
+        ] {
             assert!(PeerQuery::parse(bad).is_err(), "{bad}");
         }
     }

@@ -153,14 +153,20 @@ mod tests {
         assert!(!sealed.windows(secret.len()).any(|w| w == secret));
         assert_eq!(key.open("alice", &sealed).unwrap(), secret);
         // Another account's row, another key, a flipped bit: all refused.
-        assert!(matches!(key.open("bob", &sealed), Err(SealError::Open { .. })));
+        assert!(matches!(
+            key.open("bob", &sealed),
+            Err(SealError::Open { .. })
+        ));
         let other = StorageKey::from_bytes(&[8u8; 32]).unwrap();
         assert!(other.open("alice", &sealed).is_err());
         let mut bad = sealed.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert!(key.open("alice", &bad).is_err());
-        assert!(matches!(key.open("alice", &[1, 2]), Err(SealError::Format { .. })));
+        assert!(matches!(
+            key.open("alice", &[1, 2]),
+            Err(SealError::Format { .. })
+        ));
     }
 
     #[test]
@@ -177,7 +183,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(StorageKey::load("SIPTG_TEST_NO_SUCH_VAR", &dir.path().join("none"), false).is_err());
+        assert!(
+            StorageKey::load("SIPTG_TEST_NO_SUCH_VAR", &dir.path().join("none"), false).is_err()
+        );
         assert!(!format!("{a:?}").contains("00"));
     }
 }

@@ -26,7 +26,10 @@ pub struct SimClient {
 
 impl SimClient {
     /// Connects and presents `stored` (a previous session's key), if any.
-    pub async fn connect(addr: SocketAddr, stored: Option<&[u8]>) -> Result<(Self, UpdateRx), TgError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        stored: Option<&[u8]>,
+    ) -> Result<(Self, UpdateRx), TgError> {
         let auth_key = match stored {
             Some(s) => Some(
                 <[u8; 32]>::try_from(s)
@@ -113,7 +116,11 @@ impl Transport for SimClient {
             let id = self.next.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             lock(&self.pending).insert(id, tx);
-            if self.tx.send(SimFrame::Invoke { id, body }.encode()).is_err() {
+            if self
+                .tx
+                .send(SimFrame::Invoke { id, body }.encode())
+                .is_err()
+            {
                 lock(&self.pending).remove(&id);
                 return Err(TgError::transport("connection to tgsim lost"));
             }

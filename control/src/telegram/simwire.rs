@@ -186,7 +186,13 @@ mod tests {
             let enc = f.encode();
             assert_eq!(SimFrame::decode(&enc[4..]).unwrap(), f);
         }
-        for junk in [&[][..], &[9], &[1, 2], &[3, 1, 2], &[5, 0, 0, 0, 0, 0, 0, 0, 0, 1]] {
+        for junk in [
+            &[][..],
+            &[9],
+            &[1, 2],
+            &[3, 1, 2],
+            &[5, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        ] {
             assert!(SimFrame::decode(junk).is_err(), "{junk:?}");
         }
     }

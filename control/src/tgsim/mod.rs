@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-pub use world::{Privacy, SimUser, TurnServer, World, WorldConfig};
 use world::{Delivery, To};
+pub use world::{Privacy, SimUser, TurnServer, World, WorldConfig};
 
 /// The built-in world (`config/tgsim.example.toml`).
 pub const EXAMPLE_WORLD: &str = include_str!("../../../config/tgsim.example.toml");
@@ -51,10 +51,19 @@ pub fn load_world(path: Option<&std::path::Path>) -> Result<WorldConfig, WorldEr
     let mut names = std::collections::HashSet::new();
     for u in &cfg.users {
         if u.id <= 0 || !ids.insert(u.id) {
-            return Err(bad(format!("user id {} is not positive or not unique", u.id)));
+            return Err(bad(format!(
+                "user id {} is not positive or not unique",
+                u.id
+            )));
         }
-        if u.phone.is_empty() || !u.phone.bytes().all(|b| b.is_ascii_digit()) || !phones.insert(u.phone.clone()) {
-            return Err(bad(format!("user {}: phone {:?} must be unique digits", u.id, u.phone)));
+        if u.phone.is_empty()
+            || !u.phone.bytes().all(|b| b.is_ascii_digit())
+            || !phones.insert(u.phone.clone())
+        {
+            return Err(bad(format!(
+                "user {}: phone {:?} must be unique digits",
+                u.id, u.phone
+            )));
         }
         if let Some(n) = &u.username {
             if !names.insert(n.to_ascii_lowercase()) {
@@ -228,9 +237,19 @@ impl TgSim {
             .conns
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(conn_id, Conn { key, tx: tx.clone() });
+            .insert(
+                conn_id,
+                Conn {
+                    key,
+                    tx: tx.clone(),
+                },
+            );
         // A device that comes online hears the calls still ringing for it.
-        let pending = self.with_world(|w| w.user_of(&key).map(|u| w.pending_for(u)).unwrap_or_default());
+        let pending = self.with_world(|w| {
+            w.user_of(&key)
+                .map(|u| w.pending_for(u))
+                .unwrap_or_default()
+        });
         self.deliver(pending);
         let writer = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;

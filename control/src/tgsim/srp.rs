@@ -52,7 +52,14 @@ pub struct SrpRound {
 
 impl SrpRound {
     /// Starts a round for `password` with the given group and salts; `b` is the cloud's secret.
-    pub fn new(p: &[u8], g: u32, salt1: &[u8], salt2: &[u8], password: &[u8], b: [u8; 256]) -> Self {
+    pub fn new(
+        p: &[u8],
+        g: u32,
+        salt1: &[u8],
+        salt2: &[u8],
+        password: &[u8],
+        b: [u8; 256],
+    ) -> Self {
         let p_n = BigUint::from_bytes_be(p);
         let g_n = BigUint::from(g);
         let x = BigUint::from_bytes_be(&ph2(password, salt1, salt2));

@@ -285,7 +285,9 @@ impl World {
 
     fn unix(&self, now: Instant) -> i32 {
         let secs = now.saturating_duration_since(self.epoch.0).as_secs();
-        self.epoch.1.saturating_add(i32::try_from(secs).unwrap_or(i32::MAX))
+        self.epoch
+            .1
+            .saturating_add(i32::try_from(secs).unwrap_or(i32::MAX))
     }
 
     /// Adds or replaces a user.
@@ -394,14 +396,12 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
 
 /// Decodes a function body (after its constructor id) or answers 400 like Telegram does.
 fn decode<R: Deserializable>(body: &[u8]) -> Result<R, RpcErr> {
-    R::from_bytes(body.get(4..).unwrap_or_default())
-        .map_err(|_| err(400, "INPUT_REQUEST_INVALID"))
+    R::from_bytes(body.get(4..).unwrap_or_default()).map_err(|_| err(400, "INPUT_REQUEST_INVALID"))
 }
 
 fn ok<T: Serializable>(value: T) -> Result<Vec<u8>, RpcErr> {
     Ok(value.to_bytes())
 }
-
 
 fn allowed(rule: Privacy, owner: &SimUser, who: i64) -> bool {
     match rule {
@@ -418,13 +418,14 @@ impl World {
         let now_status = if self.online(id) {
             tl::enums::UserStatus::Online(tl::types::UserStatusOnline { expires: i32::MAX })
         } else {
-            tl::enums::UserStatus::Recently(tl::types::UserStatusRecently {
-                by_me: false,
-            })
+            tl::enums::UserStatus::Recently(tl::types::UserStatusRecently { by_me: false })
         };
         Some(tl::enums::User::User(tl::types::User {
             is_self: id == viewer,
-            contact: self.users.get(&viewer).is_some_and(|v| v.contacts.contains(&id)),
+            contact: self
+                .users
+                .get(&viewer)
+                .is_some_and(|v| v.contacts.contains(&id)),
             mutual_contact: false,
             deleted: false,
             bot: false,
@@ -541,7 +542,8 @@ impl World {
     }
 
     fn me(&self, key: &[u8; 32]) -> Result<i64, RpcErr> {
-        self.user_of(key).ok_or_else(|| err(401, "AUTH_KEY_UNREGISTERED"))
+        self.user_of(key)
+            .ok_or_else(|| err(401, "AUTH_KEY_UNREGISTERED"))
     }
 
     fn dispatch(
@@ -557,7 +559,11 @@ impl World {
         match id {
             f::auth::SendCode::CONSTRUCTOR_ID => {
                 let r: f::auth::SendCode = decode(body)?;
-                let phone: String = r.phone_number.chars().filter(char::is_ascii_digit).collect();
+                let phone: String = r
+                    .phone_number
+                    .chars()
+                    .filter(char::is_ascii_digit)
+                    .collect();
                 if phone.is_empty() {
                     return Err(err(400, "PHONE_NUMBER_INVALID"));
                 }
@@ -570,9 +576,9 @@ impl World {
                     s.pending_code = Some((phone, hash.clone()));
                 }
                 ok(tl::enums::auth::SentCode::Code(tl::types::auth::SentCode {
-                    r#type: tl::enums::auth::SentCodeType::App(
-                        tl::types::auth::SentCodeTypeApp { length: 5 },
-                    ),
+                    r#type: tl::enums::auth::SentCodeType::App(tl::types::auth::SentCodeTypeApp {
+                        length: 5,
+                    }),
                     phone_code_hash: hash,
                     next_type: None,
                     timeout: None,
@@ -581,7 +587,11 @@ impl World {
             f::auth::SignIn::CONSTRUCTOR_ID => {
                 let r: f::auth::SignIn = decode(body)?;
                 let pending = self.sessions.get(&key).and_then(|s| s.pending_code.clone());
-                let phone: String = r.phone_number.chars().filter(char::is_ascii_digit).collect();
+                let phone: String = r
+                    .phone_number
+                    .chars()
+                    .filter(char::is_ascii_digit)
+                    .collect();
                 match pending {
                     Some((p, h)) if p == phone && h == r.phone_code_hash => {}
                     _ => return Err(err(400, "PHONE_CODE_EXPIRED")),
@@ -690,10 +700,12 @@ impl World {
                 if let Some(s) = self.sessions.get_mut(&key) {
                     s.qr_token = Some(token.clone());
                 }
-                ok(tl::enums::auth::LoginToken::Token(tl::types::auth::LoginToken {
-                    expires: unix + 30,
-                    token,
-                }))
+                ok(tl::enums::auth::LoginToken::Token(
+                    tl::types::auth::LoginToken {
+                        expires: unix + 30,
+                        token,
+                    },
+                ))
             }
             f::auth::AcceptLoginToken::CONSTRUCTOR_ID => {
                 let r: f::auth::AcceptLoginToken = decode(body)?;
@@ -708,9 +720,11 @@ impl World {
                 if let Some(s) = self.sessions.get_mut(&key) {
                     s.user = None;
                 }
-                ok(tl::enums::auth::LoggedOut::Out(tl::types::auth::LoggedOut {
-                    future_auth_token: None,
-                }))
+                ok(tl::enums::auth::LoggedOut::Out(
+                    tl::types::auth::LoggedOut {
+                        future_auth_token: None,
+                    },
+                ))
             }
             f::users::GetUsers::CONSTRUCTOR_ID => {
                 let r: f::users::GetUsers = decode(body)?;
@@ -735,7 +749,9 @@ impl World {
                 let found = self
                     .users
                     .values()
-                    .find(|u| u.username.as_deref().map(str::to_ascii_lowercase) == Some(name.clone()))
+                    .find(|u| {
+                        u.username.as_deref().map(str::to_ascii_lowercase) == Some(name.clone())
+                    })
                     .map(|u| u.id)
                     .ok_or_else(|| err(400, "USERNAME_NOT_OCCUPIED"))?;
                 self.resolved(found, me)
@@ -866,12 +882,14 @@ impl World {
                         tl::types::messages::DhConfigNotModified { random },
                     ));
                 }
-                ok(tl::enums::messages::DhConfig::Config(tl::types::messages::DhConfig {
-                    g: 3,
-                    p: self.dh_prime.clone(),
-                    version: 1,
-                    random,
-                }))
+                ok(tl::enums::messages::DhConfig::Config(
+                    tl::types::messages::DhConfig {
+                        g: 3,
+                        p: self.dh_prime.clone(),
+                        version: 1,
+                        random,
+                    },
+                ))
             }
             f::phone::GetCallConfig::CONSTRUCTOR_ID => {
                 self.me(&key)?;
@@ -909,7 +927,10 @@ impl World {
                 let r: f::phone::AcceptCall = decode(body)?;
                 let me = self.me(&key)?;
                 let id = self.phone_call_of(me, &r.peer)?;
-                let call = self.calls.get_mut(&id).ok_or_else(|| err(400, "CALL_PEER_INVALID"))?;
+                let call = self
+                    .calls
+                    .get_mut(&id)
+                    .ok_or_else(|| err(400, "CALL_PEER_INVALID"))?;
                 if call.participant != me {
                     return Err(err(400, "CALL_PEER_INVALID"));
                 }
@@ -930,16 +951,21 @@ impl World {
                 let pc_admin = self.call_tl(id, admin);
                 out.push(call_update(admin, pc_admin));
                 let pc = self.call_tl(id, me);
-                ok(tl::enums::phone::PhoneCall::Call(tl::types::phone::PhoneCall {
-                    phone_call: pc,
-                    users: self.call_users(id, me),
-                }))
+                ok(tl::enums::phone::PhoneCall::Call(
+                    tl::types::phone::PhoneCall {
+                        phone_call: pc,
+                        users: self.call_users(id, me),
+                    },
+                ))
             }
             f::phone::ConfirmCall::CONSTRUCTOR_ID => {
                 let r: f::phone::ConfirmCall = decode(body)?;
                 let me = self.me(&key)?;
                 let id = self.phone_call_of(me, &r.peer)?;
-                let call = self.calls.get_mut(&id).ok_or_else(|| err(400, "CALL_PEER_INVALID"))?;
+                let call = self
+                    .calls
+                    .get_mut(&id)
+                    .ok_or_else(|| err(400, "CALL_PEER_INVALID"))?;
                 if call.admin != me || call.state != CallState::Accepted {
                     return Err(err(400, "CALL_PEER_INVALID"));
                 }
@@ -954,10 +980,12 @@ impl World {
                 let pc_p = self.active_tl(id, participant);
                 out.push(call_update(participant, pc_p));
                 let pc = self.active_tl(id, me);
-                ok(tl::enums::phone::PhoneCall::Call(tl::types::phone::PhoneCall {
-                    phone_call: pc,
-                    users: self.call_users(id, me),
-                }))
+                ok(tl::enums::phone::PhoneCall::Call(
+                    tl::types::phone::PhoneCall {
+                        phone_call: pc,
+                        users: self.call_users(id, me),
+                    },
+                ))
             }
             f::phone::DiscardCall::CONSTRUCTOR_ID => {
                 let r: f::phone::DiscardCall = decode(body)?;
@@ -966,9 +994,10 @@ impl World {
                 let reason = match (&r.reason, self.calls.get(&id).map(|c| c.state)) {
                     // Declining an incoming call tells the caller "busy".
                     (tl::enums::PhoneCallDiscardReason::Hangup, Some(CallState::Requested))
-                    | (tl::enums::PhoneCallDiscardReason::Hangup, Some(CallState::Waiting { .. }))
-                        if self.calls.get(&id).is_some_and(|c| c.participant == me) =>
-                    {
+                    | (
+                        tl::enums::PhoneCallDiscardReason::Hangup,
+                        Some(CallState::Waiting { .. }),
+                    ) if self.calls.get(&id).is_some_and(|c| c.participant == me) => {
                         tl::enums::PhoneCallDiscardReason::Busy
                     }
                     (reason, _) => reason.clone(),
@@ -1060,13 +1089,15 @@ impl World {
             }
             f::updates::GetState::CONSTRUCTOR_ID => {
                 self.me(&key)?;
-                ok(tl::enums::updates::State::State(tl::types::updates::State {
-                    pts: 1,
-                    qts: 0,
-                    date: unix,
-                    seq: 0,
-                    unread_count: 0,
-                }))
+                ok(tl::enums::updates::State::State(
+                    tl::types::updates::State {
+                        pts: 1,
+                        qts: 0,
+                        date: unix,
+                        seq: 0,
+                        unread_count: 0,
+                    },
+                ))
             }
             _ => Err(err(400, "METHOD_NOT_SIMULATED")),
         }
@@ -1128,11 +1159,13 @@ impl World {
     }
 
     fn resolved(&self, user: i64, me: i64) -> Result<Vec<u8>, RpcErr> {
-        ok(tl::enums::contacts::ResolvedPeer::Peer(tl::types::contacts::ResolvedPeer {
-            peer: tl::enums::Peer::User(tl::types::PeerUser { user_id: user }),
-            chats: vec![],
-            users: self.user_tl(user, me).into_iter().collect(),
-        }))
+        ok(tl::enums::contacts::ResolvedPeer::Peer(
+            tl::types::contacts::ResolvedPeer {
+                peer: tl::enums::Peer::User(tl::types::PeerUser { user_id: user }),
+                chats: vec![],
+                users: self.user_tl(user, me).into_iter().collect(),
+            },
+        ))
     }
 
     fn request_call(
@@ -1158,7 +1191,11 @@ impl World {
             return Err(err(420, format!("FLOOD_WAIT_{}", wait.max(1))));
         }
         times.push(now);
-        let target = self.users.get(&callee).cloned().ok_or_else(|| err(400, "USER_ID_INVALID"))?;
+        let target = self
+            .users
+            .get(&callee)
+            .cloned()
+            .ok_or_else(|| err(400, "USER_ID_INVALID"))?;
         if !target.contacts.contains(&me) {
             let s = self.strangers.entry(me).or_default();
             s.insert(callee);
@@ -1202,10 +1239,12 @@ impl World {
             out.push(call_update(callee, pc));
         }
         let pc = self.call_tl(id, me);
-        ok(tl::enums::phone::PhoneCall::Call(tl::types::phone::PhoneCall {
-            phone_call: pc,
-            users: self.call_users(id, me),
-        }))
+        ok(tl::enums::phone::PhoneCall::Call(
+            tl::types::phone::PhoneCall {
+                phone_call: pc,
+                users: self.call_users(id, me),
+            },
+        ))
     }
 
     fn call_users(&self, id: i64, me: i64) -> Vec<tl::enums::User> {
@@ -1316,7 +1355,10 @@ impl World {
             CallState::Active { start } => start,
             _ => c.date,
         };
-        let p2p = self.users.get(&c.admin).is_some_and(|a| allowed(a.p2p, a, c.participant))
+        let p2p = self
+            .users
+            .get(&c.admin)
+            .is_some_and(|a| allowed(a.p2p, a, c.participant))
             && self
                 .users
                 .get(&c.participant)
@@ -1412,10 +1454,16 @@ impl World {
             .collect();
         let mut out = Vec::new();
         for id in expired {
-            self.discard(id, tl::enums::PhoneCallDiscardReason::Missed, Some(0), &mut out);
+            self.discard(
+                id,
+                tl::enums::PhoneCallDiscardReason::Missed,
+                Some(0),
+                &mut out,
+            );
         }
-        self.calls
-            .retain(|_, c| c.state != CallState::Discarded || now < c.ring_deadline + Duration::from_secs(600));
+        self.calls.retain(|_, c| {
+            c.state != CallState::Discarded || now < c.ring_deadline + Duration::from_secs(600)
+        });
         out
     }
 
@@ -1433,7 +1481,10 @@ impl World {
     pub fn pending_for(&self, user: i64) -> Vec<Delivery> {
         self.calls
             .values()
-            .filter(|c| c.participant == user && matches!(c.state, CallState::Requested | CallState::Waiting { .. }))
+            .filter(|c| {
+                c.participant == user
+                    && matches!(c.state, CallState::Requested | CallState::Waiting { .. })
+            })
             .map(|c| call_update(user, self.call_tl(c.id, user)))
             .collect()
     }

@@ -51,6 +51,25 @@ pub fn read_sockaddr(name: &[u8]) -> Option<SocketAddr> {
     }
 }
 
+/// Sends one datagram to `dest` from `fd`, without blocking (errors such as ICMP unreachable
+/// are not fatal: the packet is simply lost, as UDP would lose it).
+pub fn send_to(fd: std::os::fd::RawFd, data: &[u8], dest: SocketAddr) -> bool {
+    // SAFETY: all-zero sockaddr_in6 is valid; it is filled by write_sockaddr.
+    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    let len = write_sockaddr(&mut addr, dest);
+    // SAFETY: `addr` is an initialised local passed with the length written; `data` is live.
+    unsafe {
+        libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT,
+            (&addr as *const libc::sockaddr_in6).cast(),
+            len,
+        ) >= 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,24 +89,5 @@ mod tests {
         }
         assert_eq!(read_sockaddr(&[]), None);
         assert_eq!(read_sockaddr(&[0xff, 0xff, 1, 2]), None);
-    }
-}
-
-/// Sends one datagram to `dest` from `fd`, without blocking (errors such as ICMP unreachable
-/// are not fatal: the packet is simply lost, as UDP would lose it).
-pub fn send_to(fd: std::os::fd::RawFd, data: &[u8], dest: SocketAddr) -> bool {
-    // SAFETY: all-zero sockaddr_in6 is valid; it is filled by write_sockaddr.
-    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-    let len = write_sockaddr(&mut addr, dest);
-    // SAFETY: `addr` is an initialised local passed with the length written; `data` is live.
-    unsafe {
-        libc::sendto(
-            fd,
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_DONTWAIT,
-            (&addr as *const libc::sockaddr_in6).cast(),
-            len,
-        ) >= 0
     }
 }
