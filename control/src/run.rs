@@ -195,7 +195,9 @@ async fn wait_for_shutdown() {
 }
 
 /// With the simulated cloud configured as embedded, starts it where the Storage looks for it.
-async fn start_embedded_sim(inv: &Invocation) -> Result<Option<crate::tgsim::TgSim>, RunError> {
+/// If that port is taken (another siptg on this host), it takes a free port on the same
+/// address instead and says so; the Storage in this process is pointed at it.
+async fn start_embedded_sim(inv: &mut Invocation) -> Result<Option<crate::tgsim::TgSim>, RunError> {
     let t = &inv.loaded.config.telegram;
     if t.backend != crate::config::TelegramBackend::Sim || !t.sim_embedded {
         return Ok(None);
@@ -203,27 +205,37 @@ async fn start_embedded_sim(inv: &Invocation) -> Result<Option<crate::tgsim::TgS
     let path = t.sim_world.as_ref().map(|p| inv.loaded.path(p));
     let world =
         crate::tgsim::load_world(path.as_deref()).map_err(|e| RunError::Setup(e.to_string()))?;
-    let sim = crate::tgsim::TgSim::start(world, t.sim_address)
-        .await
-        .map_err(|e| {
-            RunError::Setup(format!(
-                "simulated Telegram cloud on {}: {e}",
-                t.sim_address
-            ))
-        })?;
+    let wanted = t.sim_address;
+    let sim = match crate::tgsim::TgSim::start(world.clone(), wanted).await {
+        Ok(sim) => sim,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let any = std::net::SocketAddr::new(wanted.ip(), 0);
+            let sim = crate::tgsim::TgSim::start(world, any)
+                .await
+                .map_err(|e| RunError::Setup(format!("simulated Telegram cloud on {any}: {e}")))?;
+            tracing::warn!(%wanted, actual = %sim.addr(), "simulated Telegram cloud: port in use, took another");
+            sim
+        }
+        Err(e) => {
+            return Err(RunError::Setup(format!(
+                "simulated Telegram cloud on {wanted}: {e}"
+            )))
+        }
+    };
+    inv.loaded.config.telegram.sim_address = sim.addr();
     Ok(Some(sim))
 }
 
 /// All roles in one process, linked in-process; the dataplane as a supervised child.
-pub async fn up(inv: Invocation) -> Result<(), RunError> {
+pub async fn up(mut inv: Invocation) -> Result<(), RunError> {
     prepare_state_dir(&inv)?;
+    // Held until shutdown: the simulated Telegram cloud stops when the last handle goes.
+    let _sim = start_embedded_sim(&mut inv).await?;
     let metrics = Arc::new(Metrics::default());
     let cfg = &inv.loaded.config;
     let worker = start_worker(&inv, &metrics);
     let dataplane = worker.dataplane().clone();
     worker.start_sip(&cfg.sip).await?;
-    // Held until shutdown: the simulated Telegram cloud stops when the last handle goes.
-    let _sim = start_embedded_sim(&inv).await?;
     let storage = start_storage(&inv, cfg.storage.clone().unwrap_or_default()).await?;
     let mcfg = cfg.manager.clone().unwrap_or_default();
     let manager = Manager::new(
