@@ -171,22 +171,87 @@ pub fn render(v: &Value) -> String {
     }
     let st = &v["storage"];
     if !st.is_null() {
-        let _ = writeln!(
-            out,
-            "storage {}: database {}, {} Telegram sessions, Telegram backend {}",
-            s(&st["name"]),
-            s(&st["database"]),
-            s(&st["telegram_sessions"]),
-            s(&st["telegram_backend"])
-        );
+        storage(&mut out, st);
     }
     out
+}
+
+/// The Session Storage and its Telegram accounts.
+fn storage(out: &mut String, st: &Value) {
+    let accounts = st["accounts"].as_array().cloned().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "storage {}: database {}, Telegram backend {}, {} account(s)",
+        s(&st["name"]),
+        s(&st["database"]),
+        s(&st["telegram_backend"]),
+        accounts.len()
+    );
+    for a in accounts {
+        if !a["error"].is_null() {
+            let _ = writeln!(out, "  accounts: {}", s(&a["error"]));
+            continue;
+        }
+        let who = match (a["user_id"].as_i64(), a["username"].as_str()) {
+            (Some(id), Some(u)) => format!("user {id} @{u}"),
+            (Some(id), None) => format!("user {id}"),
+            _ => String::new(),
+        };
+        let waits: Vec<String> = a["flood_waits"]
+            .as_array()
+            .map(|w| {
+                w.iter()
+                    .map(|p| format!("{} {}s", s(&p[0]), s(&p[1])))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  account {:<16} {:<10} {}{}{}",
+            s(&a["name"]),
+            s(&a["state"]),
+            who,
+            if a["connected"].as_bool() == Some(true) {
+                ""
+            } else {
+                " (not connected)"
+            },
+            if waits.is_empty() {
+                String::new()
+            } else {
+                format!(", flood waits: {}", waits.join(", "))
+            }
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn storage_accounts_are_listed_with_state_and_flood_waits() {
+        let mut out = String::new();
+        storage(
+            &mut out,
+            &json!({"name": "storage-1", "database": "redb", "telegram_backend": "sim (127.0.0.1:50003)",
+                    "accounts": [
+                        {"name": "gw", "state": "active", "user_id": 5, "username": "gw_tg",
+                         "connected": true, "flood_waits": [["phone.requestCall", 30]]},
+                        {"name": "old", "state": "inactive", "user_id": null, "username": null,
+                         "connected": false, "flood_waits": []}]}),
+        );
+        assert!(out.contains("storage storage-1: database redb, Telegram backend sim (127.0.0.1:50003), 2 account(s)"), "{out}");
+        assert!(
+            out.contains("user 5 @gw_tg, flood waits: phone.requestCall 30s"),
+            "{out}"
+        );
+        assert!(
+            out.contains("old") && out.contains("(not connected)"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn outbound_registrations_are_shown_with_their_state() {

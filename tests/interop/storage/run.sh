@@ -49,6 +49,58 @@ else
 fi
 stop_pg
 
+# --- A restarted siptg process keeps every account logged in (sealed session in redb) ---
+log "case: accounts survive a restart of the storage process"
+simport=$(free_port tcp); uadmin=$(free_port tcp); usip=$(free_port udp)
+cat >"$WORK/up.toml" <<CFG
+[node]
+state_dir = "$WORK/up"
+[admin]
+listen = "127.0.0.1:$uadmin"
+[dataplane]
+cores = [0]
+socket = "$WORK/up/dp.sock"
+rtp_port_min = 48000
+rtp_port_max = 48099
+[sip]
+listen = ["udp:127.0.0.1:$usip"]
+[telegram]
+backend = "sim"
+sim_address = "127.0.0.1:$simport"
+sim_embedded = false
+[database]
+path = "$WORK/up/siptg.redb"
+[storage]
+key_file = "$WORK/up/storage.key"
+CFG
+start tgsim_lo "$SIPTG" tgsim --listen "127.0.0.1:$simport"
+wait_until 10 bash -c "ss -ltn | grep -q '127.0.0.1:$simport'" || die "tgsim did not start"
+mkdir -p "$WORK/up"
+"$SIPTG" --config "$WORK/up.toml" storage login gateway --phone +999000000001 --code 12345 >"$WORK/login.log" 2>&1 \
+  || { cat "$WORK/login.log"; die "login failed"; }
+SIPTG_2FA_PASSWORD=demo-password "$SIPTG" --config "$WORK/up.toml" storage login twofa \
+  --phone +999000000005 --code 12345 >>"$WORK/login.log" 2>&1 || { cat "$WORK/login.log"; die "2FA login failed"; }
+grep -h "logged in as" "$WORK/login.log" | sed 's/^/    /'
+both_active() {
+  "$SIPTG" status --admin "127.0.0.1:$uadmin" >"$WORK/status.txt" 2>&1 || return 1
+  [ "$(grep -cE 'account (gateway|twofa) +active +user' "$WORK/status.txt")" = 2 ] &&
+    ! grep -q "not connected" "$WORK/status.txt"
+}
+restarted_ok=1
+for round in 1 2; do
+  start "up$round" "$SIPTG" up --config "$WORK/up.toml"
+  if wait_until 30 both_active; then
+    grep -E "^storage|account " "$WORK/status.txt" | sed "s/^/    [run $round] /"
+  else
+    cat "$WORK/status.txt"; tail -n 20 "$WORK/up$round.log"; restarted_ok=0
+  fi
+  pkill -TERM -f -- "[s]iptg up --config $WORK/up.toml" || true
+  # (The bracket keeps pgrep from matching its own command line.)
+  wait_until 20 bash -c "! pgrep -f -- '[s]iptg up --config $WORK/up.toml'" || { log "  siptg up did not stop"; restarted_ok=0; }
+done
+if [ "$restarted_ok" = 1 ]; then log "  PASS: accounts active after start and after a restart"
+else failed+=("accounts after a restart"); fi
+
 # --- Calls through tgsim, in a network namespace (WebRTC ignores loopback-only hosts) ---
 ns=siptgst$$
 ip netns add "$ns" || die "ip netns add"
