@@ -1,10 +1,12 @@
 //! The state database: redb (embedded, one host) or PostgreSQL (shared by many hosts).
 //!
-//! For now it holds the Session Storage's Telegram sessions (name → serialized MTProto session);
-//! later tables join it. Both backends present the same small API.
+//! It holds the Session Storage's tables (sealed sessions, account records, the resolution cache).
+//! Both backends implement one trait, [`StoreBackend`] — a key → bytes map per [`Table`] —
+//! and [`contract`] is the behaviour each must show (run against redb always, against
+//! PostgreSQL by `tests/interop/run storage`).
 
 use crate::config::{DatabaseBackend, DatabaseConfig};
-use redb::{ReadableTableMetadata, TableDefinition};
+use redb::TableDefinition;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -67,87 +69,187 @@ fn redb_err<E: std::fmt::Display>(op: &'static str) -> impl Fn(E) -> StoreError 
     }
 }
 
-/// An open database.
-#[derive(Clone)]
-pub enum Store {
-    Redb(Arc<redb::Database>),
-    Postgres(Arc<tokio_postgres::Client>),
+/// A boxed future, as backends are used behind `dyn`.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Entries of a table: (key, value), in key order.
+pub type Entries = Vec<(String, Vec<u8>)>;
+
+/// What a database backend offers: one key → bytes map per table.
+pub trait StoreBackend: Send + Sync + 'static {
+    /// `redb` or `postgres`, for status.
+    fn name(&self) -> &'static str;
+    /// Saves (or replaces) `key` in `table`.
+    fn put<'a>(
+        &'a self,
+        table: Table,
+        key: &'a str,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Loads `key` from `table`.
+    fn get<'a>(
+        &'a self,
+        table: Table,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>>;
+    /// Removes `key` from `table`; true if it was there.
+    fn delete<'a>(&'a self, table: Table, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Every entry of `table` whose key starts with `prefix`, in key order.
+    fn list<'a>(
+        &'a self,
+        table: Table,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Entries, StoreError>>;
 }
 
-impl Store {
-    /// Opens (and creates) the configured database; relative paths are resolved against `base`.
-    pub async fn open(cfg: &DatabaseConfig, base: &Path) -> Result<Self, StoreError> {
-        match cfg.backend {
-            DatabaseBackend::Redb => {
-                let path = crate::config::resolve(base, &cfg.path);
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
-                        path: dir.display().to_string(),
-                        source,
-                    })?;
-                }
-                let db = redb::Database::create(&path).map_err(redb_err("open"))?;
-                let tx = db.begin_write().map_err(redb_err("begin"))?;
-                for t in Table::ALL {
-                    tx.open_table(t.redb()).map_err(redb_err("create table"))?;
-                }
-                tx.commit().map_err(redb_err("commit"))?;
-                tracing::info!(path = %path.display(), "redb database open");
-                Ok(Store::Redb(Arc::new(db)))
-            }
-            DatabaseBackend::Postgres => {
-                let url = cfg.url.clone().unwrap_or_default();
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .map_err(|source| StoreError::Postgres {
-                        op: "connect",
-                        source,
-                    })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::error!(error = %e, "postgres connection lost");
-                    }
-                });
-                for t in Table::ALL {
-                    client
-                        .batch_execute(&format!(
-                            "CREATE TABLE IF NOT EXISTS {} (name TEXT PRIMARY KEY, data BYTEA NOT NULL)",
-                            t.name()
-                        ))
-                        .await
-                        .map_err(|source| StoreError::Postgres {
-                            op: "create table",
-                            source,
-                        })?;
-                }
-                tracing::info!("postgres database open");
-                Ok(Store::Postgres(Arc::new(client)))
-            }
+/// The embedded database (one host).
+pub struct RedbStore(redb::Database);
+
+/// PostgreSQL (state shared by many hosts).
+pub struct PgStore(tokio_postgres::Client);
+
+impl RedbStore {
+    /// Opens (and creates) the file and its tables.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.display().to_string(),
+                source,
+            })?;
         }
+        let db = redb::Database::create(path).map_err(redb_err("open"))?;
+        let tx = db.begin_write().map_err(redb_err("begin"))?;
+        for t in Table::ALL {
+            tx.open_table(t.redb()).map_err(redb_err("create table"))?;
+        }
+        tx.commit().map_err(redb_err("commit"))?;
+        tracing::info!(path = %path.display(), "redb database open");
+        Ok(Self(db))
     }
 
-    /// Which backend this is.
-    pub fn backend(&self) -> &'static str {
-        match self {
-            Store::Redb(_) => "redb",
-            Store::Postgres(_) => "postgres",
+    fn put_now(&self, table: Table, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        let tx = self.0.begin_write().map_err(redb_err("begin"))?;
+        {
+            let mut t = tx
+                .open_table(table.redb())
+                .map_err(redb_err("open table"))?;
+            t.insert(key, data).map_err(redb_err("insert"))?;
         }
+        tx.commit().map_err(redb_err("commit"))
     }
 
-    /// Saves (or replaces) `key` in `table`.
-    pub async fn put(&self, table: Table, key: &str, data: &[u8]) -> Result<(), StoreError> {
-        match self {
-            Store::Redb(db) => {
-                let tx = db.begin_write().map_err(redb_err("begin"))?;
-                {
-                    let mut t = tx
-                        .open_table(table.redb())
-                        .map_err(redb_err("open table"))?;
-                    t.insert(key, data).map_err(redb_err("insert"))?;
-                }
-                tx.commit().map_err(redb_err("commit"))
+    fn get_now(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.0.begin_read().map_err(redb_err("begin"))?;
+        let t = tx
+            .open_table(table.redb())
+            .map_err(redb_err("open table"))?;
+        let v = t.get(key).map_err(redb_err("get"))?;
+        Ok(v.map(|g| g.value().to_vec()))
+    }
+
+    fn delete_now(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+        let tx = self.0.begin_write().map_err(redb_err("begin"))?;
+        let had = {
+            let mut t = tx
+                .open_table(table.redb())
+                .map_err(redb_err("open table"))?;
+            let had = t.remove(key).map_err(redb_err("remove"))?.is_some();
+            had
+        };
+        tx.commit().map_err(redb_err("commit"))?;
+        Ok(had)
+    }
+
+    fn list_now(&self, table: Table, prefix: &str) -> Result<Entries, StoreError> {
+        let tx = self.0.begin_read().map_err(redb_err("begin"))?;
+        let t = tx
+            .open_table(table.redb())
+            .map_err(redb_err("open table"))?;
+        let mut out = Vec::new();
+        for item in t.range(prefix..).map_err(redb_err("range"))? {
+            let (k, v) = item.map_err(redb_err("range"))?;
+            if !k.value().starts_with(prefix) {
+                break;
             }
-            Store::Postgres(c) => c
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+// redb is fast and local: its calls run inline (each is one short transaction).
+impl StoreBackend for RedbStore {
+    fn name(&self) -> &'static str {
+        "redb"
+    }
+    fn put<'a>(
+        &'a self,
+        table: Table,
+        key: &'a str,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move { self.put_now(table, key, data) })
+    }
+    fn get<'a>(
+        &'a self,
+        table: Table,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(async move { self.get_now(table, key) })
+    }
+    fn delete<'a>(&'a self, table: Table, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { self.delete_now(table, key) })
+    }
+    fn list<'a>(
+        &'a self,
+        table: Table,
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Entries, StoreError>> {
+        Box::pin(async move { self.list_now(table, prefix) })
+    }
+}
+
+fn pg_err(op: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
+    move |source| StoreError::Postgres { op, source }
+}
+
+impl PgStore {
+    /// Connects and creates the tables.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(pg_err("connect"))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::error!(error = %e, "postgres connection lost");
+            }
+        });
+        for t in Table::ALL {
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {} (name TEXT PRIMARY KEY, data BYTEA NOT NULL)",
+                    t.name()
+                ))
+                .await
+                .map_err(pg_err("create table"))?;
+        }
+        tracing::info!("postgres database open");
+        Ok(Self(client))
+    }
+}
+
+impl StoreBackend for PgStore {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+    fn put<'a>(
+        &'a self,
+        table: Table,
+        key: &'a str,
+        data: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.0
                 .execute(
                     &format!(
                         "INSERT INTO {} (name, data) VALUES ($1, $2)
@@ -158,98 +260,53 @@ impl Store {
                 )
                 .await
                 .map(drop)
-                .map_err(|source| StoreError::Postgres {
-                    op: "insert",
-                    source,
-                }),
-        }
+                .map_err(pg_err("insert"))
+        })
     }
-
-    /// Loads `key` from `table`.
-    pub async fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        match self {
-            Store::Redb(db) => {
-                let tx = db.begin_read().map_err(redb_err("begin"))?;
-                let t = tx
-                    .open_table(table.redb())
-                    .map_err(redb_err("open table"))?;
-                let v = t.get(key).map_err(redb_err("get"))?;
-                Ok(v.map(|g| g.value().to_vec()))
-            }
-            Store::Postgres(c) => c
+    fn get<'a>(
+        &'a self,
+        table: Table,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StoreError>> {
+        Box::pin(async move {
+            self.0
                 .query_opt(
                     &format!("SELECT data FROM {} WHERE name = $1", table.name()),
                     &[&key],
                 )
                 .await
                 .map(|row| row.map(|r| r.get::<_, Vec<u8>>(0)))
-                .map_err(|source| StoreError::Postgres {
-                    op: "select",
-                    source,
-                }),
-        }
+                .map_err(pg_err("select"))
+        })
     }
-
-    /// Removes `key` from `table`; true if it was there.
-    pub async fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
-        match self {
-            Store::Redb(db) => {
-                let tx = db.begin_write().map_err(redb_err("begin"))?;
-                let had = {
-                    let mut t = tx
-                        .open_table(table.redb())
-                        .map_err(redb_err("open table"))?;
-                    let had = t.remove(key).map_err(redb_err("remove"))?.is_some();
-                    had
-                };
-                tx.commit().map_err(redb_err("commit"))?;
-                Ok(had)
-            }
-            Store::Postgres(c) => c
+    fn delete<'a>(&'a self, table: Table, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            self.0
                 .execute(
                     &format!("DELETE FROM {} WHERE name = $1", table.name()),
                     &[&key],
                 )
                 .await
                 .map(|n| n > 0)
-                .map_err(|source| StoreError::Postgres {
-                    op: "delete",
-                    source,
-                }),
-        }
+                .map_err(pg_err("delete"))
+        })
     }
-
-    /// Every entry of `table` whose key starts with `prefix`, in key order.
-    pub async fn list(
-        &self,
+    fn list<'a>(
+        &'a self,
         table: Table,
-        prefix: &str,
-    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        match self {
-            Store::Redb(db) => {
-                let tx = db.begin_read().map_err(redb_err("begin"))?;
-                let t = tx
-                    .open_table(table.redb())
-                    .map_err(redb_err("open table"))?;
-                let mut out = Vec::new();
-                for item in t.range(prefix..).map_err(redb_err("range"))? {
-                    let (k, v) = item.map_err(redb_err("range"))?;
-                    if !k.value().starts_with(prefix) {
-                        break;
-                    }
-                    out.push((k.value().to_string(), v.value().to_vec()));
-                }
-                Ok(out)
-            }
-            Store::Postgres(c) => {
-                let like = format!(
-                    "{}%",
-                    prefix
-                        .replace('\\', "\\\\")
-                        .replace('%', "\\%")
-                        .replace('_', "\\_")
-                );
-                c.query(
+        prefix: &'a str,
+    ) -> BoxFuture<'a, Result<Entries, StoreError>> {
+        Box::pin(async move {
+            // LIKE with the prefix's own wildcards escaped.
+            let like = format!(
+                "{}%",
+                prefix
+                    .replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            );
+            self.0
+                .query(
                     &format!(
                         "SELECT name, data FROM {} WHERE name LIKE $1 ORDER BY name",
                         table.name()
@@ -262,15 +319,60 @@ impl Store {
                         .map(|r| (r.get::<_, String>(0), r.get::<_, Vec<u8>>(1)))
                         .collect()
                 })
-                .map_err(|source| StoreError::Postgres {
-                    op: "select",
-                    source,
-                })
+                .map_err(pg_err("select"))
+        })
+    }
+}
+
+/// An open database: the configured backend behind [`StoreBackend`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Store(Arc<dyn StoreBackend>);
+
+impl Store {
+    /// Opens (and creates) the configured database; relative paths are resolved against `base`.
+    pub async fn open(cfg: &DatabaseConfig, base: &Path) -> Result<Self, StoreError> {
+        Ok(match cfg.backend {
+            DatabaseBackend::Redb => {
+                let path = crate::config::resolve(base, &cfg.path);
+                Store(Arc::new(RedbStore::open(&path)?))
             }
-        }
+            DatabaseBackend::Postgres => Store(Arc::new(
+                PgStore::connect(cfg.url.as_deref().unwrap_or_default()).await?,
+            )),
+        })
     }
 
-    /// Saves (or replaces) a Telegram session.
+    /// A store over any backend.
+    pub fn from_backend(backend: Arc<dyn StoreBackend>) -> Self {
+        Store(backend)
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> &'static str {
+        self.0.name()
+    }
+
+    /// Saves (or replaces) `key` in `table`.
+    pub async fn put(&self, table: Table, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        self.0.put(table, key, data).await
+    }
+
+    /// Loads `key` from `table`.
+    pub async fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(table, key).await
+    }
+
+    /// Removes `key` from `table`; true if it was there.
+    pub async fn delete(&self, table: Table, key: &str) -> Result<bool, StoreError> {
+        self.0.delete(table, key).await
+    }
+
+    /// Every entry of `table` whose key starts with `prefix`, in key order.
+    pub async fn list(&self, table: Table, prefix: &str) -> Result<Entries, StoreError> {
+        self.0.list(table, prefix).await
+    }
+
+    /// Saves (or replaces) a Telegram session (sealed by the caller).
     pub async fn put_session(&self, name: &str, data: &[u8]) -> Result<(), StoreError> {
         self.put(Table::Sessions, name, data).await
     }
@@ -282,21 +384,7 @@ impl Store {
 
     /// Number of stored sessions.
     pub async fn count_sessions(&self) -> Result<u64, StoreError> {
-        match self {
-            Store::Redb(db) => {
-                let tx = db.begin_read().map_err(redb_err("begin"))?;
-                let t = tx.open_table(SESSIONS).map_err(redb_err("open table"))?;
-                t.len().map_err(redb_err("count"))
-            }
-            Store::Postgres(c) => c
-                .query_one("SELECT count(*) FROM telegram_sessions", &[])
-                .await
-                .map(|r| r.get::<_, i64>(0) as u64)
-                .map_err(|source| StoreError::Postgres {
-                    op: "count",
-                    source,
-                }),
-        }
+        Ok(self.list(Table::Sessions, "").await?.len() as u64)
     }
 }
 

@@ -286,3 +286,44 @@ impl Drop for MtprotoClient {
         self.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stored_session_round_trips_what_grammers_writes() {
+        let s = StoredSession::load(None).unwrap();
+        let changed = s.changed();
+        let home = s.home_dc_id().unwrap();
+        assert!((1..=5).contains(&home), "grammers' known DCs are preloaded");
+        let mut dc = s.dc_option(home).unwrap().unwrap();
+        dc.auth_key = Some([7u8; 256]);
+        s.set_dc_option(&dc).await.unwrap();
+        s.set_home_dc_id(4).await.unwrap();
+        s.set_update_state(UpdateState::Primary {
+            pts: 10,
+            date: 20,
+            seq: 3,
+        })
+        .await
+        .unwrap();
+        assert!(
+            changed.has_changed().unwrap(),
+            "a new auth key must be persisted"
+        );
+        let blob = s.blob().unwrap();
+        let back = StoredSession::load(Some(&blob)).unwrap();
+        assert_eq!(back.home_dc_id().unwrap(), 4);
+        assert_eq!(
+            back.dc_option(home).unwrap().unwrap().auth_key,
+            Some([7u8; 256])
+        );
+        let st = back.updates_state().await.unwrap();
+        assert_eq!((st.pts, st.date, st.seq), (10, 20, 3));
+        assert!(matches!(
+            StoredSession::load(Some(b"not json")),
+            Err(TgError::Store { .. })
+        ));
+    }
+}

@@ -1577,3 +1577,135 @@ fn privacy_of(rules: &[tl::enums::InputPrivacyRule]) -> Privacy {
     }
     Privacy::Nobody
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(w: &mut World, key: [u8; 32], body: Vec<u8>, now: Instant) -> Outcome {
+        w.handle(key, &body, now)
+    }
+
+    #[test]
+    fn active_calls_list_the_configured_turn_server_and_p2p_follows_privacy() {
+        let now = Instant::now();
+        let mut b = SimUser::new(2, "2000", Some("bbbb"), "B");
+        b.p2p = Privacy::Nobody;
+        let cfg = WorldConfig {
+            users: vec![SimUser::new(1, "1000", Some("aaaa"), "A"), b],
+            turn: Some(TurnServer {
+                ip: "10.0.0.1".into(),
+                port: 3478,
+                username: "u".into(),
+                password: "p".into(),
+            }),
+            ..Default::default()
+        };
+        let mut w = World::new(cfg, now, 1_000_000);
+        let ka = w.hello(None, now);
+        let kb = w.hello(None, now);
+        w.authorize(&ka, 1);
+        w.authorize(&kb, 2);
+        let hash = w.user(2).unwrap().access_hash();
+        let g_a = vec![5u8; 256];
+        let proto = tl::enums::PhoneCallProtocol::Protocol(tl::types::PhoneCallProtocol {
+            udp_p2p: true,
+            udp_reflector: true,
+            min_layer: 65,
+            max_layer: 92,
+            library_versions: vec!["8.0.0".into()],
+        });
+        let o = call(
+            &mut w,
+            ka,
+            tl::functions::phone::RequestCall {
+                video: false,
+                user_id: tl::enums::InputUser::User(tl::types::InputUser {
+                    user_id: 2,
+                    access_hash: hash,
+                }),
+                random_id: 1,
+                g_a_hash: crate::tgcall::dh::g_a_hash(&g_a).to_vec(),
+                protocol: proto.clone(),
+            }
+            .to_bytes(),
+            now,
+        );
+        let tl::enums::phone::PhoneCall::Call(pc) =
+            tl::enums::phone::PhoneCall::from_bytes(&o.reply.unwrap()).unwrap();
+        let tl::enums::PhoneCall::Waiting(wt) = pc.phone_call else {
+            panic!()
+        };
+        let peer = tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
+            id: wt.id,
+            access_hash: wt.access_hash,
+        });
+        call(
+            &mut w,
+            kb,
+            tl::functions::phone::AcceptCall {
+                peer: peer.clone(),
+                g_b: vec![6; 256],
+                protocol: proto.clone(),
+            }
+            .to_bytes(),
+            now,
+        )
+        .reply
+        .unwrap();
+        let o = call(
+            &mut w,
+            ka,
+            tl::functions::phone::ConfirmCall {
+                peer,
+                g_a,
+                key_fingerprint: 42,
+                protocol: proto,
+            }
+            .to_bytes(),
+            now,
+        );
+        let tl::enums::phone::PhoneCall::Call(pc) =
+            tl::enums::phone::PhoneCall::from_bytes(&o.reply.unwrap()).unwrap();
+        let tl::enums::PhoneCall::Call(c) = pc.phone_call else {
+            panic!()
+        };
+        assert!(!c.p2p_allowed, "B allows P2P from nobody");
+        assert_eq!(c.key_fingerprint, 42);
+        assert_eq!(c.g_a_or_b, vec![6; 256], "the caller sees g_b");
+        let [tl::enums::PhoneConnection::Webrtc(t)] = &c.connections[..] else {
+            panic!("{:?}", c.connections)
+        };
+        assert!(t.turn && t.stun);
+        assert_eq!(
+            (t.ip.as_str(), t.port, t.username.as_str()),
+            ("10.0.0.1", 3478, "u")
+        );
+        // The callee got the active call with g_a.
+        let d = o.deliveries.iter().find(|d| d.to == To::User(2)).unwrap();
+        let tl::enums::Update::PhoneCall(u) = &d.update else {
+            panic!()
+        };
+        let tl::enums::PhoneCall::Call(cb) = &u.phone_call else {
+            panic!()
+        };
+        assert_eq!(cb.g_a_or_b, vec![5; 256]);
+    }
+
+    #[test]
+    fn garbage_requests_are_errors_not_panics() {
+        let now = Instant::now();
+        let mut w = World::new(WorldConfig::default(), now, 0);
+        let k = w.hello(None, now);
+        for body in [
+            vec![],
+            vec![1, 2, 3],
+            vec![0xff; 64],
+            tl::functions::phone::RequestCall::CONSTRUCTOR_ID
+                .to_le_bytes()
+                .to_vec(),
+        ] {
+            assert!(w.handle(k, &body, now).reply.is_err());
+        }
+    }
+}
