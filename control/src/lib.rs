@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod config;
 pub mod dataplane;
+pub mod gateway;
 pub mod link;
 pub mod linkserver;
 pub mod manager;
