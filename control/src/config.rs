@@ -43,6 +43,70 @@ pub struct Config {
     /// SIP connections ("lines") to PBXs; the Manager routes and authenticates by them.
     #[serde(default)]
     pub connection: Vec<ConnectionConfig>,
+    /// Gateways: a Telegram account joined to SIP connections.
+    #[serde(default)]
+    pub gateway: Vec<GatewayConfig>,
+}
+
+/// A gateway (SIP.TG's "Gateway" session): one Telegram account of a Session Storage, the SIP
+/// connections its calls use, and how calls are placed and presented.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Unique name.
+    pub name: String,
+    /// The Telegram account (its name in the Session Storage, `siptg storage list`).
+    pub account: String,
+    /// The Session Storage holding the account (default: the Manager's only one).
+    #[serde(default)]
+    pub storage: Option<String>,
+    /// The SIP connections (`[[connection]]` names): calls from them go to Telegram, calls
+    /// from Telegram go to them (by `priority`).
+    pub connections: Vec<String>,
+    /// "Number on the PBX": where a Telegram user's call goes.
+    #[serde(default)]
+    pub pbx_number: Option<String>,
+    /// Telegram users whose calls the gateway answers (`+phone`, `@username`, `id:N`); empty
+    /// means everybody.
+    #[serde(default)]
+    pub allowed_callers: Vec<String>,
+    /// Caller ID templates for calls to the PBX; the first whose placeholders are all known
+    /// wins (`{phone}`, `{username}`, `{userid}`).
+    #[serde(default = "default_caller_id")]
+    pub caller_id: Vec<String>,
+    /// Caller name templates (`{name}`, `{name_ascii}`, and the caller ID placeholders).
+    #[serde(default = "default_caller_name")]
+    pub caller_name: Vec<String>,
+    /// Concurrent calls.
+    #[serde(default = "default_lines")]
+    pub lines: u32,
+    /// Longest call; 0 = unlimited.
+    #[serde(default, deserialize_with = "duration_or_zero")]
+    pub max_call_duration: Duration,
+    /// Telegram text messages ⇄ SIP MESSAGE.
+    #[serde(default = "default_true")]
+    pub messages: bool,
+}
+
+fn default_priority() -> u32 {
+    1
+}
+fn default_dtmf() -> Vec<String> {
+    vec!["rfc2833".into(), "info".into()]
+}
+
+fn default_caller_id() -> Vec<String> {
+    vec!["+{phone}".into(), "{userid}".into()]
+}
+fn default_caller_name() -> Vec<String> {
+    vec!["{name}".into(), "@{username}".into()]
+}
+fn default_lines() -> u32 {
+    10
+}
+
+fn duration_or_zero<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d)
 }
 
 /// A SIP connection between a PBX and the gateway, of one of SIP.TG's three kinds.
@@ -102,6 +166,16 @@ pub struct ConnectionConfig {
     /// ones; encrypted but not authenticated).
     #[serde(default = "default_true")]
     pub tls_verify: bool,
+    /// Dial rules applied to the number a PBX dials (SIP.TG's "Dial Rules": `left=right`
+    /// regex rewrites in order, filters without `=`).
+    #[serde(default)]
+    pub dial_rules: Vec<String>,
+    /// Telegram → PBX hunting: lower rings first, equal ones ring together.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    /// DTMF methods towards this PBX, in order: `rfc2833` (RFC 4733), `info`.
+    #[serde(default = "default_dtmf")]
+    pub dtmf: Vec<String>,
 }
 
 /// How REGISTERs reach a PBX.
@@ -1028,10 +1102,51 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut bad = |k: &str, m: String| out.push((k.to_string(), m));
 
+    let mut gw_names = std::collections::HashSet::new();
+    let mut gw_of_conn = std::collections::HashMap::new();
+    for (i, g) in c.gateway.iter().enumerate() {
+        let key = |f: &str| format!("gateway[{i}].{f}");
+        if g.name.trim().is_empty() || !gw_names.insert(g.name.clone()) {
+            bad(&key("name"), format!("{:?} is empty or names two gateways", g.name));
+        }
+        if g.account.trim().is_empty() {
+            bad(&key("account"), "is empty".into());
+        }
+        if g.connections.is_empty() {
+            bad(&key("connections"), "a gateway needs at least one SIP connection".into());
+        }
+        for name in &g.connections {
+            if !c.connection.iter().any(|x| &x.name == name) {
+                bad(&key("connections"), format!("no [[connection]] named {name:?}"));
+            } else if let Some(other) = gw_of_conn.insert(name.clone(), g.name.clone()) {
+                bad(
+                    &key("connections"),
+                    format!("connection {name:?} already belongs to gateway {other:?}"),
+                );
+            }
+        }
+        if g.lines == 0 {
+            bad(&key("lines"), "must be at least 1".into());
+        }
+        for who in &g.allowed_callers {
+            if crate::telegram::resolve::PeerQuery::parse(who).is_err() {
+                bad(&key("allowed_callers"), format!("{who:?}: use +phone, @username or id:N"));
+            }
+        }
+    }
+
     let mut names = std::collections::HashSet::new();
     let mut logins = std::collections::HashSet::new();
     for (i, conn) in c.connection.iter().enumerate() {
         let key = |f: &str| format!("connection[{i}].{f}");
+        if let Err(e) = crate::gateway::dialrules::DialRules::new(&conn.dial_rules) {
+            bad(&key("dial_rules"), e.to_string());
+        }
+        for m in &conn.dtmf {
+            if !["rfc2833", "info"].contains(&m.as_str()) {
+                bad(&key("dtmf"), format!("{m:?}: use \"rfc2833\" or \"info\""));
+            }
+        }
         if conn.name.trim().is_empty() {
             bad(&key("name"), "is empty".into());
         } else if !names.insert(conn.name.clone()) {

@@ -88,9 +88,12 @@ pub enum Request {
     Status,
     /// Manager or Worker → Storage: a Telegram request for one account (allow-listed there).
     Telegram(Box<TelegramRequest>),
-    /// Storage → Manager: an update from one of its accounts (already filtered by the
-    /// Storage's update allow-list); `update` is the TL `Update`, base64.
+    /// Storage → Manager, Manager → Workers: an update from one of a Storage's accounts
+    /// (already filtered by the Storage's update allow-list); `update` is the TL `Update`,
+    /// base64.
     TelegramUpdate { account: String, update: String },
+    /// Manager → Worker: place a Telegram user's call to a PBX.
+    GatewayIncoming(Box<IncomingCall>),
 }
 
 /// A Telegram request through the Session Storage.
@@ -98,6 +101,50 @@ pub enum Request {
 pub struct TelegramRequest {
     pub account: String,
     pub op: TelegramOp,
+    /// From a Worker to the Manager: which Storage (the Manager forwards); ignored by Storages.
+    #[serde(default)]
+    pub storage: Option<String>,
+}
+
+/// An INVITE that goes to Telegram: the gateway, its account and who to call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayRoute {
+    pub gateway: String,
+    pub storage: String,
+    pub account: String,
+    /// The Telegram user, after the connection's dial rules.
+    pub query: crate::telegram::resolve::PeerQuery,
+    /// The calling connection's codecs, in its order.
+    pub codecs: Vec<String>,
+    /// The connection's DTMF methods, in order.
+    pub dtmf: Vec<String>,
+    /// The gateway's concurrent calls.
+    pub lines: u32,
+    /// Longest call in seconds (0 = unlimited).
+    pub max_call_secs: u64,
+}
+
+/// A Telegram user's call the Manager routes to a PBX through a Worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncomingCall {
+    pub gateway: String,
+    pub storage: String,
+    pub account: String,
+    /// The `phoneCallRequested` (TL, base64).
+    pub call: String,
+    /// Request-URI of the INVITE to the PBX.
+    pub request_uri: String,
+    /// Where the INVITE goes.
+    pub address: SocketAddr,
+    /// The connection it goes out on.
+    pub connection: String,
+    /// Caller ID (From user) and display name.
+    pub from_user: String,
+    pub from_name: Option<String>,
+    /// Extra headers (`X-TG-ID`, `X-TG-Username`, `X-TG-Phone`, `X-TG-Name`).
+    pub headers: Vec<(String, String)>,
+    pub codecs: Vec<String>,
+    pub dtmf: Vec<String>,
 }
 
 /// What to do with the account.
@@ -186,6 +233,8 @@ pub enum Response {
     },
     /// Acknowledges a notification (`TelegramUpdate`).
     Done,
+    /// INVITE: call this Telegram user through the gateway (the Worker's gateway call).
+    Gateway(Box<GatewayRoute>),
     Error {
         message: String,
     },

@@ -74,6 +74,9 @@ pub struct StorageUpdate {
 pub struct Routing {
     connections: Vec<ConnectionConfig>,
     registrar: Mutex<Registrar>,
+    gateways: Vec<crate::config::GatewayConfig>,
+    /// The Storage a gateway without one uses (the Manager's first).
+    default_storage: Mutex<Option<String>>,
 }
 
 impl Routing {
@@ -82,7 +85,83 @@ impl Routing {
         Routing {
             connections,
             registrar: Mutex::new(Registrar::new(realm)),
+            gateways: Vec::new(),
+            default_storage: Mutex::new(None),
         }
+    }
+
+    /// Adds the gateways (calls between their connections and Telegram).
+    pub fn with_gateways(mut self, gateways: Vec<crate::config::GatewayConfig>) -> Self {
+        self.gateways = gateways;
+        self
+    }
+
+    /// The gateway a connection belongs to.
+    pub fn gateway_of_connection(&self, connection: &str) -> Option<&crate::config::GatewayConfig> {
+        self.gateways
+            .iter()
+            .find(|g| g.connections.iter().any(|c| c == connection))
+    }
+
+    /// The gateway of a Telegram account.
+    pub fn gateway_of_account(&self, account: &str) -> Option<&crate::config::GatewayConfig> {
+        self.gateways.iter().find(|g| g.account == account)
+    }
+
+    fn storage_of(&self, g: &crate::config::GatewayConfig) -> Option<String> {
+        g.storage.clone().or_else(|| {
+            self.default_storage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
+    }
+
+    /// A PBX's INVITE on a gateway's connection: which Telegram user to call.
+    fn gateway_route(
+        &self,
+        g: &crate::config::GatewayConfig,
+        caller: &ConnectionConfig,
+        q: &RouteQuery,
+    ) -> LinkResponse {
+        let reply = |code: u16, reason: &str| LinkResponse::Route {
+            code,
+            reason: reason.to_string(),
+            headers: Vec::new(),
+        };
+        let Some(storage) = self.storage_of(g) else {
+            return reply(503, reasons::STORAGE_UNAVAILABLE);
+        };
+        let dialled = crate::sip::message::uri_user(&q.request_uri)
+            .or_else(|| q.to_user.clone())
+            .unwrap_or_default();
+        let dialled = percent_decode(&dialled);
+        let rules = match crate::gateway::dialrules::DialRules::new(&caller.dial_rules) {
+            Ok(r) => r,
+            Err(_) => return reply(500, reasons::DATABASE_ERROR),
+        };
+        let Some(number) = rules.apply(&dialled) else {
+            tracing::info!(gateway = %g.name, %dialled, "dial rules filtered the number out; 404");
+            return reply(404, reasons::ROUTE_NOT_FOUND);
+        };
+        let query = match crate::telegram::resolve::PeerQuery::parse(&number) {
+            Ok(q) => q,
+            Err(_) => {
+                tracing::info!(gateway = %g.name, %dialled, %number, "not a phone, @username or user id; 404");
+                return reply(404, reasons::NOT_FOUND);
+            }
+        };
+        tracing::info!(gateway = %g.name, connection = %caller.name, %dialled, ?query, "INVITE to Telegram");
+        LinkResponse::Gateway(Box::new(crate::link::GatewayRoute {
+            gateway: g.name.clone(),
+            storage,
+            account: g.account.clone(),
+            query,
+            codecs: caller.codecs.clone(),
+            dtmf: caller.dtmf.clone(),
+            lines: g.lines,
+            max_call_secs: g.max_call_duration.as_secs(),
+        }))
     }
 
     /// How a Worker (`worker`) must answer a SIP request, or where it must forward a call.
@@ -123,6 +202,9 @@ impl Routing {
                 Err(refusal) => return refusal,
             };
             tracing::debug!(connection = %caller.name, source = %q.source, "INVITE from a known connection");
+            if let Some(g) = self.gateway_of_connection(&caller.name) {
+                return self.gateway_route(g, caller, q);
+            }
             // A call to the login of a registered PBX goes to that PBX (B2BUA through the
             // Worker that holds its registration). The login is the To user or, when a PBX
             // routes a dialled number to our registered contact (To naming our own AOR there),
@@ -227,6 +309,25 @@ impl Routing {
     }
 }
 
+/// `%2B79…` → `+79…` (PBXs escape `+` and `@` in Request-URI users).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 3 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_string())
+}
+
 /// The IP of a `host[:port]` setting when the host is a literal address.
 fn host_ip(s: &str) -> Option<std::net::IpAddr> {
     s.parse::<std::net::SocketAddr>()
@@ -261,8 +362,19 @@ impl Manager {
         connections: Vec<ConnectionConfig>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        Self::with_gateways(name, cfg, connections, Vec::new(), metrics)
+    }
+
+    /// A Manager that also routes the calls of `gateways`.
+    pub fn with_gateways(
+        name: String,
+        cfg: ManagerConfig,
+        connections: Vec<ConnectionConfig>,
+        gateways: Vec<crate::config::GatewayConfig>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            routing: Arc::new(Routing::new(connections, "siptg")),
+            routing: Arc::new(Routing::new(connections, "siptg").with_gateways(gateways)),
             name,
             cfg,
             peers: Mutex::new(BTreeMap::new()),
@@ -283,6 +395,16 @@ impl Manager {
         address: String,
         connect: Connector,
     ) {
+        if role == Role::Storage {
+            let mut d = self
+                .routing
+                .default_storage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if d.is_none() {
+                *d = Some(name.clone());
+            }
+        }
         self.peers().insert(
             name.clone(),
             PeerSlot {
@@ -337,7 +459,7 @@ impl Manager {
     }
 
     async fn open(
-        &self,
+        self: &Arc<Self>,
         role: Role,
         name: &str,
         connect: &Connector,
@@ -379,6 +501,7 @@ impl Manager {
         let req = LinkRequest::Telegram(Box::new(crate::link::TelegramRequest {
             account: account.to_string(),
             op,
+            storage: None,
         }));
         // The Storage times the RPC out itself; this only covers a dead link.
         match link.request(req, Duration::from_secs(60)).await {
@@ -423,20 +546,222 @@ impl Manager {
         }
     }
 
+    /// Live links to Workers.
+    fn worker_links(&self) -> Vec<(String, LinkHandle)> {
+        self.peers()
+            .iter()
+            .filter(|(_, p)| p.role == Some(Role::Worker))
+            .filter_map(|(n, p)| p.link.clone().filter(|l| l.is_up()).map(|l| (n.clone(), l)))
+            .collect()
+    }
+
+    /// An update from Storage `storage`: to every Worker (they own the calls), and a
+    /// Telegram user's new call to the gateway's routing.
+    fn on_storage_update(self: &Arc<Self>, storage: &str, account: &str, raw: &str, update: &grammers_tl_types::enums::Update) {
+        for (_, link) in self.worker_links() {
+            let req = LinkRequest::TelegramUpdate {
+                account: account.to_string(),
+                update: raw.to_string(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = link.request(req, Duration::from_secs(5)).await {
+                    tracing::debug!(error = %e, "update not delivered to a worker");
+                }
+            });
+        }
+        if let grammers_tl_types::enums::Update::PhoneCall(u) = update {
+            if let grammers_tl_types::enums::PhoneCall::Requested(r) = &u.phone_call {
+                let me = self.clone();
+                let (storage, account, r) = (storage.to_string(), account.to_string(), r.clone());
+                tokio::spawn(async move { me.route_incoming(storage, account, r).await });
+            }
+        }
+    }
+
+    /// A Telegram user calls a gateway's account: answer through a PBX connection, or refuse
+    /// (the user hears busy and reads why in the chat, as with SIP.TG).
+    async fn route_incoming(
+        self: Arc<Self>,
+        storage: String,
+        account: String,
+        call: grammers_tl_types::types::PhoneCallRequested,
+    ) {
+        use crate::gateway::incoming::{allowed, rungs, CallerInfo};
+        use crate::link::{TelegramAnswer, TelegramOp};
+        use crate::telegram::resolve::PeerQuery;
+        let Some(g) = self.routing.gateway_of_account(&account).cloned() else {
+            return; // not a gateway's account
+        };
+        let caller_id = call.admin_id;
+        let peer = match self
+            .telegram(&storage, &account, TelegramOp::Resolve { query: PeerQuery::UserId(caller_id) })
+            .await
+        {
+            Ok(TelegramAnswer::Peer { peer, .. }) => Some(peer),
+            _ => None,
+        };
+        if !allowed(&g, caller_id, peer.as_ref()) {
+            tracing::info!(gateway = %g.name, caller = caller_id, "caller not in allowed_callers: not answered");
+            return;
+        }
+        // A caller who is itself a gateway account (of this or another gateway).
+        if let Ok(TelegramAnswer::Accounts { accounts }) =
+            self.telegram(&storage, &account, TelegramOp::Accounts).await
+        {
+            let is_gateway = accounts.iter().any(|r| {
+                r.me.as_ref().is_some_and(|m| m.user_id == caller_id)
+                    && self.routing.gateway_of_account(&r.name).is_some()
+            });
+            if is_gateway {
+                return self
+                    .refuse_incoming(&storage, &account, &call, peer.as_ref(), 482, reasons::CALLER_HAS_GATEWAY)
+                    .await;
+            }
+        }
+        let info = CallerInfo { user_id: caller_id, peer: peer.as_ref() };
+        let number = g.pbx_number.clone().unwrap_or_else(|| "s".into());
+        // The first connection of the first rung that can be reached.
+        let now = std::time::SystemTime::now();
+        let mut target = None;
+        for rung in rungs(&g, &self.routing.connections) {
+            for c in rung {
+                let t = match c.kind {
+                    ConnectionKind::PbxRegisters => {
+                        let registrar = self.routing.registrar.lock().unwrap_or_else(|p| p.into_inner());
+                        registrar.binding(&c.name, now).map(|b| {
+                            let host = crate::sip::message::uri_host_port(&b.contact)
+                                .unwrap_or_else(|| b.source.to_string());
+                            (format!("sip:{number}@{host}"), b.source, Some(b.worker.clone()), c)
+                        })
+                    }
+                    ConnectionKind::Ip | ConnectionKind::RegisterToPbx => c
+                        .proxy
+                        .as_deref()
+                        .or(c.server.as_deref())
+                        .and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok())
+                        .map(|addr| {
+                            let domain = c.domain.clone().unwrap_or_else(|| addr.to_string());
+                            (format!("sip:{number}@{domain}"), addr, None, c)
+                        }),
+                };
+                if t.is_some() {
+                    target = t;
+                    break;
+                }
+            }
+            if target.is_some() {
+                break;
+            }
+        }
+        let Some((request_uri, address, worker, conn)) = target else {
+            tracing::info!(gateway = %g.name, "no PBX connection reachable for a Telegram call");
+            return self
+                .refuse_incoming(&storage, &account, &call, peer.as_ref(), 503, reasons::SIP_ACCOUNT_UNAVAILABLE)
+                .await;
+        };
+        let workers = self.worker_links();
+        let link = worker
+            .and_then(|w| workers.iter().find(|(n, _)| *n == w).map(|(_, l)| l.clone()))
+            .or_else(|| workers.first().map(|(_, l)| l.clone()));
+        let Some(link) = link else {
+            return self
+                .refuse_incoming(&storage, &account, &call, peer.as_ref(), 503, reasons::WORKER_UNAVAILABLE)
+                .await;
+        };
+        use base64::Engine;
+        use grammers_tl_types::Serializable;
+        let incoming = crate::link::IncomingCall {
+            gateway: g.name.clone(),
+            storage: storage.clone(),
+            account: account.clone(),
+            call: base64::engine::general_purpose::STANDARD.encode(call.to_bytes()),
+            request_uri,
+            address,
+            connection: conn.name.clone(),
+            from_user: info.render(&g.caller_id).unwrap_or_else(|| caller_id.to_string()),
+            from_name: info.render(&g.caller_name),
+            headers: info.headers(),
+            codecs: conn.codecs.clone(),
+            dtmf: conn.dtmf.clone(),
+        };
+        tracing::info!(gateway = %g.name, caller = caller_id, connection = %conn.name, %address, "Telegram call to the PBX");
+        match link.request(LinkRequest::GatewayIncoming(Box::new(incoming)), Duration::from_secs(5)).await {
+            Ok(LinkResponse::Done) => {}
+            other => {
+                tracing::warn!(?other, "worker did not take the Telegram call");
+                self.refuse_incoming(&storage, &account, &call, peer.as_ref(), 503, reasons::WORKER_UNAVAILABLE)
+                    .await;
+            }
+        }
+    }
+
+    /// Declines a Telegram user's call (busy) and tells them why in the chat.
+    async fn refuse_incoming(
+        &self,
+        storage: &str,
+        account: &str,
+        call: &grammers_tl_types::types::PhoneCallRequested,
+        peer: Option<&crate::telegram::resolve::Peer>,
+        code: u16,
+        reason: &str,
+    ) {
+        use grammers_tl_types as tl;
+        tracing::info!(caller = call.admin_id, code, reason, "Telegram call refused");
+        let peer_call = tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
+            id: call.id,
+            access_hash: call.access_hash,
+        });
+        let _ = self
+            .invoke(
+                storage,
+                account,
+                &tl::functions::phone::DiscardCall {
+                    video: false,
+                    peer: peer_call,
+                    duration: 0,
+                    reason: tl::enums::PhoneCallDiscardReason::Busy,
+                    connection_id: 0,
+                },
+            )
+            .await;
+        if let Some(p) = peer {
+            let _ = self
+                .invoke(storage, account, &crate::gateway::text_message(p, &format!("{code} {reason}")))
+                .await;
+        }
+    }
+
     /// Answers the questions of Worker or Storage `peer`.
-    fn handler(&self, peer: &str) -> Handler {
+    fn handler(self: &Arc<Self>, peer: &str) -> Handler {
         let metrics = self.metrics.clone();
         let routing = self.routing.clone();
         let updates = self.telegram_updates.clone();
         let peer = peer.to_string();
+        let me = Arc::downgrade(self);
         Arc::new(move |req| {
             let metrics = metrics.clone();
             let routing = routing.clone();
             let updates = updates.clone();
             let peer = peer.clone();
+            let me = me.clone();
             Box::pin(async move {
                 match req {
+                    LinkRequest::Telegram(r) => {
+                        // A Worker's Telegram request, for the Storage it names.
+                        let Some(me) = me.upgrade() else {
+                            return LinkResponse::Error { message: "manager stopping".into() };
+                        };
+                        let storage = r.storage.clone().or_else(|| {
+                            routing.default_storage.lock().unwrap_or_else(|p| p.into_inner()).clone()
+                        });
+                        let result = match storage {
+                            Some(s) => me.telegram(&s, &r.account, r.op).await,
+                            None => Err(crate::telegram::TgError::transport("no session storage configured")),
+                        };
+                        LinkResponse::Telegram { result }
+                    }
                     LinkRequest::TelegramUpdate { account, update } => {
+                        let raw = update.clone();
                         use base64::Engine;
                         use grammers_tl_types::Deserializable;
                         let decoded = base64::engine::general_purpose::STANDARD
@@ -445,6 +770,9 @@ impl Manager {
                             .and_then(|b| grammers_tl_types::enums::Update::from_bytes(&b).ok());
                         match decoded {
                             Some(update) => {
+                                if let Some(me) = me.upgrade() {
+                                    me.on_storage_update(&peer, &account, &raw, &update);
+                                }
                                 let _ = updates.send(StorageUpdate {
                                     storage: peer.clone(),
                                     account,

@@ -238,10 +238,11 @@ pub async fn up(mut inv: Invocation) -> Result<(), RunError> {
     worker.start_sip(&cfg.sip).await?;
     let storage = start_storage(&inv, cfg.storage.clone().unwrap_or_default()).await?;
     let mcfg = cfg.manager.clone().unwrap_or_default();
-    let manager = Manager::new(
+    let manager = Manager::with_gateways(
         mcfg.name.clone(),
         mcfg,
         cfg.connection.clone(),
+        cfg.gateway.clone(),
         metrics.clone(),
     );
     manager.add_peer(
@@ -279,10 +280,11 @@ pub async fn manager(inv: Invocation) -> Result<(), RunError> {
         )
     })?;
     let client = tls::client_config(&node_tls(&inv, Role::Manager)?)?;
-    let manager = Manager::new(
+    let manager = Manager::with_gateways(
         mcfg.name.clone(),
         mcfg.clone(),
         inv.loaded.config.connection.clone(),
+        inv.loaded.config.gateway.clone(),
         metrics.clone(),
     );
     for (role, peers) in [

@@ -160,13 +160,29 @@ pub fn uri_user(value: &str) -> Option<String> {
         .strip_prefix("sip:")
         .or_else(|| uri.trim().strip_prefix("sips:"))
         .or_else(|| uri.trim().strip_prefix("tel:"))?;
-    let user = match rest.split_once('@') {
+    // The last `@` separates the host: a PBX may send `@username` unescaped.
+    let user = match rest.rsplit_once('@') {
         Some((u, _)) => u,
         None if uri.trim().starts_with("tel:") => rest,
         None => return None,
     };
     let user = user.split([';', ':']).next().unwrap_or(user);
     (!user.is_empty()).then(|| user.to_string())
+}
+
+/// The `host[:port]` of the SIP URI in a Contact/From/To value.
+pub fn uri_host_port(value: &str) -> Option<String> {
+    let uri = match (value.find('<'), value.find('>')) {
+        (Some(a), Some(b)) if a < b => &value[a + 1..b],
+        _ => value.split(';').next().unwrap_or(value),
+    };
+    let rest = uri
+        .trim()
+        .strip_prefix("sip:")
+        .or_else(|| uri.trim().strip_prefix("sips:"))?;
+    let host = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
+    let host = host.split([';', '?']).next().unwrap_or(host);
+    (!host.is_empty()).then(|| host.to_string())
 }
 
 /// Writes a final or provisional response to `req` received from `source`.
