@@ -1,5 +1,6 @@
 //! The `siptg` command: wires the CLI to the roles in `siptg-control` and `siptg-dataplane`.
 
+mod selftest;
 mod status_view;
 mod storage_cli;
 mod tgcall_peer;
@@ -28,7 +29,12 @@ enum Cmd {
     /// Run every role on this host: manager, worker, storage, and the dataplane as a child.
     Up,
     /// Run the gateway like `up`, with the simulated Telegram cloud.
-    Demo,
+    Demo {
+        /// Call the demo's Telegram user from a built-in SIP phone, check audio both ways and
+        /// DTMF, print the result and exit (non-zero on failure).
+        #[arg(long)]
+        self_test: bool,
+    },
     /// Run the Manager alone (links to workers and storages over mutual TLS).
     Manager,
     /// Run a Worker alone (SIP, media via the dataplane; its Manager connects over mutual TLS).
@@ -173,6 +179,44 @@ fn run_role(cli_config: Option<PathBuf>, demo: bool, f: RoleMain) -> Result<(), 
     runtime()?.block_on(f(inv)).map_err(|e| e.to_string())
 }
 
+/// `siptg demo --self-test`: the demo runs until the built-in phone's test is over.
+fn demo_self_test(cli_config: Option<PathBuf>) -> Result<(), String> {
+    let mut loaded = load(cli_config.as_deref())?;
+    loaded.config.telegram.backend = TelegramBackend::Sim;
+    if std::env::var_os("RUST_LOG").is_none() {
+        loaded.config.log.level = "warn".into();
+    }
+    observability::init(&loaded.config.log);
+    let sip = loaded
+        .config
+        .sip
+        .listen
+        .iter()
+        .find(|l| l.transport == config::SipTransport::Udp)
+        .map(|l| l.addr)
+        .ok_or("the self-test needs a UDP SIP listener ([sip] listen)")?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the siptg binary: {e}"))?;
+    let config_path = cli_config.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+    let inv = Invocation {
+        loaded,
+        config_path,
+        exe,
+    };
+    let passed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = passed.clone();
+    runtime()?
+        .block_on(run::up_until(inv, async move {
+            let ok = selftest::run(sip).await;
+            flag.store(ok, std::sync::atomic::Ordering::SeqCst);
+        }))
+        .map_err(|e| e.to_string())?;
+    if passed.load(std::sync::atomic::Ordering::SeqCst) {
+        Ok(())
+    } else {
+        Err("demo self-test failed".into())
+    }
+}
+
 fn print_demo_banner(loaded: &Loaded) {
     let c = &loaded.config;
     let sip: Vec<String> = c
@@ -197,7 +241,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Up => run_role(cli.config, false, |i| Box::pin(run::up(i))),
-        Cmd::Demo => run_role(cli.config, true, |i| Box::pin(run::up(i))),
+        Cmd::Demo { self_test: false } => run_role(cli.config, true, |i| Box::pin(run::up(i))),
+        Cmd::Demo { self_test: true } => demo_self_test(cli.config),
         Cmd::Manager => run_role(cli.config, false, |i| Box::pin(run::manager(i))),
         Cmd::Worker => run_role(cli.config, false, |i| Box::pin(run::worker(i))),
         Cmd::Storage { action: None } => run_role(cli.config, false, |i| Box::pin(run::storage(i))),

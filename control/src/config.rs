@@ -726,6 +726,14 @@ pub struct TelegramConfig {
     /// built-in demo users when unset.
     #[serde(default)]
     pub sim_world: Option<PathBuf>,
+    /// With the embedded simulated cloud: accounts logged in at start (account name → phone;
+    /// the cloud's code is 12345), so `siptg demo` needs no login step.
+    #[serde(default)]
+    pub sim_autologin: std::collections::BTreeMap<String, String>,
+    /// With the embedded simulated cloud: users (phones) whose app answers every call and
+    /// echoes it, and echoes text messages (the demo's Telegram user).
+    #[serde(default)]
+    pub sim_echo_users: Vec<String>,
 }
 
 impl Default for TelegramConfig {
@@ -737,6 +745,8 @@ impl Default for TelegramConfig {
             sim_address: default_sim_address(),
             sim_embedded: true,
             sim_world: None,
+            sim_autologin: Default::default(),
+            sim_echo_users: Vec::new(),
         }
     }
 }
@@ -1107,17 +1117,26 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     for (i, g) in c.gateway.iter().enumerate() {
         let key = |f: &str| format!("gateway[{i}].{f}");
         if g.name.trim().is_empty() || !gw_names.insert(g.name.clone()) {
-            bad(&key("name"), format!("{:?} is empty or names two gateways", g.name));
+            bad(
+                &key("name"),
+                format!("{:?} is empty or names two gateways", g.name),
+            );
         }
         if g.account.trim().is_empty() {
             bad(&key("account"), "is empty".into());
         }
         if g.connections.is_empty() {
-            bad(&key("connections"), "a gateway needs at least one SIP connection".into());
+            bad(
+                &key("connections"),
+                "a gateway needs at least one SIP connection".into(),
+            );
         }
         for name in &g.connections {
             if !c.connection.iter().any(|x| &x.name == name) {
-                bad(&key("connections"), format!("no [[connection]] named {name:?}"));
+                bad(
+                    &key("connections"),
+                    format!("no [[connection]] named {name:?}"),
+                );
             } else if let Some(other) = gw_of_conn.insert(name.clone(), g.name.clone()) {
                 bad(
                     &key("connections"),
@@ -1130,7 +1149,10 @@ fn validate(c: &Config) -> Vec<(String, String)> {
         }
         for who in &g.allowed_callers {
             if crate::telegram::resolve::PeerQuery::parse(who).is_err() {
-                bad(&key("allowed_callers"), format!("{who:?}: use +phone, @username or id:N"));
+                bad(
+                    &key("allowed_callers"),
+                    format!("{who:?}: use +phone, @username or id:N"),
+                );
             }
         }
     }

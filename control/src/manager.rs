@@ -557,7 +557,13 @@ impl Manager {
 
     /// An update from Storage `storage`: to every Worker (they own the calls), and a
     /// Telegram user's new call to the gateway's routing.
-    fn on_storage_update(self: &Arc<Self>, storage: &str, account: &str, raw: &str, update: &grammers_tl_types::enums::Update) {
+    fn on_storage_update(
+        self: &Arc<Self>,
+        storage: &str,
+        account: &str,
+        raw: &str,
+        update: &grammers_tl_types::enums::Update,
+    ) {
         for (_, link) in self.worker_links() {
             let req = LinkRequest::TelegramUpdate {
                 account: account.to_string(),
@@ -594,7 +600,13 @@ impl Manager {
         };
         let caller_id = call.admin_id;
         let peer = match self
-            .telegram(&storage, &account, TelegramOp::Resolve { query: PeerQuery::UserId(caller_id) })
+            .telegram(
+                &storage,
+                &account,
+                TelegramOp::Resolve {
+                    query: PeerQuery::UserId(caller_id),
+                },
+            )
             .await
         {
             Ok(TelegramAnswer::Peer { peer, .. }) => Some(peer),
@@ -605,8 +617,9 @@ impl Manager {
             return;
         }
         // A caller who is itself a gateway account (of this or another gateway).
-        if let Ok(TelegramAnswer::Accounts { accounts }) =
-            self.telegram(&storage, &account, TelegramOp::Accounts).await
+        if let Ok(TelegramAnswer::Accounts { accounts }) = self
+            .telegram(&storage, &account, TelegramOp::Accounts)
+            .await
         {
             let is_gateway = accounts.iter().any(|r| {
                 r.me.as_ref().is_some_and(|m| m.user_id == caller_id)
@@ -614,11 +627,21 @@ impl Manager {
             });
             if is_gateway {
                 return self
-                    .refuse_incoming(&storage, &account, &call, peer.as_ref(), 482, reasons::CALLER_HAS_GATEWAY)
+                    .refuse_incoming(
+                        &storage,
+                        &account,
+                        &call,
+                        peer.as_ref(),
+                        482,
+                        reasons::CALLER_HAS_GATEWAY,
+                    )
                     .await;
             }
         }
-        let info = CallerInfo { user_id: caller_id, peer: peer.as_ref() };
+        let info = CallerInfo {
+            user_id: caller_id,
+            peer: peer.as_ref(),
+        };
         let number = g.pbx_number.clone().unwrap_or_else(|| "s".into());
         // The first connection of the first rung that can be reached.
         let now = std::time::SystemTime::now();
@@ -627,11 +650,20 @@ impl Manager {
             for c in rung {
                 let t = match c.kind {
                     ConnectionKind::PbxRegisters => {
-                        let registrar = self.routing.registrar.lock().unwrap_or_else(|p| p.into_inner());
+                        let registrar = self
+                            .routing
+                            .registrar
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
                         registrar.binding(&c.name, now).map(|b| {
                             let host = crate::sip::message::uri_host_port(&b.contact)
                                 .unwrap_or_else(|| b.source.to_string());
-                            (format!("sip:{number}@{host}"), b.source, Some(b.worker.clone()), c)
+                            (
+                                format!("sip:{number}@{host}"),
+                                b.source,
+                                Some(b.worker.clone()),
+                                c,
+                            )
                         })
                     }
                     ConnectionKind::Ip | ConnectionKind::RegisterToPbx => c
@@ -656,16 +688,35 @@ impl Manager {
         let Some((request_uri, address, worker, conn)) = target else {
             tracing::info!(gateway = %g.name, "no PBX connection reachable for a Telegram call");
             return self
-                .refuse_incoming(&storage, &account, &call, peer.as_ref(), 503, reasons::SIP_ACCOUNT_UNAVAILABLE)
+                .refuse_incoming(
+                    &storage,
+                    &account,
+                    &call,
+                    peer.as_ref(),
+                    503,
+                    reasons::SIP_ACCOUNT_UNAVAILABLE,
+                )
                 .await;
         };
         let workers = self.worker_links();
         let link = worker
-            .and_then(|w| workers.iter().find(|(n, _)| *n == w).map(|(_, l)| l.clone()))
+            .and_then(|w| {
+                workers
+                    .iter()
+                    .find(|(n, _)| *n == w)
+                    .map(|(_, l)| l.clone())
+            })
             .or_else(|| workers.first().map(|(_, l)| l.clone()));
         let Some(link) = link else {
             return self
-                .refuse_incoming(&storage, &account, &call, peer.as_ref(), 503, reasons::WORKER_UNAVAILABLE)
+                .refuse_incoming(
+                    &storage,
+                    &account,
+                    &call,
+                    peer.as_ref(),
+                    503,
+                    reasons::WORKER_UNAVAILABLE,
+                )
                 .await;
         };
         use base64::Engine;
@@ -678,19 +729,34 @@ impl Manager {
             request_uri,
             address,
             connection: conn.name.clone(),
-            from_user: info.render(&g.caller_id).unwrap_or_else(|| caller_id.to_string()),
+            from_user: info
+                .render(&g.caller_id)
+                .unwrap_or_else(|| caller_id.to_string()),
             from_name: info.render(&g.caller_name),
             headers: info.headers(),
             codecs: conn.codecs.clone(),
             dtmf: conn.dtmf.clone(),
         };
         tracing::info!(gateway = %g.name, caller = caller_id, connection = %conn.name, %address, "Telegram call to the PBX");
-        match link.request(LinkRequest::GatewayIncoming(Box::new(incoming)), Duration::from_secs(5)).await {
+        match link
+            .request(
+                LinkRequest::GatewayIncoming(Box::new(incoming)),
+                Duration::from_secs(5),
+            )
+            .await
+        {
             Ok(LinkResponse::Done) => {}
             other => {
                 tracing::warn!(?other, "worker did not take the Telegram call");
-                self.refuse_incoming(&storage, &account, &call, peer.as_ref(), 503, reasons::WORKER_UNAVAILABLE)
-                    .await;
+                self.refuse_incoming(
+                    &storage,
+                    &account,
+                    &call,
+                    peer.as_ref(),
+                    503,
+                    reasons::WORKER_UNAVAILABLE,
+                )
+                .await;
             }
         }
     }
@@ -706,7 +772,12 @@ impl Manager {
         reason: &str,
     ) {
         use grammers_tl_types as tl;
-        tracing::info!(caller = call.admin_id, code, reason, "Telegram call refused");
+        tracing::info!(
+            caller = call.admin_id,
+            code,
+            reason,
+            "Telegram call refused"
+        );
         let peer_call = tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
             id: call.id,
             access_hash: call.access_hash,
@@ -726,7 +797,11 @@ impl Manager {
             .await;
         if let Some(p) = peer {
             let _ = self
-                .invoke(storage, account, &crate::gateway::text_message(p, &format!("{code} {reason}")))
+                .invoke(
+                    storage,
+                    account,
+                    &crate::gateway::text_message(p, &format!("{code} {reason}")),
+                )
                 .await;
         }
     }
@@ -749,14 +824,22 @@ impl Manager {
                     LinkRequest::Telegram(r) => {
                         // A Worker's Telegram request, for the Storage it names.
                         let Some(me) = me.upgrade() else {
-                            return LinkResponse::Error { message: "manager stopping".into() };
+                            return LinkResponse::Error {
+                                message: "manager stopping".into(),
+                            };
                         };
                         let storage = r.storage.clone().or_else(|| {
-                            routing.default_storage.lock().unwrap_or_else(|p| p.into_inner()).clone()
+                            routing
+                                .default_storage
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .clone()
                         });
                         let result = match storage {
                             Some(s) => me.telegram(&s, &r.account, r.op).await,
-                            None => Err(crate::telegram::TgError::transport("no session storage configured")),
+                            None => Err(crate::telegram::TgError::transport(
+                                "no session storage configured",
+                            )),
                         };
                         LinkResponse::Telegram { result }
                     }
@@ -885,6 +968,9 @@ mod tests {
             transport: Default::default(),
             tls_ca: None,
             tls_verify: true,
+            dial_rules: Vec::new(),
+            priority: 1,
+            dtmf: vec!["rfc2833".into()],
         }
     }
 

@@ -226,8 +226,60 @@ async fn start_embedded_sim(inv: &mut Invocation) -> Result<Option<crate::tgsim:
     Ok(Some(sim))
 }
 
-/// All roles in one process, linked in-process; the dataplane as a supervised child.
-pub async fn up(mut inv: Invocation) -> Result<(), RunError> {
+/// With the embedded simulated cloud: logs in `sim_autologin` accounts that are not yet, and
+/// starts the `sim_echo_users` (the demo's Telegram user who answers and echoes).
+async fn start_sim_helpers(
+    cfg: &crate::config::Config,
+    storage: &Arc<Storage>,
+    worker: &Arc<Worker>,
+) {
+    use crate::telegram::account::LoginStep;
+    let t = &cfg.telegram;
+    for (account, phone) in &t.sim_autologin {
+        let accounts = storage.accounts();
+        // The embedded cloud forgets everything when it stops: a stored session may be one it
+        // no longer knows. Log in again unless Telegram (the cloud) still accepts it.
+        if let Ok(a) = accounts.connect(account).await {
+            if a.me().await.is_ok() {
+                continue;
+            }
+        }
+        let result = async {
+            let sent = accounts.begin_phone_login(account, phone).await?;
+            let step = accounts.get(account)?.sign_in(&sent, "12345").await?;
+            accounts.finish_step(account, &step).await?;
+            Ok::<_, crate::telegram::TgError>(step)
+        }
+        .await;
+        match result {
+            Ok(LoginStep::Done(me)) => {
+                tracing::info!(%account, user = me.user_id, "simulated account logged in")
+            }
+            Ok(other) => tracing::warn!(%account, ?other, "simulated account login incomplete"),
+            Err(e) => tracing::warn!(%account, error = %e, "simulated account login failed"),
+        }
+    }
+    for phone in &t.sim_echo_users {
+        tokio::spawn(crate::gateway::echo::run(
+            t.sim_address,
+            phone.clone(),
+            worker.dataplane().clone(),
+            cfg.dataplane.media_ip,
+        ));
+    }
+}
+
+/// All roles in one process, linked in-process; the dataplane as a supervised child. Runs
+/// until SIGINT/SIGTERM.
+pub async fn up(inv: Invocation) -> Result<(), RunError> {
+    up_until(inv, wait_for_shutdown()).await
+}
+
+/// Like [`up`], until `stop` completes (the demo's self-test stops it when done).
+pub async fn up_until(
+    mut inv: Invocation,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
     prepare_state_dir(&inv)?;
     // Held until shutdown: the simulated Telegram cloud stops when the last handle goes.
     let _sim = start_embedded_sim(&mut inv).await?;
@@ -237,6 +289,9 @@ pub async fn up(mut inv: Invocation) -> Result<(), RunError> {
     let dataplane = worker.dataplane().clone();
     worker.start_sip(&cfg.sip).await?;
     let storage = start_storage(&inv, cfg.storage.clone().unwrap_or_default()).await?;
+    if _sim.is_some() {
+        start_sim_helpers(cfg, &storage, &worker).await;
+    }
     let mcfg = cfg.manager.clone().unwrap_or_default();
     let manager = Manager::with_gateways(
         mcfg.name.clone(),
@@ -264,7 +319,7 @@ pub async fn up(mut inv: Invocation) -> Result<(), RunError> {
     };
     serve_admin(&inv, roles, metrics).await?;
     tracing::info!(config = %inv.loaded.source_name, "siptg up: manager, worker, storage running");
-    wait_for_shutdown().await;
+    stop.await;
     worker.stop_outbound(UNREGISTER_LIMIT).await;
     dataplane.stop_child();
     Ok(())

@@ -6,9 +6,7 @@
 
 use crate::config::{ConnectionConfig, ConnectionKind, SipConfig, WorkerConfig};
 use crate::dataplane::Supervisor;
-use crate::link::{
-    self, Handler, Request as LinkRequest, Response as LinkResponse, Role, RouteQuery,
-};
+use crate::link::{Handler, Request as LinkRequest, Response as LinkResponse, Role, RouteQuery};
 use crate::linkserver::LinkServer;
 use crate::metrics::Metrics;
 use crate::sip::ban::{BanConfig, BanList};
@@ -41,6 +39,8 @@ pub struct Worker {
     outbound: std::sync::Mutex<Vec<Outbound>>,
     /// OPTIONS keep-alives toward PBXs (`ip` and `register_to_pbx` connections).
     keepalives: std::sync::Mutex<Vec<KeepaliveEntry>>,
+    /// The first SIP core's gateway calls: Telegram updates and incoming calls go there.
+    gateway: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::gateway::runtime::GwMsg>>,
 }
 
 /// One PBX watched by OPTIONS, as `/status` and `/metrics` show it.
@@ -88,7 +88,46 @@ impl Worker {
             connections,
             outbound: std::sync::Mutex::new(Vec::new()),
             keepalives: std::sync::Mutex::new(Vec::new()),
+            gateway: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The SIP core that runs gateway calls registers its channel here (the first one wins).
+    pub fn set_gateway_channel(
+        &self,
+        tx: tokio::sync::mpsc::Sender<crate::gateway::runtime::GwMsg>,
+    ) -> bool {
+        self.gateway.set(tx).is_ok()
+    }
+
+    /// A Telegram request through the Manager to Session Storage `storage`.
+    pub async fn telegram(
+        &self,
+        storage: &str,
+        account: &str,
+        op: crate::link::TelegramOp,
+    ) -> Result<crate::link::TelegramAnswer, crate::telegram::TgError> {
+        use crate::telegram::TgError;
+        let Some(manager) = self.links.manager() else {
+            return Err(TgError::transport(format!(
+                "{} (no Manager link)",
+                reasons::NO_RESPONSE_FROM_MANAGER
+            )));
+        };
+        let req = crate::link::Request::Telegram(Box::new(crate::link::TelegramRequest {
+            account: account.to_string(),
+            op,
+            storage: Some(storage.to_string()),
+        }));
+        match manager.request(req, Duration::from_secs(30)).await {
+            Ok(LinkResponse::Telegram { result }) => result,
+            Ok(other) => Err(TgError::transport(format!("Manager answered {other:?}"))),
+            Err(crate::link::LinkError::Timeout(_)) => Err(TgError::Timeout),
+            Err(e) => Err(TgError::transport(format!(
+                "{}: {e}",
+                reasons::NO_RESPONSE_FROM_MANAGER
+            ))),
+        }
     }
 
     /// The metrics registry SIP counters go to.
@@ -114,9 +153,46 @@ impl Worker {
     /// Answers the Manager's requests on a link.
     pub fn handler(self: &Arc<Self>) -> Handler {
         let me = self.clone();
-        link::status_handler(Role::Worker, move || {
+        Arc::new(move |req| {
             let me = me.clone();
-            async move { me.status().await }
+            Box::pin(async move {
+                use crate::gateway::runtime::GwMsg;
+
+                match req {
+                    LinkRequest::Status => LinkResponse::Status {
+                        status: me.status().await,
+                    },
+                    LinkRequest::TelegramUpdate { account, update } => {
+                        use base64::Engine;
+                        use grammers_tl_types::Deserializable;
+                        let decoded = base64::engine::general_purpose::STANDARD
+                            .decode(update.as_bytes())
+                            .ok()
+                            .and_then(|b| grammers_tl_types::enums::Update::from_bytes(&b).ok());
+                        if let (Some(update), Some(tx)) = (decoded, me.gateway.get()) {
+                            let _ = tx
+                                .send(GwMsg::Update {
+                                    account,
+                                    update: Box::new(update),
+                                })
+                                .await;
+                        }
+                        LinkResponse::Done
+                    }
+                    LinkRequest::GatewayIncoming(call) => match me.gateway.get() {
+                        Some(tx) if me.dataplane.client().is_some() => {
+                            let _ = tx.send(GwMsg::Incoming(call)).await;
+                            LinkResponse::Done
+                        }
+                        _ => LinkResponse::Error {
+                            message: reasons::WORKER_NOT_READY.into(),
+                        },
+                    },
+                    other => LinkResponse::Error {
+                        message: format!("a {} does not answer {other:?}", Role::Worker),
+                    },
+                }
+            })
         })
     }
 
@@ -475,7 +551,11 @@ impl Worker {
             )
             .await
         {
-            Ok(r @ (LinkResponse::Route { .. } | LinkResponse::Forward { .. })) => r,
+            Ok(
+                r @ (LinkResponse::Route { .. }
+                | LinkResponse::Forward { .. }
+                | LinkResponse::Gateway(_)),
+            ) => r,
             Ok(other) => {
                 tracing::warn!(?other, "Manager answered a route query with something else");
                 no_manager

@@ -104,7 +104,11 @@ mod tests {
         let r = DialRules::new(&["^(8|\\+7)([0-9]{10})$=7\\2"]).unwrap();
         assert_eq!(r.apply("+79991234567").as_deref(), Some("79991234567"));
         assert_eq!(r.apply("89991234567").as_deref(), Some("79991234567"));
-        assert_eq!(r.apply("12345").as_deref(), Some("12345"), "no match: rule skipped");
+        assert_eq!(
+            r.apply("12345").as_deref(),
+            Some("12345"),
+            "no match: rule skipped"
+        );
         let r = DialRules::new(&[".*="]).unwrap();
         assert_eq!(r.apply("anything").as_deref(), Some(""));
         let r = DialRules::new(&["`^00=+`"]).unwrap();

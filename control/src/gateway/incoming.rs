@@ -10,14 +10,16 @@ pub fn allowed(g: &GatewayConfig, user_id: i64, peer: Option<&Peer>) -> bool {
     if g.allowed_callers.is_empty() {
         return true;
     }
-    g.allowed_callers.iter().any(|who| match PeerQuery::parse(who) {
-        Ok(PeerQuery::UserId(id)) => id == user_id,
-        Ok(PeerQuery::Phone(p)) => peer.and_then(|x| x.phone.as_deref()) == Some(p.as_str()),
-        Ok(PeerQuery::Username(u)) => peer
-            .and_then(|x| x.username.as_deref())
-            .is_some_and(|n| n.eq_ignore_ascii_case(&u)),
-        Err(_) => false,
-    })
+    g.allowed_callers
+        .iter()
+        .any(|who| match PeerQuery::parse(who) {
+            Ok(PeerQuery::UserId(id)) => id == user_id,
+            Ok(PeerQuery::Phone(p)) => peer.and_then(|x| x.phone.as_deref()) == Some(p.as_str()),
+            Ok(PeerQuery::Username(u)) => peer
+                .and_then(|x| x.username.as_deref())
+                .is_some_and(|n| n.eq_ignore_ascii_case(&u)),
+            Err(_) => false,
+        })
 }
 
 /// The values templates may use.
@@ -34,15 +36,22 @@ impl CallerInfo<'_> {
             "phone" => p.and_then(|p| p.phone.clone()).filter(|s| !s.is_empty()),
             "username" => p.and_then(|p| p.username.clone()).filter(|s| !s.is_empty()),
             "name" => p
-                .map(|p| format!("{} {}", p.first_name, p.last_name).trim().to_string())
+                .map(|p| {
+                    format!("{} {}", p.first_name, p.last_name)
+                        .trim()
+                        .to_string()
+                })
                 .filter(|s| !s.is_empty()),
-            "name_ascii" => self.value("name").map(|n| {
-                n.chars()
-                    .filter(|c| c.is_ascii() && !c.is_ascii_control())
-                    .collect::<String>()
-                    .trim()
-                    .to_string()
-            }).filter(|s| !s.is_empty()),
+            "name_ascii" => self
+                .value("name")
+                .map(|n| {
+                    n.chars()
+                        .filter(|c| c.is_ascii() && !c.is_ascii_control())
+                        .collect::<String>()
+                        .trim()
+                        .to_string()
+                })
+                .filter(|s| !s.is_empty()),
             _ => None,
         }
     }
@@ -73,7 +82,11 @@ impl CallerInfo<'_> {
     /// `X-TG-ID`, `X-TG-Username`, `X-TG-Phone`, `X-TG-Name` for the INVITE to the PBX.
     pub fn headers(&self) -> Vec<(String, String)> {
         let mut h = vec![("X-TG-ID".to_string(), self.user_id.to_string())];
-        for (name, key) in [("X-TG-Username", "username"), ("X-TG-Phone", "phone"), ("X-TG-Name", "name_ascii")] {
+        for (name, key) in [
+            ("X-TG-Username", "username"),
+            ("X-TG-Phone", "phone"),
+            ("X-TG-Name", "name_ascii"),
+        ] {
             if let Some(v) = self.value(key) {
                 h.push((name.to_string(), v));
             }
@@ -119,12 +132,27 @@ mod tests {
     #[test]
     fn templates_take_the_first_rule_whose_placeholders_are_known() {
         let p = peer();
-        let known = CallerInfo { user_id: 7, peer: Some(&p) };
+        let known = CallerInfo {
+            user_id: 7,
+            peer: Some(&p),
+        };
         let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(known.render(&t(&["+{phone}", "{userid}"])).as_deref(), Some("+79990001122"));
-        assert_eq!(known.render(&t(&["@{username} ({name_ascii})"])).as_deref(), Some("@alice (Smith)"));
-        let bare = CallerInfo { user_id: 7, peer: None };
-        assert_eq!(bare.render(&t(&["+{phone}", "0{userid}"])).as_deref(), Some("07"));
+        assert_eq!(
+            known.render(&t(&["+{phone}", "{userid}"])).as_deref(),
+            Some("+79990001122")
+        );
+        assert_eq!(
+            known.render(&t(&["@{username} ({name_ascii})"])).as_deref(),
+            Some("@alice (Smith)")
+        );
+        let bare = CallerInfo {
+            user_id: 7,
+            peer: None,
+        };
+        assert_eq!(
+            bare.render(&t(&["+{phone}", "0{userid}"])).as_deref(),
+            Some("07")
+        );
         assert_eq!(bare.render(&t(&["{name}"])), None);
         let h = known.headers();
         assert!(h.contains(&("X-TG-ID".into(), "7".into())));
@@ -135,10 +163,8 @@ mod tests {
     #[test]
     fn allowed_callers_match_by_id_phone_or_username() {
         let p = peer();
-        let mut g: GatewayConfig = toml::from_str(
-            "name='g'\naccount='a'\nconnections=['c']\nallowed_callers=[]",
-        )
-        .unwrap();
+        let mut g: GatewayConfig =
+            toml::from_str("name='g'\naccount='a'\nconnections=['c']\nallowed_callers=[]").unwrap();
         assert!(allowed(&g, 7, Some(&p)));
         g.allowed_callers = vec!["@ALICE".into()];
         assert!(allowed(&g, 7, Some(&p)));

@@ -2,7 +2,10 @@
 //! machine (sans-IO).
 
 pub mod dialrules;
+pub mod echo;
 pub mod incoming;
+pub mod runtime;
+pub mod sipleg;
 pub mod tgcall;
 
 use crate::telegram::resolve::Peer;

@@ -23,6 +23,7 @@ use super::transaction::{
     ClientKey, ServerKey, TimerConfig, TransactionLayer, Transport, TxEvent, TxKey,
 };
 use crate::dataplane::{latching_leg, DataplaneClient};
+use crate::gateway::runtime::{GatewayCalls, GwMsg};
 use crate::link::Response as LinkResponse;
 use crate::worker::Worker;
 
@@ -57,6 +58,16 @@ enum Done {
         target: Target,
         session: SessionId,
         legs: [(u32, SocketAddr); 2],
+    },
+    /// An INVITE to Telegram: its media session and SIP leg exist.
+    GatewayReady {
+        key: ServerKey,
+        req: SipRequest,
+        source: SocketAddr,
+        transport: Transport,
+        route: Box<crate::link::GatewayRoute>,
+        session: SessionId,
+        leg: (u32, SocketAddr),
     },
 }
 
@@ -128,8 +139,18 @@ pub async fn serve(
     let mut by_client: HashMap<ClientKey, (u64, Side)> = HashMap::new();
     let mut next_call = 1u64;
     let mut buf = vec![0u8; 65_535];
+    // Gateway calls (SIP ⇄ Telegram) run on the first core that registers for them.
+    let (gw_tx, mut gw_rx) = mpsc::channel::<GwMsg>(4096);
+    let mut gw = GatewayCalls::new(worker.clone(), gw_tx.clone(), local);
+    if worker.set_gateway_channel(gw_tx.clone()) {
+        tokio::spawn(forward_dataplane_events(worker.clone(), gw_tx.clone()));
+    }
     loop {
-        let calls_due = calls.values().filter_map(|e| e.call.poll_timeout()).min();
+        let calls_due = calls
+            .values()
+            .filter_map(|e| e.call.poll_timeout())
+            .chain(gw.poll_timeout())
+            .min();
         let due = match (tx.poll_timeout(), calls_due) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -180,9 +201,15 @@ pub async fn serve(
                     }
                 }
             }
+            Some(m) = gw_rx.recv() => {
+                gw.on_msg(m);
+            }
             Some(done) = done_rx.recv() => {
                 let now = Instant::now();
                 match done {
+                    Done::GatewayReady { key, req, source, transport, route, session, leg } => {
+                        gw.start_outgoing(&mut tx, key, req, source, transport, *route, session, leg);
+                    }
                     Done::Answer { key, resp } => {
                         let _ = tx.respond(now, &key, stamped(resp));
                     }
@@ -225,6 +252,7 @@ pub async fn serve(
             _ = sleep => {
                 let now = Instant::now();
                 tx.handle_timeout(now);
+                gw.handle_timeout(now);
                 for e in calls.values_mut() {
                     if e.call.poll_timeout().is_some_and(|t| t <= now) {
                         e.call.handle_timeout(now);
@@ -247,7 +275,10 @@ pub async fn serve(
                         &[("method", super::edge::method_label(req.method.as_str()))],
                     );
                     let in_dialog = req.to_tag().is_some();
-                    if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
+                    if req.call_id().is_some_and(|c| gw.owns_call_id(c)) {
+                        gw.on_request(Some(key), req);
+                    } else if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c))
+                    {
                         if let Some(e) = calls.get_mut(&id) {
                             if req.method == Method::Invite {
                                 let direction = String::from_utf8_lossy(&req.body)
@@ -292,6 +323,25 @@ pub async fn serve(
                         ));
                     }
                 }
+                TxEvent::Ack { req, .. } if req.call_id().is_some_and(|c| gw.owns_call_id(c)) => {
+                    gw.on_request(None, req);
+                }
+                TxEvent::Cancel { req, .. }
+                    if req.call_id().is_some_and(|c| gw.owns_call_id(c)) =>
+                {
+                    gw.on_request(None, req);
+                }
+                TxEvent::Response { key, resp, .. } if gw.owns_client(&key) => {
+                    gw.on_response(&key, resp);
+                }
+                TxEvent::Timeout {
+                    key: TxKey::Client(k),
+                }
+                | TxEvent::TransportError {
+                    key: TxKey::Client(k),
+                } if gw.owns_client(&k) => {
+                    gw.on_client_timeout(&k);
+                }
                 TxEvent::Ack { req, .. } => {
                     if let Some(&(id, side)) = req.call_id().and_then(|c| by_call_id.get(c)) {
                         if let Some(e) = calls.get_mut(&id) {
@@ -333,7 +383,8 @@ pub async fn serve(
                 }
             }
         }
-        // Actions of the calls.
+        // Actions of the gateway calls, then of the B2BUA calls.
+        gw.drive(&mut tx);
         let now = Instant::now();
         let mut ended = Vec::new();
         for (&id, e) in calls.iter_mut() {
@@ -446,6 +497,33 @@ pub async fn serve(
                 }
             }
         }
+    }
+}
+
+/// Forwards the dataplane's events to the gateway calls (Telegram media, RTP timeouts, DTMF),
+/// following the dataplane across restarts.
+async fn forward_dataplane_events(worker: Arc<Worker>, tx: mpsc::Sender<GwMsg>) {
+    loop {
+        if let Some(dp) = worker.dataplane().client() {
+            let mut events = dp.events();
+            loop {
+                match events.recv().await {
+                    Ok(
+                        ev @ (siptg_proto::Event::Telegram { .. }
+                        | siptg_proto::Event::RtpTimeout { .. }
+                        | siptg_proto::Event::Dtmf { .. }),
+                    ) => {
+                        if tx.send(GwMsg::Dataplane(ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 
@@ -585,6 +663,39 @@ async fn route_invite(
         resp: response_for(&req, reply),
     };
     let Some(decision) = decision else { return };
+    if let LinkResponse::Gateway(route) = decision {
+        let Some(dp) = worker.dataplane().client() else {
+            let _ = done
+                .send(answer(Reply::new(503, super::reasons::WORKER_NOT_READY)))
+                .await;
+            return;
+        };
+        let made = async {
+            let session = dp.create_session(req.call_id().unwrap_or("gw")).await?;
+            let leg = dp
+                .add_leg(session, latching_leg(siptg_proto::Codec::pcma(), None))
+                .await?;
+            Ok::<_, crate::dataplane::DpError>((session, (leg.leg, leg.local)))
+        }
+        .await;
+        let msg = match made {
+            Ok((session, leg)) => Done::GatewayReady {
+                key,
+                req,
+                source,
+                transport,
+                route,
+                session,
+                leg,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a gateway call's media");
+                answer(Reply::new(503, super::reasons::WORKER_NOT_READY))
+            }
+        };
+        let _ = done.send(msg).await;
+        return;
+    }
     let (contact, address, codecs) = match decision {
         LinkResponse::Forward {
             contact,

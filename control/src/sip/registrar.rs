@@ -278,6 +278,9 @@ mod tests {
             transport: Default::default(),
             tls_ca: None,
             tls_verify: true,
+            dial_rules: Vec::new(),
+            priority: 1,
+            dtmf: vec!["rfc2833".into()],
         }
     }
 

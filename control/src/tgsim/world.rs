@@ -62,6 +62,12 @@ pub struct SimUser {
     pub offline: bool,
 }
 
+/// The simulated cloud's access hash of user `id` (the same for every viewer; stable, so a
+/// simulated app can address a user it met in an update).
+pub fn sim_access_hash(id: i64) -> i64 {
+    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64)) ^ 0x5bd1_e995
+}
+
 fn default_code() -> String {
     "12345".into()
 }
@@ -87,8 +93,7 @@ impl SimUser {
     }
 
     fn access_hash(&self) -> i64 {
-        // Stable per user, unguessable enough for a simulation.
-        (self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64)) ^ 0x5bd1_e995
+        sim_access_hash(self.id)
     }
 }
 

@@ -1,0 +1,991 @@
+//! The Worker's gateway calls: a SIP dialog with the PBX ([`SipLeg`]) joined to a Telegram call
+//! ([`TgCall`]) and a dataplane session holding the SIP media leg and the Telegram leg, bridged
+//! (G.711 ⇄ Opus in the shard). Runs inside the SIP core task: the core hands it SIP events and
+//! executes the SIP actions it returns through its transaction layer; Telegram requests (through
+//! the Manager to the Session Storage) and dataplane commands run in spawned tasks whose results
+//! come back as [`GwMsg`]s.
+
+use super::sipleg::{gateway_prefs, LegAction, SipLeg};
+use super::tgcall::{protocol, Hangup, TgAction, TgCall, TgCallEvent, TgEnd, TgRequest};
+use crate::dataplane::{latching_leg, telegram_leg};
+use crate::link::{GatewayRoute, IncomingCall, TelegramAnswer, TelegramOp};
+use crate::sip::msg::{Method, SipRequest, SipResponse};
+use crate::sip::reasons;
+use crate::sip::transaction::{ClientKey, ServerKey, TransactionLayer, Transport};
+use crate::telegram::resolve::Peer;
+use crate::telegram::TgError;
+use crate::tgcall::session::LocalMedia;
+use crate::worker::Worker;
+use base64::Engine;
+use grammers_tl_types::{self as tl, Deserializable, Serializable};
+use siptg_proto::{Codec, Event, LegId, SessionId, TelegramLegSpec};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What reaches the gateway calls from outside the core.
+#[derive(Debug)]
+pub enum GwMsg {
+    /// An account's update (from the Manager).
+    Update {
+        account: String,
+        update: Box<tl::enums::Update>,
+    },
+    /// A Telegram user's call to place to a PBX (from the Manager).
+    Incoming(Box<IncomingCall>),
+    /// A dataplane event.
+    Dataplane(Event),
+    /// The answer to a Telegram request of call `id`.
+    Tg {
+        id: u64,
+        what: TgWhat,
+        result: Result<Vec<u8>, TgError>,
+    },
+    /// The callee resolved (SIP → Telegram).
+    Resolved {
+        id: u64,
+        result: Result<Peer, TgError>,
+    },
+    /// The Telegram media leg exists (or could not be made).
+    TgLeg {
+        id: u64,
+        result: Result<(LegId, LocalMedia), String>,
+    },
+    /// The media session and SIP leg of an incoming Telegram call exist.
+    IncomingReady {
+        call: Box<IncomingCall>,
+        session: SessionId,
+        leg: (LegId, SocketAddr),
+    },
+}
+
+/// Which request an answer belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TgWhat {
+    Dh,
+    Request,
+    Accept,
+    Confirm,
+    Other,
+}
+
+/// SIP.TG's answer for a Telegram failure.
+pub fn sip_status(e: &TgError) -> (u16, String) {
+    let r = |code: u16, reason: &str| (code, reason.to_string());
+    match e {
+        TgError::FloodWait { seconds } => {
+            (503, format!("{} {seconds}", reasons::TOO_MANY_REQUESTS))
+        }
+        TgError::PeerFlood { .. } => r(503, reasons::PEER_FLOOD),
+        TgError::Timeout => r(408, reasons::RPC_TIMEOUT),
+        TgError::NotAuthorized { .. } => r(403, reasons::TELEGRAM_SESSION_INACTIVE),
+        TgError::UnknownAccount { .. } => r(503, reasons::ACCOUNT_NOT_RUNNING),
+        TgError::UnknownUser { .. } => r(404, reasons::CHAT_NOT_FOUND),
+        TgError::Transport { message } if message.contains("not linked") => {
+            r(503, reasons::STORAGE_UNAVAILABLE)
+        }
+        TgError::Transport { message } if message.contains("Manager") => {
+            r(503, reasons::NO_RESPONSE_FROM_MANAGER)
+        }
+        TgError::Transport { .. } => r(503, reasons::SESSION_NOT_RUNNING),
+        TgError::Store { .. } => r(500, reasons::DATABASE_ERROR),
+        TgError::Rpc { name, .. } => match name.as_str() {
+            "USER_PRIVACY_RESTRICTED" => r(403, reasons::USER_PRIVACY_RESTRICTED),
+            "USERNAME_NOT_OCCUPIED" | "USERNAME_INVALID" => r(404, reasons::USERNAME_NOT_OCCUPIED),
+            "PHONE_NOT_OCCUPIED"
+            | "PHONE_NUMBER_INVALID"
+            | "USER_ID_INVALID"
+            | "PEER_ID_INVALID" => r(404, reasons::NOT_FOUND),
+            "ANONYMOUS_USER" => r(470, reasons::ANONYMOUS_USER),
+            "AUTH_KEY_UNREGISTERED" | "SESSION_REVOKED" | "USER_DEACTIVATED" => {
+                r(403, reasons::TELEGRAM_SESSION_INACTIVE)
+            }
+            "USER_IS_BLOCKED" => r(403, "USER_IS_BLOCKED"),
+            "CALL_PROTOCOL_FLAGS_INVALID" | "PARTICIPANT_VERSION_OUTDATED" => {
+                r(488, "Not Acceptable Here")
+            }
+            other => (500, other.to_string()),
+        },
+        TgError::NotAllowed { method } => (500, format!("{method} not allowed")),
+        TgError::Invalid { .. } | TgError::Decode { .. } => r(500, "Server Internal Error"),
+    }
+}
+
+struct GwCall {
+    gateway: String,
+    storage: String,
+    account: String,
+    sip: SipLeg,
+    tg: TgCall,
+    session: SessionId,
+    sip_leg: LegId,
+    tg_leg: Option<LegId>,
+    transport: Transport,
+    peer: Option<Peer>,
+    phone: Option<tl::enums::InputPhoneCall>,
+    invite: Option<ServerKey>,
+    /// In-dialog requests from the PBX awaiting our answer.
+    pending: Vec<(Method, ServerKey)>,
+    max_until: Option<Instant>,
+    done: bool,
+    /// requestCall, held until the callee is resolved.
+    held: Option<TgRequest>,
+}
+
+/// The gateway calls of one SIP core.
+pub struct GatewayCalls {
+    worker: Arc<Worker>,
+    tx: mpsc::Sender<GwMsg>,
+    local: SocketAddr,
+    calls: HashMap<u64, GwCall>,
+    by_call_id: HashMap<String, u64>,
+    by_client: HashMap<ClientKey, u64>,
+    by_phone: HashMap<i64, u64>,
+    by_session: HashMap<SessionId, u64>,
+    next: u64,
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+impl GatewayCalls {
+    /// The gateway calls of a core whose SIP address is `local`; `tx` feeds [`GwMsg`]s back to
+    /// the core.
+    pub fn new(worker: Arc<Worker>, tx: mpsc::Sender<GwMsg>, local: SocketAddr) -> Self {
+        Self {
+            worker,
+            tx,
+            local,
+            calls: HashMap::new(),
+            by_call_id: HashMap::new(),
+            by_client: HashMap::new(),
+            by_phone: HashMap::new(),
+            by_session: HashMap::new(),
+            next: 1,
+        }
+    }
+
+    /// Active calls of `gateway`.
+    fn lines_in_use(&self, gateway: &str) -> usize {
+        self.calls
+            .values()
+            .filter(|c| c.gateway == gateway && !c.done)
+            .count()
+    }
+
+    /// Does this Call-ID belong to a gateway call?
+    pub fn owns_call_id(&self, call_id: &str) -> bool {
+        self.by_call_id.contains_key(call_id)
+    }
+
+    /// Does this client transaction belong to a gateway call?
+    pub fn owns_client(&self, key: &ClientKey) -> bool {
+        self.by_client.contains_key(key)
+    }
+
+    /// The earliest timer.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.calls
+            .values()
+            .flat_map(|c| [c.sip.poll_timeout(), c.tg.poll_timeout(), c.max_until])
+            .flatten()
+            .min()
+    }
+
+    /// A PBX's INVITE routed to Telegram, with its media session and SIP leg ready.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_outgoing(
+        &mut self,
+        tx: &mut TransactionLayer,
+        key: ServerKey,
+        req: SipRequest,
+        source: SocketAddr,
+        transport: Transport,
+        route: GatewayRoute,
+        session: SessionId,
+        leg: (LegId, SocketAddr),
+    ) {
+        let now = Instant::now();
+        let refuse = |tx: &mut TransactionLayer, code: u16, reason: &str| {
+            let resp = SipResponse::to(
+                &req,
+                code,
+                reason,
+                Some(&format!("{:08x}", rand::random::<u32>())),
+            );
+            let _ = tx.respond(now, &key, resp);
+        };
+        if self.lines_in_use(&route.gateway) >= route.lines as usize {
+            tracing::info!(gateway = %route.gateway, lines = route.lines, "all lines busy");
+            refuse(tx, 486, "Busy Here");
+            self.delete_session(session);
+            return;
+        }
+        let (sip, spec) = match SipLeg::uas(
+            req.clone(),
+            source,
+            gateway_prefs(&route.codecs),
+            leg.1,
+            self.local,
+        ) {
+            Ok(x) => x,
+            Err(r) => {
+                refuse(tx, r.code, &r.reason);
+                self.delete_session(session);
+                return;
+            }
+        };
+        let id = self.next;
+        self.next += 1;
+        self.by_call_id.insert(sip.call_id().to_string(), id);
+        self.by_session.insert(session, id);
+        // The leg was made with rtcp-mux (RTCP on the RTP port); that cannot change live.
+        let mut spec = spec;
+        spec.rtcp_mux = true;
+        self.spawn_update_leg(session, leg.0, spec);
+        let call = GwCall {
+            gateway: route.gateway.clone(),
+            storage: route.storage.clone(),
+            account: route.account.clone(),
+            sip,
+            tg: TgCall::outgoing(),
+            session,
+            sip_leg: leg.0,
+            tg_leg: None,
+            transport,
+            peer: None,
+            phone: None,
+            invite: Some(key),
+            pending: Vec::new(),
+            max_until: (route.max_call_secs > 0)
+                .then(|| now + Duration::from_secs(route.max_call_secs)),
+            done: false,
+            held: None,
+        };
+        tracing::info!(call = id, gateway = %route.gateway, query = ?route.query, "gateway call: SIP → Telegram");
+        // Resolve first: requestCall needs the user.
+        let (worker, txc, storage, account, query) = (
+            self.worker.clone(),
+            self.tx.clone(),
+            route.storage.clone(),
+            route.account.clone(),
+            route.query.clone(),
+        );
+        tokio::spawn(async move {
+            let result = match worker
+                .telegram(&storage, &account, TelegramOp::Resolve { query })
+                .await
+            {
+                Ok(TelegramAnswer::Peer { peer, .. }) => Ok(peer),
+                Ok(other) => Err(TgError::transport(format!("unexpected answer {other:?}"))),
+                Err(e) => Err(e),
+            };
+            let _ = txc.send(GwMsg::Resolved { id, result }).await;
+        });
+        self.calls.insert(id, call);
+        // The Telegram call waits for the peer: keep its first request (the DH config) queued.
+    }
+
+    /// A Telegram user's call: create its media, then the INVITE to the PBX.
+    pub fn incoming(&mut self, call: Box<IncomingCall>) {
+        let (worker, txc) = (self.worker.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let Some(dp) = worker.dataplane().client() else {
+                tracing::warn!("Telegram call while the dataplane is down");
+                return;
+            };
+            let made = async {
+                let session = dp.create_session(&format!("tg-{}", call.account)).await?;
+                let leg = dp
+                    .add_leg(session, latching_leg(Codec::pcma(), None))
+                    .await?;
+                Ok::<_, crate::dataplane::DpError>((session, (leg.leg, leg.local)))
+            }
+            .await;
+            match made {
+                Ok((session, leg)) => {
+                    let _ = txc.send(GwMsg::IncomingReady { call, session, leg }).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "no media for a Telegram call"),
+            }
+        });
+    }
+
+    fn start_incoming(
+        &mut self,
+        call: Box<IncomingCall>,
+        session: SessionId,
+        leg: (LegId, SocketAddr),
+    ) {
+        let Some(requested) = b64()
+            .decode(call.call.as_bytes())
+            .ok()
+            .and_then(|b| tl::types::PhoneCallRequested::from_bytes(&b).ok())
+        else {
+            self.delete_session(session);
+            return;
+        };
+        let sip = SipLeg::uac(
+            &call.request_uri,
+            call.address,
+            &call.from_user,
+            call.from_name.as_deref(),
+            &call.headers,
+            gateway_prefs(&call.codecs),
+            leg.1,
+            self.local,
+        );
+        let id = self.next;
+        self.next += 1;
+        self.by_call_id.insert(sip.call_id().to_string(), id);
+        self.by_session.insert(session, id);
+        self.by_phone.insert(requested.id, id);
+        tracing::info!(call = id, gateway = %call.gateway, caller = requested.admin_id, to = %call.request_uri, "gateway call: Telegram → SIP");
+        self.calls.insert(
+            id,
+            GwCall {
+                gateway: call.gateway.clone(),
+                storage: call.storage.clone(),
+                account: call.account.clone(),
+                sip,
+                tg: TgCall::incoming(requested.g_a_hash.clone()),
+                session,
+                sip_leg: leg.0,
+                tg_leg: None,
+                transport: Transport::Udp,
+                peer: None,
+                phone: Some(tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
+                    id: requested.id,
+                    access_hash: requested.access_hash,
+                })),
+                invite: None,
+                pending: Vec::new(),
+                max_until: None,
+                done: false,
+                held: None,
+            },
+        );
+    }
+
+    /// A message for the gateway calls.
+    pub fn on_msg(&mut self, msg: GwMsg) {
+        let now = Instant::now();
+        match msg {
+            GwMsg::Incoming(c) => self.incoming(c),
+            GwMsg::IncomingReady { call, session, leg } => self.start_incoming(call, session, leg),
+            GwMsg::Update {
+                update,
+                account: update_account,
+            } => match *update {
+                tl::enums::Update::PhoneCall(u) => {
+                    let id = phone_call_id(&u.phone_call);
+                    if let Some(c) = self.by_phone.get(&id).and_then(|i| self.calls.get_mut(i)) {
+                        c.tg.on_phone_call(&u.phone_call);
+                    }
+                }
+                tl::enums::Update::PhoneCallSignalingData(s) => {
+                    if let Some(c) = self
+                        .by_phone
+                        .get(&s.phone_call_id)
+                        .and_then(|i| self.calls.get_mut(i))
+                    {
+                        c.tg.on_signaling(&s.data, now);
+                    }
+                }
+                tl::enums::Update::NewMessage(m) => {
+                    // Digits the Telegram user types in the chat during a call: DTMF to the PBX.
+                    let tl::enums::Message::Message(m) = m.message else {
+                        return;
+                    };
+                    let Some(tl::enums::Peer::User(from)) = &m.from_id else {
+                        return;
+                    };
+                    let text = m.message.trim();
+                    let digits = !text.is_empty()
+                        && text.len() <= 32
+                        && text.chars().all(
+                            |c| matches!(c.to_ascii_uppercase(), '0'..='9' | '*' | '#' | 'A'..='D'),
+                        );
+                    if !digits {
+                        return;
+                    }
+                    if let Some(c) = self.calls.values_mut().find(|c| {
+                        c.account == update_account
+                            && c.peer.as_ref().is_some_and(|p| p.user_id == from.user_id)
+                    }) {
+                        tracing::info!(digits = %text, "DTMF from the Telegram user");
+                        for d in text.chars() {
+                            c.sip.send_info(d.to_ascii_uppercase());
+                        }
+                    }
+                }
+                _ => {}
+            },
+            GwMsg::Dataplane(ev) => match ev {
+                Event::Telegram { session, event, .. } => {
+                    if let Some(c) = self
+                        .by_session
+                        .get(&session)
+                        .and_then(|i| self.calls.get_mut(i))
+                    {
+                        c.tg.on_media_event(event, now);
+                    }
+                }
+                Event::RtpTimeout {
+                    session, idle_ms, ..
+                } => {
+                    if let Some(c) = self
+                        .by_session
+                        .get(&session)
+                        .and_then(|i| self.calls.get_mut(i))
+                    {
+                        tracing::info!(session, idle_ms, "RTP timeout: ending the gateway call");
+                        c.sip.hang_up(408, "RTP timeout");
+                        c.tg.hang_up(Hangup::Disconnect, now);
+                    }
+                }
+                Event::Dtmf {
+                    session,
+                    leg,
+                    digit,
+                    ..
+                } => {
+                    if let Some(c) = self
+                        .by_session
+                        .get(&session)
+                        .and_then(|i| self.calls.get(i))
+                    {
+                        if leg == c.sip_leg {
+                            self.send_digits(session, &digit.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            },
+            GwMsg::Resolved { id, result } => {
+                let Some(c) = self.calls.get_mut(&id) else {
+                    return;
+                };
+                match result {
+                    Ok(peer) => {
+                        tracing::debug!(call = id, user = peer.user_id, "callee resolved");
+                        c.peer = Some(peer);
+                        if let Some(r) = c.held.take() {
+                            self.send_tg(id, r);
+                        }
+                    }
+                    Err(e) => {
+                        let (code, reason) = sip_status(&e);
+                        tracing::info!(call = id, error = %e, code, %reason, "callee not resolved");
+                        c.sip.reject(code, &reason);
+                        c.tg.hang_up(Hangup::Hangup, now);
+                        c.phone = None; // nothing to discard at Telegram
+                    }
+                }
+            }
+            GwMsg::Tg { id, what, result } => {
+                let Some(c) = self.calls.get_mut(&id) else {
+                    return;
+                };
+                match (what, result) {
+                    (TgWhat::Dh, Ok(body)) => {
+                        match tl::enums::messages::DhConfig::from_bytes(&body) {
+                            Ok(tl::enums::messages::DhConfig::Config(d)) => {
+                                c.tg.on_dh_config(d.g, &d.p, &d.random)
+                            }
+                            _ => {
+                                c.sip.hang_up(500, "Server Internal Error");
+                                c.tg.hang_up(Hangup::Disconnect, now);
+                            }
+                        }
+                    }
+                    (TgWhat::Request | TgWhat::Accept | TgWhat::Confirm, Ok(body)) => {
+                        if let Ok(tl::enums::phone::PhoneCall::Call(pc)) =
+                            tl::enums::phone::PhoneCall::from_bytes(&body)
+                        {
+                            if what == TgWhat::Request {
+                                let pid = phone_call_id(&pc.phone_call);
+                                if let Some((id2, hash)) = input_of(&pc.phone_call) {
+                                    c.phone = Some(tl::enums::InputPhoneCall::Call(
+                                        tl::types::InputPhoneCall {
+                                            id: id2,
+                                            access_hash: hash,
+                                        },
+                                    ));
+                                }
+                                self.by_phone.insert(pid, id);
+                            }
+                            c.tg.on_phone_call(&pc.phone_call);
+                        }
+                    }
+                    (TgWhat::Request, Err(e)) | (TgWhat::Dh, Err(e)) => {
+                        let (code, reason) = sip_status(&e);
+                        tracing::info!(call = id, error = %e, code, %reason, "Telegram refused the call");
+                        c.sip.hang_up(code, &reason);
+                        c.phone = None;
+                        c.tg.hang_up(Hangup::Hangup, now);
+                    }
+                    (TgWhat::Accept | TgWhat::Confirm, Err(e)) => {
+                        let (code, reason) = sip_status(&e);
+                        tracing::info!(call = id, error = %e, "Telegram call failed");
+                        c.sip.hang_up(code, &reason);
+                        c.tg.hang_up(Hangup::Disconnect, now);
+                    }
+                    (TgWhat::Other, Err(e)) => {
+                        tracing::debug!(call = id, error = %e, "Telegram request failed")
+                    }
+                    (TgWhat::Other, Ok(_)) => {}
+                }
+            }
+            GwMsg::TgLeg { id, result } => {
+                let Some(c) = self.calls.get_mut(&id) else {
+                    return;
+                };
+                match result {
+                    Ok((leg, local)) => {
+                        c.tg_leg = Some(leg);
+                        c.tg.media_ready(local, now);
+                    }
+                    Err(e) => {
+                        tracing::warn!(call = id, error = %e, "no Telegram media leg");
+                        c.sip.hang_up(503, reasons::WORKER_NOT_READY);
+                        c.tg.hang_up(Hangup::Disconnect, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A request from the PBX in a gateway call's dialog (ACK, BYE, CANCEL, re-INVITE, INFO…).
+    pub fn on_request(&mut self, key: Option<ServerKey>, req: SipRequest) {
+        let Some(&id) = req.call_id().and_then(|c| self.by_call_id.get(c)) else {
+            return;
+        };
+        let Some(c) = self.calls.get_mut(&id) else {
+            return;
+        };
+        if let Some(k) = key {
+            if !matches!(req.method, Method::Ack | Method::Cancel) {
+                c.pending.push((req.method.clone(), k));
+            }
+        }
+        c.sip.on_request(req);
+    }
+
+    /// A response to one of our requests.
+    pub fn on_response(&mut self, key: &ClientKey, resp: SipResponse) {
+        let Some(&id) = self.by_client.get(key) else {
+            return;
+        };
+        if let Some(c) = self.calls.get_mut(&id) {
+            c.sip.on_response(resp);
+        }
+    }
+
+    /// A client transaction timed out: our INVITE as a 408 from the PBX.
+    pub fn on_client_timeout(&mut self, key: &ClientKey) {
+        let Some(id) = self.by_client.remove(key) else {
+            return;
+        };
+        if key.method == Method::Invite {
+            if let Some(c) = self.calls.get_mut(&id) {
+                let mut resp = SipResponse::new(408, "Request Timeout");
+                resp.headers_mut().add("CSeq", "1 INVITE");
+                c.sip.on_response(resp);
+            }
+        }
+    }
+
+    /// Timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for c in self.calls.values_mut() {
+            c.sip.handle_timeout(now);
+            c.tg.handle_timeout(now);
+            if c.max_until.is_some_and(|t| t <= now) {
+                c.max_until = None;
+                tracing::info!(gateway = %c.gateway, "longest call duration reached");
+                c.sip.hang_up(200, "max duration");
+                c.tg.hang_up(Hangup::Hangup, now);
+            }
+        }
+    }
+
+    /// Runs every call's actions: SIP through `tx`, the rest in spawned tasks.
+    pub fn drive(&mut self, tx: &mut TransactionLayer) {
+        let now = Instant::now();
+        let ids: Vec<u64> = self.calls.keys().copied().collect();
+        for id in ids {
+            loop {
+                let mut progressed = false;
+                // Telegram first: its events move the SIP side.
+                while let Some(a) = self.calls.get_mut(&id).and_then(|c| c.tg.poll_action()) {
+                    progressed = true;
+                    self.tg_action(id, a, now);
+                }
+                while let Some(a) = self.calls.get_mut(&id).and_then(|c| c.sip.poll_action()) {
+                    progressed = true;
+                    self.sip_action(tx, id, a, now);
+                }
+                if !progressed {
+                    break;
+                }
+            }
+            let finished = self
+                .calls
+                .get(&id)
+                .is_some_and(|c| c.sip.is_ended() && c.tg.is_ended());
+            if finished {
+                if let Some(c) = self.calls.remove(&id) {
+                    tracing::info!(call = id, gateway = %c.gateway, "gateway call ended");
+                    self.by_call_id.retain(|_, v| *v != id);
+                    self.by_client.retain(|_, v| *v != id);
+                    self.by_phone.retain(|_, v| *v != id);
+                    self.by_session.remove(&c.session);
+                    self.delete_session(c.session);
+                }
+            }
+        }
+    }
+
+    fn tg_action(&mut self, id: u64, a: TgAction, now: Instant) {
+        let Some(c) = self.calls.get_mut(&id) else {
+            return;
+        };
+        match a {
+            TgAction::Request(r) => {
+                // requestCall waits for the resolved peer.
+                if let TgRequest::RequestCall { .. } = r {
+                    if c.peer.is_none() {
+                        // Sent once the callee is resolved.
+                        c.held = Some(r);
+                        return;
+                    }
+                }
+                self.send_tg(id, r);
+            }
+            TgAction::StartMedia {
+                caller,
+                relay_only,
+                turn,
+            } => {
+                let (worker, txc, session, sip_leg) =
+                    (self.worker.clone(), self.tx.clone(), c.session, c.sip_leg);
+                tokio::spawn(async move {
+                    let result = async {
+                        let dp = worker.dataplane().client().ok_or("dataplane down")?;
+                        let info = dp
+                            .add_leg(
+                                session,
+                                telegram_leg(TelegramLegSpec {
+                                    caller,
+                                    relay_only,
+                                    turn,
+                                    connect_timeout_ms: 20_000,
+                                }),
+                            )
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        dp.bridge(session, info.leg, sip_leg)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let t = info
+                            .telegram
+                            .ok_or("no Telegram setup from the dataplane")?;
+                        Ok::<_, String>((
+                            info.leg,
+                            LocalMedia {
+                                ufrag: t.ufrag,
+                                pwd: t.pwd,
+                                hash: t.hash,
+                                fingerprint: t.fingerprint,
+                                candidates: t.candidates,
+                                ssrc: t.ssrc,
+                            },
+                        ))
+                    }
+                    .await;
+                    let _ = txc
+                        .send(GwMsg::TgLeg {
+                            id,
+                            result: result.map_err(|e| e.to_string()),
+                        })
+                        .await;
+                });
+            }
+            TgAction::Media(op) => {
+                if let (Some(leg), Some(dp)) = (c.tg_leg, self.worker.dataplane().client()) {
+                    let session = c.session;
+                    tokio::spawn(async move {
+                        if let Err(e) = dp.telegram(session, leg, op).await {
+                            tracing::debug!(session, error = %e, "Telegram media command refused");
+                        }
+                    });
+                }
+            }
+            TgAction::Event(ev) => match ev {
+                TgCallEvent::Ringing => c.sip.ringing(),
+                TgCallEvent::Keyed { emoji, .. } => {
+                    tracing::info!(call = id, emoji = %emoji.join(" "), "Telegram call keys agreed");
+                }
+                TgCallEvent::Connected => {
+                    tracing::info!(call = id, "Telegram media connected");
+                    c.sip.answer(now);
+                }
+                TgCallEvent::Ended(end) => {
+                    let (code, reason) = match &end {
+                        TgEnd::Discarded(Some(Hangup::Busy)) => (486, "Busy Here".to_string()),
+                        TgEnd::Discarded(Some(Hangup::Missed)) => {
+                            (480, "Temporarily Unavailable".to_string())
+                        }
+                        TgEnd::Discarded(_) => (603, "Declined".to_string()),
+                        TgEnd::Local(_) => (487, "Request Terminated".to_string()),
+                        TgEnd::Failed(why) => {
+                            tracing::warn!(call = id, %why, "Telegram call failed");
+                            (500, "Server Internal Error".to_string())
+                        }
+                    };
+                    tracing::info!(call = id, ?end, "Telegram side ended");
+                    c.sip.hang_up(code, &reason);
+                }
+            },
+        }
+    }
+
+    fn sip_action(&mut self, tx: &mut TransactionLayer, id: u64, a: LegAction, now: Instant) {
+        let Some(c) = self.calls.get_mut(&id) else {
+            return;
+        };
+        match a {
+            LegAction::RespondInvite(resp) => {
+                if let Some(k) = &c.invite {
+                    let _ = tx.respond(now, k, resp);
+                }
+            }
+            LegAction::Respond(resp) => {
+                let method = resp.cseq().map(|x| x.1);
+                if let Some(i) = c
+                    .pending
+                    .iter()
+                    .position(|(m, _)| Some(m) == method.as_ref())
+                {
+                    let (_, k) = c.pending.remove(i);
+                    let _ = tx.respond(now, &k, resp);
+                }
+            }
+            LegAction::Send { req, dest } => {
+                if let Ok(k) = tx.send_request(now, req, dest, c.transport) {
+                    self.by_client.insert(k, id);
+                }
+            }
+            LegAction::CancelInvite => {
+                let invite = self
+                    .by_client
+                    .iter()
+                    .find(|(k, v)| **v == id && k.method == Method::Invite)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = invite {
+                    if let Ok(ck) = tx.cancel(now, &k) {
+                        self.by_client.insert(ck, id);
+                    }
+                }
+            }
+            LegAction::SendAck { req, dest } => tx.send_stateless(dest, c.transport, req),
+            LegAction::UpdateLeg(mut spec) => {
+                spec.rtcp_mux = true;
+                let (session, leg) = (c.session, c.sip_leg);
+                self.spawn_update_leg(session, leg, spec);
+            }
+            LegAction::Ringing => {}
+            LegAction::Answered => c.tg.accept(),
+            LegAction::Dtmf(d) => {
+                let session = c.session;
+                self.send_digits(session, &d.to_string());
+            }
+            LegAction::Ended { code, reason } => {
+                tracing::info!(call = id, code, %reason, "SIP side ended");
+                let hangup = if c.sip.is_confirmed() || code == 200 {
+                    Hangup::Hangup
+                } else {
+                    Hangup::Busy
+                };
+                c.tg.hang_up(hangup, now);
+            }
+        }
+    }
+
+    /// DTMF from the PBX → a keypad message to the Telegram user.
+    fn send_digits(&mut self, session: SessionId, digits: &str) {
+        let Some(c) = self
+            .by_session
+            .get(&session)
+            .and_then(|i| self.calls.get(i))
+        else {
+            return;
+        };
+        let Some(peer) = c.peer.clone() else { return };
+        let req = super::text_message(&peer, digits);
+        self.spawn_invoke(c.storage.clone(), c.account.clone(), req.to_bytes(), None);
+    }
+
+    fn send_tg(&mut self, id: u64, r: TgRequest) {
+        let Some(c) = self.calls.get(&id) else { return };
+        let (what, body) = match r {
+            TgRequest::GetDhConfig => (
+                TgWhat::Dh,
+                tl::functions::messages::GetDhConfig {
+                    version: 0,
+                    random_length: 256,
+                }
+                .to_bytes(),
+            ),
+            TgRequest::RequestCall { g_a_hash } => {
+                let Some(peer) = &c.peer else { return };
+                (
+                    TgWhat::Request,
+                    tl::functions::phone::RequestCall {
+                        video: false,
+                        user_id: peer.input_user(),
+                        random_id: rand::random::<i32>().abs(),
+                        g_a_hash,
+                        protocol: protocol(),
+                    }
+                    .to_bytes(),
+                )
+            }
+            TgRequest::ReceivedCall => {
+                let Some(p) = c.phone.clone() else { return };
+                (
+                    TgWhat::Other,
+                    tl::functions::phone::ReceivedCall { peer: p }.to_bytes(),
+                )
+            }
+            TgRequest::AcceptCall { g_b } => {
+                let Some(p) = c.phone.clone() else { return };
+                (
+                    TgWhat::Accept,
+                    tl::functions::phone::AcceptCall {
+                        peer: p,
+                        g_b,
+                        protocol: protocol(),
+                    }
+                    .to_bytes(),
+                )
+            }
+            TgRequest::ConfirmCall { g_a, fingerprint } => {
+                let Some(p) = c.phone.clone() else { return };
+                (
+                    TgWhat::Confirm,
+                    tl::functions::phone::ConfirmCall {
+                        peer: p,
+                        g_a,
+                        key_fingerprint: fingerprint,
+                        protocol: protocol(),
+                    }
+                    .to_bytes(),
+                )
+            }
+            TgRequest::SendSignaling(data) => {
+                let Some(p) = c.phone.clone() else { return };
+                (
+                    TgWhat::Other,
+                    tl::functions::phone::SendSignalingData { peer: p, data }.to_bytes(),
+                )
+            }
+            TgRequest::DiscardCall { reason, duration } => {
+                let Some(p) = c.phone.clone() else { return };
+                (
+                    TgWhat::Other,
+                    tl::functions::phone::DiscardCall {
+                        video: false,
+                        peer: p,
+                        duration,
+                        reason: reason.to_tl(),
+                        connection_id: 0,
+                    }
+                    .to_bytes(),
+                )
+            }
+        };
+        self.spawn_invoke(c.storage.clone(), c.account.clone(), body, Some((id, what)));
+    }
+
+    fn spawn_invoke(
+        &self,
+        storage: String,
+        account: String,
+        body: Vec<u8>,
+        reply: Option<(u64, TgWhat)>,
+    ) {
+        let (worker, txc) = (self.worker.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let result = match worker
+                .telegram(
+                    &storage,
+                    &account,
+                    TelegramOp::Invoke {
+                        body: b64().encode(body),
+                    },
+                )
+                .await
+            {
+                Ok(TelegramAnswer::Invoked { body }) => b64()
+                    .decode(body.as_bytes())
+                    .map_err(|e| TgError::transport(e.to_string())),
+                Ok(other) => Err(TgError::transport(format!("unexpected answer {other:?}"))),
+                Err(e) => Err(e),
+            };
+            match reply {
+                Some((id, what)) => {
+                    let _ = txc.send(GwMsg::Tg { id, what, result }).await;
+                }
+                None => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "Telegram request failed");
+                    }
+                }
+            }
+        });
+    }
+
+    fn spawn_update_leg(&self, session: SessionId, leg: LegId, spec: siptg_proto::LegSpec) {
+        if let Some(dp) = self.worker.dataplane().client() {
+            tokio::spawn(async move {
+                if let Err(e) = dp.update_leg(session, leg, spec).await {
+                    tracing::warn!(session, leg, error = %e, "media leg update refused");
+                }
+            });
+        }
+    }
+
+    fn delete_session(&self, session: SessionId) {
+        if let Some(dp) = self.worker.dataplane().client() {
+            tokio::spawn(async move {
+                let _ = dp.delete_session(session).await;
+            });
+        }
+    }
+}
+
+fn phone_call_id(pc: &tl::enums::PhoneCall) -> i64 {
+    match pc {
+        tl::enums::PhoneCall::Empty(x) => x.id,
+        tl::enums::PhoneCall::Waiting(x) => x.id,
+        tl::enums::PhoneCall::Requested(x) => x.id,
+        tl::enums::PhoneCall::Accepted(x) => x.id,
+        tl::enums::PhoneCall::Call(x) => x.id,
+        tl::enums::PhoneCall::Discarded(x) => x.id,
+    }
+}
+
+fn input_of(pc: &tl::enums::PhoneCall) -> Option<(i64, i64)> {
+    match pc {
+        tl::enums::PhoneCall::Waiting(x) => Some((x.id, x.access_hash)),
+        tl::enums::PhoneCall::Requested(x) => Some((x.id, x.access_hash)),
+        tl::enums::PhoneCall::Accepted(x) => Some((x.id, x.access_hash)),
+        tl::enums::PhoneCall::Call(x) => Some((x.id, x.access_hash)),
+        _ => None,
+    }
+}

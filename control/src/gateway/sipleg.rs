@@ -1,0 +1,535 @@
+//! The SIP half of a gateway call, sans-IO: one dialog with the PBX, as UAS (the PBX calls
+//! Telegram) or as UAC (a Telegram user calls the PBX). The other half is a Telegram call
+//! ([`super::tgcall`]); the runtime joins them.
+//!
+//! The Telegram side speaks Opus and the dataplane's bridge transcodes G.711 to it, so the SIP
+//! side is offered and answered PCMA/PCMU (in the connection's order) with telephone-event.
+
+use crate::sip::msg::{Method, SipRequest, SipResponse};
+use crate::sip::sdp::{self, AudioCodec, CodecPrefs, LocalMedia, SessionDescription};
+use siptg_proto::LegSpec;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The methods we accept in a gateway call.
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, MESSAGE";
+
+/// What the runtime must do for the SIP half.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LegAction {
+    /// UAS: a response to the PBX's INVITE.
+    RespondInvite(SipResponse),
+    /// A response to an in-dialog request (matched by method).
+    Respond(SipResponse),
+    /// A request in a new client transaction.
+    Send { req: SipRequest, dest: SocketAddr },
+    /// UAC: cancel our INVITE.
+    CancelInvite,
+    /// The ACK of a 2xx (no transaction).
+    SendAck { req: SipRequest, dest: SocketAddr },
+    /// New parameters for the SIP media leg.
+    UpdateLeg(LegSpec),
+    /// UAC: the PBX rings.
+    Ringing,
+    /// UAC: the PBX answered.
+    Answered,
+    /// A DTMF digit from the PBX by SIP INFO.
+    Dtmf(char),
+    /// The dialog is over; `code`/`reason` say how (the PBX's final response for a UAC call that
+    /// failed, or 200 for a normal end).
+    Ended { code: u16, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// UAS: not answered; UAC: INVITE out.
+    Early,
+    /// 2xx sent (UAS) or received (UAC).
+    Confirmed,
+    Ended,
+}
+
+#[derive(Debug, Clone)]
+struct Dialog {
+    call_id: String,
+    local: String,
+    remote: String,
+    remote_target: String,
+    route_set: Vec<String>,
+    cseq: u32,
+    address: SocketAddr,
+}
+
+impl Dialog {
+    fn request(&mut self, method: Method, via: SocketAddr) -> SipRequest {
+        if method != Method::Ack {
+            self.cseq += 1;
+        }
+        let mut req = SipRequest::new(method.clone(), self.remote_target.clone());
+        let h = req.headers_mut();
+        h.add(
+            "Via",
+            format!("SIP/2.0/UDP {via};branch={};rport", branch()),
+        );
+        h.add("Max-Forwards", "70");
+        for r in &self.route_set {
+            h.add("Route", r.clone());
+        }
+        h.add("From", self.local.clone());
+        h.add("To", self.remote.clone());
+        h.add("Call-ID", self.call_id.clone());
+        h.add("CSeq", format!("{} {}", self.cseq, method.as_str()));
+        req
+    }
+}
+
+fn branch() -> String {
+    format!("z9hG4bK{:016x}", rand::random::<u64>())
+}
+
+fn tag() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+fn strip_brackets(uri: &str) -> String {
+    let u = uri.trim();
+    match (u.find('<'), u.find('>')) {
+        (Some(a), Some(b)) if a < b => u[a + 1..b].to_string(),
+        _ => u.split(';').next().unwrap_or(u).to_string(),
+    }
+}
+
+/// The codecs the Telegram bridge can take from a SIP leg, in the connection's order.
+pub fn gateway_prefs(names: &[String]) -> CodecPrefs {
+    let codecs: Vec<AudioCodec> = names
+        .iter()
+        .filter_map(|n| AudioCodec::from_name(n))
+        .filter(|c| matches!(c, AudioCodec::Pcma | AudioCodec::Pcmu))
+        .collect();
+    CodecPrefs::new(codecs, true)
+        .or_else(|_| CodecPrefs::new([AudioCodec::Pcma, AudioCodec::Pcmu], true))
+        .unwrap_or_default()
+}
+
+/// A DTMF digit from an INFO body (`application/dtmf-relay`: `Signal=5`, or
+/// `application/dtmf`: `5`).
+pub fn info_digit(req: &SipRequest) -> Option<char> {
+    let body = String::from_utf8_lossy(&req.body);
+    let ctype = req
+        .header("Content-Type")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let raw = if ctype.contains("dtmf-relay") {
+        body.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("signal")
+                .then(|| v.trim().to_string())
+        })?
+    } else if ctype.contains("application/dtmf") {
+        body.trim().to_string()
+    } else {
+        return None;
+    };
+    let c = raw.chars().next()?.to_ascii_uppercase();
+    matches!(c, '0'..='9' | '*' | '#' | 'A'..='D').then_some(c)
+}
+
+/// One gateway call's SIP dialog.
+pub struct SipLeg {
+    uas: bool,
+    state: State,
+    dialog: Dialog,
+    local: SocketAddr,
+    /// UAS: the PBX's INVITE; UAC: ours.
+    invite: SipRequest,
+    /// Our SDP (answer as UAS, offer as UAC).
+    ours: SessionDescription,
+    prefs: CodecPrefs,
+    media: LocalMedia,
+    /// UAS: our 2xx until the ACK: (response, next resend, interval, give up).
+    ok: Option<(SipResponse, Instant, Duration, Instant)>,
+    out: VecDeque<LegAction>,
+}
+
+/// Why the PBX's INVITE cannot become a gateway call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegRefusal {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl SipLeg {
+    /// UAS: the PBX's `invite` from `source`; our media leg is at `leg`. Returns the leg and
+    /// the dataplane spec for the SIP media leg, or the refusal (`488` when no G.711).
+    pub fn uas(
+        invite: SipRequest,
+        source: SocketAddr,
+        prefs: CodecPrefs,
+        leg: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<(Self, LegSpec), LegRefusal> {
+        let refuse = |(code, reason): (u16, &str)| LegRefusal {
+            code,
+            reason: reason.to_string(),
+        };
+        let offer = SessionDescription::parse(&invite.body).map_err(|e| refuse(e.status()))?;
+        let media = LocalMedia::new(leg.ip(), leg.port(), rand::random::<u32>() as u64);
+        let (answer, neg) = sdp::answer(&offer, &prefs, &media).map_err(|e| refuse(e.status()))?;
+        let dialog = Dialog {
+            call_id: invite.call_id().unwrap_or_default().to_string(),
+            local: format!(
+                "{};tag={}",
+                invite.header("To").unwrap_or("<sip:siptg>"),
+                tag()
+            ),
+            remote: invite.header("From").unwrap_or_default().to_string(),
+            remote_target: invite
+                .header("Contact")
+                .map(|c| strip_brackets(c.split(',').next().unwrap_or(c)))
+                .unwrap_or_else(|| invite.uri.clone()),
+            route_set: invite
+                .headers()
+                .get_all("Record-Route")
+                .map(str::to_string)
+                .collect(),
+            cseq: 0,
+            address: source,
+        };
+        let spec = neg.to_leg_spec(true);
+        Ok((
+            Self {
+                uas: true,
+                state: State::Early,
+                dialog,
+                local,
+                invite,
+                ours: answer,
+                prefs,
+                media,
+                ok: None,
+                out: VecDeque::new(),
+            },
+            spec,
+        ))
+    }
+
+    /// UAC: a call to the PBX at `address` (`request_uri`), from `from_user`/`from_name`, with
+    /// extra `headers`; our media leg is at `leg`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn uac(
+        request_uri: &str,
+        address: SocketAddr,
+        from_user: &str,
+        from_name: Option<&str>,
+        headers: &[(String, String)],
+        prefs: CodecPrefs,
+        leg: SocketAddr,
+        local: SocketAddr,
+    ) -> Self {
+        let media = LocalMedia::new(leg.ip(), leg.port(), rand::random::<u32>() as u64);
+        let offer = sdp::offer(&prefs, &media, false);
+        let user: String = from_user
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "+-_.!~*'()&=$,;?/".contains(*c))
+            .collect();
+        let name = from_name
+            .map(|n| format!("\"{}\" ", n.replace(['"', '\\'], "")))
+            .unwrap_or_default();
+        let mut dialog = Dialog {
+            call_id: format!("{:032x}@siptg", rand::random::<u128>()),
+            local: format!("{name}<sip:{user}@{}>;tag={}", local.ip(), tag()),
+            remote: format!("<{request_uri}>"),
+            remote_target: request_uri.to_string(),
+            route_set: Vec::new(),
+            cseq: 0,
+            address,
+        };
+        let mut invite = dialog.request(Method::Invite, local);
+        {
+            let h = invite.headers_mut();
+            h.add("Contact", format!("<sip:{user}@{local}>"));
+            h.add("Allow", ALLOW);
+            for (n, v) in headers {
+                h.add(n, v.clone());
+            }
+            h.add("Content-Type", "application/sdp");
+        }
+        invite.body = offer.to_string().into_bytes();
+        let mut leg = Self {
+            uas: false,
+            state: State::Early,
+            dialog,
+            local,
+            invite: invite.clone(),
+            ours: offer,
+            prefs,
+            media,
+            ok: None,
+            out: VecDeque::new(),
+        };
+        leg.out.push_back(LegAction::Send {
+            req: invite,
+            dest: address,
+        });
+        leg
+    }
+
+    /// The dialog's Call-ID (the runtime's index).
+    pub fn call_id(&self) -> &str {
+        &self.dialog.call_id
+    }
+
+    /// Is the dialog over?
+    pub fn is_ended(&self) -> bool {
+        self.state == State::Ended
+    }
+
+    /// Has the call been answered (2xx)?
+    pub fn is_confirmed(&self) -> bool {
+        self.state == State::Confirmed
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<LegAction> {
+        self.out.pop_front()
+    }
+
+    fn response(&self, req: &SipRequest, code: u16, reason: &str, sdp: bool) -> SipResponse {
+        let to_tag = self
+            .dialog
+            .local
+            .rsplit_once(";tag=")
+            .map(|(_, t)| t.to_string());
+        let mut resp = SipResponse::to(req, code, reason, to_tag.as_deref());
+        resp.headers_mut()
+            .add("Contact", format!("<sip:siptg@{}>", self.local));
+        if (101..300).contains(&code) {
+            resp.headers_mut().add("Allow", ALLOW);
+        }
+        if sdp {
+            resp.headers_mut().add("Content-Type", "application/sdp");
+            resp.body = self.ours.to_string().into_bytes();
+        }
+        resp
+    }
+
+    /// UAS: the Telegram side rings.
+    pub fn ringing(&mut self) {
+        if self.uas && self.state == State::Early {
+            let r = self.response(&self.invite, 180, "Ringing", false);
+            self.out.push_back(LegAction::RespondInvite(r));
+        }
+    }
+
+    /// UAS: the Telegram side answered and media flows: 200 with our answer.
+    pub fn answer(&mut self, now: Instant) {
+        if !self.uas || self.state != State::Early {
+            return;
+        }
+        let ok = self.response(&self.invite, 200, "OK", true);
+        self.out.push_back(LegAction::RespondInvite(ok.clone()));
+        self.state = State::Confirmed;
+        self.ok = Some((
+            ok,
+            now + Duration::from_millis(500),
+            Duration::from_millis(500),
+            now + Duration::from_secs(32),
+        ));
+    }
+
+    /// UAS: refuse the PBX's call with SIP.TG's status and text.
+    pub fn reject(&mut self, code: u16, reason: &str) {
+        if !self.uas || self.state != State::Early {
+            return;
+        }
+        let r = self.response(&self.invite, code, reason, false);
+        self.out.push_back(LegAction::RespondInvite(r));
+        self.end(code, reason);
+    }
+
+    /// The Telegram side ended: BYE after an answer, else CANCEL (UAC) or a final error (UAS,
+    /// with `code`/`reason`).
+    pub fn hang_up(&mut self, code: u16, reason: &str) {
+        match self.state {
+            State::Ended => {}
+            State::Early if self.uas => self.reject(code, reason),
+            State::Early => {
+                self.out.push_back(LegAction::CancelInvite);
+                self.end(487, "Request Terminated");
+            }
+            State::Confirmed => {
+                let bye = self.dialog.request(Method::Bye, self.local);
+                self.out.push_back(LegAction::Send {
+                    req: bye,
+                    dest: self.dialog.address,
+                });
+                self.end(200, "BYE");
+            }
+        }
+    }
+
+    fn end(&mut self, code: u16, reason: &str) {
+        if self.state != State::Ended {
+            self.state = State::Ended;
+            self.ok = None;
+            self.out.push_back(LegAction::Ended {
+                code,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// DTMF towards the PBX by SIP INFO (`application/dtmf-relay`), once the call is answered.
+    pub fn send_info(&mut self, digit: char) {
+        if self.state != State::Confirmed {
+            return;
+        }
+        let mut info = self.dialog.request(Method::Info, self.local);
+        info.headers_mut()
+            .add("Content-Type", "application/dtmf-relay");
+        info.body = format!("Signal={digit}\r\nDuration=160\r\n").into_bytes();
+        self.out.push_back(LegAction::Send {
+            req: info,
+            dest: self.dialog.address,
+        });
+    }
+
+    /// A request from the PBX in this dialog (or the CANCEL of its INVITE).
+    pub fn on_request(&mut self, req: SipRequest) {
+        match req.method {
+            Method::Ack => {
+                self.ok = None;
+            }
+            Method::Cancel => {
+                if self.uas && self.state == State::Early {
+                    let r = self.response(&self.invite, 487, "Request Terminated", false);
+                    self.out.push_back(LegAction::RespondInvite(r));
+                    self.end(487, "CANCEL");
+                }
+            }
+            Method::Bye => {
+                let r = self.response(&req, 200, "OK", false);
+                self.out.push_back(LegAction::Respond(r));
+                self.end(200, "BYE from the PBX");
+            }
+            Method::Invite | Method::Update => {
+                // A re-INVITE (hold, a new address): answer from our side's codecs and follow
+                // the PBX's new address and direction.
+                if req.body.is_empty() {
+                    let r = self.response(&req, 200, "OK", req.method == Method::Invite);
+                    self.out.push_back(LegAction::Respond(r));
+                    return;
+                }
+                match SessionDescription::parse(&req.body)
+                    .ok()
+                    .and_then(|offer| sdp::answer(&offer, &self.prefs, &self.media).ok())
+                {
+                    Some((answer, neg)) => {
+                        self.ours = answer;
+                        self.out
+                            .push_back(LegAction::UpdateLeg(neg.to_leg_spec(true)));
+                        let r = self.response(&req, 200, "OK", true);
+                        self.out.push_back(LegAction::Respond(r));
+                    }
+                    None => {
+                        let r = self.response(&req, 488, "Not Acceptable Here", false);
+                        self.out.push_back(LegAction::Respond(r));
+                    }
+                }
+            }
+            Method::Info => {
+                let digit = info_digit(&req);
+                let r = self.response(&req, 200, "OK", false);
+                self.out.push_back(LegAction::Respond(r));
+                if let Some(d) = digit {
+                    self.out.push_back(LegAction::Dtmf(d));
+                }
+            }
+            _ => {
+                let r = self.response(&req, 200, "OK", false);
+                self.out.push_back(LegAction::Respond(r));
+            }
+        }
+    }
+
+    /// UAC: a response to our INVITE (or BYE).
+    pub fn on_response(&mut self, resp: SipResponse) {
+        let Some((_, method)) = resp.cseq() else {
+            return;
+        };
+        if method != Method::Invite || self.uas {
+            return;
+        }
+        let code = resp.code;
+        if (180..=183).contains(&code) && self.state == State::Early {
+            self.out.push_back(LegAction::Ringing);
+        } else if (200..300).contains(&code) {
+            // Our dialog with the PBX: its tag, Contact, Record-Route (reversed).
+            if let Some(to) = resp.header("To") {
+                self.dialog.remote = to.to_string();
+            }
+            if let Some(c) = resp.header("Contact") {
+                self.dialog.remote_target = strip_brackets(c.split(',').next().unwrap_or(c));
+            }
+            let mut rr: Vec<String> = resp
+                .headers()
+                .get_all("Record-Route")
+                .map(str::to_string)
+                .collect();
+            rr.reverse();
+            self.dialog.route_set = rr;
+            let ack = self.dialog.request(Method::Ack, self.local);
+            let mut ack = ack;
+            // The ACK carries the INVITE's CSeq number.
+            let n = self.invite.cseq().map(|c| c.0).unwrap_or(1);
+            ack.headers_mut().set("CSeq", format!("{n} ACK"));
+            self.out.push_back(LegAction::SendAck {
+                req: ack,
+                dest: self.dialog.address,
+            });
+            if self.state == State::Early {
+                self.state = State::Confirmed;
+                if let Some((_, neg)) = SessionDescription::parse(&resp.body)
+                    .ok()
+                    .and_then(|answer| sdp::answer(&answer, &self.prefs, &self.media).ok())
+                {
+                    self.out
+                        .push_back(LegAction::UpdateLeg(neg.to_leg_spec(true)));
+                }
+                self.out.push_back(LegAction::Answered);
+            }
+        } else if code >= 300 && self.state == State::Early {
+            self.end(code, &resp.reason);
+        }
+    }
+
+    /// When our 2xx must be resent.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.ok.as_ref().map(|(_, at, _, _)| *at)
+    }
+
+    /// Resends the 2xx (T1 doubling to T2) until the ACK; no ACK in 32 s ends the call.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some((ok, at, interval, give_up)) = self.ok.take() else {
+            return;
+        };
+        if now < at {
+            self.ok = Some((ok, at, interval, give_up));
+            return;
+        }
+        if now >= give_up {
+            let bye = self.dialog.request(Method::Bye, self.local);
+            self.out.push_back(LegAction::Send {
+                req: bye,
+                dest: self.dialog.address,
+            });
+            self.end(408, "no ACK");
+            return;
+        }
+        self.out.push_back(LegAction::RespondInvite(ok.clone()));
+        let next = (interval * 2).min(Duration::from_secs(4));
+        self.ok = Some((ok, now + next, next, give_up));
+    }
+}
