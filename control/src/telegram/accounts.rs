@@ -77,6 +77,9 @@ pub struct Accounts {
     hygiene: Hygiene,
     live: Mutex<HashMap<String, Arc<Account>>>,
     updates: broadcast::Sender<AccountUpdate>,
+    /// One connect at a time: two concurrent connects of one account would open two
+    /// sessions and keep the wrong one.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 fn store_err(e: crate::store::StoreError) -> TgError {
@@ -116,6 +119,7 @@ impl Accounts {
             hygiene,
             live: Mutex::new(HashMap::new()),
             updates: broadcast::channel(1024).0,
+            connecting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -189,6 +193,7 @@ impl Accounts {
     /// Connects `name` with its stored session (or a fresh one) and starts pumping its updates.
     pub async fn connect(self: &Arc<Self>, name: &str) -> Result<Arc<Account>, TgError> {
         valid_name(name)?;
+        let _one_at_a_time = self.connecting.lock().await;
         if let Ok(a) = self.get(name) {
             return Ok(a);
         }
