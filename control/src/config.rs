@@ -86,6 +86,9 @@ pub struct GatewayConfig {
     /// Telegram text messages ⇄ SIP MESSAGE.
     #[serde(default = "default_true")]
     pub messages: bool,
+    /// A disabled gateway refuses its calls (`403 Route is not permitted`).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
 }
 
 fn default_priority() -> u32 {
@@ -176,6 +179,9 @@ pub struct ConnectionConfig {
     /// DTMF methods towards this PBX, in order: `rfc2833` (RFC 4733), `info`.
     #[serde(default = "default_dtmf")]
     pub dtmf: Vec<String>,
+    /// The Worker that serves this connection (its node name); any Worker when unset.
+    #[serde(default)]
+    pub worker: Option<String>,
 }
 
 /// How REGISTERs reach a PBX.

@@ -77,6 +77,8 @@ pub struct Routing {
     gateways: Vec<crate::config::GatewayConfig>,
     /// The Storage a gateway without one uses (the Manager's first).
     default_storage: Mutex<Option<String>>,
+    /// Peers (Workers, Storages) whose link is up, for routing decisions.
+    live_peers: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Routing {
@@ -87,6 +89,7 @@ impl Routing {
             registrar: Mutex::new(Registrar::new(realm)),
             gateways: Vec::new(),
             default_storage: Mutex::new(None),
+            live_peers: Mutex::new(Default::default()),
         }
     }
 
@@ -106,6 +109,42 @@ impl Routing {
     /// The gateway of a Telegram account.
     pub fn gateway_of_account(&self, account: &str) -> Option<&crate::config::GatewayConfig> {
         self.gateways.iter().find(|g| g.account == account)
+    }
+
+    /// Marks a peer's link up or down.
+    pub fn set_live(&self, peer: &str, up: bool) {
+        let mut l = self.live_peers.lock().unwrap_or_else(|p| p.into_inner());
+        if up {
+            l.insert(peer.to_string());
+        } else {
+            l.remove(peer);
+        }
+    }
+
+    fn is_live(&self, peer: &str) -> bool {
+        self.live_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(peer)
+    }
+
+    /// A connection pinned to a Worker: refused on another Worker, or while its Worker is down.
+    fn worker_check(&self, c: &ConnectionConfig, worker: &str) -> Option<LinkResponse> {
+        let pinned = c.worker.as_deref()?;
+        let refuse = |reason: &str| LinkResponse::Route {
+            code: 403,
+            reason: reason.to_string(),
+            headers: Vec::new(),
+        };
+        if !self.is_live(pinned) {
+            tracing::info!(connection = %c.name, worker = pinned, "the connection's Worker is down; 403");
+            return Some(refuse(reasons::WORKER_INACTIVE));
+        }
+        if pinned != worker {
+            tracing::info!(connection = %c.name, pinned, asked = worker, "request on a Worker that does not serve the connection; 403");
+            return Some(refuse(reasons::WORKER_ADDRESS_NOT_SET));
+        }
+        None
     }
 
     fn storage_of(&self, g: &crate::config::GatewayConfig) -> Option<String> {
@@ -129,9 +168,17 @@ impl Routing {
             reason: reason.to_string(),
             headers: Vec::new(),
         };
+        if !g.enabled {
+            tracing::info!(gateway = %g.name, "gateway disabled; 403");
+            return reply(403, reasons::ROUTE_NOT_PERMITTED);
+        }
         let Some(storage) = self.storage_of(g) else {
             return reply(503, reasons::STORAGE_UNAVAILABLE);
         };
+        if !self.is_live(&storage) {
+            tracing::info!(gateway = %g.name, %storage, "the gateway's Session Storage is not linked; 403");
+            return reply(403, reasons::STORAGE_INACTIVE);
+        }
         let dialled = crate::sip::message::uri_user(&q.request_uri)
             .or_else(|| q.to_user.clone())
             .unwrap_or_default();
@@ -174,6 +221,13 @@ impl Routing {
         let now = std::time::SystemTime::now();
         let mut registrar = self.registrar.lock().unwrap_or_else(|p| p.into_inner());
         if q.method == "REGISTER" {
+            if let Some(c) = self.connections.iter().find(|c| {
+                c.kind == ConnectionKind::PbxRegisters && c.login.is_some() && c.login == q.to_user
+            }) {
+                if let Some(refusal) = self.worker_check(c, worker) {
+                    return refusal;
+                }
+            }
             let reply = registrar.register(
                 &self.connections,
                 &RegisterRequest {
@@ -202,6 +256,9 @@ impl Routing {
                 Err(refusal) => return refusal,
             };
             tracing::debug!(connection = %caller.name, source = %q.source, "INVITE from a known connection");
+            if let Some(refusal) = self.worker_check(caller, worker) {
+                return refusal;
+            }
             if let Some(g) = self.gateway_of_connection(&caller.name) {
                 return self.gateway_route(g, caller, q);
             }
@@ -435,7 +492,9 @@ impl Manager {
                     }
                     self.metrics
                         .inc("siptg_link_connects_total", &[("peer", &name)]);
+                    self.routing.set_live(&name, true);
                     link.closed().await;
+                    self.routing.set_live(&name, false);
                     if let Some(p) = self.peers().get_mut(&name) {
                         p.link = None;
                         p.down_since = Some(Instant::now());
@@ -971,6 +1030,7 @@ mod tests {
             dial_rules: Vec::new(),
             priority: 1,
             dtmf: vec!["rfc2833".into()],
+            worker: None,
         }
     }
 

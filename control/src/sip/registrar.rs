@@ -281,6 +281,7 @@ mod tests {
             dial_rules: Vec::new(),
             priority: 1,
             dtmf: vec!["rfc2833".into()],
+            worker: None,
         }
     }
 

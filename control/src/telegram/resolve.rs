@@ -36,7 +36,11 @@ impl PeerQuery {
                 Err(invalid("a username has 4 to 32 letters, digits or _"))
             };
         }
-        if let Some(id) = t.strip_prefix("id:") {
+        if let Some(id) = t.strip_prefix("id:").or_else(|| {
+            // `id12345` (a SIP user part cannot hold `:` unescaped).
+            t.strip_prefix("id")
+                .filter(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+        }) {
             return id
                 .parse()
                 .map(PeerQuery::UserId)
@@ -179,15 +183,24 @@ pub async fn resolve(
         }
         PeerQuery::UserId(id) => return Err(TgError::UnknownUser { user_id: *id }),
     };
-    let peer = users
-        .iter()
-        .filter_map(Peer::from_user)
-        .next()
-        .ok_or_else(|| TgError::Rpc {
-            code: 400,
-            name: "PEER_ID_INVALID".into(),
-            value: None,
-        })?;
+    let peer = match users.iter().find_map(Peer::from_user) {
+        Some(p) => p,
+        // Telegram showed the user without an access hash: it cannot be called by us.
+        None if !users.is_empty() => {
+            return Err(TgError::Rpc {
+                code: 400,
+                name: "ANONYMOUS_USER".into(),
+                value: None,
+            })
+        }
+        None => {
+            return Err(TgError::Rpc {
+                code: 400,
+                name: "PEER_ID_INVALID".into(),
+                value: None,
+            })
+        }
+    };
     remember(store, account.name(), &peer).await?;
     Ok((peer, Source::Telegram))
 }
@@ -212,6 +225,7 @@ mod tests {
             PeerQuery::Username("bobby".into())
         );
         assert_eq!(PeerQuery::parse("id:42").unwrap(), PeerQuery::UserId(42));
+        assert_eq!(PeerQuery::parse("id42").unwrap(), PeerQuery::UserId(42));
         for bad in [
             "",
             "@ab",

@@ -31,6 +31,7 @@ pub enum Privacy {
 
 /// A simulated Telegram user.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SimUser {
     pub id: i64,
     /// Digits only, no `+`.
@@ -60,6 +61,9 @@ pub struct SimUser {
     /// Forced offline (no pushes arrive, calls to it ring out after the offline timeout).
     #[serde(default)]
     pub offline: bool,
+    /// Shown to others without an access hash (a "min" user): they cannot call it.
+    #[serde(default)]
+    pub anonymous: bool,
 }
 
 /// The simulated cloud's access hash of user `id` (the same for every viewer; stable, so a
@@ -89,6 +93,7 @@ impl SimUser {
             p2p: Privacy::Everybody,
             chat_invite: Privacy::Everybody,
             offline: false,
+            anonymous: false,
         }
     }
 
@@ -99,6 +104,7 @@ impl SimUser {
 
 /// Limits that make the cloud answer FLOOD_WAIT and PEER_FLOOD.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FloodRules {
     /// phone.requestCall per caller per minute before FLOOD_WAIT.
     pub calls_per_minute: u32,
@@ -117,6 +123,7 @@ impl Default for FloodRules {
 
 /// A TURN server the cloud hands out in `phoneConnectionWebrtc`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TurnServer {
     pub ip: String,
     pub port: u16,
@@ -126,6 +133,7 @@ pub struct TurnServer {
 
 /// How the simulated cloud behaves.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorldConfig {
     pub users: Vec<SimUser>,
     #[serde(default)]
@@ -438,7 +446,7 @@ impl World {
             bot_nochats: false,
             verified: false,
             restricted: false,
-            min: false,
+            min: u.anonymous && id != viewer,
             bot_inline_geo: false,
             support: false,
             scam: false,
@@ -460,7 +468,7 @@ impl World {
             bot_guestchat: false,
             bot_guard: false,
             id,
-            access_hash: Some(u.access_hash()),
+            access_hash: (!u.anonymous || id == viewer).then(|| u.access_hash()),
             first_name: Some(u.first_name.clone()),
             last_name: (!u.last_name.is_empty()).then(|| u.last_name.clone()),
             username: u.username.clone(),
