@@ -127,7 +127,7 @@ pub async fn run(
     let (acc2, cur2) = (account.clone(), cur.clone());
     tokio::spawn(async move {
         while let Some(u) = updates.recv().await {
-            match u {
+            match u.update {
                 tl::enums::Update::PhoneCall(pc) => match pc.phone_call {
                     tl::enums::PhoneCall::Requested(r) => {
                         set_current(&cur2, r.id, r.access_hash);

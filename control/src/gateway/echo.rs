@@ -69,7 +69,8 @@ async fn serve(
             u = updates.recv() => {
                 let Some(u) = u else { return Err("cloud gone".into()) };
                 let now = Instant::now();
-                match u {
+                let users = u.users;
+                match u.update {
                     tl::enums::Update::PhoneCall(pc) => match &pc.phone_call {
                         tl::enums::PhoneCall::Requested(r) => {
                             let mut tg = TgCall::incoming(r.g_a_hash.clone());
@@ -101,8 +102,12 @@ async fn serve(
                     }
                     tl::enums::Update::NewMessage(m) => {
                         if let tl::enums::Message::Message(m) = m.message {
-                            if let Some(tl::enums::Peer::User(u)) = &m.from_id {
-                                echo_text(&account, u.user_id, &m.message).await;
+                            if let Some(tl::enums::Peer::User(from)) = &m.from_id {
+                                // The sender comes with the message (with its access hash).
+                                let peer = users.iter().filter_map(Peer::from_user).find(|p| p.user_id == from.user_id);
+                                if let Some(peer) = peer {
+                                    let _ = account.invoke(&super::text_message(&peer, &m.message)).await;
+                                }
                             }
                         }
                     }
@@ -142,22 +147,6 @@ async fn serve(
                 }
             }
         }
-    }
-}
-
-async fn echo_text(account: &Account, user_id: i64, text: &str) {
-    // The simulated cloud's access hashes are stable per user: address the sender with it.
-    let users = account
-        .invoke(&tl::functions::users::GetUsers {
-            id: vec![tl::enums::InputUser::User(tl::types::InputUser {
-                user_id,
-                access_hash: crate::tgsim::world::sim_access_hash(user_id),
-            })],
-        })
-        .await
-        .unwrap_or_default();
-    if let Some(peer) = users.iter().find_map(Peer::from_user) {
-        let _ = account.invoke(&super::text_message(&peer, text)).await;
     }
 }
 

@@ -241,8 +241,18 @@ impl Accounts {
     fn spawn_pump(&self, name: &str, mut rx: UpdateRx) {
         let tx = self.updates.clone();
         let account = name.to_string();
+        let store = self.store.clone();
         tokio::spawn(async move {
-            while let Some(update) = rx.recv().await {
+            while let Some(incoming) = rx.recv().await {
+                // Users met in updates become resolvable by id (their access hash).
+                for u in &incoming.users {
+                    if let Some(peer) = super::resolve::Peer::from_user(u) {
+                        if let Err(e) = super::resolve::remember(&store, &account, &peer).await {
+                            tracing::warn!(%account, error = %e, "cannot cache a peer");
+                        }
+                    }
+                }
+                let update = incoming.update;
                 if update_allowed(&update) {
                     let _ = tx.send(AccountUpdate {
                         account: account.clone(),

@@ -200,6 +200,7 @@ impl MtprotoClient {
         let pump = tokio::spawn(async move {
             // grammers orders updates and fills gaps; we forward the raw TL update.
             while let Ok((update, _, _)) = stream.next_raw().await {
+                // (grammers keeps the users of updates in its own session cache.)
                 for u in unpack(tl_wrap(update)) {
                     if tx.send(u).is_err() {
                         return;

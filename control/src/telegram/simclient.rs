@@ -22,6 +22,8 @@ pub struct SimClient {
     pending: Pending,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Set when the cloud closed the connection: requests fail at once.
+    closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SimClient {
@@ -61,6 +63,8 @@ impl SimClient {
             }
         });
         let p = pending.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed2 = closed.clone();
         let reader = tokio::spawn(async move {
             loop {
                 match read_frame(&mut rd).await {
@@ -88,6 +92,7 @@ impl SimClient {
                     Ok(None) | Err(_) => break,
                 }
             }
+            closed2.store(true, Ordering::SeqCst);
             // Everyone still waiting learns the connection is gone.
             for (_, tx) in lock(&p).drain() {
                 let _ = tx.send(Err(TgError::transport("connection to tgsim lost")));
@@ -100,6 +105,7 @@ impl SimClient {
                 pending,
                 tx,
                 tasks: vec![writer, reader],
+                closed,
             },
             urx,
         ))
@@ -113,6 +119,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Transport for SimClient {
     fn invoke_raw(&self, body: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, TgError>> {
         Box::pin(async move {
+            if self.closed.load(Ordering::SeqCst) {
+                return Err(TgError::transport("connection to tgsim lost"));
+            }
             let id = self.next.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             lock(&self.pending).insert(id, tx);

@@ -20,16 +20,30 @@ pub trait Transport: Send + Sync + 'static {
     fn close(&self);
 }
 
+/// One update and the users its container named (the caller of a call, the sender of a
+/// message: with their access hashes, which the Storage remembers).
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub update: tl::enums::Update,
+    pub users: Vec<tl::enums::User>,
+}
+
 /// Updates as they arrive from Telegram, unpacked from their `Updates` containers.
-pub type UpdateRx = tokio::sync::mpsc::UnboundedReceiver<tl::enums::Update>;
+pub type UpdateRx = tokio::sync::mpsc::UnboundedReceiver<Incoming>;
 
 /// Unpacks an `Updates` container into single updates (the sim sends `updateShort` and
 /// `updates`; Telegram sends all kinds).
-pub fn unpack(updates: tl::enums::Updates) -> Vec<tl::enums::Update> {
-    match updates {
-        tl::enums::Updates::UpdateShort(u) => vec![u.update],
-        tl::enums::Updates::Updates(u) => u.updates,
-        tl::enums::Updates::Combined(u) => u.updates,
-        _ => Vec::new(),
-    }
+pub fn unpack(updates: tl::enums::Updates) -> Vec<Incoming> {
+    let (list, users) = match updates {
+        tl::enums::Updates::UpdateShort(u) => (vec![u.update], Vec::new()),
+        tl::enums::Updates::Updates(u) => (u.updates, u.users),
+        tl::enums::Updates::Combined(u) => (u.updates, u.users),
+        _ => (Vec::new(), Vec::new()),
+    };
+    list.into_iter()
+        .map(|update| Incoming {
+            update,
+            users: users.clone(),
+        })
+        .collect()
 }

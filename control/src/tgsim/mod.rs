@@ -81,6 +81,7 @@ pub struct TgSim {
 }
 
 struct Inner {
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     world: Mutex<World>,
     conns: Mutex<HashMap<u64, Conn>>,
     next_conn: std::sync::atomic::AtomicU64,
@@ -109,6 +110,7 @@ impl TgSim {
         let addr = listener.local_addr()?;
         let sim = TgSim {
             inner: Arc::new(Inner {
+                tasks: Mutex::new(Vec::new()),
                 world: Mutex::new(World::new(cfg, Instant::now(), unix_now())),
                 conns: Mutex::new(HashMap::new()),
                 next_conn: 0.into(),
@@ -118,20 +120,33 @@ impl TgSim {
         };
         tracing::info!(%addr, "simulated Telegram cloud listening");
         let weak = Arc::downgrade(&sim.inner);
-        tokio::spawn(async move {
+        let accept = tokio::spawn(async move {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else {
                     continue;
                 };
                 let Some(inner) = weak.upgrade() else { break };
                 let sim = TgSim { inner };
-                tokio::spawn(async move {
-                    if let Err(e) = sim.serve(stream).await {
-                        tracing::debug!(%peer, error = %e, "tgsim connection ended");
+                let task = tokio::spawn({
+                    let sim = sim.clone();
+                    async move {
+                        if let Err(e) = sim.serve(stream).await {
+                            tracing::debug!(%peer, error = %e, "tgsim connection ended");
+                        }
                     }
                 });
+                sim.inner
+                    .tasks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(task);
             }
         });
+        sim.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(accept);
         let weak = Arc::downgrade(&sim.inner);
         tokio::spawn(async move {
             loop {
@@ -154,6 +169,24 @@ impl TgSim {
             }
         });
         Ok(sim)
+    }
+
+    /// Stops the cloud: no new connections, every open one dropped (an outage, for tests).
+    pub fn shutdown(&self) {
+        for t in self
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            t.abort();
+        }
+        self.inner
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     /// Where the cloud listens.
@@ -194,11 +227,46 @@ impl TgSim {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for d in out {
-            let body = tl::enums::Updates::UpdateShort(tl::types::UpdateShort {
-                update: d.update.clone(),
-                date,
-            })
-            .to_bytes();
+            // As Telegram does, a call request or a message comes with the user it is from,
+            // so the recipient can address them (access hash).
+            let from = match &d.update {
+                tl::enums::Update::PhoneCall(u) => match &u.phone_call {
+                    tl::enums::PhoneCall::Requested(r) => Some(r.admin_id),
+                    _ => None,
+                },
+                tl::enums::Update::NewMessage(m) => match &m.message {
+                    tl::enums::Message::Message(m) => match &m.from_id {
+                        Some(tl::enums::Peer::User(u)) => Some(u.user_id),
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            };
+            let viewer = match d.to {
+                To::User(u) => u,
+                To::Key(_) => 0,
+            };
+            let users: Vec<tl::enums::User> = from
+                .and_then(|f| world.user_tl_for(f, viewer))
+                .into_iter()
+                .collect();
+            let body = if users.is_empty() {
+                tl::enums::Updates::UpdateShort(tl::types::UpdateShort {
+                    update: d.update.clone(),
+                    date,
+                })
+                .to_bytes()
+            } else {
+                tl::enums::Updates::Updates(tl::types::Updates {
+                    updates: vec![d.update.clone()],
+                    users,
+                    chats: vec![],
+                    date,
+                    seq: 0,
+                })
+                .to_bytes()
+            };
             let frame = SimFrame::Updates { body }.encode();
             for c in conns.values() {
                 let target = match d.to {

@@ -66,9 +66,8 @@ pub struct SimUser {
     pub anonymous: bool,
 }
 
-/// The simulated cloud's access hash of user `id` (the same for every viewer; stable, so a
-/// simulated app can address a user it met in an update).
-pub fn sim_access_hash(id: i64) -> i64 {
+/// The simulated cloud's access hash of user `id` (the same for every viewer, stable).
+fn sim_access_hash(id: i64) -> i64 {
     (id.wrapping_mul(0x9E37_79B9_7F4A_7C15_u64 as i64)) ^ 0x5bd1_e995
 }
 
@@ -425,6 +424,11 @@ fn allowed(rule: Privacy, owner: &SimUser, who: i64) -> bool {
 }
 
 impl World {
+    /// The TL `user` as `viewer` sees it (for the runtime's update envelopes).
+    pub fn user_tl_for(&self, id: i64, viewer: i64) -> Option<tl::enums::User> {
+        self.user_tl(id, viewer)
+    }
+
     /// The TL `user` as `viewer` sees it.
     fn user_tl(&self, id: i64, viewer: i64) -> Option<tl::enums::User> {
         let u = self.users.get(&id)?;
