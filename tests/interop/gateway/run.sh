@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The gateway end to end with real peers: a baresip phone as the PBX side, registered on a
+# gateway's PBX line ⇄ siptg (up, with its embedded simulated Telegram cloud) ⇄ ntgcalls as a
+# Telegram user's app (through `siptg tgsim-app`). Calls both ways with G.711 on the SIP side and
+# Opus on Telegram; tones checked by frequency on both ends; hang-up from each side. Runs in a
+# network namespace this suite creates (WebRTC ignores loopback-only hosts).
+. "$(dirname "$0")/../lib.sh"
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/../sip/phones.sh"
+venv=${NTG_VENV:-/tmp/siptg-ntgcalls-venv}
+[ "$(id -u)" = 0 ] || die "needs root for ip netns"
+apt_need ip iproute2
+apt_need baresip baresip-core
+if ! "$venv/bin/python3" -c 'import ntgcalls' 2>/dev/null; then
+  log "installing ntgcalls 3.0.5 into $venv"
+  python3 -m venv "$venv" && "$venv/bin/pip" install -q ntgcalls==3.0.5 || die "cannot install ntgcalls"
+fi
+build_siptg
+failed=()
+
+ns=siptggw$$
+ip netns add "$ns" || die "ip netns add"
+trap 'ip netns del "$ns" 2>/dev/null; cleanup' EXIT
+in_ns() { ip netns exec "$ns" "$@"; }
+in_ns ip link set lo up
+in_ns ip link add gw0 type veth peer name gw1
+in_ns ip addr add 10.80.0.1/24 dev gw0
+in_ns ip link set gw0 up
+in_ns ip link set gw1 up
+addr=10.80.0.1
+sip=$addr:5060
+sim=$addr:50003
+admin=127.0.0.1:9611
+
+cat >"$WORK/world.toml" <<'TOML'
+[[users]]
+id = 701
+phone = "555000001"
+username = "gw_account"
+first_name = "Gateway"
+[[users]]
+id = 702
+phone = "555000002"
+username = "ntg_user"
+first_name = "Nina"
+last_name = "Telegram"
+TOML
+mkdir -p "$WORK/gw"
+cat >"$WORK/gw.toml" <<CFG
+[node]
+state_dir = "$WORK/gw"
+[admin]
+listen = "$admin"
+[dataplane]
+cores = [0]
+rtp_port_min = 41000
+rtp_port_max = 41199
+media_ip = "$addr"
+socket = "$WORK/gw/dp.sock"
+[sip]
+listen = ["udp:$sip"]
+[telegram]
+backend = "sim"
+sim_address = "$sim"
+sim_world = "$WORK/world.toml"
+sim_autologin = { gateway = "+555000001" }
+[storage]
+key_file = "$WORK/gw/storage.key"
+[database]
+path = "$WORK/gw/db.redb"
+[[connection]]
+name = "pbx"
+type = "pbx_registers"
+login = "pbx"
+password = "pbx-pass-1"
+trusted_ips = ["10.80.0.0/24"]
+codecs = ["PCMA", "PCMU"]
+dtmf = ["info"]
+[[gateway]]
+name = "gw"
+account = "gateway"
+connections = ["pbx"]
+pbx_number = "pbx"
+CFG
+start gateway ip netns exec "$ns" "$SIPTG" up --config "$WORK/gw.toml"
+wait_until 30 in_ns "$SIPTG" status --admin "$admin" || { cat "$WORK/gateway.log"; die "siptg did not start"; }
+wait_until 20 bash -c "ip netns exec $ns $SIPTG status --admin $admin | grep -q 'account gateway .*active'" \
+  || { in_ns "$SIPTG" status --admin "$admin"; die "the gateway account is not active"; }
+
+# The PBX side: a baresip phone registered as `pbx`, sending 440 Hz, recording, auto-answering.
+ctl=$(free_port tcp)
+dir="$WORK/phone-pbx"; mkdir -p "$dir/rec"
+tone "$dir/tone.wav" 440
+cat >"$dir/config" <<BCFG
+poll_method		epoll
+sip_listen		$addr:$(ua_port)
+net_interface		gw0
+dns_server		127.0.0.1:53
+rtp_ports		20400-20419
+audio_source		aufile,$dir/tone.wav
+audio_player		aubridge,null_pbx
+audio_alert		aubridge,nullalert_pbx
+module_path		/usr/lib/baresip/modules
+module			g711.so
+module			aufile.so
+module			aubridge.so
+module			sndfile.so
+snd_path		$dir/rec
+module_tmp		uuid.so
+module_tmp		account.so
+module_app		menu.so
+module_app		ctrl_tcp.so
+ctrl_tcp_listen		127.0.0.1:$ctl
+BCFG
+echo "<sip:pbx@$sip>;auth_pass=pbx-pass-1;answermode=auto;regint=600" >"$dir/accounts"
+
+user() {  # user MODE [TARGET]: the Telegram user (ntgcalls) in the background, output in tg.log
+  in_ns timeout 90 "$venv/bin/python3" "$here/tg_user.py" "$SIPTG" "$sim" +555000002 "$@" --seconds 4 \
+    >"$WORK/tg.log" 2>&1 &
+  TG_PID=$!
+}
+
+check_phone() {  # check_phone WHAT: the phone's recording holds the Telegram user's 1000 Hz
+  local w; w=$(ls "$dir"/rec/*-dec.wav 2>/dev/null | head -n 1)
+  [ -n "$w" ] || { tail -n 20 "$dir/log"; failed+=("$1: no recording on the phone"); return; }
+  goertzel "$w" 1000 440 || failed+=("$1: the phone did not hear the Telegram user")
+}
+
+check_user() {  # check_user WHAT
+  sed 's/^/    /' "$WORK/tg.log" | grep -E '\[tgcalls\]|RESULT' || true
+  grep -q "RESULT connected=yes heard=yes ended=yes" "$WORK/tg.log" || { tail -n 30 "$WORK/tg.log"; failed+=("$1: Telegram side"); }
+}
+
+# 1. SIP → Telegram: the phone dials the Telegram user's number; the phone hangs up.
+log "case: a SIP phone calls a Telegram user (G.711 ⇄ Opus), the phone hangs up"
+rm -f "$dir"/rec/*.wav
+user answer
+wait_until 20 grep -q READY "$WORK/tg.log" || die "Telegram user did not start: $(tail -n 5 "$WORK/tg.log")"
+in_ns timeout 30 baresip -f "$dir" -t 11 </dev/null >"$dir/log" 2>&1 &
+phone_pid=$!
+wait_until 10 grep -q "200 OK" "$dir/log" || { cat "$dir/log"; die "the phone did not register"; }
+in_ns bash -c "$(declare -f ctrl); ctrl $ctl dial 'sip:+555000002@$sip'"
+wait $phone_pid || true
+wait $TG_PID || true
+check_user "SIP → Telegram"
+check_phone "SIP → Telegram"
+
+# 2. Telegram → SIP: the Telegram user calls the gateway account; the phone (auto-answer)
+#    rings as `pbx` (the gateway's Number on the PBX); the Telegram user hangs up.
+log "case: a Telegram user calls the gateway's account, the PBX phone answers, the user hangs up"
+rm -f "$dir"/rec/*.wav
+in_ns timeout 40 baresip -f "$dir" -t 16 </dev/null >"$dir/log" 2>&1 &
+phone_pid=$!
+wait_until 10 grep -q "200 OK" "$dir/log" || { cat "$dir/log"; die "the phone did not register"; }
+user call +555000001
+wait $TG_PID || true
+sleep 1
+grep -q "X-TG-ID\|Nina\|555000002" "$dir/log" && log "  the phone saw the caller: $(grep -m1 -o 'Nina[^"]*\|+555000002' "$dir/log" || true)"
+wait $phone_pid || true
+check_user "Telegram → SIP"
+check_phone "Telegram → SIP"
+grep -q "gateway call ended" "$WORK/gateway.log" 2>/dev/null || grep -q "gateway call" "$WORK/gateway.log" || true
+
+[ ${#failed[@]} = 0 ] || die "failed: ${failed[*]}"
+log "gateway: all cases pass"

@@ -1,0 +1,109 @@
+"""A Telegram user for the gateway suite: ntgcalls 3.0.5 as the media (the independent
+implementation) plus `siptg tgsim-app` as the user's app on the simulated cloud.
+
+    python3 tg_user.py SIPTG_BIN SIM_ADDR PHONE answer [--seconds S]
+    python3 tg_user.py SIPTG_BIN SIM_ADDR PHONE call TARGET [--seconds S]
+
+Plays a 1000 Hz tone and checks it hears 440 Hz (the SIP phone's tone); `call` hangs up after
+the tone, `answer` waits for the other side to hang up. Prints one result line and exits 0 only
+when the call connected, the tone was heard and the call ended.
+"""
+import argparse
+import asyncio
+import os
+import sys
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "tgcalls"))
+sys.path.insert(0, os.path.join(here, "..", "storage"))
+import harness  # noqa: E402
+from app_call import App  # noqa: E402
+
+log = harness.log
+harness.TONES["caller"] = 1000.0
+harness.TONES["callee"] = 1000.0
+
+
+async def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("siptg")
+    ap.add_argument("sim")
+    ap.add_argument("phone")
+    ap.add_argument("mode", choices=["answer", "call"])
+    ap.add_argument("target", nargs="?")
+    ap.add_argument("--seconds", type=float, default=4)
+    a = ap.parse_args()
+    harness.SECONDS = int(a.seconds)
+
+    app = App("tg-user", a.siptg, a.sim, a.phone)
+    await app.start()
+    role = "callee" if a.mode == "answer" else "caller"
+    party = harness.NtgParty(role)
+    party.on_signal = app.signal
+    app.on_signal = party.deliver
+    await party.start()
+    app.send(op="dh")
+    dh = await app.expect("dh")
+    if a.mode == "answer":
+        print("READY", flush=True)
+        inc = await app.expect("incoming", 60)
+        log(f"incoming call from user {inc['from']}")
+        g_b = await party.incoming(bytes.fromhex(dh["random"]), bytes.fromhex(inc["g_a_hash"]))
+        app.send(op="accept", g_b=g_b.hex(), versions=inc["versions"])
+        act = await app.expect("active", 20)
+        await party.confirmed(bytes.fromhex(act["g_a_or_b"]), act["fingerprint"])
+    else:
+        g_a_hash = await party.request(bytes.fromhex(dh["random"]))
+        app.send(op="call", peer=a.target, g_a_hash=g_a_hash.hex(), versions=["8.0.0"])
+        await app.expect("calling")
+        acc = await app.expect("accepted", 40)
+        g_a, fp = await party.accepted(bytes.fromhex(acc["g_b"]))
+        app.send(op="confirm", g_a=g_a.hex(), fingerprint=fp, versions=["8.0.0"])
+        act = await app.expect("active")
+    await party.connect(act["versions"][0], act["servers"], act["p2p"])
+    try:
+        await asyncio.wait_for(party.connected.wait(), 20)
+    except asyncio.TimeoutError:
+        print("RESULT connected=no heard=no ended=no")
+        return 1
+    # harness.NtgParty.play_and_listen checks for the other role's tone: both are 1000 Hz
+    # here, so check 440 Hz (the SIP phone) ourselves on what was heard.
+    loop = asyncio.get_running_loop()
+    ok, what = await play_and_check(party, loop)
+    log(f"Telegram user heard the SIP phone's 440 Hz: {'yes' if ok else 'NO'} ({what})")
+    if a.mode == "call":
+        app.send(op="discard", reason="hangup", duration=int(a.seconds))
+        await party.hang_up()
+        ended = True
+    else:
+        try:
+            d = await app.expect("discarded", 30)
+            log(f"the gateway ended the call ({d['reason']})")
+            ended = True
+        except Exception as e:  # noqa: BLE001
+            log(f"no end of call: {e}")
+            ended = False
+        await party.hang_up()
+    await app.stop()
+    print(f"RESULT connected=yes heard={'yes' if ok else 'no'} ended={'yes' if ended else 'no'}", flush=True)
+    return 0 if ok and ended else 1
+
+
+async def play_and_check(party, loop):
+    import math
+    import struct
+    start = loop.time()
+    frames = int(harness.SECONDS * harness.RATE // harness.FRAME)
+    for k in range(frames):
+        frame = b"".join(struct.pack("<h", int(8000 * math.sin(
+            2 * math.pi * 1000.0 * (k * harness.FRAME + i) / harness.RATE))) for i in range(harness.FRAME))
+        await party.call.send_external_frame(party.uid, harness.N.StreamDevice.MICROPHONE, frame,
+                                             harness.N.FrameData())
+        await asyncio.sleep(max(0.0, start + (k + 1) * harness.FRAME / harness.RATE - loop.time()))
+    pcm = b"".join(party.heard)[-2 * harness.RATE:]
+    rms, ok = harness.goertzel_ok(pcm, 440.0, 1000.0)
+    return ok, f"rms {rms:.0f}, {len(party.heard)} frames"
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
