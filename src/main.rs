@@ -1,5 +1,6 @@
 //! The `siptg` command: wires the CLI to the roles in `siptg-control` and `siptg-dataplane`.
 
+mod gateway_cli;
 mod selftest;
 mod status_view;
 mod storage_cli;
@@ -58,6 +59,15 @@ enum Cmd {
         code: String,
         #[arg(long)]
         password: Option<String>,
+    },
+    /// Gateways (a Telegram account + SIP connections) of a running siptg: list, show, add,
+    /// set, rm. Kept in the Manager's database.
+    Gateway {
+        /// Admin address (default: [admin] listen from the config).
+        #[arg(long, global = true)]
+        admin: Option<SocketAddr>,
+        #[command(subcommand)]
+        action: gateway_cli::GatewayCmd,
     },
     /// Run the simulated Telegram cloud alone (tests, demos; Telegram's servers stand-in).
     Tgsim {
@@ -251,6 +261,10 @@ fn main() -> ExitCode {
         } => load(cli.config.as_deref()).and_then(|loaded| {
             observability::init(&loaded.config.log);
             runtime()?.block_on(storage_cli::run(loaded, action))
+        }),
+        Cmd::Gateway { admin, action } => load(cli.config.as_deref()).and_then(|loaded| {
+            let addr = admin.unwrap_or(loaded.config.admin.listen);
+            runtime()?.block_on(gateway_cli::run(addr, action))
         }),
         Cmd::TgsimApp {
             sim,

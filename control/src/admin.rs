@@ -47,11 +47,106 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let head = String::from_utf8_lossy(&buf);
+    let head_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(buf.len());
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    // A request body (PUT /gateways/NAME), up to 64 KiB, by Content-Length.
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    if length > 64 * 1024 {
+        return Ok(());
+    }
+    let mut req_body = buf[head_end..].to_vec();
+    while req_body.len() < length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        req_body.extend_from_slice(&chunk[..n]);
+    }
     let mut parts = head.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let gateway_name = path.strip_prefix("/gateways/").map(str::to_string);
     let (status, ctype, body) = match (method, path) {
+        ("GET", "/gateways") => match &node.manager {
+            Some(m) => {
+                let list: Vec<serde_json::Value> = m
+                    .routing()
+                    .gateways()
+                    .into_iter()
+                    .map(|g| {
+                        let fixed = m.routing().is_fixed_gateway(&g.name);
+                        let mut v = serde_json::to_value(&g).unwrap_or_default();
+                        v["source"] = serde_json::json!(if fixed { "config" } else { "api" });
+                        v
+                    })
+                    .collect();
+                (
+                    "200 OK",
+                    "application/json",
+                    serde_json::to_string_pretty(&list).unwrap_or_default(),
+                )
+            }
+            None => (
+                "404 Not Found",
+                "text/plain",
+                "no manager here\n".to_string(),
+            ),
+        },
+        ("PUT", _) if gateway_name.is_some() => match &node.manager {
+            Some(m) => {
+                let name = gateway_name.clone().unwrap_or_default();
+                match serde_json::from_slice::<crate::config::GatewayConfig>(&req_body) {
+                    Ok(mut g) => {
+                        g.name = name;
+                        match m.save_gateway(g).await {
+                            Ok(()) => ("200 OK", "text/plain", "saved\n".to_string()),
+                            Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
+                        }
+                    }
+                    Err(e) => (
+                        "400 Bad Request",
+                        "text/plain",
+                        format!("gateway JSON: {e}\n"),
+                    ),
+                }
+            }
+            None => (
+                "404 Not Found",
+                "text/plain",
+                "no manager here\n".to_string(),
+            ),
+        },
+        ("DELETE", _) if gateway_name.is_some() => match &node.manager {
+            Some(m) => match m
+                .delete_gateway(gateway_name.as_deref().unwrap_or_default())
+                .await
+            {
+                Ok(true) => ("200 OK", "text/plain", "removed\n".to_string()),
+                Ok(false) => (
+                    "404 Not Found",
+                    "text/plain",
+                    "no such gateway\n".to_string(),
+                ),
+                Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
+            },
+            None => (
+                "404 Not Found",
+                "text/plain",
+                "no manager here\n".to_string(),
+            ),
+        },
         ("GET", "/bans") => match &node.worker {
             Some(w) => {
                 let list: Vec<serde_json::Value> = w
@@ -122,7 +217,7 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "GET, or POST /bans/lift\n".to_string(),
+            "GET, POST /bans/lift, PUT or DELETE /gateways/NAME\n".to_string(),
         ),
     };
     let resp = format!(
@@ -143,6 +238,48 @@ pub enum FetchError {
     },
     #[error("admin endpoint at {addr}: {message}")]
     Http { addr: SocketAddr, message: String },
+}
+
+/// `method path` with a JSON `body` to a running siptg's admin endpoint; returns the status
+/// line's code and the body.
+pub async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), FetchError> {
+    let io = |source| FetchError::Connect { addr, source };
+    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
+        .await
+        .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(io)?;
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .map_err(io)?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(io)?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| FetchError::Http {
+            addr,
+            message: "malformed HTTP response".into(),
+        })?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((code, body.to_string()))
 }
 
 /// `GET path` from a running siptg's admin endpoint; returns the body.

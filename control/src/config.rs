@@ -81,7 +81,11 @@ pub struct GatewayConfig {
     #[serde(default = "default_lines")]
     pub lines: u32,
     /// Longest call; 0 = unlimited.
-    #[serde(default, deserialize_with = "duration_or_zero")]
+    #[serde(
+        default,
+        deserialize_with = "duration_or_zero",
+        serialize_with = "duration_text"
+    )]
     pub max_call_duration: Duration,
     /// Telegram text messages ⇄ SIP MESSAGE.
     #[serde(default = "default_true")]
@@ -110,6 +114,11 @@ fn default_lines() -> u32 {
 
 fn duration_or_zero<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     duration(d)
+}
+
+/// Writes a duration the way the config reads it (`"90s"`).
+fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}s", d.as_secs()))
 }
 
 /// A SIP connection between a PBX and the gateway, of one of SIP.TG's three kinds.

@@ -60,6 +60,8 @@ pub struct Manager {
     metrics: Arc<Metrics>,
     routing: Arc<Routing>,
     telegram_updates: tokio::sync::broadcast::Sender<StorageUpdate>,
+    /// Where API-managed gateways are kept.
+    store: std::sync::OnceLock<crate::store::Store>,
 }
 
 /// An update from an account of a Storage, as the Manager hears it.
@@ -74,7 +76,11 @@ pub struct StorageUpdate {
 pub struct Routing {
     connections: Vec<ConnectionConfig>,
     registrar: Mutex<Registrar>,
-    gateways: Vec<crate::config::GatewayConfig>,
+    /// Gateways from the config file (fixed) and from the database (managed through the
+    /// control API), in that order.
+    gateways: std::sync::RwLock<Vec<crate::config::GatewayConfig>>,
+    /// How many of `gateways` come from the config file.
+    fixed_gateways: std::sync::atomic::AtomicUsize,
     /// The Storage a gateway without one uses (the Manager's first).
     default_storage: Mutex<Option<String>>,
     /// Peers (Workers, Storages) whose link is up, for routing decisions.
@@ -87,28 +93,127 @@ impl Routing {
         Routing {
             connections,
             registrar: Mutex::new(Registrar::new(realm)),
-            gateways: Vec::new(),
+            gateways: std::sync::RwLock::new(Vec::new()),
+            fixed_gateways: 0.into(),
             default_storage: Mutex::new(None),
             live_peers: Mutex::new(Default::default()),
         }
     }
 
     /// Adds the gateways (calls between their connections and Telegram).
-    pub fn with_gateways(mut self, gateways: Vec<crate::config::GatewayConfig>) -> Self {
-        self.gateways = gateways;
+    pub fn with_gateways(self, gateways: Vec<crate::config::GatewayConfig>) -> Self {
+        self.fixed_gateways
+            .store(gateways.len(), std::sync::atomic::Ordering::SeqCst);
+        *self.gateways.write().unwrap_or_else(|p| p.into_inner()) = gateways;
         self
     }
 
-    /// The gateway a connection belongs to.
-    pub fn gateway_of_connection(&self, connection: &str) -> Option<&crate::config::GatewayConfig> {
+    /// Every gateway (config file first).
+    pub fn gateways(&self) -> Vec<crate::config::GatewayConfig> {
         self.gateways
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Is `name` a gateway of the config file (not changeable through the API)?
+    pub fn is_fixed_gateway(&self, name: &str) -> bool {
+        let n = self
+            .fixed_gateways
+            .load(std::sync::atomic::Ordering::SeqCst);
+        self.gateways
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .take(n)
+            .any(|g| g.name == name)
+    }
+
+    /// Checks a gateway the API wants to add or change: its connections exist and belong to no
+    /// other gateway, its callers parse, its name is new or an API gateway's.
+    pub fn check_gateway(&self, g: &crate::config::GatewayConfig) -> Result<(), String> {
+        let name_ok = !g.name.is_empty()
+            && g.name.len() <= 64
+            && g.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !name_ok {
+            return Err(format!(
+                "gateway name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
+                g.name
+            ));
+        }
+        if self.is_fixed_gateway(&g.name) {
+            return Err(format!(
+                "gateway {:?} is defined in the config file; change it there",
+                g.name
+            ));
+        }
+        if g.account.trim().is_empty() {
+            return Err("account is empty".into());
+        }
+        if g.connections.is_empty() {
+            return Err("a gateway needs at least one SIP connection".into());
+        }
+        if g.lines == 0 {
+            return Err("lines must be at least 1".into());
+        }
+        for c in &g.connections {
+            if !self.connections.iter().any(|x| &x.name == c) {
+                return Err(format!("no connection named {c:?}"));
+            }
+            if let Some(other) = self.gateway_of_connection(c).filter(|o| o.name != g.name) {
+                return Err(format!(
+                    "connection {c:?} already belongs to gateway {:?}",
+                    other.name
+                ));
+            }
+        }
+        for who in &g.allowed_callers {
+            crate::telegram::resolve::PeerQuery::parse(who)
+                .map_err(|e| format!("allowed_callers: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces an API gateway (after [`check_gateway`](Self::check_gateway)).
+    pub fn put_gateway(&self, g: crate::config::GatewayConfig) {
+        let mut list = self.gateways.write().unwrap_or_else(|p| p.into_inner());
+        match list.iter_mut().find(|x| x.name == g.name) {
+            Some(x) => *x = g,
+            None => list.push(g),
+        }
+    }
+
+    /// Removes an API gateway; false when there is none of that name.
+    pub fn remove_gateway(&self, name: &str) -> bool {
+        if self.is_fixed_gateway(name) {
+            return false;
+        }
+        let mut list = self.gateways.write().unwrap_or_else(|p| p.into_inner());
+        let before = list.len();
+        list.retain(|g| g.name != name);
+        list.len() != before
+    }
+
+    /// The gateway a connection belongs to.
+    pub fn gateway_of_connection(&self, connection: &str) -> Option<crate::config::GatewayConfig> {
+        self.gateways
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|g| g.connections.iter().any(|c| c == connection))
+            .cloned()
     }
 
     /// The gateway of a Telegram account.
-    pub fn gateway_of_account(&self, account: &str) -> Option<&crate::config::GatewayConfig> {
-        self.gateways.iter().find(|g| g.account == account)
+    pub fn gateway_of_account(&self, account: &str) -> Option<crate::config::GatewayConfig> {
+        self.gateways
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|g| g.account == account)
+            .cloned()
     }
 
     /// Marks a peer's link up or down.
@@ -260,7 +365,7 @@ impl Routing {
                 return refusal;
             }
             if let Some(g) = self.gateway_of_connection(&caller.name) {
-                return self.gateway_route(g, caller, q);
+                return self.gateway_route(&g, caller, q);
             }
             // A call to the login of a registered PBX goes to that PBX (B2BUA through the
             // Worker that holds its registration). The login is the To user or, when a PBX
@@ -437,6 +542,7 @@ impl Manager {
             peers: Mutex::new(BTreeMap::new()),
             metrics,
             telegram_updates: tokio::sync::broadcast::channel(1024).0,
+            store: std::sync::OnceLock::new(),
         })
     }
 
@@ -534,6 +640,63 @@ impl Manager {
             self.cfg.link_timeout,
             self.handler(name),
         ))
+    }
+
+    /// The routing (connections, registrations, gateways).
+    pub fn routing(&self) -> &Arc<Routing> {
+        &self.routing
+    }
+
+    /// Gives the Manager its database and loads the gateways kept there.
+    pub async fn attach_store(&self, store: crate::store::Store) -> Result<usize, String> {
+        let rows = store
+            .list(crate::store::Table::Gateways, "")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut n = 0;
+        for (name, value) in rows {
+            match serde_json::from_slice::<crate::config::GatewayConfig>(&value) {
+                Ok(g) => match self.routing.check_gateway(&g) {
+                    Ok(()) => {
+                        self.routing.put_gateway(g);
+                        n += 1;
+                    }
+                    Err(e) => tracing::warn!(gateway = %name, error = %e, "stored gateway ignored"),
+                },
+                Err(e) => tracing::warn!(gateway = %name, error = %e, "stored gateway unreadable"),
+            }
+        }
+        let _ = self.store.set(store);
+        Ok(n)
+    }
+
+    /// Adds or changes a gateway through the control API; kept in the database.
+    pub async fn save_gateway(&self, g: crate::config::GatewayConfig) -> Result<(), String> {
+        self.routing.check_gateway(&g)?;
+        let store = self.store.get().ok_or(reasons::DATABASE_ERROR)?;
+        let value = serde_json::to_vec(&g).map_err(|e| e.to_string())?;
+        store
+            .put(crate::store::Table::Gateways, &g.name, &value)
+            .await
+            .map_err(|e| format!("{}: {e}", reasons::DATABASE_ERROR))?;
+        tracing::info!(gateway = %g.name, account = %g.account, "gateway saved");
+        self.routing.put_gateway(g);
+        Ok(())
+    }
+
+    /// Removes a gateway made through the control API.
+    pub async fn delete_gateway(&self, name: &str) -> Result<bool, String> {
+        if self.routing.is_fixed_gateway(name) {
+            return Err(format!(
+                "gateway {name:?} is defined in the config file; remove it there"
+            ));
+        }
+        let store = self.store.get().ok_or(reasons::DATABASE_ERROR)?;
+        store
+            .delete(crate::store::Table::Gateways, name)
+            .await
+            .map_err(|e| format!("{}: {e}", reasons::DATABASE_ERROR))?;
+        Ok(self.routing.remove_gateway(name))
     }
 
     /// Updates of every Storage's accounts.
@@ -654,7 +817,7 @@ impl Manager {
         use crate::gateway::incoming::{allowed, rungs, CallerInfo};
         use crate::link::{TelegramAnswer, TelegramOp};
         use crate::telegram::resolve::PeerQuery;
-        let Some(g) = self.routing.gateway_of_account(&account).cloned() else {
+        let Some(g) = self.routing.gateway_of_account(&account) else {
             return; // not a gateway's account
         };
         let caller_id = call.admin_id;

@@ -300,6 +300,11 @@ pub async fn up_until(
         cfg.gateway.clone(),
         metrics.clone(),
     );
+    match manager.attach_store(storage.store().clone()).await {
+        Ok(n) if n > 0 => tracing::info!(gateways = n, "gateways loaded from the database"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot load gateways from the database"),
+    }
     manager.add_peer(
         Role::Worker,
         worker.name().to_string(),
@@ -342,6 +347,11 @@ pub async fn manager(inv: Invocation) -> Result<(), RunError> {
         inv.loaded.config.gateway.clone(),
         metrics.clone(),
     );
+    // Gateways made through the control API live in the Manager's database.
+    let store = Store::open(&inv.loaded.config.database, &inv.loaded.base).await?;
+    if let Err(e) = manager.attach_store(store).await {
+        tracing::warn!(error = %e, "cannot load gateways from the database");
+    }
     for (role, peers) in [
         (Role::Worker, &mcfg.workers),
         (Role::Storage, &mcfg.storages),

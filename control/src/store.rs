@@ -13,6 +13,7 @@ use std::sync::Arc;
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_sessions");
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_accounts");
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_peers");
+const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
 
 /// The tables behind the key → bytes API; each is a table in redb and in PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,8 @@ pub enum Table {
     Accounts,
     /// `account/kind:value` → resolved peer (JSON: user id, access hash, names).
     Peers,
+    /// Gateway name → gateway settings made through the control API (JSON).
+    Gateways,
 }
 
 impl Table {
@@ -31,6 +34,7 @@ impl Table {
             Table::Sessions => "telegram_sessions",
             Table::Accounts => "telegram_accounts",
             Table::Peers => "telegram_peers",
+            Table::Gateways => "gateways",
         }
     }
 
@@ -39,10 +43,16 @@ impl Table {
             Table::Sessions => SESSIONS,
             Table::Accounts => ACCOUNTS,
             Table::Peers => PEERS,
+            Table::Gateways => GATEWAYS,
         }
     }
 
-    const ALL: [Table; 3] = [Table::Sessions, Table::Accounts, Table::Peers];
+    const ALL: [Table; 4] = [
+        Table::Sessions,
+        Table::Accounts,
+        Table::Peers,
+        Table::Gateways,
+    ];
 }
 
 /// Why the database failed; the message names the backend and the operation.

@@ -245,3 +245,57 @@ fn rand_u32() -> u32 {
     h.write_u128(Instant::now().elapsed().as_nanos());
     h.finish() as u32
 }
+
+/// One INVITE (PCMA offer) from 127.0.0.1 to `user` at `to`, with `X-Line: line` unless
+/// `line` is empty; ACKs the final response and returns its status and reason.
+#[allow(dead_code)]
+pub fn sip_invite(to: SocketAddr, line: &str, user: &str) -> (u16, String) {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let me = sock.local_addr().unwrap();
+    let n: u32 = rand_u32();
+    let line_hdr = if line.is_empty() {
+        String::new()
+    } else {
+        format!("X-Line: {line}\r\n")
+    };
+    let sdp = format!(
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n",
+        me.port() + 2
+    );
+    let msg = format!(
+        "INVITE sip:{user}@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{n};rport\r\nMax-Forwards: 70\r\n\
+         From: <sip:pbx@{me}>;tag=t{n}\r\nTo: <sip:{user}@{to}>\r\nCall-ID: {n}@gwtest\r\nCSeq: 1 INVITE\r\n\
+         Contact: <sip:pbx@{me}>\r\n{line_hdr}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    );
+    sock.send_to(msg.as_bytes(), to).unwrap();
+    let mut buf = [0u8; 8192];
+    loop {
+        let Ok((len, _)) = sock.recv_from(&mut buf) else {
+            return (0, "no answer".into());
+        };
+        let text = String::from_utf8_lossy(&buf[..len]).to_string();
+        let status = text.lines().next().unwrap_or_default().to_string();
+        let Some(rest) = status.strip_prefix("SIP/2.0 ") else {
+            continue;
+        };
+        let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+        let code: u16 = code.parse().unwrap_or(0);
+        if code < 200 {
+            continue;
+        }
+        // ACK the final response (RFC 3261 §17.1.1.3).
+        let to_hdr = text
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("to:"))
+            .unwrap_or("To: <sip:x@x>")
+            .to_string();
+        let ack = format!(
+            "ACK sip:{user}@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{n};rport\r\nMax-Forwards: 70\r\n\
+             From: <sip:pbx@{me}>;tag=t{n}\r\n{to_hdr}\r\nCall-ID: {n}@gwtest\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n"
+        );
+        let _ = sock.send_to(ack.as_bytes(), to);
+        return (code, reason.to_string());
+    }
+}

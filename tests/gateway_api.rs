@@ -1,0 +1,151 @@
+//! Gateways made through the control API (`siptg gateway …`): they route calls at once, are kept
+//! in the database across a restart, and bad ones are refused with the reason.
+
+mod common;
+
+use common::{free_tcp, sip_invite, siptg, Proc, TestNode};
+use std::time::{Duration, Instant};
+
+const WORLD: &str = r#"
+[[users]]
+id = 1
+phone = "10000000001"
+username = "gateway_tg"
+[[users]]
+id = 3
+phone = "10000000003"
+username = "private_one"
+calls = "nobody"
+"#;
+
+fn start(node: &TestNode) -> Proc {
+    let sim = free_tcp();
+    std::fs::write(node.path("world.toml"), WORLD).unwrap();
+    let cfg = node.write_config(
+        "siptg.toml",
+        &format!(
+            r#"
+[storage]
+key_file = "var/storage.key"
+[telegram]
+backend = "sim"
+sim_address = "{sim}"
+sim_world = "world.toml"
+sim_autologin = {{ gateway = "+10000000001" }}
+[database]
+path = "var/db.redb"
+[[connection]]
+name = "trunk"
+type = "ip"
+server = "127.0.0.1:9"
+keepalive = "0s"
+trusted_ips = ["127.0.0.1"]
+"#
+        ),
+    );
+    let p = Proc::start(
+        &["up", "--config", cfg.to_str().unwrap()],
+        &node.path("up.log"),
+    );
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end && node.status().is_none() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    p
+}
+
+fn cli(node: &TestNode, args: &[&str]) -> (bool, String) {
+    let admin = node.admin.to_string();
+    let mut all = vec!["gateway", "--admin", admin.as_str()];
+    all.extend_from_slice(args);
+    let out = std::process::Command::new(siptg())
+        .args(&all)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The status of an INVITE once it is past start-up answers.
+fn invite(node: &TestNode, user: &str, want: u16) -> (u16, String) {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = sip_invite(node.sip, "", user);
+        if got.0 == want || Instant::now() > end {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn gateways_through_the_control_api() {
+    let node = TestNode::new();
+    let p = start(&node);
+    // No gateway on the trunk yet: an ordinary route lookup.
+    assert_eq!(
+        invite(&node, "+10000000003", 404),
+        (404, "Route not found".into())
+    );
+    // Bad input is refused with the reason.
+    let (ok, out) = cli(
+        &node,
+        &["add", "gw", "--account", "gateway", "--connection", "nope"],
+    );
+    assert!(!ok && out.contains("no connection named \"nope\""), "{out}");
+    // A gateway routes the trunk's calls to Telegram at once.
+    let (ok, out) = cli(
+        &node,
+        &[
+            "add",
+            "gw",
+            "--account",
+            "gateway",
+            "--connection",
+            "trunk",
+            "--pbx-number",
+            "100",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(
+        invite(&node, "+10000000003", 403),
+        (403, "USER_PRIVACY_RESTRICTED".into())
+    );
+    let (ok, out) = cli(&node, &["list"]);
+    assert!(
+        ok && out.contains("gw") && out.contains("trunk") && out.contains("api"),
+        "{out}"
+    );
+    let (ok, out) = cli(&node, &["set", "gw", "enabled=false", "lines=3"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        invite(&node, "+10000000003", 403),
+        (403, "Route is not permitted".into())
+    );
+    let (ok, out) = cli(&node, &["show", "gw"]);
+    assert!(
+        ok && out.contains("\"lines\": 3") && out.contains("\"enabled\": false"),
+        "{out}"
+    );
+    // Kept across a restart.
+    drop(p);
+    let p = start(&node);
+    assert_eq!(
+        invite(&node, "+10000000003", 403),
+        (403, "Route is not permitted".into())
+    );
+    let (ok, out) = cli(&node, &["rm", "gw"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        invite(&node, "+10000000003", 404),
+        (404, "Route not found".into())
+    );
+    let (ok, out) = cli(&node, &["rm", "gw"]);
+    assert!(!ok && out.contains("no such gateway"), "{out}");
+    drop(p);
+}
