@@ -174,22 +174,20 @@ fn start_siptg(dir: &tempfile::TempDir) -> (Siptg, Siptg) {
     (tg, gw)
 }
 
-/// One call of the generator: its SIP socket (also its RTP socket's sibling) and media.
+/// One call of the generator: its SIP socket and where the gateway wants its media.
 struct Call {
     sip: UdpSocket,
-    rtp: UdpSocket,
     media: Option<SocketAddr>,
     call_id: String,
     to: String,
-    received: u64,
 }
 
-fn invite(gw: SocketAddr) -> Option<Call> {
+/// Places a call whose media comes to the generator's one RTP socket (`rtp_port`): one socket
+/// for every call keeps the generator cheap (the gateway's legs latch to it all the same).
+fn invite(gw: SocketAddr, rtp_port: u16) -> Option<Call> {
     let sip = UdpSocket::bind("127.0.0.1:0").ok()?;
-    let rtp = UdpSocket::bind("127.0.0.1:0").ok()?;
     sip.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
     let me = sip.local_addr().ok()?;
-    let rtp_port = rtp.local_addr().ok()?.port();
     let n: u64 = rand::random();
     let call_id = format!("{n:x}@bench");
     let sdp = format!(
@@ -228,14 +226,11 @@ fn invite(gw: SocketAddr) -> Option<Call> {
             .find_map(|l| l.strip_prefix("m=audio "))
             .and_then(|l| l.split_whitespace().next())
             .and_then(|p| p.parse().ok())?;
-        rtp.set_nonblocking(true).ok()?;
         return Some(Call {
             sip,
-            rtp,
             media: Some(SocketAddr::from(([127, 0, 0, 1], port))),
             call_id,
             to,
-            received: 0,
         });
     }
 }
@@ -264,11 +259,14 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_tg, gw) = start_siptg(&dir);
     let pid = gw.child.id() as i32;
+    let rtp = UdpSocket::bind("127.0.0.1:0").ok()?;
+    let rtp_port = rtp.local_addr().ok()?.port();
+    rtp.set_nonblocking(true).ok()?;
     // Ready when a call goes through.
     let end = Instant::now() + Duration::from_secs(60);
     let mut first = None;
     while Instant::now() < end && first.is_none() {
-        first = invite(gw.sip);
+        first = invite(gw.sip, rtp_port);
         if first.is_none() {
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -280,7 +278,7 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
     let rss0: f64 = fam.iter().map(|&p| rss_kib(p)).sum();
     let mut active: Vec<Call> = Vec::new();
     for _ in 0..calls {
-        if let Some(c) = invite(gw.sip) {
+        if let Some(c) = invite(gw.sip, rtp_port) {
             active.push(c);
         }
     }
@@ -300,7 +298,7 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
     let start = Instant::now();
     let warm = Duration::from_secs(3);
     let total = warm + Duration::from_secs_f64(seconds);
-    let (mut cpu0, mut t0, mut sent) = (0.0, start, 0u64);
+    let (mut cpu0, mut t0, mut sent, mut received) = (0.0, start, 0u64, 0u64);
     let mut measuring = false;
     let mut tick = 0u64;
     while start.elapsed() < total {
@@ -308,9 +306,7 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
             measuring = true;
             cpu0 = family(pid).iter().map(|&p| cpu_s(p)).sum();
             t0 = Instant::now();
-            for c in active.iter_mut() {
-                c.received = 0;
-            }
+            received = 0;
             sent = 0;
         }
         for (i, c) in active.iter().enumerate() {
@@ -319,7 +315,7 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
             pkt[4..8].copy_from_slice(&((tick as u32).wrapping_mul(160)).to_be_bytes());
             pkt[8..12].copy_from_slice(&(i as u32 + 1).to_be_bytes());
             if let Some(m) = c.media {
-                let _ = c.rtp.send_to(&pkt, m);
+                let _ = rtp.send_to(&pkt, m);
             }
         }
         if measuring {
@@ -328,11 +324,9 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
         tick += 1;
         let next = start + Duration::from_millis(20 * tick);
         while Instant::now() < next {
-            for c in active.iter_mut() {
-                while let Ok((n, _)) = c.rtp.recv_from(&mut buf) {
-                    if n > 12 && measuring {
-                        c.received += 1;
-                    }
+            while let Ok((n, _)) = rtp.recv_from(&mut buf) {
+                if n > 12 && measuring {
+                    received += 1;
                 }
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -342,7 +336,6 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
     let fam = family(pid);
     let cpu = fam.iter().map(|&p| cpu_s(p)).sum::<f64>() - cpu0;
     let rss1: f64 = fam.iter().map(|&p| rss_kib(p)).sum();
-    let received: u64 = active.iter().map(|c| c.received).sum();
     for c in &active {
         bye(gw.sip, c);
     }

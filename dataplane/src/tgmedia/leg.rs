@@ -146,6 +146,9 @@ impl TgMediaLeg {
             .set_rtp_mode(true)
             .clear_codecs()
             .enable_opus(true, false)
+            // One Opus packet per write, polled right after: a short send buffer is enough
+            // (str0m's default of 50 costs memory in every call and audio is not resent).
+            .set_send_buffer_audio(8)
             .set_local_ice_credentials(IceCreds::new())
             .build(now);
         let mut local_candidates = Vec::new();
