@@ -238,17 +238,22 @@ impl Accounts {
         Ok(account)
     }
 
-    fn spawn_pump(&self, name: &str, mut rx: UpdateRx) {
+    fn spawn_pump(self: &Arc<Self>, name: &str, mut rx: UpdateRx) {
         let tx = self.updates.clone();
         let account = name.to_string();
-        let store = self.store.clone();
+        // Weak: the pump must not keep the database open after the Storage is gone.
+        let me = Arc::downgrade(self);
         tokio::spawn(async move {
             while let Some(incoming) = rx.recv().await {
                 // Users met in updates become resolvable by id (their access hash).
-                for u in &incoming.users {
-                    if let Some(peer) = super::resolve::Peer::from_user(u) {
-                        if let Err(e) = super::resolve::remember(&store, &account, &peer).await {
-                            tracing::warn!(%account, error = %e, "cannot cache a peer");
+                if let Some(me) = me.upgrade() {
+                    for u in &incoming.users {
+                        if let Some(peer) = super::resolve::Peer::from_user(u) {
+                            if let Err(e) =
+                                super::resolve::remember(&me.store, &account, &peer).await
+                            {
+                                tracing::warn!(%account, error = %e, "cannot cache a peer");
+                            }
                         }
                     }
                 }
