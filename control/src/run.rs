@@ -347,10 +347,22 @@ pub async fn manager(inv: Invocation) -> Result<(), RunError> {
         inv.loaded.config.gateway.clone(),
         metrics.clone(),
     );
-    // Gateways made through the control API live in the Manager's database.
-    let store = Store::open(&inv.loaded.config.database, &inv.loaded.base).await?;
-    if let Err(e) = manager.attach_store(store).await {
-        tracing::warn!(error = %e, "cannot load gateways from the database");
+    // Gateways made through the control API live in the Manager's database. Without it (an
+    // embedded redb file another process holds, an unreachable PostgreSQL) the Manager still
+    // routes the config file's gateways; the API answers `Database error`.
+    // An embedded database belongs to one process: a Manager on its own keeps its own file
+    // (`manager.redb` in its state directory) rather than a Storage's on the same host.
+    let mut db = inv.loaded.config.database.clone();
+    if db.backend == crate::config::DatabaseBackend::Redb {
+        db.path = inv.loaded.state_dir().join("manager.redb");
+    }
+    match Store::open(&db, &inv.loaded.base).await {
+        Ok(store) => {
+            if let Err(e) = manager.attach_store(store).await {
+                tracing::warn!(error = %e, "cannot load gateways from the database");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "no database for API-managed gateways"),
     }
     for (role, peers) in [
         (Role::Worker, &mcfg.workers),
