@@ -61,11 +61,13 @@ fn emit(v: Value) {
     let _ = out.flush();
 }
 
-fn hex(b: &[u8]) -> String {
+/// Lower-case hex (the JSON-lines tools carry bytes so).
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Result<Vec<u8>, String> {
+/// Bytes from hex; an odd length or a non-hex digit is an error.
+pub(crate) fn unhex(s: &str) -> Result<Vec<u8>, String> {
     if !s.len().is_multiple_of(2) {
         return Err(format!("odd-length hex ({} chars)", s.len()));
     }

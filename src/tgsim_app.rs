@@ -8,6 +8,7 @@
 //! Events: `ready`, `dh`, `calling`, `incoming`, `ringing`, `accepted`, `active`, `signal`,
 //! `discarded`, `error`.
 
+use crate::tgcall_peer::{hex, unhex};
 use serde_json::{json, Value};
 use siptg_control::telegram::account::{Account, AccountOptions, LoginStep};
 use siptg_control::telegram::resolve::{Peer, PeerQuery};
@@ -17,20 +18,6 @@ use siptg_control::telegram::TgError;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if !s.len().is_multiple_of(2) {
-        return Err("odd hex".into());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string()))
-        .collect()
-}
 
 fn emit(v: Value) {
     println!("{v}");

@@ -284,33 +284,11 @@ pub async fn send(
 
 /// `GET path` from a running siptg's admin endpoint; returns the body.
 pub async fn fetch(addr: SocketAddr, path: &str) -> Result<String, FetchError> {
-    let io = |source| FetchError::Connect { addr, source };
-    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-        .await
-        .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(io)?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .map_err(io)?;
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(io)?;
-    let text = String::from_utf8_lossy(&out);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| FetchError::Http {
+    match send(addr, "GET", path, "").await? {
+        (200, body) => Ok(body),
+        (code, body) => Err(FetchError::Http {
             addr,
-            message: "malformed HTTP response".into(),
-        })?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(FetchError::Http {
-            addr,
-            message: head.lines().next().unwrap_or("").to_string(),
-        });
+            message: format!("HTTP {code}: {}", body.trim()),
+        }),
     }
-    Ok(body.to_string())
 }

@@ -129,7 +129,6 @@ struct GwCall {
     /// In-dialog requests from the PBX awaiting our answer.
     pending: Vec<(Method, ServerKey)>,
     max_until: Option<Instant>,
-    done: bool,
     /// requestCall, held until the callee is resolved.
     held: Option<TgRequest>,
 }
@@ -170,10 +169,7 @@ impl GatewayCalls {
 
     /// Active calls of `gateway`.
     fn lines_in_use(&self, gateway: &str) -> usize {
-        self.calls
-            .values()
-            .filter(|c| c.gateway == gateway && !c.done)
-            .count()
+        self.calls.values().filter(|c| c.gateway == gateway).count()
     }
 
     /// Does this Call-ID belong to a gateway call?
@@ -262,7 +258,6 @@ impl GatewayCalls {
             pending: Vec::new(),
             max_until: (route.max_call_secs > 0)
                 .then(|| now + Duration::from_secs(route.max_call_secs)),
-            done: false,
             held: None,
         };
         tracing::info!(call = id, gateway = %route.gateway, query = ?route.query, "gateway call: SIP → Telegram");
@@ -364,7 +359,6 @@ impl GatewayCalls {
                 invite: None,
                 pending: Vec::new(),
                 max_until: None,
-                done: false,
                 held: None,
             },
         );

@@ -5,6 +5,7 @@
 //! The Telegram side speaks Opus and the dataplane's bridge transcodes G.711 to it, so the SIP
 //! side is offered and answered PCMA/PCMU (in the connection's order) with telephone-event.
 
+use crate::sip::call::{branch, strip_brackets, tag};
 use crate::sip::msg::{Method, SipRequest, SipResponse};
 use crate::sip::sdp::{self, AudioCodec, CodecPrefs, LocalMedia, SessionDescription};
 use siptg_proto::LegSpec;
@@ -81,22 +82,6 @@ impl Dialog {
         h.add("Call-ID", self.call_id.clone());
         h.add("CSeq", format!("{} {}", self.cseq, method.as_str()));
         req
-    }
-}
-
-fn branch() -> String {
-    format!("z9hG4bK{:016x}", rand::random::<u64>())
-}
-
-fn tag() -> String {
-    format!("{:08x}", rand::random::<u32>())
-}
-
-fn strip_brackets(uri: &str) -> String {
-    let u = uri.trim();
-    match (u.find('<'), u.find('>')) {
-        (Some(a), Some(b)) if a < b => u[a + 1..b].to_string(),
-        _ => u.split(';').next().unwrap_or(u).to_string(),
     }
 }
 

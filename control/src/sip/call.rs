@@ -319,15 +319,18 @@ fn idx(side: Side) -> usize {
     }
 }
 
-fn branch() -> String {
+/// A fresh RFC 3261 branch (`z9hG4bK` + random).
+pub(crate) fn branch() -> String {
     format!("z9hG4bK{:016x}", rand::random::<u64>())
 }
 
-fn tag() -> String {
+/// A fresh From/To tag.
+pub(crate) fn tag() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
-fn strip_brackets(uri: &str) -> String {
+/// The URI inside `<…>` (or before the first `;`).
+pub(crate) fn strip_brackets(uri: &str) -> String {
     let u = uri.trim();
     match (u.find('<'), u.find('>')) {
         (Some(a), Some(b)) if a < b => u[a + 1..b].to_string(),
