@@ -94,13 +94,18 @@ impl Drop for Siptg {
     }
 }
 
+/// `SIPTG_BENCH_LOGS=DIR` keeps each siptg's log (`DIR/<config name>.log`) for diagnosis.
 fn spawn(args: &[&str], config: &std::path::Path) -> Child {
+    let log = std::env::var_os("SIPTG_BENCH_LOGS").and_then(|d| {
+        let name = config.file_stem()?.to_string_lossy().to_string();
+        std::fs::File::create(std::path::Path::new(&d).join(format!("{name}.log"))).ok()
+    });
     Command::new(env!("CARGO_BIN_EXE_siptg"))
         .args(args)
         .arg("--config")
         .arg(config)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.map_or(Stdio::null(), Stdio::from))
         .spawn()
         .expect("start siptg")
 }
@@ -111,6 +116,7 @@ fn start_siptg(dir: &tempfile::TempDir) -> (Siptg, Siptg) {
     let tg_sip = free_port();
     let (admin, tg_admin, sim) = (free_tcp(), free_tcp(), free_tcp());
     let d = dir.path().display();
+    let level = std::env::var("SIPTG_BENCH_LOG_LEVEL").unwrap_or_else(|_| "warn".into());
     std::fs::write(
         dir.path().join("world.toml"),
         "[flood]\ncalls_per_minute = 1000000\nstranger_calls = 1000000\n\
@@ -119,14 +125,14 @@ fn start_siptg(dir: &tempfile::TempDir) -> (Siptg, Siptg) {
     )
     .expect("world");
     let tg_cfg = format!(
-        "[node]\nstate_dir = \"{d}/tg\"\n[admin]\nlisten = \"127.0.0.1:{tg_admin}\"\n[log]\nlevel = \"warn\"\n\
+        "[node]\nstate_dir = \"{d}/tg\"\n[admin]\nlisten = \"127.0.0.1:{tg_admin}\"\n[log]\nlevel = \"{level}\"\n\
          [dataplane]\ncores = [0]\nsocket = \"{d}/tg/dp.sock\"\nrtp_port_min = 44000\nrtp_port_max = 45999\nmedia_ip = \"127.0.0.1\"\nrtp_timeout = \"60s\"\n\
          [sip]\nlisten = [\"udp:127.0.0.1:{tg_sip}\"]\n\
          [storage]\nkey_file = \"{d}/tg/storage.key\"\n[database]\npath = \"{d}/tg/db.redb\"\n\
          [telegram]\nbackend = \"sim\"\nsim_address = \"127.0.0.1:{sim}\"\nsim_world = \"{d}/world.toml\"\nsim_echo_users = [\"+10000000002\"]\n"
     );
     let gw_cfg = format!(
-        "[node]\nstate_dir = \"{d}/gw\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[log]\nlevel = \"warn\"\n\
+        "[node]\nstate_dir = \"{d}/gw\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[log]\nlevel = \"{level}\"\n\
          [dataplane]\ncores = [1]\nsocket = \"{d}/gw/dp.sock\"\nrtp_port_min = 42000\nrtp_port_max = 43999\nmedia_ip = \"127.0.0.1\"\nrtp_timeout = \"60s\"\n\
          [sip]\nlisten = [\"udp:{sip}\"]\n\
          [storage]\nkey_file = \"{d}/gw/storage.key\"\n[database]\npath = \"{d}/gw/db.redb\"\n\
@@ -275,7 +281,8 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
     bye(gw.sip, &first);
     std::thread::sleep(Duration::from_secs(2));
     let fam = family(pid);
-    let rss0: f64 = fam.iter().map(|&p| rss_kib(p)).sum();
+    let rss0_each: Vec<f64> = fam.iter().map(|&p| rss_kib(p)).collect();
+    let rss0: f64 = rss0_each.iter().sum();
     let mut active: Vec<Call> = Vec::new();
     for _ in 0..calls {
         if let Some(c) = invite(gw.sip, rtp_port) {
@@ -301,6 +308,14 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
     let (mut cpu0, mut t0, mut sent, mut received) = (0.0, start, 0u64, 0u64);
     let mut measuring = false;
     let mut tick = 0u64;
+    // Packets back per call (by the gateway's media address), to tell a few silent calls from
+    // loss spread over all of them.
+    let index: std::collections::HashMap<SocketAddr, usize> = active
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.media.map(|m| (m, i)))
+        .collect();
+    let mut per_call = vec![0u64; active.len()];
     while start.elapsed() < total {
         if !measuring && start.elapsed() >= warm {
             measuring = true;
@@ -324,18 +339,44 @@ fn run_point(calls: usize, seconds: f64) -> Option<Point> {
         tick += 1;
         let next = start + Duration::from_millis(20 * tick);
         while Instant::now() < next {
-            while let Ok((n, _)) = rtp.recv_from(&mut buf) {
+            while let Ok((n, from)) = rtp.recv_from(&mut buf) {
                 if n > 12 && measuring {
                     received += 1;
+                    if let Some(&i) = index.get(&from) {
+                        per_call[i] += 1;
+                    }
                 }
             }
             std::thread::sleep(Duration::from_millis(1));
         }
     }
     let wall = t0.elapsed().as_secs_f64();
+    let expected = (wall * 50.0) as u64;
+    let silent = per_call.iter().filter(|&&r| r < expected / 10).count();
+    let short = per_call
+        .iter()
+        .filter(|&&r| r < expected * 99 / 100)
+        .count();
+    if short > 0 {
+        eprintln!(
+            "gateway bench: {} calls: {silent} silent, {short} below 99 % of the expected {expected} packets",
+            active.len()
+        );
+    }
     let fam = family(pid);
     let cpu = fam.iter().map(|&p| cpu_s(p)).sum::<f64>() - cpu0;
     let rss1: f64 = fam.iter().map(|&p| rss_kib(p)).sum();
+    // Where the memory went: the control process first, then its dataplane.
+    let split: Vec<String> = fam
+        .iter()
+        .zip(rss0_each.iter().chain(std::iter::repeat(&0.0)))
+        .map(|(&p, &r0)| format!("{:.1}", (rss_kib(p) - r0) / active.len().max(1) as f64))
+        .collect();
+    eprintln!(
+        "gateway bench: {} calls, RSS KiB/call by process (control, dataplane): {}",
+        active.len(),
+        split.join(", ")
+    );
     for c in &active {
         bye(gw.sip, c);
     }

@@ -47,6 +47,22 @@ pub enum TgMediaError {
     Rtc(#[from] str0m::RtcError),
 }
 
+/// One DTLS certificate for every leg of this process, made on first use.
+///
+/// A certificate per call cost a key generation (CPU) and about 20 KiB per leg; tgcalls peers
+/// only check that the certificate matches the fingerprint signalled for that call, so a
+/// process-wide one is as good (a gateway is a server: linking its calls reveals nothing).
+/// `None` when generation fails; each leg then makes its own as before.
+fn shared_dtls_cert() -> Option<str0m::config::DtlsCert> {
+    static CERT: std::sync::OnceLock<Option<str0m::config::DtlsCert>> = std::sync::OnceLock::new();
+    CERT.get_or_init(|| {
+        str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate()
+    })
+    .clone()
+}
+
 /// How the leg is set up; one per call.
 #[derive(Debug, Clone)]
 pub struct TgMediaConfig {
@@ -88,7 +104,8 @@ pub enum TgMediaEvent {
         ssrc: u32,
         seq: u64,
         timestamp: u32,
-        payload: Vec<u8>,
+        /// Shared with str0m's packet: no copy per packet.
+        payload: std::sync::Arc<[u8]>,
     },
     /// The data channel opened (both sides can now send `MediaState`).
     DataOpen,
@@ -137,18 +154,41 @@ pub struct TgMediaLeg {
     /// When the peer's parameters arrived and the connect clock started.
     started: Option<Instant>,
     failed: bool,
+    /// DTLS datagrams that arrived before ICE accepted their source (at most
+    /// [`EARLY_DTLS_MAX`]), replayed once it does.
+    early_dtls: Vec<Datagram>,
+}
+
+/// A datagram as it came: source, destination, bytes.
+type Datagram = (SocketAddr, SocketAddr, Vec<u8>);
+
+/// DTLS datagrams held per leg before ICE accepts their source: a client's first flight.
+const EARLY_DTLS_MAX: usize = 4;
+
+/// RFC 7983 demultiplexing: the first byte of a DTLS record is 20..=63.
+fn is_dtls(bytes: &[u8]) -> bool {
+    matches!(bytes.first(), Some(20..=63))
 }
 
 impl TgMediaLeg {
     /// A leg with fresh ICE credentials and DTLS certificate, its local candidates added.
     pub fn new(config: &TgMediaConfig, now: Instant) -> Result<Self, TgMediaError> {
-        let mut rtc = Rtc::builder()
+        let mut builder = Rtc::builder();
+        if let Some(cert) = shared_dtls_cert() {
+            builder = builder.set_dtls_cert(cert);
+        }
+        let mut rtc = builder
             .set_rtp_mode(true)
             .clear_codecs()
             .enable_opus(true, false)
             // One Opus packet per write, polled right after: a short send buffer is enough
             // (str0m's default of 50 costs memory in every call and audio is not resent).
             .set_send_buffer_audio(8)
+            // Only what our NegotiateChannels announces (abs-send-time, id 2): str0m's default
+            // map adds transport-cc, whose send/receive registers cost ~28 KiB a call and 4
+            // bytes a packet for feedback the peer never asked for.
+            .clear_extension_map()
+            .set_extension(2, str0m::rtp::Extension::AbsoluteSendTime)
             .set_local_ice_credentials(IceCreds::new())
             .build(now);
         let mut local_candidates = Vec::new();
@@ -192,6 +232,7 @@ impl TgMediaLeg {
             last_now: now,
             started: None,
             failed: false,
+            early_dtls: Vec::new(),
         })
     }
 
@@ -336,17 +377,49 @@ impl TgMediaLeg {
         self.last_now = self.last_now.max(now);
         let input = Input::Receive(now, r);
         if !self.rtc.accepts(&input) {
+            // The peer's first DTLS flight can overtake the STUN response that makes its address
+            // a valid pair here; dropped, it would be resent only after DTLS's 1 s timer (seen
+            // as ~1 s call setups under load). Hold a few until ICE accepts the source.
+            if is_dtls(bytes) && !self.connected && self.early_dtls.len() < EARLY_DTLS_MAX {
+                self.early_dtls.push((source, destination, bytes.to_vec()));
+                return Ok(true);
+            }
             return Ok(false);
         }
         self.rtc.handle_input(input)?;
+        self.replay_early_dtls(now)?;
         Ok(true)
+    }
+
+    /// Feeds held DTLS datagrams whose source ICE now accepts; drops them once connected.
+    fn replay_early_dtls(&mut self, now: Instant) -> Result<(), TgMediaError> {
+        if self.early_dtls.is_empty() {
+            return Ok(());
+        }
+        if self.connected {
+            self.early_dtls.clear();
+            return Ok(());
+        }
+        let held = std::mem::take(&mut self.early_dtls);
+        for (source, destination, bytes) in held {
+            let Ok(r) = Receive::new(Protocol::Udp, source, destination, &bytes) else {
+                continue;
+            };
+            let input = Input::Receive(now, r);
+            if self.rtc.accepts(&input) {
+                self.rtc.handle_input(input)?;
+            } else {
+                self.early_dtls.push((source, destination, bytes));
+            }
+        }
+        Ok(())
     }
 
     /// Advances timers (ICE checks, DTLS and SCTP retransmits, RTCP).
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), TgMediaError> {
         self.last_now = self.last_now.max(now);
         self.rtc.handle_input(Input::Timeout(now))?;
-        Ok(())
+        self.replay_early_dtls(now)
     }
 
     /// A failure the leg decided on by itself (the connect deadline), reported once.
@@ -401,11 +474,20 @@ impl TgMediaLeg {
 
     fn translate(&mut self, e: Event) -> Option<TgMediaEvent> {
         match e {
+            Event::IceConnectionStateChange(state) => {
+                tracing::debug!(ssrc = *self.tx_ssrc, ?state, since_remote = ?self.started.map(|s| self.last_now.saturating_duration_since(s)), "Telegram leg ICE state");
+                if state == IceConnectionState::Disconnected {
+                    let was = std::mem::replace(&mut self.connected, false);
+                    return was.then_some(TgMediaEvent::Disconnected);
+                }
+                None
+            }
             Event::Connected => {
+                tracing::debug!(ssrc = *self.tx_ssrc, since_remote = ?self.started.map(|s| self.last_now.saturating_duration_since(s)), "Telegram leg connected (ICE and DTLS)");
                 self.connected = true;
                 Some(TgMediaEvent::Connected)
             }
-            Event::IceConnectionStateChange(IceConnectionState::Disconnected) | Event::Closed => {
+            Event::Closed => {
                 let was = std::mem::replace(&mut self.connected, false);
                 was.then_some(TgMediaEvent::Disconnected)
             }
@@ -413,7 +495,8 @@ impl TgMediaLeg {
                 ssrc: *p.header.ssrc,
                 seq: *p.seq_no,
                 timestamp: p.header.timestamp,
-                payload: p.payload.to_vec(),
+                // str0m made this Vec for the packet already: move it, no second copy.
+                payload: p.payload,
             }),
             Event::ChannelOpen(id, _) => {
                 self.channel = Some(id);
@@ -601,6 +684,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The caller's first DTLS flight overtaking the STUN response that validates its address
+    /// at the callee must not cost DTLS's 1 s retransmit: the callee holds it until ICE agrees.
+    #[test]
+    fn dtls_arriving_before_the_ice_pair_is_valid_is_held_not_dropped() {
+        let start = Instant::now();
+        let mut now = start;
+        let (mut a, mut b) = pair(now);
+        let mut wire = VecDeque::new();
+        // STUN binding success responses to the callee, delivered 30 ms late.
+        let mut late: Vec<(Instant, Datagram)> = Vec::new();
+        let connected = |s: &Side| s.events.contains(&TgMediaEvent::Connected);
+        while now < start + Duration::from_secs(3) && !(connected(&a) && connected(&b)) {
+            drain(&mut a, &mut wire);
+            drain(&mut b, &mut wire);
+            while let Some((src, dst, bytes)) = wire.pop_front() {
+                if dst == b.addr && bytes.starts_with(&[0x01, 0x01]) {
+                    late.push((now + Duration::from_millis(30), (src, dst, bytes)));
+                    continue;
+                }
+                let to = if dst == a.addr { &mut a } else { &mut b };
+                to.leg.receive(now, src, dst, &bytes).unwrap();
+                drain(&mut a, &mut wire);
+                drain(&mut b, &mut wire);
+            }
+            let (due, keep): (Vec<_>, Vec<_>) = late.drain(..).partition(|(t, _)| *t <= now);
+            late = keep;
+            for (_, (src, dst, bytes)) in due {
+                b.leg.receive(now, src, dst, &bytes).unwrap();
+            }
+            now += Duration::from_millis(5);
+            for s in [&mut a, &mut b] {
+                if s.next <= now {
+                    s.leg.handle_timeout(now).unwrap();
+                }
+            }
+        }
+        assert!(connected(&a) && connected(&b), "not connected in 3 s");
+        assert!(
+            now - start < Duration::from_millis(500),
+            "connected only after {:?}: the early DTLS flight was dropped",
+            now - start
+        );
     }
 
     #[test]
