@@ -94,6 +94,36 @@ pub enum Request {
     TelegramUpdate { account: String, update: String },
     /// Manager → Worker: place a Telegram user's call to a PBX.
     GatewayIncoming(Box<IncomingCall>),
+    /// Worker → Manager: a gateway call is over (its talk time and whether it failed count
+    /// against the gateway's plan limits, which the Manager keeps).
+    CallEnded(Box<CallReport>),
+}
+
+/// Which way a gateway call went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallDirection {
+    /// A PBX called a Telegram user.
+    ToTelegram,
+    /// A Telegram user called the PBX.
+    FromTelegram,
+}
+
+/// How one gateway call went, as the Worker that ran it saw it: facts only; the Manager
+/// decides what counts against which limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallReport {
+    pub gateway: String,
+    pub direction: CallDirection,
+    /// Both sides were connected (the PBX got or sent a 2xx and Telegram media ran).
+    pub answered: bool,
+    /// Talk time in milliseconds, from the answer to the end (0 when never answered).
+    pub talk_ms: u64,
+    /// The PBX gave up before an answer (CANCEL): its own ring timeout, not a failure.
+    pub cancelled_by_pbx: bool,
+    /// The final SIP status of an unanswered call (towards the PBX, or from it), 200 otherwise.
+    pub code: u16,
+    pub reason: String,
 }
 
 /// A Telegram request through the Session Storage.
@@ -122,6 +152,10 @@ pub struct GatewayRoute {
     pub lines: u32,
     /// Longest call in seconds (0 = unlimited).
     pub max_call_secs: u64,
+    /// Talk time left of the gateway's monthly duration in milliseconds (`None` =
+    /// unlimited): the Worker ends the call when it runs out after the answer.
+    #[serde(default)]
+    pub talk_budget_ms: Option<u64>,
 }
 
 /// A Telegram user's call the Manager routes to a PBX through a Worker.
@@ -145,6 +179,9 @@ pub struct IncomingCall {
     pub headers: Vec<(String, String)>,
     pub codecs: Vec<String>,
     pub dtmf: Vec<String>,
+    /// Talk time left of the gateway's monthly duration in milliseconds (`None` = unlimited).
+    #[serde(default)]
+    pub talk_budget_ms: Option<u64>,
 }
 
 /// What to do with the account.

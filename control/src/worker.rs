@@ -130,6 +130,26 @@ impl Worker {
         }
     }
 
+    /// Tells the Manager a gateway call is over (its plan limits count it). Without a live
+    /// Manager link the report is lost: the call is logged, and the Manager's limits miss it.
+    pub async fn report_call(&self, report: crate::link::CallReport) {
+        let Some(manager) = self.links.manager() else {
+            tracing::warn!(gateway = %report.gateway, talk_ms = report.talk_ms, "no Manager link: the call's end is not counted");
+            return;
+        };
+        let gateway = report.gateway.clone();
+        match manager
+            .request(
+                crate::link::Request::CallEnded(Box::new(report)),
+                Duration::from_secs(10),
+            )
+            .await
+        {
+            Ok(LinkResponse::Done) => {}
+            other => tracing::warn!(%gateway, ?other, "the Manager did not take the call's end"),
+        }
+    }
+
     /// The metrics registry SIP counters go to.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics

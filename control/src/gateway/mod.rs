@@ -4,6 +4,7 @@
 pub mod dialrules;
 pub mod echo;
 pub mod incoming;
+pub mod limits;
 pub mod runtime;
 pub mod sipleg;
 pub mod tgcall;

@@ -8,7 +8,9 @@
 use super::sipleg::{gateway_prefs, LegAction, SipLeg};
 use super::tgcall::{protocol, Hangup, TgAction, TgCall, TgCallEvent, TgEnd, TgRequest};
 use crate::dataplane::{latching_leg, telegram_leg};
-use crate::link::{GatewayRoute, IncomingCall, TelegramAnswer, TelegramOp};
+use crate::link::{
+    CallDirection, CallReport, GatewayRoute, IncomingCall, TelegramAnswer, TelegramOp,
+};
 use crate::sip::msg::{Method, SipRequest, SipResponse};
 use crate::sip::reasons;
 use crate::sip::transaction::{ClientKey, ServerKey, TransactionLayer, Transport};
@@ -131,6 +133,44 @@ struct GwCall {
     max_until: Option<Instant>,
     /// requestCall, held until the callee is resolved.
     held: Option<TgRequest>,
+    direction: CallDirection,
+    /// When both sides were connected.
+    answered_at: Option<Instant>,
+    /// Talk time left of the gateway's monthly duration (`None` = unlimited), and when it
+    /// runs out once the call is answered.
+    talk_budget: Option<Duration>,
+    budget_until: Option<Instant>,
+    /// The PBX cancelled before the answer.
+    cancelled_by_pbx: bool,
+    /// The first final status of the SIP side.
+    end: Option<(u16, String)>,
+}
+
+impl GwCall {
+    /// Both sides are connected: the talk time (and its monthly budget) starts.
+    fn answered(&mut self, now: Instant) {
+        if self.answered_at.is_none() {
+            self.answered_at = Some(now);
+            self.budget_until = self.talk_budget.map(|b| now + b);
+        }
+    }
+
+    /// What the Manager's limits need to know about the finished call.
+    fn report(&self, now: Instant) -> CallReport {
+        let (code, reason) = self.end.clone().unwrap_or((200, String::new()));
+        CallReport {
+            gateway: self.gateway.clone(),
+            direction: self.direction,
+            answered: self.answered_at.is_some(),
+            talk_ms: self
+                .answered_at
+                .map(|t| u64::try_from(now.duration_since(t).as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            cancelled_by_pbx: self.cancelled_by_pbx,
+            code,
+            reason,
+        }
+    }
 }
 
 /// The gateway calls of one SIP core.
@@ -186,7 +226,14 @@ impl GatewayCalls {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.calls
             .values()
-            .flat_map(|c| [c.sip.poll_timeout(), c.tg.poll_timeout(), c.max_until])
+            .flat_map(|c| {
+                [
+                    c.sip.poll_timeout(),
+                    c.tg.poll_timeout(),
+                    c.max_until,
+                    c.budget_until,
+                ]
+            })
             .flatten()
             .min()
     }
@@ -259,6 +306,12 @@ impl GatewayCalls {
             max_until: (route.max_call_secs > 0)
                 .then(|| now + Duration::from_secs(route.max_call_secs)),
             held: None,
+            direction: CallDirection::ToTelegram,
+            answered_at: None,
+            talk_budget: route.talk_budget_ms.map(Duration::from_millis),
+            budget_until: None,
+            cancelled_by_pbx: false,
+            end: None,
         };
         tracing::info!(call = id, gateway = %route.gateway, query = ?route.query, "gateway call: SIP → Telegram");
         // Resolve first: requestCall needs the user.
@@ -360,6 +413,12 @@ impl GatewayCalls {
                 pending: Vec::new(),
                 max_until: None,
                 held: None,
+                direction: CallDirection::FromTelegram,
+                answered_at: None,
+                talk_budget: call.talk_budget_ms.map(Duration::from_millis),
+                budget_until: None,
+                cancelled_by_pbx: false,
+                end: None,
             },
         );
     }
@@ -566,6 +625,9 @@ impl GatewayCalls {
                 c.pending.push((req.method.clone(), k));
             }
         }
+        if req.method == Method::Cancel && c.answered_at.is_none() && !c.sip.is_ended() {
+            c.cancelled_by_pbx = true;
+        }
         c.sip.on_request(req);
     }
 
@@ -598,6 +660,12 @@ impl GatewayCalls {
         for c in self.calls.values_mut() {
             c.sip.handle_timeout(now);
             c.tg.handle_timeout(now);
+            if c.budget_until.is_some_and(|t| t <= now) {
+                c.budget_until = None;
+                tracing::info!(gateway = %c.gateway, "the month's call duration is used up: ending the call");
+                c.sip.hang_up(200, reasons::DURATION_EXCEEDED);
+                c.tg.hang_up(Hangup::Hangup, now);
+            }
             if c.max_until.is_some_and(|t| t <= now) {
                 c.max_until = None;
                 tracing::info!(gateway = %c.gateway, "longest call duration reached");
@@ -634,6 +702,8 @@ impl GatewayCalls {
             if finished {
                 if let Some(c) = self.calls.remove(&id) {
                     tracing::info!(call = id, gateway = %c.gateway, "gateway call ended");
+                    let (worker, report) = (self.worker.clone(), c.report(now));
+                    tokio::spawn(async move { worker.report_call(report).await });
                     self.by_call_id.retain(|_, v| *v != id);
                     self.by_client.retain(|_, v| *v != id);
                     self.by_phone.retain(|_, v| *v != id);
@@ -727,6 +797,9 @@ impl GatewayCalls {
                 TgCallEvent::Connected => {
                     tracing::info!(call = id, "Telegram media connected");
                     c.sip.answer(now);
+                    if c.sip.is_confirmed() {
+                        c.answered(now);
+                    }
                 }
                 TgCallEvent::Ended(end) => {
                     let (code, reason) = match &end {
@@ -793,13 +866,19 @@ impl GatewayCalls {
                 self.spawn_update_leg(session, leg, spec);
             }
             LegAction::Ringing => {}
-            LegAction::Answered => c.tg.accept(),
+            LegAction::Answered => {
+                c.answered(now);
+                c.tg.accept();
+            }
             LegAction::Dtmf(d) => {
                 let session = c.session;
                 self.send_digits(session, &d.to_string());
             }
             LegAction::Ended { code, reason } => {
                 tracing::info!(call = id, code, %reason, "SIP side ended");
+                if c.end.is_none() {
+                    c.end = Some((code, reason.clone()));
+                }
                 let hangup = if c.sip.is_confirmed() || code == 200 {
                     Hangup::Hangup
                 } else {
