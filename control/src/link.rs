@@ -166,22 +166,32 @@ pub struct IncomingCall {
     pub account: String,
     /// The `phoneCallRequested` (TL, base64).
     pub call: String,
-    /// Request-URI of the INVITE to the PBX.
-    pub request_uri: String,
-    /// Where the INVITE goes.
-    pub address: SocketAddr,
-    /// The connection it goes out on.
-    pub connection: String,
+    /// Priority hunting: the rungs in order (lowest `priority` first), each the reachable
+    /// PBXs of one priority. Every target of a rung is rung in parallel; the next rung is
+    /// tried when all of them fail.
+    pub rungs: Vec<Vec<HuntTarget>>,
     /// Caller ID (From user) and display name.
     pub from_user: String,
     pub from_name: Option<String>,
     /// Extra headers (`X-TG-ID`, `X-TG-Username`, `X-TG-Phone`, `X-TG-Name`).
     pub headers: Vec<(String, String)>,
-    pub codecs: Vec<String>,
     pub dtmf: Vec<String>,
     /// Talk time left of the gateway's monthly duration in milliseconds (`None` = unlimited).
     #[serde(default)]
     pub talk_budget_ms: Option<u64>,
+}
+
+/// One PBX a Telegram user's call may ring (a fork of the hunt).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HuntTarget {
+    /// Request-URI of the INVITE.
+    pub request_uri: String,
+    /// Where the INVITE goes.
+    pub address: SocketAddr,
+    /// The connection it goes out on.
+    pub connection: String,
+    /// The connection's codecs, in its order.
+    pub codecs: Vec<String>,
 }
 
 /// What to do with the account.

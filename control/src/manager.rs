@@ -1041,7 +1041,7 @@ impl Manager {
         account: String,
         call: grammers_tl_types::types::PhoneCallRequested,
     ) {
-        use crate::gateway::incoming::{allowed, rungs, CallerInfo};
+        use crate::gateway::incoming::{allowed, CallerInfo};
         use crate::link::{TelegramAnswer, TelegramOp};
         use crate::telegram::resolve::PeerQuery;
         let Some(g) = self.routing.gateway_of_account(&account) else {
@@ -1113,49 +1113,10 @@ impl Manager {
             peer: peer.as_ref(),
         };
         let number = g.pbx_number.clone().unwrap_or_else(|| "s".into());
-        // The first connection of the first rung that can be reached.
-        let now = std::time::SystemTime::now();
-        let mut target = None;
-        for rung in rungs(&g, &self.routing.connections) {
-            for c in rung {
-                let t = match c.kind {
-                    ConnectionKind::PbxRegisters => {
-                        let registrar = self
-                            .routing
-                            .registrar
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
-                        registrar.binding(&c.name, now).map(|b| {
-                            let host = crate::sip::message::uri_host_port(&b.contact)
-                                .unwrap_or_else(|| b.source.to_string());
-                            (
-                                format!("sip:{number}@{host}"),
-                                b.source,
-                                Some(b.worker.clone()),
-                                c,
-                            )
-                        })
-                    }
-                    ConnectionKind::Ip | ConnectionKind::RegisterToPbx => c
-                        .proxy
-                        .as_deref()
-                        .or(c.server.as_deref())
-                        .and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok())
-                        .map(|addr| {
-                            let domain = c.domain.clone().unwrap_or_else(|| addr.to_string());
-                            (format!("sip:{number}@{domain}"), addr, None, c)
-                        }),
-                };
-                if t.is_some() {
-                    target = t;
-                    break;
-                }
-            }
-            if target.is_some() {
-                break;
-            }
-        }
-        let Some((request_uri, address, worker, conn)) = target else {
+        // Priority hunting: every rung's reachable PBXs (the Worker rings a rung in parallel
+        // and moves on when all of it failed). A registered PBX's Worker carries the call.
+        let (rungs, worker) = self.hunt_rungs(&g, &number);
+        if rungs.is_empty() {
             tracing::info!(gateway = %g.name, "no PBX connection reachable for a Telegram call");
             return self
                 .refuse_incoming(
@@ -1167,7 +1128,7 @@ impl Manager {
                     reasons::SIP_ACCOUNT_UNAVAILABLE,
                 )
                 .await;
-        };
+        }
         // Only Workers the plan allows may carry the call.
         let workers: Vec<_> = self
             .worker_links()
@@ -1194,26 +1155,33 @@ impl Manager {
                 )
                 .await;
         };
+        let dtmf = g
+            .connections
+            .first()
+            .and_then(|n| self.routing.connections.iter().find(|c| &c.name == n))
+            .map(|c| c.dtmf.clone())
+            .unwrap_or_default();
         use base64::Engine;
         use grammers_tl_types::Serializable;
+        let plan: Vec<Vec<String>> = rungs
+            .iter()
+            .map(|r| r.iter().map(|t| t.connection.clone()).collect())
+            .collect();
         let incoming = crate::link::IncomingCall {
             gateway: g.name.clone(),
             storage: storage.clone(),
             account: account.clone(),
             call: base64::engine::general_purpose::STANDARD.encode(call.to_bytes()),
-            request_uri,
-            address,
-            connection: conn.name.clone(),
             from_user: info
                 .render(&g.caller_id)
                 .unwrap_or_else(|| caller_id.to_string()),
             from_name: info.render(&g.caller_name),
             headers: info.headers(),
-            codecs: conn.codecs.clone(),
-            dtmf: conn.dtmf.clone(),
+            dtmf,
             talk_budget_ms: talk_budget.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
+            rungs,
         };
-        tracing::info!(gateway = %g.name, caller = caller_id, connection = %conn.name, %address, "Telegram call to the PBX");
+        tracing::info!(gateway = %g.name, caller = caller_id, rungs = ?plan, "Telegram call to the PBX");
         match link
             .request(
                 LinkRequest::GatewayIncoming(Box::new(incoming)),
@@ -1235,6 +1203,63 @@ impl Manager {
                 .await;
             }
         }
+    }
+
+    /// The hunt for a call to `number` on `g`'s connections: its rungs (lowest `priority`
+    /// first; only reachable PBXs: registered ones, and trunks with a literal address; empty
+    /// rungs dropped) and the Worker that carries the call: the one holding the first
+    /// registration met, or the first connection's pinned `worker`.
+    fn hunt_rungs(
+        &self,
+        g: &crate::config::GatewayConfig,
+        number: &str,
+    ) -> (Vec<Vec<crate::link::HuntTarget>>, Option<String>) {
+        use crate::gateway::incoming::rungs;
+        let now = std::time::SystemTime::now();
+        let registrar = self
+            .routing
+            .registrar
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut worker = None;
+        let mut out = Vec::new();
+        for rung in rungs(g, &self.routing.connections) {
+            let mut targets = Vec::new();
+            for c in rung {
+                let t = match c.kind {
+                    ConnectionKind::PbxRegisters => registrar.binding(&c.name, now).map(|b| {
+                        let host = crate::sip::message::uri_host_port(&b.contact)
+                            .unwrap_or_else(|| b.source.to_string());
+                        worker.get_or_insert_with(|| b.worker.clone());
+                        (format!("sip:{number}@{host}"), b.source)
+                    }),
+                    ConnectionKind::Ip | ConnectionKind::RegisterToPbx => c
+                        .proxy
+                        .as_deref()
+                        .or(c.server.as_deref())
+                        .and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok())
+                        .map(|addr| {
+                            let domain = c.domain.clone().unwrap_or_else(|| addr.to_string());
+                            (format!("sip:{number}@{domain}"), addr)
+                        }),
+                };
+                if let Some((request_uri, address)) = t {
+                    if let Some(w) = &c.worker {
+                        worker.get_or_insert_with(|| w.clone());
+                    }
+                    targets.push(crate::link::HuntTarget {
+                        request_uri,
+                        address,
+                        connection: c.name.clone(),
+                        codecs: c.codecs.clone(),
+                    });
+                }
+            }
+            if !targets.is_empty() {
+                out.push(targets);
+            }
+        }
+        (out, worker)
     }
 
     /// Declines a Telegram user's call (busy) and tells them why in the chat.

@@ -3,6 +3,7 @@
 
 pub mod dialrules;
 pub mod echo;
+pub mod hunt;
 pub mod incoming;
 pub mod limits;
 pub mod runtime;

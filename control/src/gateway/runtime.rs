@@ -5,6 +5,7 @@
 //! the Manager to the Session Storage) and dataplane commands run in spawned tasks whose results
 //! come back as [`GwMsg`]s.
 
+use super::hunt::{Caller, Hunt};
 use super::sipleg::{gateway_prefs, LegAction, SipLeg};
 use super::tgcall::{protocol, Hangup, TgAction, TgCall, TgCallEvent, TgEnd, TgRequest};
 use crate::dataplane::{latching_leg, telegram_leg};
@@ -115,11 +116,91 @@ pub fn sip_status(e: &TgError) -> (u16, String) {
     }
 }
 
+/// A gateway call's SIP side: the PBX's dialog (we are its UAS), or the hunt over the PBXs a
+/// Telegram user's call rings (one UAC fork per target).
+enum SipSide {
+    Uas(Box<SipLeg>),
+    Hunt(Box<Hunt>),
+}
+
+impl SipSide {
+    fn ringing(&mut self) {
+        if let SipSide::Uas(l) = self {
+            l.ringing();
+        }
+    }
+    fn answer(&mut self, now: Instant) {
+        if let SipSide::Uas(l) = self {
+            l.answer(now);
+        }
+    }
+    fn reject(&mut self, code: u16, reason: &str) {
+        match self {
+            SipSide::Uas(l) => l.reject(code, reason),
+            SipSide::Hunt(h) => h.hang_up(code, reason),
+        }
+    }
+    fn hang_up(&mut self, code: u16, reason: &str) {
+        match self {
+            SipSide::Uas(l) => l.hang_up(code, reason),
+            SipSide::Hunt(h) => h.hang_up(code, reason),
+        }
+    }
+    fn send_info(&mut self, digit: char) {
+        match self {
+            SipSide::Uas(l) => l.send_info(digit),
+            SipSide::Hunt(h) => h.send_info(digit),
+        }
+    }
+    fn on_request(&mut self, req: SipRequest) {
+        match self {
+            SipSide::Uas(l) => l.on_request(req),
+            SipSide::Hunt(h) => h.on_request(req),
+        }
+    }
+    fn on_response(&mut self, resp: SipResponse) {
+        match self {
+            SipSide::Uas(l) => l.on_response(resp),
+            SipSide::Hunt(h) => h.on_response(resp),
+        }
+    }
+    fn poll_action(&mut self) -> Option<LegAction> {
+        match self {
+            SipSide::Uas(l) => l.poll_action(),
+            SipSide::Hunt(h) => h.poll_action(),
+        }
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            SipSide::Uas(l) => l.poll_timeout(),
+            SipSide::Hunt(h) => h.poll_timeout(),
+        }
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        match self {
+            SipSide::Uas(l) => l.handle_timeout(now),
+            SipSide::Hunt(h) => h.handle_timeout(now),
+        }
+    }
+    fn is_ended(&self) -> bool {
+        match self {
+            SipSide::Uas(l) => l.is_ended(),
+            SipSide::Hunt(h) => h.is_ended(),
+        }
+    }
+    fn is_confirmed(&self) -> bool {
+        match self {
+            SipSide::Uas(l) => l.is_confirmed(),
+            SipSide::Hunt(h) => h.is_confirmed(),
+        }
+    }
+}
+
 struct GwCall {
     gateway: String,
     storage: String,
     account: String,
-    sip: SipLeg,
+    sip: SipSide,
     tg: TgCall,
     session: SessionId,
     sip_leg: LegId,
@@ -180,7 +261,9 @@ pub struct GatewayCalls {
     local: SocketAddr,
     calls: HashMap<u64, GwCall>,
     by_call_id: HashMap<String, u64>,
-    by_client: HashMap<ClientKey, u64>,
+    /// Our client transactions: the call and the Call-ID of the dialog (a hunt's fork) each
+    /// belongs to.
+    by_client: HashMap<ClientKey, (u64, String)>,
     by_phone: HashMap<i64, u64>,
     by_session: HashMap<SessionId, u64>,
     next: u64,
@@ -293,7 +376,7 @@ impl GatewayCalls {
             gateway: route.gateway.clone(),
             storage: route.storage.clone(),
             account: route.account.clone(),
-            sip,
+            sip: SipSide::Uas(Box::new(sip)),
             tg: TgCall::outgoing(),
             session,
             sip_leg: leg.0,
@@ -376,29 +459,34 @@ impl GatewayCalls {
             self.delete_session(session);
             return;
         };
-        let sip = SipLeg::uac(
-            &call.request_uri,
-            call.address,
-            &call.from_user,
-            call.from_name.as_deref(),
-            &call.headers,
-            gateway_prefs(&call.codecs),
+        // The forks' Call-IDs are indexed as their INVITEs go out.
+        let sip = Hunt::new(
+            call.rungs.clone(),
+            Caller {
+                from_user: call.from_user.clone(),
+                from_name: call.from_name.clone(),
+                headers: call.headers.clone(),
+            },
             leg.1,
             self.local,
         );
         let id = self.next;
         self.next += 1;
-        self.by_call_id.insert(sip.call_id().to_string(), id);
         self.by_session.insert(session, id);
         self.by_phone.insert(requested.id, id);
-        tracing::info!(call = id, gateway = %call.gateway, caller = requested.admin_id, to = %call.request_uri, "gateway call: Telegram → SIP");
+        let rungs: Vec<Vec<&str>> = call
+            .rungs
+            .iter()
+            .map(|r| r.iter().map(|t| t.connection.as_str()).collect())
+            .collect();
+        tracing::info!(call = id, gateway = %call.gateway, caller = requested.admin_id, ?rungs, "gateway call: Telegram → SIP");
         self.calls.insert(
             id,
             GwCall {
                 gateway: call.gateway.clone(),
                 storage: call.storage.clone(),
                 account: call.account.clone(),
-                sip,
+                sip: SipSide::Hunt(Box::new(sip)),
                 tg: TgCall::incoming(requested.g_a_hash.clone()),
                 session,
                 sip_leg: leg.0,
@@ -633,7 +721,7 @@ impl GatewayCalls {
 
     /// A response to one of our requests.
     pub fn on_response(&mut self, key: &ClientKey, resp: SipResponse) {
-        let Some(&id) = self.by_client.get(key) else {
+        let Some(id) = self.by_client.get(key).map(|(id, _)| *id) else {
             return;
         };
         if let Some(c) = self.calls.get_mut(&id) {
@@ -643,12 +731,13 @@ impl GatewayCalls {
 
     /// A client transaction timed out: our INVITE as a 408 from the PBX.
     pub fn on_client_timeout(&mut self, key: &ClientKey) {
-        let Some(id) = self.by_client.remove(key) else {
+        let Some((id, call_id)) = self.by_client.remove(key) else {
             return;
         };
         if key.method == Method::Invite {
             if let Some(c) = self.calls.get_mut(&id) {
                 let mut resp = SipResponse::new(408, "Request Timeout");
+                resp.headers_mut().add("Call-ID", call_id);
                 resp.headers_mut().add("CSeq", "1 INVITE");
                 c.sip.on_response(resp);
             }
@@ -705,7 +794,7 @@ impl GatewayCalls {
                     let (worker, report) = (self.worker.clone(), c.report(now));
                     tokio::spawn(async move { worker.report_call(report).await });
                     self.by_call_id.retain(|_, v| *v != id);
-                    self.by_client.retain(|_, v| *v != id);
+                    self.by_client.retain(|_, (v, _)| *v != id);
                     self.by_phone.retain(|_, v| *v != id);
                     self.by_session.remove(&c.session);
                     self.delete_session(c.session);
@@ -843,19 +932,26 @@ impl GatewayCalls {
                 }
             }
             LegAction::Send { req, dest } => {
+                let call_id = req.call_id().unwrap_or_default().to_string();
+                // A hunt's forks each have their own dialog: requests from those PBXs (a BYE,
+                // a re-INVITE) find the call by it.
+                self.by_call_id.entry(call_id.clone()).or_insert(id);
                 if let Ok(k) = tx.send_request(now, req, dest, c.transport) {
-                    self.by_client.insert(k, id);
+                    self.by_client.insert(k, (id, call_id));
                 }
             }
-            LegAction::CancelInvite => {
+            LegAction::CancelInvite { call_id } => {
                 let invite = self
                     .by_client
                     .iter()
-                    .find(|(k, v)| **v == id && k.method == Method::Invite)
+                    .find(|(k, (v, cid))| *v == id && *cid == call_id && k.method == Method::Invite)
                     .map(|(k, _)| k.clone());
                 if let Some(k) = invite {
-                    if let Ok(ck) = tx.cancel(now, &k) {
-                        self.by_client.insert(ck, id);
+                    match tx.cancel(now, &k) {
+                        Ok(ck) => {
+                            self.by_client.insert(ck, (id, call_id));
+                        }
+                        Err(e) => tracing::debug!(call = id, error = ?e, "INVITE not cancellable"),
                     }
                 }
             }
