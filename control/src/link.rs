@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Link protocol version; the major number must match.
-pub const LINK_VERSION: u16 = 1;
+/// Link protocol version; the major number must match. 2: `IncomingCall` carries the hunting
+/// rungs, Workers report `CallEnded` (a version-1 peer is refused at the handshake rather than
+/// failing calls).
+pub const LINK_VERSION: u16 = 2;
 const LINK_MAGIC: &str = "siptg-link";
 const MAX_FRAME: usize = 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
