@@ -1,7 +1,8 @@
 //! Priority hunting for a Telegram user's call to the PBX against a real `siptg up`: the PBXs
 //! of one priority ring in parallel (the first 2xx wins, the others get CANCEL), and the next
-//! priority is tried only when every PBX of the previous one failed. The PBXs are fake UAs on
-//! 127.0.0.1 (IP trunks); the Telegram user is an app on the embedded simulated cloud.
+//! priority is tried only when every PBX of the previous one failed; and such a call is cut
+//! when the gateway's monthly talk time runs out. The PBXs are fake UAs on 127.0.0.1 (IP
+//! trunks); the Telegram user is an app on the embedded simulated cloud.
 
 mod common;
 
@@ -116,8 +117,9 @@ impl Pbx {
     }
 }
 
-/// `siptg up` with a gateway whose connections are IP trunks to `pbxs` with their priorities.
-fn start(node: &TestNode, pbxs: &[(&Pbx, u32)]) -> Proc {
+/// `siptg up` with a gateway whose connections are IP trunks to `pbxs` with their priorities;
+/// `extra` are more gateway settings.
+fn start(node: &TestNode, pbxs: &[(&Pbx, u32)], extra: &str) -> Proc {
     std::fs::write(node.path("world.toml"), WORLD).unwrap();
     let sim = free_tcp();
     let mut conns = String::new();
@@ -149,6 +151,7 @@ name = "gw"
 account = "gateway"
 connections = [{names}]
 pbx_number = "100"
+{extra}
 "#,
             names = names.join(", ")
         ),
@@ -218,7 +221,7 @@ async fn call_until_invited(a: &Account, first: &Pbx) -> Msg {
 async fn one_rung_rings_every_pbx_and_the_first_answer_cancels_the_other() {
     let (a, b) = (Pbx::new().await, Pbx::new().await);
     let node = TestNode::new();
-    let up = start(&node, &[(&a, 1), (&b, 1)]);
+    let up = start(&node, &[(&a, 1), (&b, 1)], "");
     let app = alice(&node).await;
     let inv_a = call_until_invited(&app, &a).await;
     let inv_b = b
@@ -266,7 +269,7 @@ async fn one_rung_rings_every_pbx_and_the_first_answer_cancels_the_other() {
 async fn the_next_priority_rings_only_after_the_first_failed() {
     let (a, b) = (Pbx::new().await, Pbx::new().await);
     let node = TestNode::new();
-    let up = start(&node, &[(&a, 1), (&b, 2)]);
+    let up = start(&node, &[(&a, 1), (&b, 2)], "");
     let app = alice(&node).await;
     let inv_a = call_until_invited(&app, &a).await;
     // Priority 2 waits while priority 1 rings.
@@ -296,4 +299,38 @@ async fn the_next_priority_rings_only_after_the_first_failed() {
         .await
         .unwrap_or_else(|| panic!("the answer is ACKed:\n{}", up.log()));
     assert_eq!(ack.header("Call-ID"), inv_b.header("Call-ID"));
+}
+
+/// The month's talk time counts Telegram users' calls too: the PBX's answered call gets BYE when
+/// it runs out, and the call is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telegram_users_call_ends_when_the_months_talk_time_runs_out() {
+    let a = Pbx::new().await;
+    let node = TestNode::new();
+    let up = start(&node, &[(&a, 1)], "monthly_duration = \"2s\"");
+    let app = alice(&node).await;
+    let inv = call_until_invited(&app, &a).await;
+    a.respond(&inv, 200, "OK").await;
+    a.request("ACK", Duration::from_secs(3))
+        .await
+        .expect("the answer is ACKed");
+    let answered = std::time::Instant::now();
+    let bye = a
+        .request("BYE", Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("no BYE:\n{}", up.log()));
+    let talked = answered.elapsed();
+    a.respond(&bye, 200, "OK").await;
+    assert!(
+        talked >= Duration::from_millis(1500) && talked < Duration::from_secs(6),
+        "BYE {talked:?} after the answer"
+    );
+    assert_eq!(bye.header("Call-ID"), inv.header("Call-ID"));
+    wait_for("the call counted", Duration::from_secs(5), || {
+        let log = up.log();
+        (log.contains("the month's call duration is used up")
+            && log.contains("gateway call counted")
+            && log.contains("FromTelegram"))
+        .then_some(())
+    });
 }

@@ -34,6 +34,12 @@ username = "private_one"
 first_name = "Private"
 calls = "nobody"
 [[users]]
+id = 4
+phone = "10000000004"
+username = "away_tg"
+first_name = "Away"
+offline = true
+[[users]]
 id = 7
 phone = "10000000007"
 username = "closed_gw"
@@ -232,6 +238,58 @@ fn talk_until_bye(to: SocketAddr, line: &str, user: &str, wait: Duration) -> Dur
     panic!("no BYE within {wait:?} of the answer (answered: {answered:?})");
 }
 
+/// A call from the PBX on `line` to `user` that the PBX cancels after `after` (its own ring
+/// timeout); returns the INVITE's final status (487 expected).
+fn invite_and_cancel(to: SocketAddr, line: &str, user: &str, after: Duration) -> u16 {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let me = sock.local_addr().unwrap();
+    let n: u32 = rand_u32();
+    let sdp = format!(
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n",
+        me.port() + 2
+    );
+    let head = |method: &str| {
+        format!(
+            "{method} sip:{user}@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKc{n};rport\r\nMax-Forwards: 70\r\n\
+             From: <sip:pbx@{me}>;tag=t{n}\r\nTo: <sip:{user}@{to}>\r\nCall-ID: {n}@cancel\r\nCSeq: 1 {method}\r\n"
+        )
+    };
+    let invite = format!(
+        "{}Contact: <sip:pbx@{me}>\r\nX-Line: {line}\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        head("INVITE"),
+        sdp.len()
+    );
+    sock.send_to(invite.as_bytes(), to).unwrap();
+    std::thread::sleep(after);
+    let cancel = format!("{}Content-Length: 0\r\n\r\n", head("CANCEL"));
+    sock.send_to(cancel.as_bytes(), to).unwrap();
+    let mut buf = [0u8; 8192];
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        let Ok((len, _)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&buf[..len]).to_string();
+        let code: u16 = text
+            .strip_prefix("SIP/2.0 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        if code >= 200 && header(&text, "CSeq").is_some_and(|c| c.ends_with("INVITE")) {
+            let ack = format!(
+                "ACK sip:{user}@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKc{n};rport\r\nMax-Forwards: 70\r\n\
+                 From: <sip:pbx@{me}>;tag=t{n}\r\nTo: {}\r\nCall-ID: {n}@cancel\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+                header(&text, "To").unwrap_or_default()
+            );
+            sock.send_to(ack.as_bytes(), to).unwrap();
+            return code;
+        }
+    }
+    0
+}
+
 fn rand_u32() -> u32 {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
@@ -283,6 +341,17 @@ fn the_monthly_duration_cuts_a_live_call_then_refuses_with_402_also_after_a_rest
 #[test]
 fn failed_calls_disallowed_workers_and_closed_accounts_get_their_402_and_380() {
     let up = Up::new();
+    // A call the PBX gives up on (its ring timeout: CANCEL) is not a failed call.
+    for _ in 0..2 {
+        let code = invite_and_cancel(
+            up.node.sip,
+            "fails",
+            "+10000000004",
+            Duration::from_millis(1500),
+        );
+        assert_eq!(code, 487, "{}", up.node.path("up.log").display());
+        std::thread::sleep(Duration::from_millis(300));
+    }
     // Calls Telegram refuses are failed calls: two per hour are allowed.
     for _ in 0..2 {
         up.expect("fails", "+10000000003", 403, "USER_PRIVACY_RESTRICTED");
