@@ -73,7 +73,7 @@ sim_autologin = {{ gateway = "+10000000001", closed = "+10000000007" }}
 sim_echo_users = ["+10000000002"]
 [database]
 path = "var/db.redb"
-{month}{fails}{paid}{closed}{main}
+{month}{shared}{fails}{paid}{closed}{main}
 [[gateway]]
 name = "gw"
 account = "gateway"
@@ -83,6 +83,11 @@ name = "month"
 account = "gateway"
 connections = ["month"]
 monthly_duration = "3s"
+[[gateway]]
+name = "shared"
+account = "gateway"
+connections = ["shared"]
+monthly_duration = "6s"
 [[gateway]]
 name = "fails"
 account = "gateway"
@@ -101,6 +106,7 @@ connections = ["closed"]
         // Without a header it matches any INVITE from 127.0.0.1: last.
         main = trunk("main", ""),
         month = trunk("month", "header = \"X-Line: month\""),
+        shared = trunk("shared", "header = \"X-Line: shared\""),
         fails = trunk("fails", "header = \"X-Line: fails\""),
         // Pinned to a Worker outside the gateway's allowed_workers.
         paid = trunk("paid", "header = \"X-Line: paid\"\nworker = \"worker-9\""),
@@ -381,4 +387,36 @@ fn failed_calls_disallowed_workers_and_closed_accounts_get_their_402_and_380() {
     up.expect("closed", "+10000000002", 380, "Callback is restricted");
     // The main gateway still works.
     up.expect("", "+10000000003", 403, "USER_PRIVACY_RESTRICTED");
+}
+
+/// Calls talking at the same time share the month's rest: with 6 s left, a second call
+/// answered a second after the first leaves each (6 − 1) / 2 s more, so together they stop at
+/// the limit instead of each running to it.
+#[test]
+fn talking_calls_share_the_months_rest_and_end_together_at_the_limit() {
+    let up = Up::new();
+    let sip = up.node.sip;
+    let first = std::thread::spawn(move || {
+        talk_until_bye(sip, "shared", "+10000000002", Duration::from_secs(10))
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let second = talk_until_bye(sip, "shared", "+10000000002", Duration::from_secs(10));
+    let first = first.join().unwrap();
+    let log = up.proc.as_ref().map(Proc::log).unwrap_or_default();
+    assert!(
+        first < Duration::from_millis(4800) && second < Duration::from_millis(4000),
+        "each call should stop at its share, not run to the whole rest: {first:?} and {second:?}\n{log}"
+    );
+    let total = first + second;
+    assert!(
+        total > Duration::from_millis(4500) && total < Duration::from_millis(7500),
+        "together about the 6 s of the month: {first:?} + {second:?}"
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    up.expect(
+        "shared",
+        "+10000000002",
+        402,
+        "Total calls duration is exceeded",
+    );
 }

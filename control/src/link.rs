@@ -99,6 +99,12 @@ pub enum Request {
     /// Worker → Manager: a gateway call is over (its talk time and whether it failed count
     /// against the gateway's plan limits, which the Manager keeps).
     CallEnded(Box<CallReport>),
+    /// Worker → Manager: gateway call `call` was answered (talking calls share the month's
+    /// rest of talk time).
+    CallAnswered { gateway: String, call: u64 },
+    /// Manager → Worker: gateway call `call` may talk `remaining_ms` more (its share of the
+    /// month's rest); the Worker ends it then.
+    TalkBudget { call: u64, remaining_ms: u64 },
 }
 
 /// Which way a gateway call went.
@@ -116,6 +122,8 @@ pub enum CallDirection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallReport {
     pub gateway: String,
+    /// The call's id on its Worker (as in `CallAnswered`).
+    pub call: u64,
     pub direction: CallDirection,
     /// Both sides were connected (the PBX got or sent a 2xx and Telegram media ran).
     pub answered: bool,

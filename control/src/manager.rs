@@ -327,12 +327,42 @@ impl Routing {
         r
     }
 
-    /// Counts a finished call against its gateway's limits; the usage to store.
-    pub fn record_call(&self, report: &crate::link::CallReport) -> crate::gateway::limits::Usage {
+    /// Counts a finished call of Worker `worker` against its gateway's limits; the usage to
+    /// store.
+    pub fn record_call(
+        &self,
+        worker: &str,
+        report: &crate::link::CallReport,
+    ) -> crate::gateway::limits::Usage {
+        let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        l.hung_up(&(worker.to_string(), report.call));
+        l.record(report, std::time::SystemTime::now())
+    }
+
+    /// Call `call` of Worker `worker` on gateway `gateway` was answered.
+    pub fn call_answered(&self, worker: &str, gateway: &str, call: u64) {
         self.limits
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .record(report, std::time::SystemTime::now())
+            .answered((worker.to_string(), call), gateway, Instant::now());
+    }
+
+    /// Each talking call of `gateway` and how long it may go on (the month's rest shared).
+    pub fn talk_shares(&self, gateway: &str) -> Vec<(crate::gateway::limits::LiveCall, Duration)> {
+        let Some(g) = self
+            .gateways
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|g| g.name == gateway)
+            .cloned()
+        else {
+            return Vec::new();
+        };
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shares(&g, std::time::SystemTime::now(), Instant::now())
     }
 
     /// A gateway's usage now (for status and tests).
@@ -712,6 +742,12 @@ impl Manager {
                     self.routing.set_live(&name, true);
                     link.closed().await;
                     self.routing.set_live(&name, false);
+                    // Its calls' ends will not be reported: they no longer share the budget.
+                    self.routing
+                        .limits
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget_worker(&name);
                     if let Some(p) = self.peers().get_mut(&name) {
                         p.link = None;
                         p.down_since = Some(Instant::now());
@@ -802,9 +838,11 @@ impl Manager {
     /// A Worker's report of a finished gateway call: counted against the gateway's limits and
     /// the usage written to the database (one writer at a time, so a slower write never
     /// replaces a newer total).
-    pub async fn call_ended(&self, report: &crate::link::CallReport) {
+    pub async fn call_ended(&self, worker: &str, report: &crate::link::CallReport) {
         let _one_writer = self.usage_writes.lock().await;
-        let usage = self.routing.record_call(report);
+        let usage = self.routing.record_call(worker, report);
+        // The calls still talking share what this one leaves.
+        self.send_talk_shares(&report.gateway);
         tracing::info!(
             gateway = %report.gateway,
             direction = ?report.direction,
@@ -826,6 +864,31 @@ impl Manager {
             .await
         {
             tracing::warn!(gateway = %report.gateway, error = %e, "usage not saved");
+        }
+    }
+
+    /// Tells every talking call of `gateway` its share of the month's rest of talk time.
+    fn send_talk_shares(&self, gateway: &str) {
+        let shares = self.routing.talk_shares(gateway);
+        if shares.is_empty() {
+            return;
+        }
+        let links = self.worker_links();
+        for ((worker, call), left) in shares {
+            let Some((_, link)) = links.iter().find(|(n, _)| *n == worker) else {
+                continue;
+            };
+            let (link, remaining_ms) = (
+                link.clone(),
+                u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+            );
+            tracing::debug!(%gateway, %worker, call, remaining_ms, "talk time share");
+            tokio::spawn(async move {
+                let req = LinkRequest::TalkBudget { call, remaining_ms };
+                if let Err(e) = link.request(req, Duration::from_secs(5)).await {
+                    tracing::warn!(error = %e, "talk time share not delivered");
+                }
+            });
         }
     }
 
@@ -1371,7 +1434,14 @@ impl Manager {
                     }
                     LinkRequest::CallEnded(report) => {
                         if let Some(me) = me.upgrade() {
-                            me.call_ended(&report).await;
+                            me.call_ended(&peer, &report).await;
+                        }
+                        LinkResponse::Done
+                    }
+                    LinkRequest::CallAnswered { gateway, call } => {
+                        if let Some(me) = me.upgrade() {
+                            me.routing.call_answered(&peer, &gateway, call);
+                            me.send_talk_shares(&gateway);
                         }
                         LinkResponse::Done
                     }

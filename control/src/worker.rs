@@ -130,23 +130,17 @@ impl Worker {
         }
     }
 
-    /// Tells the Manager a gateway call is over (its plan limits count it). Without a live
-    /// Manager link the report is lost: the call is logged, and the Manager's limits miss it.
-    pub async fn report_call(&self, report: crate::link::CallReport) {
+    /// Tells the Manager about a gateway call (answered, ended: its plan limits count them).
+    /// Without a live Manager link the news is lost: it is logged, and the Manager's limits
+    /// miss the call.
+    pub async fn tell_manager(&self, news: crate::link::Request) {
         let Some(manager) = self.links.manager() else {
-            tracing::warn!(gateway = %report.gateway, talk_ms = report.talk_ms, "no Manager link: the call's end is not counted");
+            tracing::warn!(?news, "no Manager link: a gateway call is not counted");
             return;
         };
-        let gateway = report.gateway.clone();
-        match manager
-            .request(
-                crate::link::Request::CallEnded(Box::new(report)),
-                Duration::from_secs(10),
-            )
-            .await
-        {
+        match manager.request(news, Duration::from_secs(10)).await {
             Ok(LinkResponse::Done) => {}
-            other => tracing::warn!(%gateway, ?other, "the Manager did not take the call's end"),
+            other => tracing::warn!(?other, "the Manager did not take a gateway call's news"),
         }
     }
 
@@ -196,6 +190,12 @@ impl Worker {
                                     update: Box::new(update),
                                 })
                                 .await;
+                        }
+                        LinkResponse::Done
+                    }
+                    LinkRequest::TalkBudget { call, remaining_ms } => {
+                        if let Some(tx) = me.gateway.get() {
+                            let _ = tx.send(GwMsg::TalkBudget { call, remaining_ms }).await;
                         }
                         LinkResponse::Done
                     }

@@ -5,6 +5,12 @@
 //! Workers report every call's end ([`CallReport`]); the Manager records it here and keeps the
 //! resulting [`Usage`] in its database (`Table::Usage`) so the limits survive a restart.
 //!
+//! Calls in progress share what is left of the month: Workers also report each answer, and
+//! while N calls of a gateway talk the rest R runs out N times as fast, so every one of them
+//! must end R/N from now ([`Limits::shares`]; the Manager sends each its deadline, again
+//! whenever a call starts or ends). A new call is admitted only while something is left after
+//! the talking calls' time so far.
+//!
 //! What counts as a failed call: a PBX → Telegram call that the Manager routed to a Worker and
 //! that ended without an answer for a Telegram-side reason (the callee declined, was busy, did
 //! not answer, could not be resolved or reached, Telegram refused the request). Not counted: a
@@ -18,7 +24,10 @@ use crate::link::{CallDirection, CallReport};
 use crate::sip::reasons;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// A call in progress: the Worker running it and its id there.
+pub type LiveCall = (String, u64);
 
 /// The window `failed_calls_per_hour` counts in.
 pub const FAIL_WINDOW: Duration = Duration::from_secs(3600);
@@ -48,6 +57,8 @@ pub struct Refusal {
 #[derive(Debug, Default)]
 pub struct Limits {
     usage: HashMap<String, Usage>,
+    /// Answered calls in progress: their gateway and when they were answered.
+    live: HashMap<LiveCall, (String, Instant)>,
 }
 
 /// `YYYY-MM` of `now` in UTC.
@@ -103,10 +114,11 @@ impl Limits {
         to_telegram: bool,
         now: SystemTime,
     ) -> Result<Option<Duration>, Refusal> {
+        let talking = self.talking_ms(g, Instant::now());
         let u = self.current(&g.name, now);
         let budget = (!g.monthly_duration.is_zero()).then(|| {
             let limit = u64::try_from(g.monthly_duration.as_millis()).unwrap_or(u64::MAX);
-            Duration::from_millis(limit.saturating_sub(u.talk_ms))
+            Duration::from_millis(limit.saturating_sub(u.talk_ms.saturating_add(talking)))
         });
         if budget.is_some_and(|b| b.is_zero()) {
             return Err(Refusal {
@@ -124,6 +136,65 @@ impl Limits {
             });
         }
         Ok(budget)
+    }
+
+    /// Talk time so far of `g`'s answered calls in progress. A call talking longer than the
+    /// whole month's limit (plus a minute) lost its end report: it is dropped.
+    fn talking_ms(&mut self, g: &GatewayConfig, now: Instant) -> u64 {
+        let stale = g.monthly_duration + Duration::from_secs(60);
+        let gateway = g.name.as_str();
+        self.live.retain(|_, (gw, at)| {
+            gw != gateway || g.monthly_duration.is_zero() || now.duration_since(*at) <= stale
+        });
+        self.live
+            .values()
+            .filter(|(g, _)| g == gateway)
+            .map(|(_, at)| u64::try_from(now.duration_since(*at).as_millis()).unwrap_or(u64::MAX))
+            .fold(0, u64::saturating_add)
+    }
+
+    /// A call of `gateway` was answered at `now`.
+    pub fn answered(&mut self, call: LiveCall, gateway: &str, now: Instant) {
+        self.live.insert(call, (gateway.to_string(), now));
+    }
+
+    /// A call is over (its report is [`record`](Self::record)ed separately); true if it was
+    /// talking.
+    pub fn hung_up(&mut self, call: &LiveCall) -> bool {
+        self.live.remove(call).is_some()
+    }
+
+    /// The Worker is gone: its calls are no longer talking (their reports are lost with it).
+    pub fn forget_worker(&mut self, worker: &str) {
+        self.live.retain(|(w, _), _| w != worker);
+    }
+
+    /// How long each talking call of `g` may go on from `now`: the month's rest shared by
+    /// all of them. Empty for a gateway without `monthly_duration`.
+    pub fn shares(
+        &mut self,
+        g: &GatewayConfig,
+        now_wall: SystemTime,
+        now: Instant,
+    ) -> Vec<(LiveCall, Duration)> {
+        if g.monthly_duration.is_zero() {
+            return Vec::new();
+        }
+        let talking = self.talking_ms(g, now);
+        let used = self.current(&g.name, now_wall).talk_ms.saturating_add(talking);
+        let limit = u64::try_from(g.monthly_duration.as_millis()).unwrap_or(u64::MAX);
+        let calls: Vec<LiveCall> = self
+            .live
+            .iter()
+            .filter(|(_, (gw, _))| *gw == g.name)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let n = calls.len() as u64;
+        if n == 0 {
+            return Vec::new();
+        }
+        let each = Duration::from_millis(limit.saturating_sub(used) / n);
+        calls.into_iter().map(|c| (c, each)).collect()
     }
 
     /// Counts a finished call; returns the gateway's usage to store.
@@ -152,6 +223,7 @@ mod tests {
     fn report(direction: CallDirection, talk_ms: u64, answered: bool, cancel: bool) -> CallReport {
         CallReport {
             gateway: "g".into(),
+            call: 1,
             direction,
             answered,
             talk_ms,
@@ -203,6 +275,37 @@ mod tests {
         );
         // Unlimited gateways have no budget.
         assert_eq!(l.admit(&gw(0, 0), true, now), Ok(None));
+    }
+
+    #[test]
+    fn talking_calls_share_the_rest_of_the_month_and_hold_it_from_new_calls() {
+        let g = gw(60, 0);
+        let mut l = Limits::new();
+        let (wall, t0) = (at(NOV_END - 3600), Instant::now());
+        let one = ("w1".to_string(), 1);
+        let two = ("w1".to_string(), 2);
+        l.answered(one.clone(), "g", t0);
+        assert_eq!(
+            l.shares(&g, wall, t0 + Duration::from_secs(10)),
+            vec![(one.clone(), Duration::from_secs(50))]
+        );
+        l.answered(two.clone(), "g", t0 + Duration::from_secs(10));
+        // 50 s left at t0+10 s, two calls: each may talk 25 s more.
+        let mut shares = l.shares(&g, wall, t0 + Duration::from_secs(10));
+        shares.sort();
+        assert_eq!(
+            shares,
+            vec![
+                (one.clone(), Duration::from_secs(25)),
+                (two.clone(), Duration::from_secs(25))
+            ]
+        );
+        // Another gateway's calls are not part of it; no limit, no shares.
+        assert!(l.shares(&gw(0, 0), wall, t0).is_empty());
+        assert!(l.hung_up(&one));
+        assert!(!l.hung_up(&one));
+        l.forget_worker("w1");
+        assert!(l.shares(&g, wall, t0).is_empty());
     }
 
     #[test]

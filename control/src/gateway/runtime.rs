@@ -56,6 +56,8 @@ pub enum GwMsg {
         id: u64,
         result: Result<(LegId, LocalMedia), String>,
     },
+    /// The Manager's new deadline for an answered call: its share of the month's talk time.
+    TalkBudget { call: u64, remaining_ms: u64 },
     /// The media session and SIP leg of an incoming Telegram call exist.
     IncomingReady {
         call: Box<IncomingCall>,
@@ -228,19 +230,23 @@ struct GwCall {
 }
 
 impl GwCall {
-    /// Both sides are connected: the talk time (and its monthly budget) starts.
-    fn answered(&mut self, now: Instant) {
-        if self.answered_at.is_none() {
-            self.answered_at = Some(now);
-            self.budget_until = self.talk_budget.map(|b| now + b);
+    /// Both sides are connected: the talk time (and its monthly budget) starts. True the
+    /// first time.
+    fn answered(&mut self, now: Instant) -> bool {
+        if self.answered_at.is_some() {
+            return false;
         }
+        self.answered_at = Some(now);
+        self.budget_until = self.talk_budget.map(|b| now + b);
+        true
     }
 
-    /// What the Manager's limits need to know about the finished call.
-    fn report(&self, now: Instant) -> CallReport {
+    /// What the Manager's limits need to know about the finished call `id`.
+    fn report(&self, id: u64, now: Instant) -> CallReport {
         let (code, reason) = self.end.clone().unwrap_or((200, String::new()));
         CallReport {
             gateway: self.gateway.clone(),
+            call: id,
             direction: self.direction,
             answered: self.answered_at.is_some(),
             talk_ms: self
@@ -267,6 +273,9 @@ pub struct GatewayCalls {
     by_phone: HashMap<i64, u64>,
     by_session: HashMap<SessionId, u64>,
     next: u64,
+    /// News for the Manager (answers, ends), sent in order by one task: an end never
+    /// overtakes its call's answer.
+    to_manager: mpsc::UnboundedSender<crate::link::Request>,
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -277,7 +286,15 @@ impl GatewayCalls {
     /// The gateway calls of a core whose SIP address is `local`; `tx` feeds [`GwMsg`]s back to
     /// the core.
     pub fn new(worker: Arc<Worker>, tx: mpsc::Sender<GwMsg>, local: SocketAddr) -> Self {
+        let (to_manager, mut news) = mpsc::unbounded_channel();
+        let w = worker.clone();
+        tokio::spawn(async move {
+            while let Some(n) = news.recv().await {
+                w.tell_manager(n).await;
+            }
+        });
         Self {
+            to_manager,
             worker,
             tx,
             local,
@@ -517,6 +534,14 @@ impl GatewayCalls {
         match msg {
             GwMsg::Incoming(c) => self.incoming(c),
             GwMsg::IncomingReady { call, session, leg } => self.start_incoming(call, session, leg),
+            GwMsg::TalkBudget { call, remaining_ms } => {
+                if let Some(c) = self.calls.get_mut(&call) {
+                    if c.answered_at.is_some() && c.talk_budget.is_some() {
+                        tracing::debug!(call, remaining_ms, "talk time share from the Manager");
+                        c.budget_until = Some(now + Duration::from_millis(remaining_ms));
+                    }
+                }
+            }
             GwMsg::Update {
                 update,
                 account: update_account,
@@ -791,8 +816,9 @@ impl GatewayCalls {
             if finished {
                 if let Some(c) = self.calls.remove(&id) {
                     tracing::info!(call = id, gateway = %c.gateway, "gateway call ended");
-                    let (worker, report) = (self.worker.clone(), c.report(now));
-                    tokio::spawn(async move { worker.report_call(report).await });
+                    let _ = self
+                        .to_manager
+                        .send(crate::link::Request::CallEnded(Box::new(c.report(id, now))));
                     self.by_call_id.retain(|_, v| *v != id);
                     self.by_client.retain(|_, (v, _)| *v != id);
                     self.by_phone.retain(|_, v| *v != id);
@@ -886,8 +912,11 @@ impl GatewayCalls {
                 TgCallEvent::Connected => {
                     tracing::info!(call = id, "Telegram media connected");
                     c.sip.answer(now);
-                    if c.sip.is_confirmed() {
-                        c.answered(now);
+                    if c.sip.is_confirmed() && c.answered(now) {
+                        let _ = self.to_manager.send(crate::link::Request::CallAnswered {
+                            gateway: c.gateway.clone(),
+                            call: id,
+                        });
                     }
                 }
                 TgCallEvent::Ended(end) => {
@@ -963,7 +992,12 @@ impl GatewayCalls {
             }
             LegAction::Ringing => {}
             LegAction::Answered => {
-                c.answered(now);
+                if c.answered(now) {
+                    let _ = self.to_manager.send(crate::link::Request::CallAnswered {
+                        gateway: c.gateway.clone(),
+                        call: id,
+                    });
+                }
                 c.tg.accept();
             }
             LegAction::Dtmf(d) => {
