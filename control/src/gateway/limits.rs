@@ -181,7 +181,10 @@ impl Limits {
             return Vec::new();
         }
         let talking = self.talking_ms(g, now);
-        let used = self.current(&g.name, now_wall).talk_ms.saturating_add(talking);
+        let used = self
+            .current(&g.name, now_wall)
+            .talk_ms
+            .saturating_add(talking);
         let limit = u64::try_from(g.monthly_duration.as_millis()).unwrap_or(u64::MAX);
         let calls: Vec<LiveCall> = self
             .live
