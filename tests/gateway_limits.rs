@@ -333,6 +333,14 @@ fn the_monthly_duration_cuts_a_live_call_then_refuses_with_402_also_after_a_rest
     );
     // Other gateways are not affected.
     up.expect("", "+10000000003", 403, "USER_PRIVACY_RESTRICTED");
+    // `siptg status` shows the month's use: the whole 3 s (the call's own talk time).
+    let status = up.node.status().expect("/status");
+    let used = &status["manager"]["usage"]["month"];
+    let talk_ms = used["talk_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (2500..8000).contains(&talk_ms) && used["monthly_ms"] == 3000,
+        "{used}"
+    );
     // The usage is in the Manager's database: a restarted siptg still refuses.
     up.stop();
     up.start();

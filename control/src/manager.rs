@@ -365,7 +365,7 @@ impl Routing {
             .shares(&g, std::time::SystemTime::now(), Instant::now())
     }
 
-    /// A gateway's usage now (for status and tests).
+    /// A gateway's usage now (`siptg status`).
     pub fn usage(&self, gateway: &str) -> crate::gateway::limits::Usage {
         self.limits
             .lock()

@@ -272,10 +272,16 @@ pub struct GatewayCalls {
     by_client: HashMap<ClientKey, (u64, String)>,
     by_phone: HashMap<i64, u64>,
     by_session: HashMap<SessionId, u64>,
-    next: u64,
     /// News for the Manager (answers, ends), sent in order by one task: an end never
     /// overtakes its call's answer.
     to_manager: mpsc::UnboundedSender<crate::link::Request>,
+}
+
+/// A gateway call's id, unique in the process (every SIP core has its own `GatewayCalls`; the
+/// Manager tells calls apart by Worker and this id).
+fn next_call_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -303,7 +309,6 @@ impl GatewayCalls {
             by_client: HashMap::new(),
             by_phone: HashMap::new(),
             by_session: HashMap::new(),
-            next: 1,
         }
     }
 
@@ -381,8 +386,7 @@ impl GatewayCalls {
                 return;
             }
         };
-        let id = self.next;
-        self.next += 1;
+        let id = next_call_id();
         self.by_call_id.insert(sip.call_id().to_string(), id);
         self.by_session.insert(session, id);
         // The leg was made with rtcp-mux (RTCP on the RTP port); that cannot change live.
@@ -487,8 +491,7 @@ impl GatewayCalls {
             leg.1,
             self.local,
         );
-        let id = self.next;
-        self.next += 1;
+        let id = next_call_id();
         self.by_session.insert(session, id);
         self.by_phone.insert(requested.id, id);
         let rungs: Vec<Vec<&str>> = call
