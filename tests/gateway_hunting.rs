@@ -82,6 +82,36 @@ impl Pbx {
         }
     }
 
+    /// Hangs up the call `invite` we answered: BYE in its dialog; returns siptg's status line.
+    async fn bye(&self, invite: &Msg) -> Option<String> {
+        let target = invite
+            .header("Contact")
+            .map(|c| c.trim_matches(|ch| ch == '<' || ch == '>').to_string())
+            .unwrap_or_default();
+        let msg = format!(
+            "BYE {target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKbye{port};rport\r\nMax-Forwards: 70\r\n\
+             From: {to};tag=pbx{port}\r\nTo: {from}\r\nCall-ID: {cid}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
+            me = self.addr,
+            port = self.addr.port(),
+            to = invite.header("To").unwrap_or_default(),
+            from = invite.header("From").unwrap_or_default(),
+            cid = invite.header("Call-ID").unwrap_or_default(),
+        );
+        self.sock.send_to(msg.as_bytes(), invite.from).await.ok()?;
+        let mut buf = vec![0u8; 65536];
+        let end = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let (n, _) = tokio::time::timeout_at(end, self.sock.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            if text.starts_with("SIP/2.0 ") && text.contains("BYE") {
+                return text.lines().next().map(str::to_string);
+            }
+        }
+    }
+
     /// Answers `req` with `code` (a 200 carries our SDP and Contact).
     async fn respond(&self, req: &Msg, code: u16, reason: &str) {
         let to = req.header("To").unwrap_or_default();
@@ -263,6 +293,8 @@ async fn one_rung_rings_every_pbx_and_the_first_answer_cancels_the_other() {
         "the Worker logs the winner:\n{}",
         up.log()
     );
+    // The winner's dialog is the call's: its BYE is answered.
+    assert_eq!(a.bye(&inv_a).await.as_deref(), Some("SIP/2.0 200 OK"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,8 +211,9 @@ struct GwCall {
     peer: Option<Peer>,
     phone: Option<tl::enums::InputPhoneCall>,
     invite: Option<ServerKey>,
-    /// In-dialog requests from the PBX awaiting our answer.
-    pending: Vec<(Method, ServerKey)>,
+    /// In-dialog requests from the PBX awaiting our answer, with their Call-ID (a hunt's
+    /// forks are dialogs of their own).
+    pending: Vec<(Method, String, ServerKey)>,
     max_until: Option<Instant>,
     /// requestCall, held until the callee is resolved.
     held: Option<TgRequest>,
@@ -738,7 +739,8 @@ impl GatewayCalls {
         };
         if let Some(k) = key {
             if !matches!(req.method, Method::Ack | Method::Cancel) {
-                c.pending.push((req.method.clone(), k));
+                let call_id = req.call_id().unwrap_or_default().to_string();
+                c.pending.push((req.method.clone(), call_id, k));
             }
         }
         if req.method == Method::Cancel && c.answered_at.is_none() && !c.sip.is_ended() {
@@ -954,12 +956,13 @@ impl GatewayCalls {
             }
             LegAction::Respond(resp) => {
                 let method = resp.cseq().map(|x| x.1);
+                let call_id = resp.call_id().unwrap_or_default();
                 if let Some(i) = c
                     .pending
                     .iter()
-                    .position(|(m, _)| Some(m) == method.as_ref())
+                    .position(|(m, cid, _)| Some(m) == method.as_ref() && cid == call_id)
                 {
-                    let (_, k) = c.pending.remove(i);
+                    let (_, _, k) = c.pending.remove(i);
                     let _ = tx.respond(now, &k, resp);
                 }
             }
