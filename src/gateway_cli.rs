@@ -35,7 +35,9 @@ pub enum GatewayCmd {
         lines: u32,
     },
     /// Changes settings: `key=value` (`account`, `storage`, `pbx_number`, `lines`, `enabled`,
-    /// `connections=a,b`, `allowed_callers=@x,+1…`, `caller_id=…|…`, `caller_name=…|…`).
+    /// `connections=a,b`, `allowed_callers=@x,+1…`, `caller_id=…|…`, `caller_name=…|…`,
+    /// `max_call_duration=2h`, `monthly_duration=30h`, `failed_calls_per_hour=10`,
+    /// `allowed_workers=worker-1,…`; an empty value or 0 lifts a limit).
     Set { name: String, changes: Vec<String> },
     /// Removes a gateway.
     Rm { name: String },
@@ -55,6 +57,20 @@ async fn put(admin: SocketAddr, g: &GatewayConfig) -> Result<(), String> {
         Ok((_, msg)) => Err(msg.trim().to_string()),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// A duration setting (`"90s"`, `"30m"`, `"2h"`); empty or `0` is no limit.
+fn duration(key: &str, v: &str, month: bool) -> Result<std::time::Duration, String> {
+    use siptg_control::config::{parse_duration, parse_month_duration};
+    if v.is_empty() || v == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let parse = if month {
+        parse_month_duration
+    } else {
+        parse_duration
+    };
+    parse(v).map_err(|e| format!("{key}: {e}"))
 }
 
 fn list(v: &str) -> Vec<String> {
@@ -161,6 +177,18 @@ pub async fn run(admin: SocketAddr, cmd: GatewayCmd) -> Result<(), String> {
                     "allowed_callers" => g.allowed_callers = list(v),
                     "caller_id" => g.caller_id = v.split('|').map(str::to_string).collect(),
                     "caller_name" => g.caller_name = v.split('|').map(str::to_string).collect(),
+                    "max_call_duration" => g.max_call_duration = duration(k, v, false)?,
+                    "monthly_duration" => g.monthly_duration = duration(k, v, true)?,
+                    "failed_calls_per_hour" => {
+                        g.failed_calls_per_hour = if v.is_empty() {
+                            0
+                        } else {
+                            v.parse().map_err(|_| {
+                                format!("failed_calls_per_hour: {v:?} is not a number")
+                            })?
+                        }
+                    }
+                    "allowed_workers" => g.allowed_workers = list(v),
                     other => return Err(format!("unknown setting {other:?}")),
                 }
             }

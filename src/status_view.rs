@@ -119,6 +119,42 @@ fn worker(out: &mut String, w: &Value) {
     }
 }
 
+/// The plan limits' use per gateway (only gateways that have limits are listed).
+fn usage(out: &mut String, u: &Value) {
+    let Some(gateways) = u.as_object().filter(|g| !g.is_empty()) else {
+        return;
+    };
+    let _ = writeln!(out, "gateway plan limits:");
+    for (name, g) in gateways {
+        let secs = |v: &Value| v.as_u64().unwrap_or(0) as f64 / 1000.0;
+        let talk = if g["monthly_ms"].as_u64().unwrap_or(0) > 0 {
+            format!(
+                "talk {:.1}s of {:.0}s in {}",
+                secs(&g["talk_ms"]),
+                secs(&g["monthly_ms"]),
+                s(&g["month"])
+            )
+        } else {
+            format!(
+                "talk {:.1}s in {} (no limit)",
+                secs(&g["talk_ms"]),
+                s(&g["month"])
+            )
+        };
+        let fails = match g["failed_calls_per_hour"].as_u64().unwrap_or(0) {
+            0 => format!(
+                "{} failed calls in the last hour (no limit)",
+                s(&g["failed_last_hour"])
+            ),
+            n => format!(
+                "{} of {n} failed calls in the last hour",
+                s(&g["failed_last_hour"])
+            ),
+        };
+        let _ = writeln!(out, "  {name}: {talk}, {fails}");
+    }
+}
+
 /// Human-readable status.
 pub fn render(v: &Value) -> String {
     let mut out = String::new();
@@ -156,6 +192,7 @@ pub fn render(v: &Value) -> String {
                 s(&p["state"])
             );
         }
+        usage(&mut out, &v["manager"]["usage"]);
         if let Some(remote) = v["manager"]["remote"].as_object() {
             for (name, st) in remote {
                 if st.get("dataplane").is_some() {
@@ -249,6 +286,32 @@ mod tests {
         );
         assert!(
             out.contains("old") && out.contains("(not connected)"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn gateway_plan_usage_is_shown_against_its_limits() {
+        let out = render(&json!({
+            "version": "x", "roles": ["manager"],
+            "manager": {"peers": [], "usage": {
+                "month": {"month": "2026-11", "talk_ms": 2950, "monthly_ms": 3000,
+                          "failed_last_hour": 0, "failed_calls_per_hour": 0},
+                "fails": {"month": "2026-11", "talk_ms": 0, "monthly_ms": 0,
+                          "failed_last_hour": 2, "failed_calls_per_hour": 2}}},
+            "worker": null, "storage": null
+        }));
+        assert!(out.contains("gateway plan limits:"), "{out}");
+        assert!(
+            out.contains(
+                "month: talk 3.0s of 3s in 2026-11, 0 failed calls in the last hour (no limit)"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "fails: talk 0.0s in 2026-11 (no limit), 2 of 2 failed calls in the last hour"
+            ),
             "{out}"
         );
     }

@@ -132,6 +132,38 @@ fn gateways_through_the_control_api() {
         ok && out.contains("\"lines\": 3") && out.contains("\"enabled\": false"),
         "{out}"
     );
+    // Plan limits: a plan without this node's Worker refuses the calls with SIP.TG's 402.
+    let (ok, out) = cli(
+        &node,
+        &["set", "gw", "enabled=true", "allowed_workers=worker-7"],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(
+        invite(&node, "+10000000003", 402),
+        (402, "SIP account has disallowed settings".into())
+    );
+    let (ok, out) = cli(
+        &node,
+        &[
+            "set",
+            "gw",
+            "allowed_workers=",
+            "monthly_duration=90m",
+            "failed_calls_per_hour=5",
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&node, &["show", "gw"]);
+    assert!(
+        ok && out.contains("\"monthly_duration\": \"5400s\"")
+            && out.contains("\"failed_calls_per_hour\": 5")
+            && out.contains("\"allowed_workers\": []"),
+        "{out}"
+    );
+    let (ok, out) = cli(&node, &["set", "gw", "monthly_duration=800h"]);
+    assert!(!ok && out.contains("longer than 744h"), "{out}");
+    let (ok, out) = cli(&node, &["set", "gw", "enabled=false"]);
+    assert!(ok, "{out}");
     // Kept across a restart.
     drop(p);
     let p = start(&node);

@@ -274,6 +274,54 @@ fn routing_refusals_name_the_worker_and_the_storage() {
     );
 }
 
+#[test]
+fn a_plan_that_does_not_allow_the_calls_worker_refuses_with_402() {
+    let connections = vec![conn("name = 'trunk'\ntype = 'ip'\nserver = '127.0.0.1:9'")];
+    let gateways = vec![gateway(
+        "name = 'gw'\naccount = 'gateway'\nconnections = ['trunk']\nallowed_workers = ['worker-2']",
+    )];
+    let r = Routing::new(connections, "siptg").with_gateways(gateways);
+    // The unpinned connection's INVITE reached worker-1, which the plan does not include.
+    let got = r.route(&invite("127.0.0.1:5070", vec![]), "worker-1");
+    assert_eq!(
+        got,
+        LinkResponse::Route {
+            code: 402,
+            reason: "SIP account has disallowed settings".into(),
+            headers: vec![]
+        }
+    );
+    // On an allowed Worker the call goes on (and fails later: no Storage here).
+    let got = r.route(&invite("127.0.0.1:5070", vec![]), "worker-2");
+    assert!(
+        matches!(&got, LinkResponse::Route { code: 503, .. }),
+        "{got:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_account_whose_own_authorization_refuses_calls_is_callback_restricted() {
+    let w = world().await;
+    let m = manager(w.accounts.clone(), vec![], vec![]).await;
+    assert!(!m.callback_restricted("storage-1", "second").await);
+    assert!(!m.callback_restricted("storage-1", "gateway").await);
+    // `second` disables calls on its own (current, hash 0) authorization.
+    let set = |disabled: bool| tl::functions::account::ChangeAuthorizationSettings {
+        confirmed: false,
+        hash: 0,
+        encrypted_requests_disabled: None,
+        call_requests_disabled: Some(disabled),
+    };
+    m.invoke("storage-1", "second", &set(true)).await.unwrap();
+    // A fresh Manager (the first remembers the allowed answer for a minute).
+    let m = manager(w.accounts.clone(), vec![], vec![]).await;
+    assert!(m.callback_restricted("storage-1", "second").await);
+    assert!(!m.callback_restricted("storage-1", "gateway").await);
+    // A restricted account is asked again every time: allowing calls takes effect at once.
+    m.invoke("storage-1", "second", &set(false)).await.unwrap();
+    assert!(!m.callback_restricted("storage-1", "second").await);
+}
+
 /// A database whose every operation fails.
 struct BrokenDisk;
 

@@ -87,6 +87,26 @@ pub struct GatewayConfig {
         serialize_with = "duration_text"
     )]
     pub max_call_duration: Duration,
+    /// Talk time of all the gateway's calls (both directions) per calendar month in UTC;
+    /// 0 = unlimited. When it is used up new calls get `402 Total calls duration is
+    /// exceeded` and calls in progress end when it runs out (SIP.TG's plan limit, kept in the
+    /// Manager's database across restarts). Seconds-granular (`"30m"`, `"90s"`).
+    #[serde(
+        default,
+        deserialize_with = "month_duration",
+        serialize_with = "duration_text"
+    )]
+    pub monthly_duration: Duration,
+    /// Calls to Telegram that may fail (not answered for a Telegram-side reason) within a
+    /// rolling hour before new calls get `402 Amount of fail calls is exceeded`; 0 =
+    /// unlimited. Unanswered calls draw Telegram's spam bans, hence the limit.
+    #[serde(default)]
+    pub failed_calls_per_hour: u32,
+    /// The Workers this gateway's plan allows its connections to use; empty = any. A call on a
+    /// connection pinned (`worker`) to another Worker, or served by one, gets `402 SIP account
+    /// has disallowed settings` (SIP.TG keeps such settings and refuses the calls).
+    #[serde(default)]
+    pub allowed_workers: Vec<String>,
     /// Telegram text messages ⇄ SIP MESSAGE.
     #[serde(default = "default_true")]
     pub messages: bool,
@@ -815,6 +835,23 @@ pub enum DatabaseBackend {
 
 /// Accepts `"300us"`, `"250ms"`, `"10s"`, `"5m"`, `"1h"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_up_to(s, MAX_DURATION)
+}
+
+/// A month's worth of talk time at most (31 days: `"744h"`), for `monthly_duration`.
+pub fn parse_month_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_up_to(s, MAX_MONTH_DURATION)
+}
+
+const MAX_MONTH_DURATION: Duration = Duration::from_secs(31 * 24 * 3600);
+
+fn month_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_month_duration(&s).map_err(de::Error::custom)
+}
+
+fn parse_duration_up_to(s: &str, max: Duration) -> Result<Duration, String> {
+    let cap = |d: Duration, text: &str| cap_at(d, text, max);
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -842,9 +879,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Durations in the config are at most a week; anything longer is a typo.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
-fn cap(d: Duration, text: &str) -> Result<Duration, String> {
-    if d > MAX_DURATION {
-        Err(format!("{text:?} is longer than a week"))
+fn cap_at(d: Duration, text: &str, max: Duration) -> Result<Duration, String> {
+    if d > max {
+        Err(format!(
+            "{text:?} is longer than {}",
+            if max == MAX_DURATION {
+                "a week".to_string()
+            } else {
+                format!("{}h", max.as_secs() / 3600)
+            }
+        ))
     } else {
         Ok(d)
     }
@@ -1129,6 +1173,23 @@ fn validate(c: &Config) -> Vec<(String, String)> {
 
     let mut gw_names = std::collections::HashSet::new();
     let mut gw_of_conn = std::collections::HashMap::new();
+    // Workers a gateway's `allowed_workers` may name: the Manager's peers and this node's own.
+    let mut known_workers: std::collections::BTreeSet<&str> = c
+        .manager
+        .iter()
+        .flat_map(|m| m.workers.iter().map(|w| w.name.as_str()))
+        .collect();
+    let default_worker = default_worker_name();
+    match &c.worker {
+        Some(w) => {
+            known_workers.insert(w.name.as_str());
+        }
+        // `siptg up` without a [worker] section runs one with the default name.
+        None if known_workers.is_empty() => {
+            known_workers.insert(default_worker.as_str());
+        }
+        None => {}
+    }
     for (i, g) in c.gateway.iter().enumerate() {
         let key = |f: &str| format!("gateway[{i}].{f}");
         if g.name.trim().is_empty() || !gw_names.insert(g.name.clone()) {
@@ -1162,11 +1223,22 @@ fn validate(c: &Config) -> Vec<(String, String)> {
         if g.lines == 0 {
             bad(&key("lines"), "must be at least 1".into());
         }
-        for who in &g.allowed_callers {
-            if crate::telegram::resolve::PeerQuery::parse(who).is_err() {
+        let mut seen = std::collections::HashSet::new();
+        for w in &g.allowed_workers {
+            if !crate::tls::valid_node_name(w) {
                 bad(
-                    &key("allowed_callers"),
-                    format!("{who:?}: use +phone, @username or id:N"),
+                    &key("allowed_workers"),
+                    format!("{w:?} is not a node name (letters, digits, '-', '.')"),
+                );
+            } else if !seen.insert(w.as_str()) {
+                bad(&key("allowed_workers"), format!("{w:?} appears twice"));
+            } else if !known_workers.is_empty() && !known_workers.contains(w.as_str()) {
+                bad(
+                    &key("allowed_workers"),
+                    format!(
+                        "{w:?} is not a Worker of this configuration (known: {})",
+                        known_workers.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
                 );
             }
         }
@@ -1566,6 +1638,57 @@ mod tests {
         assert!(conn.keepalive.is_zero());
         assert_eq!(c.sip.min_se, Duration::from_secs(90));
         assert_eq!(c.sip.session_expires, Duration::from_secs(1800));
+    }
+
+    /// The plan limits parse (durations as elsewhere, "0s" = unlimited) and `allowed_workers`
+    /// must name Workers this configuration knows.
+    #[test]
+    fn gateway_limits_parse_and_allowed_workers_must_be_known_workers() {
+        let base = "[[connection]]\nname = \"t\"\ntype = \"ip\"\nserver = \"127.0.0.1:9\"\n\
+                    [[gateway]]\nname = \"g\"\naccount = \"a\"\nconnections = [\"t\"]\n";
+        let c = parse(
+            &format!("{base}monthly_duration = \"30m\"\nfailed_calls_per_hour = 10\nallowed_workers = [\"worker-1\"]\n"),
+            "t.toml",
+            Vec::new(),
+        )
+        .expect("valid");
+        let g = &c.gateway[0];
+        assert_eq!(g.monthly_duration, Duration::from_secs(1800));
+        assert_eq!(g.failed_calls_per_hour, 10);
+        assert_eq!(g.allowed_workers, ["worker-1"]);
+        // A month's talk time may exceed the week other durations are capped at.
+        let long = parse(
+            &format!("{base}monthly_duration = \"744h\"\n"),
+            "t.toml",
+            Vec::new(),
+        )
+        .expect("valid");
+        assert_eq!(
+            long.gateway[0].monthly_duration,
+            Duration::from_secs(744 * 3600)
+        );
+        let issues = err(&format!("{base}monthly_duration = \"745h\"\n"));
+        assert!(issues[0].message.contains("longer than 744h"), "{issues:?}");
+        let c = parse(base, "t.toml", Vec::new()).expect("valid");
+        assert!(c.gateway[0].monthly_duration.is_zero());
+        assert_eq!(c.gateway[0].failed_calls_per_hour, 0);
+        let issues = err(&format!(
+            "{base}allowed_workers = [\"worker-7\", \"bad name\"]\n"
+        ));
+        assert_eq!(issues.len(), 2, "{issues:?}");
+        assert_eq!(issues[0].key, "gateway[0].allowed_workers");
+        assert!(
+            issues[0]
+                .message
+                .contains("\"worker-7\" is not a Worker of this configuration (known: worker-1)"),
+            "{issues:?}"
+        );
+        assert!(issues[1].message.contains("not a node name"), "{issues:?}");
+        // A Manager's configured Workers are the known ones.
+        let with_peers = format!(
+            "[manager]\n[[manager.workers]]\nname = \"w-a\"\naddress = \"127.0.0.1:50001\"\n{base}allowed_workers = [\"w-a\"]\n"
+        );
+        parse(&with_peers, "t.toml", Vec::new()).expect("valid");
     }
 
     #[test]

@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Link protocol version; the major number must match.
-pub const LINK_VERSION: u16 = 1;
+/// Link protocol version; the major number must match. 2: `IncomingCall` carries the hunting
+/// rungs, Workers report `CallEnded` (a version-1 peer is refused at the handshake rather than
+/// failing calls).
+pub const LINK_VERSION: u16 = 2;
 const LINK_MAGIC: &str = "siptg-link";
 const MAX_FRAME: usize = 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,6 +96,44 @@ pub enum Request {
     TelegramUpdate { account: String, update: String },
     /// Manager → Worker: place a Telegram user's call to a PBX.
     GatewayIncoming(Box<IncomingCall>),
+    /// Worker → Manager: a gateway call is over (its talk time and whether it failed count
+    /// against the gateway's plan limits, which the Manager keeps).
+    CallEnded(Box<CallReport>),
+    /// Worker → Manager: gateway call `call` was answered (talking calls share the month's
+    /// rest of talk time).
+    CallAnswered { gateway: String, call: u64 },
+    /// Manager → Worker: gateway call `call` may talk `remaining_ms` more (its share of the
+    /// month's rest); the Worker ends it then.
+    TalkBudget { call: u64, remaining_ms: u64 },
+}
+
+/// Which way a gateway call went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallDirection {
+    /// A PBX called a Telegram user.
+    ToTelegram,
+    /// A Telegram user called the PBX.
+    FromTelegram,
+}
+
+/// How one gateway call went, as the Worker that ran it saw it: facts only; the Manager
+/// decides what counts against which limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallReport {
+    pub gateway: String,
+    /// The call's id on its Worker (as in `CallAnswered`).
+    pub call: u64,
+    pub direction: CallDirection,
+    /// Both sides were connected (the PBX got or sent a 2xx and Telegram media ran).
+    pub answered: bool,
+    /// Talk time in milliseconds, from the answer to the end (0 when never answered).
+    pub talk_ms: u64,
+    /// The PBX gave up before an answer (CANCEL): its own ring timeout, not a failure.
+    pub cancelled_by_pbx: bool,
+    /// The final SIP status of an unanswered call (towards the PBX, or from it), 200 otherwise.
+    pub code: u16,
+    pub reason: String,
 }
 
 /// A Telegram request through the Session Storage.
@@ -122,6 +162,10 @@ pub struct GatewayRoute {
     pub lines: u32,
     /// Longest call in seconds (0 = unlimited).
     pub max_call_secs: u64,
+    /// Talk time left of the gateway's monthly duration in milliseconds (`None` =
+    /// unlimited): the Worker ends the call when it runs out after the answer.
+    #[serde(default)]
+    pub talk_budget_ms: Option<u64>,
 }
 
 /// A Telegram user's call the Manager routes to a PBX through a Worker.
@@ -132,19 +176,32 @@ pub struct IncomingCall {
     pub account: String,
     /// The `phoneCallRequested` (TL, base64).
     pub call: String,
-    /// Request-URI of the INVITE to the PBX.
-    pub request_uri: String,
-    /// Where the INVITE goes.
-    pub address: SocketAddr,
-    /// The connection it goes out on.
-    pub connection: String,
+    /// Priority hunting: the rungs in order (lowest `priority` first), each the reachable
+    /// PBXs of one priority. Every target of a rung is rung in parallel; the next rung is
+    /// tried when all of them fail.
+    pub rungs: Vec<Vec<HuntTarget>>,
     /// Caller ID (From user) and display name.
     pub from_user: String,
     pub from_name: Option<String>,
     /// Extra headers (`X-TG-ID`, `X-TG-Username`, `X-TG-Phone`, `X-TG-Name`).
     pub headers: Vec<(String, String)>,
-    pub codecs: Vec<String>,
     pub dtmf: Vec<String>,
+    /// Talk time left of the gateway's monthly duration in milliseconds (`None` = unlimited).
+    #[serde(default)]
+    pub talk_budget_ms: Option<u64>,
+}
+
+/// One PBX a Telegram user's call may ring (a fork of the hunt).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HuntTarget {
+    /// Request-URI of the INVITE.
+    pub request_uri: String,
+    /// Where the INVITE goes.
+    pub address: SocketAddr,
+    /// The connection it goes out on.
+    pub connection: String,
+    /// The connection's codecs, in its order.
+    pub codecs: Vec<String>,
 }
 
 /// What to do with the account.

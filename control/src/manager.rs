@@ -62,6 +62,26 @@ pub struct Manager {
     telegram_updates: tokio::sync::broadcast::Sender<StorageUpdate>,
     /// Where API-managed gateways are kept.
     store: std::sync::OnceLock<crate::store::Store>,
+    /// Serialises writes of the gateways' usage.
+    usage_writes: tokio::sync::Mutex<()>,
+    /// Accounts found to accept incoming calls, and when (`callback_restricted`).
+    callback_ok: Mutex<std::collections::HashMap<String, Instant>>,
+}
+
+/// How long an account found to accept incoming calls is not asked again.
+pub const CALLBACK_CHECK_TTL: Duration = Duration::from_secs(60);
+
+/// Is a phone-call privacy "nobody": no rule allows anybody (a `DisallowAll` with, at most,
+/// exceptions for named users or chats still leaves Telegram users at large unable to call)?
+fn privacy_is_nobody(rules: &[grammers_tl_types::enums::PrivacyRule]) -> bool {
+    use grammers_tl_types::enums::PrivacyRule as R;
+    let allows_many = rules
+        .iter()
+        .any(|r| matches!(r, R::PrivacyValueAllowAll | R::PrivacyValueAllowContacts));
+    !allows_many
+        && rules
+            .iter()
+            .any(|r| matches!(r, R::PrivacyValueDisallowAll))
 }
 
 /// An update from an account of a Storage, as the Manager hears it.
@@ -85,6 +105,8 @@ pub struct Routing {
     default_storage: Mutex<Option<String>>,
     /// Peers (Workers, Storages) whose link is up, for routing decisions.
     live_peers: Mutex<std::collections::HashSet<String>>,
+    /// The gateways' plan limits (monthly talk time, failed calls per hour).
+    limits: Mutex<crate::gateway::limits::Limits>,
 }
 
 impl Routing {
@@ -97,6 +119,7 @@ impl Routing {
             fixed_gateways: 0.into(),
             default_storage: Mutex::new(None),
             live_peers: Mutex::new(Default::default()),
+            limits: Mutex::new(Default::default()),
         }
     }
 
@@ -172,6 +195,15 @@ impl Routing {
         for who in &g.allowed_callers {
             crate::telegram::resolve::PeerQuery::parse(who)
                 .map_err(|e| format!("allowed_callers: {e}"))?;
+        }
+        if let Some(w) = g
+            .allowed_workers
+            .iter()
+            .find(|w| !crate::tls::valid_node_name(w))
+        {
+            return Err(format!(
+                "allowed_workers: {w:?} is not a node name (letters, digits, '-', '.')"
+            ));
         }
         Ok(())
     }
@@ -252,6 +284,96 @@ impl Routing {
         None
     }
 
+    /// SIP.TG's `402 SIP account has disallowed settings`: the gateway's plan
+    /// (`allowed_workers`) forbids a Worker one of its connections is pinned to, or the Worker
+    /// (`worker`) that would carry this call.
+    fn disallowed(&self, g: &crate::config::GatewayConfig, worker: Option<&str>) -> bool {
+        if g.allowed_workers.is_empty() {
+            return false;
+        }
+        let allowed = |w: &str| g.allowed_workers.iter().any(|a| a == w);
+        let pinned = self
+            .connections
+            .iter()
+            .filter(|c| g.connections.contains(&c.name))
+            .filter_map(|c| c.worker.as_deref())
+            .find(|w| !allowed(w));
+        if let Some(w) = pinned {
+            tracing::info!(gateway = %g.name, worker = w, "a connection is pinned to a Worker the plan does not allow; 402");
+            return true;
+        }
+        if let Some(w) = worker.filter(|w| !allowed(w)) {
+            tracing::info!(gateway = %g.name, worker = w, "the call's Worker is not allowed by the plan; 402");
+            return true;
+        }
+        false
+    }
+
+    /// The plan limits of a new call of `g` (`to_telegram`: from the PBX): the talk time left
+    /// this month, or SIP.TG's 402.
+    pub fn admit(
+        &self,
+        g: &crate::config::GatewayConfig,
+        to_telegram: bool,
+    ) -> Result<Option<Duration>, crate::gateway::limits::Refusal> {
+        let r = self.limits.lock().unwrap_or_else(|p| p.into_inner()).admit(
+            g,
+            to_telegram,
+            std::time::SystemTime::now(),
+        );
+        if let Err(refusal) = &r {
+            tracing::info!(gateway = %g.name, reason = refusal.reason, "plan limit reached; 402");
+        }
+        r
+    }
+
+    /// Counts a finished call of Worker `worker` against its gateway's limits; the usage to
+    /// store.
+    pub fn record_call(
+        &self,
+        worker: &str,
+        report: &crate::link::CallReport,
+    ) -> crate::gateway::limits::Usage {
+        let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        l.hung_up(&(worker.to_string(), report.call));
+        l.record(report, std::time::SystemTime::now())
+    }
+
+    /// Call `call` of Worker `worker` on gateway `gateway` was answered.
+    pub fn call_answered(&self, worker: &str, gateway: &str, call: u64) {
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .answered((worker.to_string(), call), gateway, Instant::now());
+    }
+
+    /// Each talking call of `gateway` and how long it may go on (the month's rest shared).
+    pub fn talk_shares(&self, gateway: &str) -> Vec<(crate::gateway::limits::LiveCall, Duration)> {
+        let Some(g) = self
+            .gateways
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|g| g.name == gateway)
+            .cloned()
+        else {
+            return Vec::new();
+        };
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shares(&g, std::time::SystemTime::now(), Instant::now())
+    }
+
+    /// A gateway's usage now (`siptg status`).
+    pub fn usage(&self, gateway: &str) -> crate::gateway::limits::Usage {
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .usage(gateway, std::time::SystemTime::now())
+            .clone()
+    }
+
     fn storage_of(&self, g: &crate::config::GatewayConfig) -> Option<String> {
         g.storage.clone().or_else(|| {
             self.default_storage
@@ -267,6 +389,7 @@ impl Routing {
         g: &crate::config::GatewayConfig,
         caller: &ConnectionConfig,
         q: &RouteQuery,
+        talk_budget: Option<Duration>,
     ) -> LinkResponse {
         let reply = |code: u16, reason: &str| LinkResponse::Route {
             code,
@@ -313,6 +436,7 @@ impl Routing {
             dtmf: caller.dtmf.clone(),
             lines: g.lines,
             max_call_secs: g.max_call_duration.as_secs(),
+            talk_budget_ms: talk_budget.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
         }))
     }
 
@@ -361,11 +485,26 @@ impl Routing {
                 Err(refusal) => return refusal,
             };
             tracing::debug!(connection = %caller.name, source = %q.source, "INVITE from a known connection");
+            let gateway = self.gateway_of_connection(&caller.name);
+            // The plan comes first: a disallowed setting is refused whatever else is wrong.
+            if let Some(g) = &gateway {
+                if g.enabled && self.disallowed(g, Some(worker)) {
+                    return reply(402, reasons::DISALLOWED_SETTINGS, Vec::new());
+                }
+            }
             if let Some(refusal) = self.worker_check(caller, worker) {
                 return refusal;
             }
-            if let Some(g) = self.gateway_of_connection(&caller.name) {
-                return self.gateway_route(&g, caller, q);
+            if let Some(g) = gateway {
+                if !g.enabled {
+                    tracing::info!(gateway = %g.name, "gateway disabled; 403");
+                    return reply(403, reasons::ROUTE_NOT_PERMITTED, Vec::new());
+                }
+                let budget = match self.admit(&g, true) {
+                    Ok(b) => b,
+                    Err(r) => return reply(r.code, r.reason, Vec::new()),
+                };
+                return self.gateway_route(&g, caller, q, budget);
             }
             // A call to the login of a registered PBX goes to that PBX (B2BUA through the
             // Worker that holds its registration). The login is the To user or, when a PBX
@@ -543,6 +682,8 @@ impl Manager {
             metrics,
             telegram_updates: tokio::sync::broadcast::channel(1024).0,
             store: std::sync::OnceLock::new(),
+            usage_writes: tokio::sync::Mutex::new(()),
+            callback_ok: Mutex::new(Default::default()),
         })
     }
 
@@ -601,6 +742,12 @@ impl Manager {
                     self.routing.set_live(&name, true);
                     link.closed().await;
                     self.routing.set_live(&name, false);
+                    // Its calls' ends will not be reported: they no longer share the budget.
+                    self.routing
+                        .limits
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget_worker(&name);
                     if let Some(p) = self.peers().get_mut(&name) {
                         p.link = None;
                         p.down_since = Some(Instant::now());
@@ -666,8 +813,151 @@ impl Manager {
                 Err(e) => tracing::warn!(gateway = %name, error = %e, "stored gateway unreadable"),
             }
         }
+        match store.list(crate::store::Table::Usage, "").await {
+            Ok(rows) => {
+                let mut limits = self
+                    .routing
+                    .limits
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                for (name, value) in rows {
+                    match serde_json::from_slice(&value) {
+                        Ok(u) => limits.load(&name, u),
+                        Err(e) => {
+                            tracing::warn!(gateway = %name, error = %e, "stored usage unreadable")
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot load the gateways' usage"),
+        }
         let _ = self.store.set(store);
         Ok(n)
+    }
+
+    /// A Worker's report of a finished gateway call: counted against the gateway's limits and
+    /// the usage written to the database (one writer at a time, so a slower write never
+    /// replaces a newer total).
+    pub async fn call_ended(&self, worker: &str, report: &crate::link::CallReport) {
+        let _one_writer = self.usage_writes.lock().await;
+        let usage = self.routing.record_call(worker, report);
+        // The calls still talking share what this one leaves.
+        self.send_talk_shares(&report.gateway);
+        tracing::info!(
+            gateway = %report.gateway,
+            direction = ?report.direction,
+            answered = report.answered,
+            talk_ms = report.talk_ms,
+            month_talk_ms = usage.talk_ms,
+            failed_last_hour = usage.failed.len(),
+            "gateway call counted"
+        );
+        let Some(store) = self.store.get() else {
+            return;
+        };
+        let value = match serde_json::to_vec(&usage) {
+            Ok(v) => v,
+            Err(e) => return tracing::warn!(error = %e, "usage not encodable"),
+        };
+        if let Err(e) = store
+            .put(crate::store::Table::Usage, &report.gateway, &value)
+            .await
+        {
+            tracing::warn!(gateway = %report.gateway, error = %e, "usage not saved");
+        }
+    }
+
+    /// Tells every talking call of `gateway` its share of the month's rest of talk time.
+    fn send_talk_shares(&self, gateway: &str) {
+        let shares = self.routing.talk_shares(gateway);
+        if shares.is_empty() {
+            return;
+        }
+        let links = self.worker_links();
+        for ((worker, call), left) in shares {
+            let Some((_, link)) = links.iter().find(|(n, _)| *n == worker) else {
+                continue;
+            };
+            let (link, remaining_ms) = (
+                link.clone(),
+                u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+            );
+            tracing::debug!(%gateway, %worker, call, remaining_ms, "talk time share");
+            tokio::spawn(async move {
+                let req = LinkRequest::TalkBudget { call, remaining_ms };
+                if let Err(e) = link.request(req, Duration::from_secs(5)).await {
+                    tracing::warn!(error = %e, "talk time share not delivered");
+                }
+            });
+        }
+    }
+
+    /// SIP.TG's `380 Callback is restricted`: the gateway's own account does not accept
+    /// incoming calls (its current authorization has calls disabled, or its phone-call privacy
+    /// is "nobody"), so a Telegram user could not call back. Account hygiene normally prevents
+    /// it. An allowed account is remembered for [`CALLBACK_CHECK_TTL`] (two requests per
+    /// call otherwise); a restricted one is asked again on every call, so fixing it takes
+    /// effect at once. A check that cannot be made lets the call through.
+    pub async fn callback_restricted(&self, storage: &str, account: &str) -> bool {
+        use grammers_tl_types as tl;
+        let key = format!("{storage}/{account}");
+        let fresh = self
+            .callback_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < CALLBACK_CHECK_TTL);
+        if fresh {
+            return false;
+        }
+        let calls_disabled = match self
+            .invoke(
+                storage,
+                account,
+                &tl::functions::account::GetAuthorizations {},
+            )
+            .await
+        {
+            Ok(tl::enums::account::Authorizations::Authorizations(list)) => {
+                list.authorizations.iter().any(|a| {
+                    let tl::enums::Authorization::Authorization(a) = a;
+                    a.current && a.call_requests_disabled
+                })
+            }
+            Err(e) => {
+                tracing::debug!(%account, error = %e, "authorizations not checked");
+                false
+            }
+        };
+        let nobody = match self
+            .invoke(
+                storage,
+                account,
+                &tl::functions::account::GetPrivacy {
+                    key: tl::enums::InputPrivacyKey::PhoneCall,
+                },
+            )
+            .await
+        {
+            Ok(tl::enums::account::PrivacyRules::Rules(r)) => privacy_is_nobody(&r.rules),
+            Err(e) => {
+                tracing::debug!(%account, error = %e, "call privacy not checked");
+                false
+            }
+        };
+        if calls_disabled || nobody {
+            tracing::info!(%account, calls_disabled, privacy_nobody = nobody, "the gateway's account does not accept calls; 380");
+            self.callback_ok
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            return true;
+        }
+        self.callback_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Instant::now());
+        false
     }
 
     /// Adds or changes a gateway through the control API; kept in the database.
@@ -814,7 +1104,7 @@ impl Manager {
         account: String,
         call: grammers_tl_types::types::PhoneCallRequested,
     ) {
-        use crate::gateway::incoming::{allowed, rungs, CallerInfo};
+        use crate::gateway::incoming::{allowed, CallerInfo};
         use crate::link::{TelegramAnswer, TelegramOp};
         use crate::telegram::resolve::PeerQuery;
         let Some(g) = self.routing.gateway_of_account(&account) else {
@@ -860,54 +1150,36 @@ impl Manager {
                     .await;
             }
         }
+        // The plan: disallowed settings, then the month's talk time.
+        if self.routing.disallowed(&g, None) {
+            return self
+                .refuse_incoming(
+                    &storage,
+                    &account,
+                    &call,
+                    peer.as_ref(),
+                    402,
+                    reasons::DISALLOWED_SETTINGS,
+                )
+                .await;
+        }
+        let talk_budget = match self.routing.admit(&g, false) {
+            Ok(b) => b,
+            Err(r) => {
+                return self
+                    .refuse_incoming(&storage, &account, &call, peer.as_ref(), r.code, r.reason)
+                    .await
+            }
+        };
         let info = CallerInfo {
             user_id: caller_id,
             peer: peer.as_ref(),
         };
         let number = g.pbx_number.clone().unwrap_or_else(|| "s".into());
-        // The first connection of the first rung that can be reached.
-        let now = std::time::SystemTime::now();
-        let mut target = None;
-        for rung in rungs(&g, &self.routing.connections) {
-            for c in rung {
-                let t = match c.kind {
-                    ConnectionKind::PbxRegisters => {
-                        let registrar = self
-                            .routing
-                            .registrar
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner());
-                        registrar.binding(&c.name, now).map(|b| {
-                            let host = crate::sip::message::uri_host_port(&b.contact)
-                                .unwrap_or_else(|| b.source.to_string());
-                            (
-                                format!("sip:{number}@{host}"),
-                                b.source,
-                                Some(b.worker.clone()),
-                                c,
-                            )
-                        })
-                    }
-                    ConnectionKind::Ip | ConnectionKind::RegisterToPbx => c
-                        .proxy
-                        .as_deref()
-                        .or(c.server.as_deref())
-                        .and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok())
-                        .map(|addr| {
-                            let domain = c.domain.clone().unwrap_or_else(|| addr.to_string());
-                            (format!("sip:{number}@{domain}"), addr, None, c)
-                        }),
-                };
-                if t.is_some() {
-                    target = t;
-                    break;
-                }
-            }
-            if target.is_some() {
-                break;
-            }
-        }
-        let Some((request_uri, address, worker, conn)) = target else {
+        // Priority hunting: every rung's reachable PBXs (the Worker rings a rung in parallel
+        // and moves on when all of it failed). A registered PBX's Worker carries the call.
+        let (rungs, worker) = self.hunt_rungs(&g, &number);
+        if rungs.is_empty() {
             tracing::info!(gateway = %g.name, "no PBX connection reachable for a Telegram call");
             return self
                 .refuse_incoming(
@@ -919,8 +1191,13 @@ impl Manager {
                     reasons::SIP_ACCOUNT_UNAVAILABLE,
                 )
                 .await;
-        };
-        let workers = self.worker_links();
+        }
+        // Only Workers the plan allows may carry the call.
+        let workers: Vec<_> = self
+            .worker_links()
+            .into_iter()
+            .filter(|(n, _)| g.allowed_workers.is_empty() || g.allowed_workers.contains(n))
+            .collect();
         let link = worker
             .and_then(|w| {
                 workers
@@ -941,25 +1218,33 @@ impl Manager {
                 )
                 .await;
         };
+        let dtmf = g
+            .connections
+            .first()
+            .and_then(|n| self.routing.connections.iter().find(|c| &c.name == n))
+            .map(|c| c.dtmf.clone())
+            .unwrap_or_default();
         use base64::Engine;
         use grammers_tl_types::Serializable;
+        let plan: Vec<Vec<String>> = rungs
+            .iter()
+            .map(|r| r.iter().map(|t| t.connection.clone()).collect())
+            .collect();
         let incoming = crate::link::IncomingCall {
             gateway: g.name.clone(),
             storage: storage.clone(),
             account: account.clone(),
             call: base64::engine::general_purpose::STANDARD.encode(call.to_bytes()),
-            request_uri,
-            address,
-            connection: conn.name.clone(),
             from_user: info
                 .render(&g.caller_id)
                 .unwrap_or_else(|| caller_id.to_string()),
             from_name: info.render(&g.caller_name),
             headers: info.headers(),
-            codecs: conn.codecs.clone(),
-            dtmf: conn.dtmf.clone(),
+            dtmf,
+            talk_budget_ms: talk_budget.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
+            rungs,
         };
-        tracing::info!(gateway = %g.name, caller = caller_id, connection = %conn.name, %address, "Telegram call to the PBX");
+        tracing::info!(gateway = %g.name, caller = caller_id, rungs = ?plan, "Telegram call to the PBX");
         match link
             .request(
                 LinkRequest::GatewayIncoming(Box::new(incoming)),
@@ -981,6 +1266,63 @@ impl Manager {
                 .await;
             }
         }
+    }
+
+    /// The hunt for a call to `number` on `g`'s connections: its rungs (lowest `priority`
+    /// first; only reachable PBXs: registered ones, and trunks with a literal address; empty
+    /// rungs dropped) and the Worker that carries the call: the one holding the first
+    /// registration met, or the first connection's pinned `worker`.
+    fn hunt_rungs(
+        &self,
+        g: &crate::config::GatewayConfig,
+        number: &str,
+    ) -> (Vec<Vec<crate::link::HuntTarget>>, Option<String>) {
+        use crate::gateway::incoming::rungs;
+        let now = std::time::SystemTime::now();
+        let registrar = self
+            .routing
+            .registrar
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut worker = None;
+        let mut out = Vec::new();
+        for rung in rungs(g, &self.routing.connections) {
+            let mut targets = Vec::new();
+            for c in rung {
+                let t = match c.kind {
+                    ConnectionKind::PbxRegisters => registrar.binding(&c.name, now).map(|b| {
+                        let host = crate::sip::message::uri_host_port(&b.contact)
+                            .unwrap_or_else(|| b.source.to_string());
+                        worker.get_or_insert_with(|| b.worker.clone());
+                        (format!("sip:{number}@{host}"), b.source)
+                    }),
+                    ConnectionKind::Ip | ConnectionKind::RegisterToPbx => c
+                        .proxy
+                        .as_deref()
+                        .or(c.server.as_deref())
+                        .and_then(|s| s.trim().parse::<std::net::SocketAddr>().ok())
+                        .map(|addr| {
+                            let domain = c.domain.clone().unwrap_or_else(|| addr.to_string());
+                            (format!("sip:{number}@{domain}"), addr)
+                        }),
+                };
+                if let Some((request_uri, address)) = t {
+                    if let Some(w) = &c.worker {
+                        worker.get_or_insert_with(|| w.clone());
+                    }
+                    targets.push(crate::link::HuntTarget {
+                        request_uri,
+                        address,
+                        connection: c.name.clone(),
+                        codecs: c.codecs.clone(),
+                    });
+                }
+            }
+            if !targets.is_empty() {
+                out.push(targets);
+            }
+        }
+        (out, worker)
     }
 
     /// Declines a Telegram user's call (busy) and tells them why in the chat.
@@ -1090,8 +1432,30 @@ impl Manager {
                             },
                         }
                     }
+                    LinkRequest::CallEnded(report) => {
+                        if let Some(me) = me.upgrade() {
+                            me.call_ended(&peer, &report).await;
+                        }
+                        LinkResponse::Done
+                    }
+                    LinkRequest::CallAnswered { gateway, call } => {
+                        if let Some(me) = me.upgrade() {
+                            me.routing.call_answered(&peer, &gateway, call);
+                            me.send_talk_shares(&gateway);
+                        }
+                        LinkResponse::Done
+                    }
                     LinkRequest::Route(q) => {
-                        let answer = routing.route(&q, &peer);
+                        let mut answer = routing.route(&q, &peer);
+                        if let (LinkResponse::Gateway(g), Some(me)) = (&answer, me.upgrade()) {
+                            if me.callback_restricted(&g.storage, &g.account).await {
+                                answer = LinkResponse::Route {
+                                    code: 380,
+                                    reason: reasons::CALLBACK_RESTRICTED.into(),
+                                    headers: Vec::new(),
+                                };
+                            }
+                        }
                         let decision = match &answer {
                             LinkResponse::Route { code, .. } => code.to_string(),
                             _ => "forward".to_string(),

@@ -39,7 +39,26 @@ impl Node {
     pub async fn status(&self) -> Value {
         let manager = match &self.manager {
             Some(m) => {
-                let mut v = json!({ "peers": m.peer_status() });
+                // What the gateways with plan limits have used (talk time this month, failed
+                // calls within the hour).
+                let usage: serde_json::Map<String, Value> = m
+                    .routing()
+                    .gateways()
+                    .iter()
+                    .filter(|g| !g.monthly_duration.is_zero() || g.failed_calls_per_hour > 0)
+                    .map(|g| {
+                        let u = m.routing().usage(&g.name);
+                        let v = json!({
+                            "month": u.month,
+                            "talk_ms": u.talk_ms,
+                            "monthly_ms": g.monthly_duration.as_millis() as u64,
+                            "failed_last_hour": u.failed.len(),
+                            "failed_calls_per_hour": g.failed_calls_per_hour,
+                        });
+                        (g.name.clone(), v)
+                    })
+                    .collect();
+                let mut v = json!({ "peers": m.peer_status(), "usage": usage });
                 // A Manager on its own host shows what its peers report about themselves.
                 if self.worker.is_none() && self.storage.is_none() {
                     v["remote"] = json!(m.remote_status().await);

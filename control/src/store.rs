@@ -14,6 +14,7 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_se
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_accounts");
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_peers");
 const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
+const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("gateway_usage");
 
 /// The tables behind the key → bytes API; each is a table in redb and in PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,9 @@ pub enum Table {
     Peers,
     /// Gateway name → gateway settings made through the control API (JSON).
     Gateways,
+    /// Gateway name → what its plan limits count (JSON: the month's talk time, recent failed
+    /// calls), so limits survive a Manager restart.
+    Usage,
 }
 
 impl Table {
@@ -35,6 +39,7 @@ impl Table {
             Table::Accounts => "telegram_accounts",
             Table::Peers => "telegram_peers",
             Table::Gateways => "gateways",
+            Table::Usage => "gateway_usage",
         }
     }
 
@@ -44,14 +49,16 @@ impl Table {
             Table::Accounts => ACCOUNTS,
             Table::Peers => PEERS,
             Table::Gateways => GATEWAYS,
+            Table::Usage => USAGE,
         }
     }
 
-    const ALL: [Table; 4] = [
+    const ALL: [Table; 5] = [
         Table::Sessions,
         Table::Accounts,
         Table::Peers,
         Table::Gateways,
+        Table::Usage,
     ];
 }
 
@@ -427,6 +434,19 @@ pub(crate) async fn contract(s: &Store) {
     for k in ["a/1", "a/2", "a_x"] {
         s.delete(Table::Accounts, k).await.unwrap();
     }
+    // The gateways' usage (plan limits) is a table of its own, overwritten in place.
+    s.put(Table::Usage, "gw", br#"{"used_ms":1}"#)
+        .await
+        .unwrap();
+    s.put(Table::Usage, "gw", br#"{"used_ms":2}"#)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.list(Table::Usage, "").await.unwrap(),
+        vec![("gw".to_string(), br#"{"used_ms":2}"#.to_vec())]
+    );
+    assert_eq!(s.get(Table::Gateways, "gw").await.unwrap(), None);
+    assert!(s.delete(Table::Usage, "gw").await.unwrap());
 }
 
 #[cfg(test)]

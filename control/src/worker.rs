@@ -130,6 +130,20 @@ impl Worker {
         }
     }
 
+    /// Tells the Manager about a gateway call (answered, ended: its plan limits count them).
+    /// Without a live Manager link the news is lost: it is logged, and the Manager's limits
+    /// miss the call.
+    pub async fn tell_manager(&self, news: crate::link::Request) {
+        let Some(manager) = self.links.manager() else {
+            tracing::warn!(?news, "no Manager link: a gateway call is not counted");
+            return;
+        };
+        match manager.request(news, Duration::from_secs(10)).await {
+            Ok(LinkResponse::Done) => {}
+            other => tracing::warn!(?other, "the Manager did not take a gateway call's news"),
+        }
+    }
+
     /// The metrics registry SIP counters go to.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -176,6 +190,12 @@ impl Worker {
                                     update: Box::new(update),
                                 })
                                 .await;
+                        }
+                        LinkResponse::Done
+                    }
+                    LinkRequest::TalkBudget { call, remaining_ms } => {
+                        if let Some(tx) = me.gateway.get() {
+                            let _ = tx.send(GwMsg::TalkBudget { call, remaining_ms }).await;
                         }
                         LinkResponse::Done
                     }

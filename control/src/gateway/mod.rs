@@ -3,7 +3,9 @@
 
 pub mod dialrules;
 pub mod echo;
+pub mod hunt;
 pub mod incoming;
+pub mod limits;
 pub mod runtime;
 pub mod sipleg;
 pub mod tgcall;

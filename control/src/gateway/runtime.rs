@@ -5,10 +5,13 @@
 //! the Manager to the Session Storage) and dataplane commands run in spawned tasks whose results
 //! come back as [`GwMsg`]s.
 
+use super::hunt::{Caller, Hunt};
 use super::sipleg::{gateway_prefs, LegAction, SipLeg};
 use super::tgcall::{protocol, Hangup, TgAction, TgCall, TgCallEvent, TgEnd, TgRequest};
 use crate::dataplane::{latching_leg, telegram_leg};
-use crate::link::{GatewayRoute, IncomingCall, TelegramAnswer, TelegramOp};
+use crate::link::{
+    CallDirection, CallReport, GatewayRoute, IncomingCall, TelegramAnswer, TelegramOp,
+};
 use crate::sip::msg::{Method, SipRequest, SipResponse};
 use crate::sip::reasons;
 use crate::sip::transaction::{ClientKey, ServerKey, TransactionLayer, Transport};
@@ -53,6 +56,8 @@ pub enum GwMsg {
         id: u64,
         result: Result<(LegId, LocalMedia), String>,
     },
+    /// The Manager's new deadline for an answered call: its share of the month's talk time.
+    TalkBudget { call: u64, remaining_ms: u64 },
     /// The media session and SIP leg of an incoming Telegram call exist.
     IncomingReady {
         call: Box<IncomingCall>,
@@ -113,11 +118,91 @@ pub fn sip_status(e: &TgError) -> (u16, String) {
     }
 }
 
+/// A gateway call's SIP side: the PBX's dialog (we are its UAS), or the hunt over the PBXs a
+/// Telegram user's call rings (one UAC fork per target).
+enum SipSide {
+    Uas(Box<SipLeg>),
+    Hunt(Box<Hunt>),
+}
+
+impl SipSide {
+    fn ringing(&mut self) {
+        if let SipSide::Uas(l) = self {
+            l.ringing();
+        }
+    }
+    fn answer(&mut self, now: Instant) {
+        if let SipSide::Uas(l) = self {
+            l.answer(now);
+        }
+    }
+    fn reject(&mut self, code: u16, reason: &str) {
+        match self {
+            SipSide::Uas(l) => l.reject(code, reason),
+            SipSide::Hunt(h) => h.hang_up(code, reason),
+        }
+    }
+    fn hang_up(&mut self, code: u16, reason: &str) {
+        match self {
+            SipSide::Uas(l) => l.hang_up(code, reason),
+            SipSide::Hunt(h) => h.hang_up(code, reason),
+        }
+    }
+    fn send_info(&mut self, digit: char) {
+        match self {
+            SipSide::Uas(l) => l.send_info(digit),
+            SipSide::Hunt(h) => h.send_info(digit),
+        }
+    }
+    fn on_request(&mut self, req: SipRequest) {
+        match self {
+            SipSide::Uas(l) => l.on_request(req),
+            SipSide::Hunt(h) => h.on_request(req),
+        }
+    }
+    fn on_response(&mut self, resp: SipResponse) {
+        match self {
+            SipSide::Uas(l) => l.on_response(resp),
+            SipSide::Hunt(h) => h.on_response(resp),
+        }
+    }
+    fn poll_action(&mut self) -> Option<LegAction> {
+        match self {
+            SipSide::Uas(l) => l.poll_action(),
+            SipSide::Hunt(h) => h.poll_action(),
+        }
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            SipSide::Uas(l) => l.poll_timeout(),
+            SipSide::Hunt(h) => h.poll_timeout(),
+        }
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        match self {
+            SipSide::Uas(l) => l.handle_timeout(now),
+            SipSide::Hunt(h) => h.handle_timeout(now),
+        }
+    }
+    fn is_ended(&self) -> bool {
+        match self {
+            SipSide::Uas(l) => l.is_ended(),
+            SipSide::Hunt(h) => h.is_ended(),
+        }
+    }
+    fn is_confirmed(&self) -> bool {
+        match self {
+            SipSide::Uas(l) => l.is_confirmed(),
+            SipSide::Hunt(h) => h.is_confirmed(),
+        }
+    }
+}
+
 struct GwCall {
     gateway: String,
     storage: String,
     account: String,
-    sip: SipLeg,
+    sip: SipSide,
     tg: TgCall,
     session: SessionId,
     sip_leg: LegId,
@@ -126,11 +211,54 @@ struct GwCall {
     peer: Option<Peer>,
     phone: Option<tl::enums::InputPhoneCall>,
     invite: Option<ServerKey>,
-    /// In-dialog requests from the PBX awaiting our answer.
-    pending: Vec<(Method, ServerKey)>,
+    /// In-dialog requests from the PBX awaiting our answer, with their Call-ID (a hunt's
+    /// forks are dialogs of their own).
+    pending: Vec<(Method, String, ServerKey)>,
     max_until: Option<Instant>,
     /// requestCall, held until the callee is resolved.
     held: Option<TgRequest>,
+    direction: CallDirection,
+    /// When both sides were connected.
+    answered_at: Option<Instant>,
+    /// Talk time left of the gateway's monthly duration (`None` = unlimited), and when it
+    /// runs out once the call is answered.
+    talk_budget: Option<Duration>,
+    budget_until: Option<Instant>,
+    /// The PBX cancelled before the answer.
+    cancelled_by_pbx: bool,
+    /// The first final status of the SIP side.
+    end: Option<(u16, String)>,
+}
+
+impl GwCall {
+    /// Both sides are connected: the talk time (and its monthly budget) starts. True the
+    /// first time.
+    fn answered(&mut self, now: Instant) -> bool {
+        if self.answered_at.is_some() {
+            return false;
+        }
+        self.answered_at = Some(now);
+        self.budget_until = self.talk_budget.map(|b| now + b);
+        true
+    }
+
+    /// What the Manager's limits need to know about the finished call `id`.
+    fn report(&self, id: u64, now: Instant) -> CallReport {
+        let (code, reason) = self.end.clone().unwrap_or((200, String::new()));
+        CallReport {
+            gateway: self.gateway.clone(),
+            call: id,
+            direction: self.direction,
+            answered: self.answered_at.is_some(),
+            talk_ms: self
+                .answered_at
+                .map(|t| u64::try_from(now.duration_since(t).as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            cancelled_by_pbx: self.cancelled_by_pbx,
+            code,
+            reason,
+        }
+    }
 }
 
 /// The gateway calls of one SIP core.
@@ -140,10 +268,21 @@ pub struct GatewayCalls {
     local: SocketAddr,
     calls: HashMap<u64, GwCall>,
     by_call_id: HashMap<String, u64>,
-    by_client: HashMap<ClientKey, u64>,
+    /// Our client transactions: the call and the Call-ID of the dialog (a hunt's fork) each
+    /// belongs to.
+    by_client: HashMap<ClientKey, (u64, String)>,
     by_phone: HashMap<i64, u64>,
     by_session: HashMap<SessionId, u64>,
-    next: u64,
+    /// News for the Manager (answers, ends), sent in order by one task: an end never
+    /// overtakes its call's answer.
+    to_manager: mpsc::UnboundedSender<crate::link::Request>,
+}
+
+/// A gateway call's id, unique in the process (every SIP core has its own `GatewayCalls`; the
+/// Manager tells calls apart by Worker and this id).
+fn next_call_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -154,7 +293,15 @@ impl GatewayCalls {
     /// The gateway calls of a core whose SIP address is `local`; `tx` feeds [`GwMsg`]s back to
     /// the core.
     pub fn new(worker: Arc<Worker>, tx: mpsc::Sender<GwMsg>, local: SocketAddr) -> Self {
+        let (to_manager, mut news) = mpsc::unbounded_channel();
+        let w = worker.clone();
+        tokio::spawn(async move {
+            while let Some(n) = news.recv().await {
+                w.tell_manager(n).await;
+            }
+        });
         Self {
+            to_manager,
             worker,
             tx,
             local,
@@ -163,7 +310,6 @@ impl GatewayCalls {
             by_client: HashMap::new(),
             by_phone: HashMap::new(),
             by_session: HashMap::new(),
-            next: 1,
         }
     }
 
@@ -186,7 +332,14 @@ impl GatewayCalls {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.calls
             .values()
-            .flat_map(|c| [c.sip.poll_timeout(), c.tg.poll_timeout(), c.max_until])
+            .flat_map(|c| {
+                [
+                    c.sip.poll_timeout(),
+                    c.tg.poll_timeout(),
+                    c.max_until,
+                    c.budget_until,
+                ]
+            })
             .flatten()
             .min()
     }
@@ -234,8 +387,7 @@ impl GatewayCalls {
                 return;
             }
         };
-        let id = self.next;
-        self.next += 1;
+        let id = next_call_id();
         self.by_call_id.insert(sip.call_id().to_string(), id);
         self.by_session.insert(session, id);
         // The leg was made with rtcp-mux (RTCP on the RTP port); that cannot change live.
@@ -246,7 +398,7 @@ impl GatewayCalls {
             gateway: route.gateway.clone(),
             storage: route.storage.clone(),
             account: route.account.clone(),
-            sip,
+            sip: SipSide::Uas(Box::new(sip)),
             tg: TgCall::outgoing(),
             session,
             sip_leg: leg.0,
@@ -259,6 +411,12 @@ impl GatewayCalls {
             max_until: (route.max_call_secs > 0)
                 .then(|| now + Duration::from_secs(route.max_call_secs)),
             held: None,
+            direction: CallDirection::ToTelegram,
+            answered_at: None,
+            talk_budget: route.talk_budget_ms.map(Duration::from_millis),
+            budget_until: None,
+            cancelled_by_pbx: false,
+            end: None,
         };
         tracing::info!(call = id, gateway = %route.gateway, query = ?route.query, "gateway call: SIP → Telegram");
         // Resolve first: requestCall needs the user.
@@ -323,29 +481,33 @@ impl GatewayCalls {
             self.delete_session(session);
             return;
         };
-        let sip = SipLeg::uac(
-            &call.request_uri,
-            call.address,
-            &call.from_user,
-            call.from_name.as_deref(),
-            &call.headers,
-            gateway_prefs(&call.codecs),
+        // The forks' Call-IDs are indexed as their INVITEs go out.
+        let sip = Hunt::new(
+            call.rungs.clone(),
+            Caller {
+                from_user: call.from_user.clone(),
+                from_name: call.from_name.clone(),
+                headers: call.headers.clone(),
+            },
             leg.1,
             self.local,
         );
-        let id = self.next;
-        self.next += 1;
-        self.by_call_id.insert(sip.call_id().to_string(), id);
+        let id = next_call_id();
         self.by_session.insert(session, id);
         self.by_phone.insert(requested.id, id);
-        tracing::info!(call = id, gateway = %call.gateway, caller = requested.admin_id, to = %call.request_uri, "gateway call: Telegram → SIP");
+        let rungs: Vec<Vec<&str>> = call
+            .rungs
+            .iter()
+            .map(|r| r.iter().map(|t| t.connection.as_str()).collect())
+            .collect();
+        tracing::info!(call = id, gateway = %call.gateway, caller = requested.admin_id, ?rungs, "gateway call: Telegram → SIP");
         self.calls.insert(
             id,
             GwCall {
                 gateway: call.gateway.clone(),
                 storage: call.storage.clone(),
                 account: call.account.clone(),
-                sip,
+                sip: SipSide::Hunt(Box::new(sip)),
                 tg: TgCall::incoming(requested.g_a_hash.clone()),
                 session,
                 sip_leg: leg.0,
@@ -360,6 +522,12 @@ impl GatewayCalls {
                 pending: Vec::new(),
                 max_until: None,
                 held: None,
+                direction: CallDirection::FromTelegram,
+                answered_at: None,
+                talk_budget: call.talk_budget_ms.map(Duration::from_millis),
+                budget_until: None,
+                cancelled_by_pbx: false,
+                end: None,
             },
         );
     }
@@ -370,6 +538,14 @@ impl GatewayCalls {
         match msg {
             GwMsg::Incoming(c) => self.incoming(c),
             GwMsg::IncomingReady { call, session, leg } => self.start_incoming(call, session, leg),
+            GwMsg::TalkBudget { call, remaining_ms } => {
+                if let Some(c) = self.calls.get_mut(&call) {
+                    if c.answered_at.is_some() && c.talk_budget.is_some() {
+                        tracing::debug!(call, remaining_ms, "talk time share from the Manager");
+                        c.budget_until = Some(now + Duration::from_millis(remaining_ms));
+                    }
+                }
+            }
             GwMsg::Update {
                 update,
                 account: update_account,
@@ -563,15 +739,19 @@ impl GatewayCalls {
         };
         if let Some(k) = key {
             if !matches!(req.method, Method::Ack | Method::Cancel) {
-                c.pending.push((req.method.clone(), k));
+                let call_id = req.call_id().unwrap_or_default().to_string();
+                c.pending.push((req.method.clone(), call_id, k));
             }
+        }
+        if req.method == Method::Cancel && c.answered_at.is_none() && !c.sip.is_ended() {
+            c.cancelled_by_pbx = true;
         }
         c.sip.on_request(req);
     }
 
     /// A response to one of our requests.
     pub fn on_response(&mut self, key: &ClientKey, resp: SipResponse) {
-        let Some(&id) = self.by_client.get(key) else {
+        let Some(id) = self.by_client.get(key).map(|(id, _)| *id) else {
             return;
         };
         if let Some(c) = self.calls.get_mut(&id) {
@@ -581,12 +761,13 @@ impl GatewayCalls {
 
     /// A client transaction timed out: our INVITE as a 408 from the PBX.
     pub fn on_client_timeout(&mut self, key: &ClientKey) {
-        let Some(id) = self.by_client.remove(key) else {
+        let Some((id, call_id)) = self.by_client.remove(key) else {
             return;
         };
         if key.method == Method::Invite {
             if let Some(c) = self.calls.get_mut(&id) {
                 let mut resp = SipResponse::new(408, "Request Timeout");
+                resp.headers_mut().add("Call-ID", call_id);
                 resp.headers_mut().add("CSeq", "1 INVITE");
                 c.sip.on_response(resp);
             }
@@ -598,6 +779,12 @@ impl GatewayCalls {
         for c in self.calls.values_mut() {
             c.sip.handle_timeout(now);
             c.tg.handle_timeout(now);
+            if c.budget_until.is_some_and(|t| t <= now) {
+                c.budget_until = None;
+                tracing::info!(gateway = %c.gateway, "the month's call duration is used up: ending the call");
+                c.sip.hang_up(200, reasons::DURATION_EXCEEDED);
+                c.tg.hang_up(Hangup::Hangup, now);
+            }
             if c.max_until.is_some_and(|t| t <= now) {
                 c.max_until = None;
                 tracing::info!(gateway = %c.gateway, "longest call duration reached");
@@ -634,8 +821,11 @@ impl GatewayCalls {
             if finished {
                 if let Some(c) = self.calls.remove(&id) {
                     tracing::info!(call = id, gateway = %c.gateway, "gateway call ended");
+                    let _ = self
+                        .to_manager
+                        .send(crate::link::Request::CallEnded(Box::new(c.report(id, now))));
                     self.by_call_id.retain(|_, v| *v != id);
-                    self.by_client.retain(|_, v| *v != id);
+                    self.by_client.retain(|_, (v, _)| *v != id);
                     self.by_phone.retain(|_, v| *v != id);
                     self.by_session.remove(&c.session);
                     self.delete_session(c.session);
@@ -727,6 +917,12 @@ impl GatewayCalls {
                 TgCallEvent::Connected => {
                     tracing::info!(call = id, "Telegram media connected");
                     c.sip.answer(now);
+                    if c.sip.is_confirmed() && c.answered(now) {
+                        let _ = self.to_manager.send(crate::link::Request::CallAnswered {
+                            gateway: c.gateway.clone(),
+                            call: id,
+                        });
+                    }
                 }
                 TgCallEvent::Ended(end) => {
                     let (code, reason) = match &end {
@@ -760,29 +956,37 @@ impl GatewayCalls {
             }
             LegAction::Respond(resp) => {
                 let method = resp.cseq().map(|x| x.1);
+                let call_id = resp.call_id().unwrap_or_default();
                 if let Some(i) = c
                     .pending
                     .iter()
-                    .position(|(m, _)| Some(m) == method.as_ref())
+                    .position(|(m, cid, _)| Some(m) == method.as_ref() && cid == call_id)
                 {
-                    let (_, k) = c.pending.remove(i);
+                    let (_, _, k) = c.pending.remove(i);
                     let _ = tx.respond(now, &k, resp);
                 }
             }
             LegAction::Send { req, dest } => {
+                let call_id = req.call_id().unwrap_or_default().to_string();
+                // A hunt's forks each have their own dialog: requests from those PBXs (a BYE,
+                // a re-INVITE) find the call by it.
+                self.by_call_id.entry(call_id.clone()).or_insert(id);
                 if let Ok(k) = tx.send_request(now, req, dest, c.transport) {
-                    self.by_client.insert(k, id);
+                    self.by_client.insert(k, (id, call_id));
                 }
             }
-            LegAction::CancelInvite => {
+            LegAction::CancelInvite { call_id } => {
                 let invite = self
                     .by_client
                     .iter()
-                    .find(|(k, v)| **v == id && k.method == Method::Invite)
+                    .find(|(k, (v, cid))| *v == id && *cid == call_id && k.method == Method::Invite)
                     .map(|(k, _)| k.clone());
                 if let Some(k) = invite {
-                    if let Ok(ck) = tx.cancel(now, &k) {
-                        self.by_client.insert(ck, id);
+                    match tx.cancel(now, &k) {
+                        Ok(ck) => {
+                            self.by_client.insert(ck, (id, call_id));
+                        }
+                        Err(e) => tracing::debug!(call = id, error = ?e, "INVITE not cancellable"),
                     }
                 }
             }
@@ -793,13 +997,24 @@ impl GatewayCalls {
                 self.spawn_update_leg(session, leg, spec);
             }
             LegAction::Ringing => {}
-            LegAction::Answered => c.tg.accept(),
+            LegAction::Answered => {
+                if c.answered(now) {
+                    let _ = self.to_manager.send(crate::link::Request::CallAnswered {
+                        gateway: c.gateway.clone(),
+                        call: id,
+                    });
+                }
+                c.tg.accept();
+            }
             LegAction::Dtmf(d) => {
                 let session = c.session;
                 self.send_digits(session, &d.to_string());
             }
             LegAction::Ended { code, reason } => {
                 tracing::info!(call = id, code, %reason, "SIP side ended");
+                if c.end.is_none() {
+                    c.end = Some((code, reason.clone()));
+                }
                 let hangup = if c.sip.is_confirmed() || code == 200 {
                     Hangup::Hangup
                 } else {

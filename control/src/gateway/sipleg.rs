@@ -25,8 +25,8 @@ pub enum LegAction {
     Respond(SipResponse),
     /// A request in a new client transaction.
     Send { req: SipRequest, dest: SocketAddr },
-    /// UAC: cancel our INVITE.
-    CancelInvite,
+    /// UAC: cancel our INVITE (the dialog's Call-ID tells the forks of a hunt apart).
+    CancelInvite { call_id: String },
     /// The ACK of a 2xx (no transaction).
     SendAck { req: SipRequest, dest: SocketAddr },
     /// New parameters for the SIP media leg.
@@ -135,6 +135,9 @@ pub struct SipLeg {
     media: LocalMedia,
     /// UAS: our 2xx until the ACK: (response, next resend, interval, give up).
     ok: Option<(SipResponse, Instant, Duration, Instant)>,
+    /// UAC: our BYE is out (after a hang-up, or for a 2xx that crossed our CANCEL): a
+    /// retransmitted 2xx is only ACKed.
+    late_bye: bool,
     out: VecDeque<LegAction>,
 }
 
@@ -194,6 +197,7 @@ impl SipLeg {
                 prefs,
                 media,
                 ok: None,
+                late_bye: false,
                 out: VecDeque::new(),
             },
             spec,
@@ -252,6 +256,7 @@ impl SipLeg {
             prefs,
             media,
             ok: None,
+            late_bye: false,
             out: VecDeque::new(),
         };
         leg.out.push_back(LegAction::Send {
@@ -341,7 +346,9 @@ impl SipLeg {
             State::Ended => {}
             State::Early if self.uas => self.reject(code, reason),
             State::Early => {
-                self.out.push_back(LegAction::CancelInvite);
+                self.out.push_back(LegAction::CancelInvite {
+                    call_id: self.dialog.call_id.clone(),
+                });
                 self.end(487, "Request Terminated");
             }
             State::Confirmed => {
@@ -350,6 +357,7 @@ impl SipLeg {
                     req: bye,
                     dest: self.dialog.address,
                 });
+                self.late_bye = true; // a retransmitted 2xx needs no second BYE
                 self.end(200, "BYE");
             }
         }
@@ -484,6 +492,14 @@ impl SipLeg {
                         .push_back(LegAction::UpdateLeg(neg.to_leg_spec(true)));
                 }
                 self.out.push_back(LegAction::Answered);
+            } else if self.state == State::Ended && !self.late_bye {
+                // Answered although we cancelled (or lost a hunt): ACK, then end it at once.
+                self.late_bye = true;
+                let bye = self.dialog.request(Method::Bye, self.local);
+                self.out.push_back(LegAction::Send {
+                    req: bye,
+                    dest: self.dialog.address,
+                });
             }
         } else if code >= 300 && self.state == State::Early {
             self.end(code, &resp.reason);

@@ -55,3 +55,11 @@ pub const SIP_ACCOUNT_UNAVAILABLE: &str = "SIP account is unavailable";
 pub const WORKER_UNAVAILABLE: &str = "Worker is unavailable";
 /// 380: incoming calls are forbidden on the account.
 pub const CALLBACK_RESTRICTED: &str = "Callback is restricted";
+/// 402: the gateway's plan forbids one of its settings (a connection on a Worker outside
+/// `allowed_workers`).
+pub const DISALLOWED_SETTINGS: &str = "SIP account has disallowed settings";
+/// 402: the gateway used up its calls' total duration for the month (`monthly_duration`).
+pub const DURATION_EXCEEDED: &str = "Total calls duration is exceeded";
+/// 402: too many of the gateway's calls to Telegram failed within the last hour
+/// (`failed_calls_per_hour`).
+pub const FAIL_CALLS_EXCEEDED: &str = "Amount of fail calls is exceeded";

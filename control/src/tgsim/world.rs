@@ -852,6 +852,29 @@ impl World {
                     },
                 ))
             }
+            f::account::GetPrivacy::CONSTRUCTOR_ID => {
+                // The account's own setting, as its apps show it (the gateway checks that
+                // incoming calls are allowed: SIP.TG's "380 Callback is restricted").
+                let r: f::account::GetPrivacy = decode(body)?;
+                let me = self.me(&key)?;
+                let u = self
+                    .users
+                    .get(&me)
+                    .ok_or_else(|| err(400, "USER_ID_INVALID"))?;
+                let rule = match r.key {
+                    tl::enums::InputPrivacyKey::PhoneCall => u.calls,
+                    tl::enums::InputPrivacyKey::PhoneP2P => u.p2p,
+                    tl::enums::InputPrivacyKey::ChatInvite => u.chat_invite,
+                    _ => Privacy::Everybody,
+                };
+                ok(tl::enums::account::PrivacyRules::Rules(
+                    tl::types::account::PrivacyRules {
+                        rules: privacy_rules(rule),
+                        chats: vec![],
+                        users: vec![],
+                    },
+                ))
+            }
             f::account::GetAuthorizations::CONSTRUCTOR_ID => {
                 let me = self.me(&key)?;
                 let keys: Vec<_> = self
@@ -1582,6 +1605,17 @@ fn empty_updates(date: i32) -> tl::enums::Updates {
     })
 }
 
+/// A setting as Telegram reports it (`account.getPrivacy`): contacts-only is "allow contacts,
+/// disallow the rest".
+fn privacy_rules(p: Privacy) -> Vec<tl::enums::PrivacyRule> {
+    use tl::enums::PrivacyRule as R;
+    match p {
+        Privacy::Everybody => vec![R::PrivacyValueAllowAll],
+        Privacy::Contacts => vec![R::PrivacyValueAllowContacts, R::PrivacyValueDisallowAll],
+        Privacy::Nobody => vec![R::PrivacyValueDisallowAll],
+    }
+}
+
 fn privacy_of(rules: &[tl::enums::InputPrivacyRule]) -> Privacy {
     use tl::enums::InputPrivacyRule as R;
     for r in rules {
@@ -1707,6 +1741,81 @@ mod tests {
             panic!()
         };
         assert_eq!(cb.g_a_or_b, vec![5; 256]);
+    }
+
+    /// What the gateway reads to tell whether its account may receive calls: the phone-call
+    /// privacy it set (or a world file gave it) and its own authorization's call setting.
+    #[test]
+    fn an_account_reads_its_call_privacy_and_its_authorizations_call_setting() {
+        let now = Instant::now();
+        let mut a = SimUser::new(1, "1000", Some("aaaa"), "A");
+        a.calls = Privacy::Nobody;
+        let cfg = WorldConfig {
+            users: vec![a],
+            ..Default::default()
+        };
+        let mut w = World::new(cfg, now, 1_000_000);
+        let k = w.hello(None, now);
+        w.authorize(&k, 1);
+        let privacy = |w: &mut World| {
+            let o = call(
+                w,
+                k,
+                tl::functions::account::GetPrivacy {
+                    key: tl::enums::InputPrivacyKey::PhoneCall,
+                }
+                .to_bytes(),
+                now,
+            );
+            let tl::enums::account::PrivacyRules::Rules(r) =
+                tl::enums::account::PrivacyRules::from_bytes(&o.reply.unwrap()).unwrap();
+            r.rules
+        };
+        assert_eq!(
+            privacy(&mut w),
+            vec![tl::enums::PrivacyRule::PrivacyValueDisallowAll]
+        );
+        call(
+            &mut w,
+            k,
+            tl::functions::account::SetPrivacy {
+                key: tl::enums::InputPrivacyKey::PhoneCall,
+                rules: vec![tl::enums::InputPrivacyRule::InputPrivacyValueAllowAll],
+            }
+            .to_bytes(),
+            now,
+        )
+        .reply
+        .unwrap();
+        assert_eq!(
+            privacy(&mut w),
+            vec![tl::enums::PrivacyRule::PrivacyValueAllowAll]
+        );
+        // Hash 0 is the current authorization: disabling calls there shows in the list.
+        call(
+            &mut w,
+            k,
+            tl::functions::account::ChangeAuthorizationSettings {
+                confirmed: false,
+                hash: 0,
+                encrypted_requests_disabled: None,
+                call_requests_disabled: Some(true),
+            }
+            .to_bytes(),
+            now,
+        )
+        .reply
+        .unwrap();
+        let o = call(
+            &mut w,
+            k,
+            tl::functions::account::GetAuthorizations {}.to_bytes(),
+            now,
+        );
+        let tl::enums::account::Authorizations::Authorizations(list) =
+            tl::enums::account::Authorizations::from_bytes(&o.reply.unwrap()).unwrap();
+        let tl::enums::Authorization::Authorization(me) = &list.authorizations[0];
+        assert!(me.current && me.call_requests_disabled);
     }
 
     #[test]
