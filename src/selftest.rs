@@ -1,7 +1,8 @@
 //! `siptg demo --self-test`: a built-in SIP phone registers on the demo's PBX line, calls the
 //! demo's Telegram user (who answers and echoes) through the gateway, plays a tone and checks it
 //! comes back (SIP → G.711 → Opus → Telegram → echo → Opus → G.711 → SIP: audio both ways),
-//! sends a DTMF digit by SIP INFO and checks the echoed digit comes back as DTMF, then hangs up.
+//! sends DTMF digits by SIP INFO and by RFC 4733 and checks the echoed digits come back as DTMF,
+//! then hangs up.
 
 use siptg_control::sip::digest;
 use siptg_control::sip::msg::{parse_datagram, Method, SipMessage, SipRequest, SipResponse};
@@ -309,34 +310,75 @@ async fn steps(server: SocketAddr) -> Result<(), String> {
         ),
     );
 
-    // 4. DTMF: a digit by INFO goes to the Telegram user as a keypad message; the user sends it
-    //    back and it must come back to us as DTMF.
+    // 4. DTMF: 5 by INFO and 7 by RFC 4733 go to the Telegram user as keypad messages; the
+    //    user types them back and they must come back to us as DTMF (by the connection's
+    //    first method: RFC 4733 events in the RTP, as negotiated, or INFO).
     let mut info = phone.request(Method::Info, &contact, &to_hdr);
     info.headers_mut()
         .add("Content-Type", "application/dtmf-relay");
     info.body = b"Signal=5\r\nDuration=160\r\n".to_vec();
     let info_cseq = phone.cseq;
     phone.send(&info).await?;
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // Digit 7 as telephone-events (payload type 101), continuing our RTP stream.
+    for (i, end) in [false, false, false, false, false, true, true, true]
+        .into_iter()
+        .enumerate()
+    {
+        let duration = (160 * (i as u16 + 1)).min(800);
+        let mut pkt = [0u8; 16];
+        pkt[0] = 0x80;
+        pkt[1] = 101 | if i == 0 { 0x80 } else { 0 };
+        pkt[2..4].copy_from_slice(&seq.to_be_bytes());
+        pkt[4..8].copy_from_slice(&ts.to_be_bytes());
+        pkt[8..12].copy_from_slice(&ssrc.to_be_bytes());
+        pkt[12] = 7;
+        pkt[13] = if end { 0x80 | 10 } else { 10 };
+        pkt[14..16].copy_from_slice(&duration.to_be_bytes());
+        let _ = rtp.send_to(&pkt, media).await;
+        seq = seq.wrapping_add(1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(6);
     let mut info_answered = false;
-    while Instant::now() < deadline && !(info_answered && infos.iter().any(|d| d == "5")) {
-        match phone
-            .recv(deadline.saturating_duration_since(Instant::now()))
-            .await
-        {
-            Ok(SipMessage::Response(r)) if r.cseq().map(|c| c.0) == Some(info_cseq) => {
-                info_answered = r.code == 200
+    let mut events: Vec<String> = Vec::new();
+    let mut last_event_ts = None;
+    let back = |infos: &Vec<String>, events: &Vec<String>, d: &str| {
+        infos.iter().chain(events.iter()).any(|x| x == d)
+    };
+    while Instant::now() < deadline
+        && !(info_answered && back(&infos, &events, "5") && back(&infos, &events, "7"))
+    {
+        tokio::select! {
+            msg = phone.recv(deadline.saturating_duration_since(Instant::now())) => match msg {
+                Ok(SipMessage::Response(r)) if r.cseq().map(|c| c.0) == Some(info_cseq) => {
+                    info_answered = r.code == 200
+                }
+                Ok(SipMessage::Request(req)) => answer_in_dialog(&phone, &req, &mut infos).await,
+                Ok(_) => {}
+                Err(_) => break,
+            },
+            got = rtp.recv_from(&mut buf) => {
+                // An RFC 4733 event's end packet (sent three times: counted once per timestamp).
+                if let Ok((n, _)) = got {
+                    if n >= 16 && buf[1] & 0x7f == 101 && buf[13] & 0x80 != 0 {
+                        let ets = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                        if last_event_ts != Some(ets) {
+                            last_event_ts = Some(ets);
+                            let d = match buf[12] { 0..=9 => (b'0' + buf[12]) as char, 10 => '*', 11 => '#', c => (b'A' + c - 12) as char };
+                            events.push(d.to_string());
+                        }
+                    }
+                }
             }
-            Ok(SipMessage::Request(req)) => answer_in_dialog(&phone, &req, &mut infos).await,
-            Ok(_) => {}
-            Err(_) => break,
         }
     }
-    let dtmf_ok = info_answered && infos.iter().any(|d| d == "5");
+    let dtmf_ok = info_answered && back(&infos, &events, "5") && back(&infos, &events, "7");
     say(
         "DTMF both ways",
         dtmf_ok,
-        &format!("sent 5 by INFO; back from Telegram: {infos:?}"),
+        &format!(
+            "sent 5 by INFO, 7 by RFC 4733; back from Telegram by INFO {infos:?}, by RFC 4733 {events:?}"
+        ),
     );
 
     // 5. Hang up.

@@ -439,10 +439,14 @@ impl Shard {
             )));
         }
         l.spec = spec;
+        let local = l.local;
+        if let Some(s) = self.sessions.get_mut(&session) {
+            tell_bridge_sip_codec(s, leg);
+        }
         Ok(LegInfo {
             session,
             leg,
-            local: l.local,
+            local,
             telegram: None,
         })
     }
@@ -476,6 +480,8 @@ impl Shard {
         if let Some(l) = s.legs.get_mut(&b) {
             l.peer = Some(a);
         }
+        tell_bridge_sip_codec(s, a);
+        tell_bridge_sip_codec(s, b);
         Ok(())
     }
 
@@ -878,6 +884,22 @@ impl Shard {
     }
 }
 
+/// When `sip` (a plain leg) is bridged to a Telegram leg, tells that leg's bridge what `sip`
+/// negotiated (its audio codec and telephone-event payload type).
+fn tell_bridge_sip_codec(s: &mut Session, sip: LegId) {
+    let Some((codec, peer)) = s
+        .legs
+        .get(&sip)
+        .filter(|l| l.tg.is_none())
+        .and_then(|l| Some((l.spec.codec.clone(), l.peer?)))
+    else {
+        return;
+    };
+    if let Some(tg) = s.legs.get_mut(&peer).and_then(|l| l.tg.as_mut()) {
+        tg.set_sip_codec(&codec);
+    }
+}
+
 /// Sends what a Telegram leg's bridge produced: its own datagrams from its socket, transcoded
 /// RTP to the bridged SIP leg (SRTP-protected when that leg is), events to the control side.
 fn route_bridge(
@@ -1056,6 +1078,66 @@ mod tests {
         }
         sh.bridge(1, 1, 2).unwrap();
         sh
+    }
+
+    #[test]
+    fn digits_for_a_telegram_leg_play_as_rfc4733_events_on_the_bridged_sip_leg() {
+        let t0 = Instant::now();
+        let mut sip = spec(Some("127.0.0.1:7000"), false);
+        sip.codec = Codec::pcma(); // telephone-event 101
+        let mut tg = spec(None, false);
+        tg.telegram = Some(siptg_proto::TelegramLegSpec {
+            caller: true,
+            relay_only: false,
+            turn: vec![],
+            connect_timeout_ms: 10_000,
+        });
+        let mut sh = Shard::new(0, (40_000, 40_099), timers(), t0);
+        sh.create_session(1, "t".into(), t0);
+        let mut add = |s: LegSpec| {
+            let port = sh.begin_add_leg(1, &s).unwrap();
+            let local = SocketAddr::from(([127, 0, 0, 1], port));
+            sh.complete_add_leg(1, s, port, local, t0).unwrap()
+        };
+        let tg_info = add(tg);
+        let sip_info = add(sip);
+        sh.bridge(1, tg_info.leg, sip_info.leg).unwrap();
+        sh.telegram(1, tg_info.leg, TelegramOp::SendDtmf { digit: '7' }, t0)
+            .unwrap();
+        sh.telegram(1, tg_info.leg, TelegramOp::SendDtmf { digit: '#' }, t0)
+            .unwrap();
+        assert!(sh
+            .telegram(1, tg_info.leg, TelegramOp::SendDtmf { digit: 'x' }, t0)
+            .is_err());
+        let mut events = Vec::new();
+        for ms in (0..1000).step_by(5) {
+            sh.on_telegram_timers(t0 + Duration::from_millis(ms));
+            let mut tx = Vec::new();
+            sh.take_transmits(&mut tx);
+            events.extend(
+                tx.into_iter()
+                    .filter(|t| t.leg == sip_info.leg && t.data[1] & 0x7f == 101),
+            );
+        }
+        assert_eq!(events.len(), 16, "8 packets per digit");
+        assert!(events
+            .iter()
+            .all(|t| t.dest == "127.0.0.1:7000".parse().unwrap()));
+        let codes: Vec<u8> = events.iter().map(|t| t.data[12]).collect();
+        assert_eq!(&codes[..8], &[7; 8]);
+        assert_eq!(&codes[8..], &[11; 8]);
+        // Marker on each event's first packet; one timestamp per event; sequence continuous.
+        let markers: Vec<bool> = events.iter().map(|t| t.data[1] & 0x80 != 0).collect();
+        assert!(markers[0] && markers[8] && markers.iter().filter(|m| **m).count() == 2);
+        let ts = |t: &Transmit| u32::from_be_bytes(t.data[4..8].try_into().unwrap());
+        assert!(events[..8].iter().all(|t| ts(t) == ts(&events[0])));
+        let seq = |t: &Transmit| u16::from_be_bytes([t.data[2], t.data[3]]);
+        for w in events.windows(2) {
+            assert_eq!(seq(&w[1]), seq(&w[0]).wrapping_add(1));
+        }
+        // The end bit on the last three of each digit.
+        let ends = events.iter().filter(|t| t.data[13] & 0x80 != 0).count();
+        assert_eq!(ends, 6);
     }
 
     #[test]

@@ -151,6 +151,10 @@ pub enum TelegramOp {
     SendAudio { payload_type: u8 },
     /// A data-channel message (`MediaState`).
     SendData(Vec<u8>),
+    /// A keypad digit for the bridged SIP leg as an RFC 4733 telephone-event (the digits the
+    /// Telegram user types): played in the SIP leg's own RTP stream. Refused when that leg did
+    /// not negotiate telephone-event.
+    SendDtmf { digit: char },
 }
 
 /// What a Telegram leg reports to the signalling.

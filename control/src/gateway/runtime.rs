@@ -228,6 +228,10 @@ struct GwCall {
     cancelled_by_pbx: bool,
     /// The first final status of the SIP side.
     end: Option<(u16, String)>,
+    /// The connection's DTMF methods towards the PBX, in order (`rfc2833`, `info`).
+    dtmf: Vec<String>,
+    /// The SIP leg negotiated telephone-event (RFC 4733 digits can go in its RTP).
+    sip_events: bool,
 }
 
 impl GwCall {
@@ -393,8 +397,11 @@ impl GatewayCalls {
         // The leg was made with rtcp-mux (RTCP on the RTP port); that cannot change live.
         let mut spec = spec;
         spec.rtcp_mux = true;
+        let sip_events = spec.codec.telephone_event.is_some();
         self.spawn_update_leg(session, leg.0, spec);
         let call = GwCall {
+            dtmf: route.dtmf.clone(),
+            sip_events,
             gateway: route.gateway.clone(),
             storage: route.storage.clone(),
             account: route.account.clone(),
@@ -504,6 +511,8 @@ impl GatewayCalls {
         self.calls.insert(
             id,
             GwCall {
+                dtmf: call.dtmf.clone(),
+                sip_events: false,
                 gateway: call.gateway.clone(),
                 storage: call.storage.clone(),
                 account: call.account.clone(),
@@ -586,9 +595,31 @@ impl GatewayCalls {
                         c.account == update_account
                             && c.peer.as_ref().is_some_and(|p| p.user_id == from.user_id)
                     }) {
-                        tracing::info!(digits = %text, "DTMF from the Telegram user");
-                        for d in text.chars() {
-                            c.sip.send_info(d.to_ascii_uppercase());
+                        let method = dtmf_method(&c.dtmf, c.sip_events);
+                        tracing::info!(digits = %text, ?method, "DTMF from the Telegram user");
+                        for d in text.chars().map(|d| d.to_ascii_uppercase()) {
+                            match method {
+                                DtmfMethod::Rfc4733 => {
+                                    if let (Some(leg), Some(dp)) =
+                                        (c.tg_leg, self.worker.dataplane().client())
+                                    {
+                                        let session = c.session;
+                                        tokio::spawn(async move {
+                                            if let Err(e) = dp
+                                                .telegram(
+                                                    session,
+                                                    leg,
+                                                    siptg_proto::TelegramOp::SendDtmf { digit: d },
+                                                )
+                                                .await
+                                            {
+                                                tracing::warn!(session, error = %e, "RFC 4733 digit refused");
+                                            }
+                                        });
+                                    }
+                                }
+                                DtmfMethod::Info => c.sip.send_info(d),
+                            }
                         }
                     }
                 }
@@ -993,6 +1024,7 @@ impl GatewayCalls {
             LegAction::SendAck { req, dest } => tx.send_stateless(dest, c.transport, req),
             LegAction::UpdateLeg(mut spec) => {
                 spec.rtcp_mux = true;
+                c.sip_events = spec.codec.telephone_event.is_some();
                 let (session, leg) = (c.session, c.sip_leg);
                 self.spawn_update_leg(session, leg, spec);
             }
@@ -1178,6 +1210,28 @@ impl GatewayCalls {
     }
 }
 
+/// How digits go to the PBX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DtmfMethod {
+    /// RFC 4733 telephone-events in the call's RTP.
+    Rfc4733,
+    /// SIP INFO (`application/dtmf-relay`).
+    Info,
+}
+
+/// The first of the connection's `methods` this call can use: `rfc2833` only when the SIP leg
+/// negotiated telephone-event; INFO otherwise (always possible in a dialog).
+fn dtmf_method(methods: &[String], sip_events: bool) -> DtmfMethod {
+    for m in methods {
+        match m.as_str() {
+            "rfc2833" | "rfc4733" if sip_events => return DtmfMethod::Rfc4733,
+            "info" => return DtmfMethod::Info,
+            _ => {}
+        }
+    }
+    DtmfMethod::Info
+}
+
 fn phone_call_id(pc: &tl::enums::PhoneCall) -> i64 {
     match pc {
         tl::enums::PhoneCall::Empty(x) => x.id,
@@ -1196,5 +1250,31 @@ fn input_of(pc: &tl::enums::PhoneCall) -> Option<(i64, i64)> {
         tl::enums::PhoneCall::Accepted(x) => Some((x.id, x.access_hash)),
         tl::enums::PhoneCall::Call(x) => Some((x.id, x.access_hash)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtmf_goes_by_the_first_method_the_call_can_use() {
+        let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            dtmf_method(&m(&["rfc2833", "info"]), true),
+            DtmfMethod::Rfc4733
+        );
+        // No telephone-event on the SIP leg: the next method.
+        assert_eq!(
+            dtmf_method(&m(&["rfc2833", "info"]), false),
+            DtmfMethod::Info
+        );
+        assert_eq!(
+            dtmf_method(&m(&["info", "rfc2833"]), true),
+            DtmfMethod::Info
+        );
+        assert_eq!(dtmf_method(&m(&["rfc4733"]), true), DtmfMethod::Rfc4733);
+        // Nothing usable: INFO works in any dialog.
+        assert_eq!(dtmf_method(&m(&["rfc2833"]), false), DtmfMethod::Info);
     }
 }

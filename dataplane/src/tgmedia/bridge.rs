@@ -9,8 +9,9 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use siptg_proto::{TelegramEvent, TelegramLegSpec, TelegramLocal, TelegramOp};
+use siptg_proto::{Codec, TelegramEvent, TelegramLegSpec, TelegramLocal, TelegramOp};
 
+use super::dtmf::{DtmfError, DtmfSender};
 use super::endpoint::{TgEndpoint, TgEndpointConfig, TgEndpointEvent};
 use super::g711::Law;
 use super::leg::{TgMediaError, TgMediaEvent};
@@ -47,6 +48,11 @@ pub struct TelegramBridge {
     sip_ts: u32,
     /// The G.711 law the SIP leg speaks (from its payload type); PCMA until it says otherwise.
     pub law: Law,
+    /// RFC 4733 digits towards the SIP leg, with its telephone-event payload type; `None`
+    /// until the SIP leg negotiates telephone-event.
+    dtmf: Option<(u8, DtmfSender)>,
+    /// RTP timestamp of the event playing now (all its packets carry the start's).
+    event_ts: u32,
 }
 
 impl std::fmt::Debug for TelegramBridge {
@@ -64,6 +70,10 @@ pub enum BridgeError {
     Media(#[from] TgMediaError),
     #[error(transparent)]
     Opus(#[from] super::opus::OpusError),
+    #[error("DTMF: {0}")]
+    Dtmf(#[from] DtmfError),
+    #[error("DTMF: the SIP leg did not negotiate telephone-event")]
+    NoTelephoneEvent,
 }
 
 impl TelegramBridge {
@@ -96,7 +106,22 @@ impl TelegramBridge {
             sip_seq: rand::random(),
             sip_ts: rand::random(),
             law: Law::A,
+            dtmf: None,
+            event_ts: 0,
         })
+    }
+
+    /// What the bridged SIP leg negotiated: its telephone-event payload type enables RFC 4733
+    /// digits towards it (kept across renegotiation while the payload type stays the same).
+    pub fn set_sip_codec(&mut self, codec: &Codec) {
+        if let Some(law) = Law::from_payload_type(codec.payload_type) {
+            self.law = law;
+        }
+        self.dtmf = match (codec.telephone_event, self.dtmf.take()) {
+            (Some(pt), Some((old, sender))) if pt == old => Some((pt, sender)),
+            (Some(pt), _) => Some((pt, DtmfSender::new(codec.clock_rate))),
+            (None, _) => None,
+        };
     }
 
     /// What the signalling must announce for this leg.
@@ -111,9 +136,36 @@ impl TelegramBridge {
         now: Instant,
         out: &mut BridgeOutput,
     ) -> Result<(), BridgeError> {
+        if let TelegramOp::SendDtmf { digit } = op {
+            let (_, sender) = self.dtmf.as_mut().ok_or(BridgeError::NoTelephoneEvent)?;
+            sender.push(digit, now)?;
+            return self.play_dtmf(now, out);
+        }
         let r = self.ep.apply(op, now);
         self.drain(out)?;
         Ok(r?)
+    }
+
+    /// Sends the event packets due at `now` to the SIP leg.
+    fn play_dtmf(&mut self, now: Instant, out: &mut BridgeOutput) -> Result<(), BridgeError> {
+        let Some((pt, sender)) = self.dtmf.as_mut() else {
+            return Ok(());
+        };
+        while let Some(p) = sender.poll(now) {
+            if p.starts_event {
+                self.event_ts = self.sip_ts;
+            }
+            let mut pkt = vec![0u8; 16];
+            pkt[0] = 0x80;
+            pkt[1] = *pt | if p.marker { 0x80 } else { 0 };
+            pkt[2..4].copy_from_slice(&self.sip_seq.to_be_bytes());
+            pkt[4..8].copy_from_slice(&self.event_ts.to_be_bytes());
+            pkt[8..12].copy_from_slice(&self.sip_ssrc.to_be_bytes());
+            pkt[12..16].copy_from_slice(&p.payload);
+            self.sip_seq = self.sip_seq.wrapping_add(1);
+            out.sip.push(pkt);
+        }
+        Ok(())
     }
 
     /// A datagram on the Telegram leg's socket.
@@ -166,12 +218,18 @@ impl TelegramBridge {
     ) -> Result<(), BridgeError> {
         let r = self.ep.handle_timeout(now);
         self.drain(out)?;
+        self.play_dtmf(now, out)?;
         Ok(r?)
     }
 
     /// When [`TelegramBridge::handle_timeout`] is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.ep.poll_timeout()
+        let ep = self.ep.poll_timeout();
+        let dtmf = self.dtmf.as_ref().and_then(|(_, s)| s.poll_timeout());
+        match (ep, dtmf) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Ends the Telegram media (DTLS close, TURN released).
@@ -229,7 +287,13 @@ impl TelegramBridge {
             Law::Mu => 0,
             Law::A => 8,
         };
+        let muted = self.dtmf.as_ref().is_some_and(|(_, s)| s.is_playing());
         for chunk in pcm[..n].chunks(FRAME) {
+            if muted {
+                // A digit is sounding: the stream's clock runs on, its audio is held back.
+                self.sip_ts = self.sip_ts.wrapping_add(chunk.len() as u32);
+                continue;
+            }
             let mut pkt = vec![0u8; 12 + chunk.len()];
             pkt[0] = 0x80;
             pkt[1] = pt;

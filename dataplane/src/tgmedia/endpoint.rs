@@ -119,6 +119,8 @@ impl TgEndpoint {
             TelegramOp::RemoteAudio { ssrc, .. } => self.leg.set_remote_audio_ssrc(ssrc),
             TelegramOp::SendAudio { payload_type } => self.audio_pt = Some(payload_type),
             TelegramOp::SendData(bytes) => self.leg.send_data(&bytes)?,
+            // The bridge plays digits into the SIP leg; nothing for the WebRTC side.
+            TelegramOp::SendDtmf { .. } => {}
         }
         self.pump(now)
     }

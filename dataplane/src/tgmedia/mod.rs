@@ -5,6 +5,7 @@
 //! Opus packets and back.
 
 pub mod bridge;
+pub mod dtmf;
 pub mod endpoint;
 pub mod g711;
 pub mod leg;
