@@ -10,8 +10,13 @@
 //! a 24-tap quadrature mirror filter (QMF) splits 16 kHz PCM into a lower and a higher 8 kHz
 //! sub-band; the lower band is coded with 6-bit ADPCM (blocks 1L–6L), the higher with 2-bit ADPCM
 //! (blocks 1H–6H); both bands share the adaptive predictor of block 4 (two poles, six zeros).
-//! Arithmetic is the Recommendation's 16-bit fixed point, so the output is bit-exact with other
-//! implementations of it (the tests compare against spandsp byte for byte).
+//! Arithmetic is the Recommendation's 16-bit fixed point; the tests check encoder and decoder
+//! against spandsp (the G.722 FreeSWITCH uses) byte for byte at run time.
+//!
+//! Levels: as in spandsp, 16-bit PCM enters the ADPCM halved (it works on 15-bit sub-band
+//! samples) and the decoder doubles it back, so a round trip keeps the level and full scale
+//! fits without overflow. Implementations differ here (some feed 16-bit PCM in unhalved); with
+//! such a peer the far end hears us 6 dB quieter or louder, it is not a decoding error.
 //!
 //! # RTP
 //!
@@ -39,8 +44,8 @@ pub const CODEC_DELAY_SAMPLES: usize = 22;
 // ---------------------------------------------------------------------------------------------
 // Tables of the Recommendation (values as in ITU-T G.722; names after the Recommendation's).
 
-/// QMF coefficients h0, h2, …, h22 of the 24-tap transmit and receive filters (the odd-indexed
-/// taps are the same values reversed), scaled by 2^13.
+/// QMF coefficients of the 24-tap transmit and receive filters: one polyphase branch's 12 taps
+/// (the other branch has them reversed), scaled so each branch sums to 2^12.
 const QMF_COEFFS: [i32; 12] = [3, -11, 12, 32, -210, 951, 3876, -805, 362, -156, 53, -11];
 /// The same coefficients in reverse order, for the other polyphase branch.
 const QMF_COEFFS_REVERSED: [i32; 12] = {
@@ -98,7 +103,7 @@ const LOGSCL_MULTIPLIER: [i32; 8] = [-60, -30, 58, 172, 334, 538, 1198, 3042];
 const LOGSCH_MAGNITUDE: [usize; 4] = [2, 1, 2, 1];
 /// LOGSCH: log scale-factor multiplier WH per magnitude class.
 const LOGSCH_MULTIPLIER: [i32; 3] = [0, -214, 798];
-/// SCALEL/SCALEH: the antilog table ILB (2^(i/32) scaled), indexed by bits 6..11 of NBL/NBH.
+/// SCALEL/SCALEH: the antilog table ILB (2^(i/32) scaled), indexed by bits 6–10 of NBL/NBH.
 const SCALE_ANTILOG: [i32; 32] = [
     2048, 2093, 2139, 2186, 2233, 2282, 2332, 2383, 2435, 2489, 2543, 2599, 2656, 2714, 2774, 2834,
     2896, 2960, 3025, 3091, 3158, 3228, 3298, 3371, 3444, 3520, 3597, 3676, 3756, 3838, 3922, 4008,
@@ -109,8 +114,9 @@ const QUANTH_LEVEL: i32 = 564;
 const LOGSCL_MAX: i32 = 18432;
 /// LOGSCH upper limit of NBH.
 const LOGSCH_MAX: i32 = 22528;
-/// Initial DETL and DETH (the minimum scale factors) after reset.
+/// Initial DETL (the lower band's minimum scale factor) after reset.
 const LOW_SCALE_RESET: i16 = 32;
+/// Initial DETH after reset.
 const HIGH_SCALE_RESET: i16 = 8;
 
 // ---------------------------------------------------------------------------------------------
@@ -257,7 +263,8 @@ impl SubBand {
         // PARREC: partially reconstructed p(n) = sz(n) + d(n).
         let partial = saturate16(self.zero_estimate as i32 + dq as i32);
 
-        // UPPOL2: a2 leaks by 127/128 and moves with the signs of p(n)·p(n−2) and a1 = f(a1).
+        // UPPOL2: a2 leaks by 127/128, moves by 2^-7 with the sign of p(n)·p(n−2) and against
+        // the sign of p(n)·p(n−1) weighted by f(a1) = 4·a1 (limited).
         let a1_term = saturate16((self.pole[0] as i32) << 2) as i32;
         let a1_term = if signs_differ(partial, self.partial[0]) {
             a1_term
@@ -371,7 +378,7 @@ impl G722Encoder {
         // sub-band sample, their difference the higher. The shift takes out the filters' DC
         // gain (2^12), the sum of two branches (2^1) and one more bit: the ADPCM works on
         // 15-bit samples (rL, rH are limited to 15 bits), so 16-bit PCM enters it halved. Hence
-        // no overflow either: |sum| <= 2 · 6482 · 2^15 < 2^29, and 2^29 >> 14 < 2^15.
+        // no overflow either: |sum| <= 2 · 6482 · 2^15, which >> 14 is 25929 at most.
         let (odd_sum, even_sum) = self.qmf.push(earlier, later);
         let low_input = ((even_sum + odd_sum) >> 14) as i16;
         let high_input = ((even_sum - odd_sum) >> 14) as i16;
@@ -443,8 +450,9 @@ impl G722Encoder {
 
 /// The G.722 decoder of one call leg: 64 kbit/s G.722 in, 16 kHz PCM out.
 ///
-/// Any byte sequence is valid G.722, so decoding never fails; after packet loss just keep
-/// decoding (the ADPCM state re-converges within a few ms).
+/// Any byte sequence is valid G.722, so decoding never fails. There is no loss concealment:
+/// after a lost packet just keep decoding — the adaptive state leaks toward the encoder's, and
+/// the output is exactly the lossless one again within about 0.4 s (tested).
 #[derive(Clone)]
 pub struct G722Decoder {
     qmf: QmfDelayLine,
@@ -650,7 +658,7 @@ mod tests {
 
         /// Encodes a whole stream with a fresh spandsp encoder, 20 ms per call.
         fn encode(&self, pcm: &[i16]) -> Vec<u8> {
-            assert!(pcm.len() % 2 == 0, "spandsp reads sample pairs");
+            assert!(pcm.len().is_multiple_of(2), "spandsp reads sample pairs");
             // SAFETY: NULL asks g722_encode_init to allocate the state, freed below.
             let state =
                 unsafe { (self.encode_init)(std::ptr::null_mut(), SPANDSP_RATE, SPANDSP_OPTIONS) };
@@ -811,7 +819,7 @@ mod tests {
                 format!("square {freq} Hz full scale"),
                 (0..second / 2)
                     .map(|i| {
-                        if (i / half_period) % 2 == 0 {
+                        if (i / half_period).is_multiple_of(2) {
                             i16::MAX
                         } else {
                             i16::MIN
@@ -920,11 +928,16 @@ mod tests {
                     let (e, l) = dec.decode_byte_unclipped(b);
                     [e, l]
                 });
+                let mut here = 0;
                 for (i, ((&o, &t), u)) in ours.iter().zip(&theirs).zip(unclipped).enumerate() {
                     assert_eq!(o, saturate16(u), "{name}: sample {i}");
                     assert_eq!(t, u as i16, "{name}: sample {i} (spandsp)");
-                    wrapped += usize::from(o != t);
+                    here += usize::from(o != t);
                 }
+                if name.starts_with("encoded") {
+                    println!("{name}: {here} samples past full scale");
+                }
+                wrapped += here;
             }
             streams_compared += 1;
             samples += theirs.len();
@@ -1015,6 +1028,39 @@ mod tests {
             assert_eq!(n, (len_in / 2).min(len_out));
             assert!(bytes[n..].iter().all(|&b| b == 0x33));
             assert_bands_bounded(&enc.low, &enc.high);
+        }
+    }
+
+    #[test]
+    fn after_a_lost_packet_the_decoder_falls_back_in_step() {
+        // Its adaptive state leaks toward the encoder's, so it decodes exactly what a decoder
+        // that saw every packet decodes again after a while (~0.4 s here).
+        let mut rng = Rng(9);
+        for amplitude in [300.0, 3000.0, 20000.0] {
+            let pcm: Vec<i16> = tone(440.0, amplitude, 2 * SAMPLE_RATE as usize)
+                .iter()
+                .map(|&s| s.saturating_add(rng.sample() / 64))
+                .collect();
+            let data = encode_stream(&pcm);
+            let lossless = decode_stream(&data);
+            let mut dec = G722Decoder::new();
+            let mut lossy = vec![0i16; lossless.len()];
+            let packets = data.chunks(BYTES_PER_20MS);
+            for (k, (packet, out)) in packets.zip(lossy.chunks_mut(SAMPLES_PER_20MS)).enumerate() {
+                if k != 10 {
+                    dec.decode(packet, out);
+                }
+            }
+            let last_difference = lossless
+                .iter()
+                .zip(&lossy)
+                .rposition(|(a, b)| a != b)
+                .unwrap();
+            let ms_after_loss = (last_difference - 11 * SAMPLES_PER_20MS) / 16;
+            assert!(
+                ms_after_loss < 1000,
+                "{amplitude}: still off {ms_after_loss} ms after"
+            );
         }
     }
 
