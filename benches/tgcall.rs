@@ -177,7 +177,7 @@ fn main() {
         now += Duration::from_millis(20);
         let t0 = Instant::now();
         // A: SIP G.711 in → Opus → SRTP out; B: SRTP in → Opus decode → G.711 RTP out.
-        a.from_sip(now, 8, &g711, &mut out).unwrap();
+        a.from_sip(now, 8, i as u32 * 160, &g711, &mut out).unwrap();
         a.handle_timeout(now, &mut out).unwrap();
         take(aa, &mut out, &mut wire, &mut sip_out, &mut up);
         b.handle_timeout(now, &mut out).unwrap();

@@ -682,7 +682,7 @@ impl Shard {
             if let Packet::Rtp(h) = packet {
                 let payload = buf.get(h.payload_offset..len).unwrap_or(&[]);
                 let mut out = BridgeOutput::default();
-                if let Err(e) = tg.from_sip(now, h.payload_type, payload, &mut out) {
+                if let Err(e) = tg.from_sip(now, h.payload_type, h.timestamp, payload, &mut out) {
                     tracing::debug!(session, leg, "transcoding to Telegram: {e}");
                 }
                 route_bridge(
@@ -1140,8 +1140,100 @@ mod tests {
         assert_eq!(ends, 6);
     }
 
+    /// The phone's side of [`telegram_round_trip`]: its codec, as a PBX would speak it.
+    enum PhoneCodec {
+        Pcma,
+        G722(
+            crate::tgmedia::g722::G722Encoder,
+            crate::tgmedia::g722::G722Decoder,
+        ),
+        Opus(
+            crate::tgmedia::opus::OpusEncoder,
+            crate::tgmedia::opus::OpusDecoder,
+        ),
+    }
+
+    impl PhoneCodec {
+        fn codec(&self) -> Codec {
+            let (payload_type, name, clock_rate) = match self {
+                PhoneCodec::Pcma => (8, "PCMA", 8000),
+                PhoneCodec::G722(..) => (9, "G722", 8000),
+                PhoneCodec::Opus(..) => (111, "opus", 48_000),
+            };
+            Codec {
+                payload_type,
+                name: name.into(),
+                clock_rate,
+                telephone_event: Some(101),
+            }
+        }
+        /// PCM rate of the phone's audio.
+        fn rate(&self) -> u32 {
+            match self {
+                PhoneCodec::Pcma => 8000,
+                _ => 16_000,
+            }
+        }
+        /// RTP timestamp ticks per 20 ms.
+        fn ticks(&self) -> u32 {
+            match self {
+                PhoneCodec::Opus(..) => 960,
+                _ => 160,
+            }
+        }
+        fn encode(&mut self, pcm: &[i16]) -> Vec<u8> {
+            let mut out = vec![0u8; 1500];
+            let n = match self {
+                PhoneCodec::Pcma => {
+                    crate::tgmedia::g711::Law::A.encode(pcm, &mut out);
+                    pcm.len()
+                }
+                PhoneCodec::G722(e, _) => e.encode(pcm, &mut out),
+                PhoneCodec::Opus(e, _) => e.encode(pcm, &mut out).unwrap(),
+            };
+            out.truncate(n);
+            out
+        }
+        fn decode(&mut self, payload: &[u8]) -> Vec<i16> {
+            let mut out = vec![0i16; crate::tgmedia::opus::MAX_FRAME_SAMPLES];
+            let n = match self {
+                PhoneCodec::Pcma => {
+                    crate::tgmedia::g711::Law::A.decode(payload, &mut out);
+                    payload.len()
+                }
+                PhoneCodec::G722(_, d) => d.decode(payload, &mut out),
+                PhoneCodec::Opus(_, d) => d.decode(payload, &mut out).unwrap(),
+            };
+            out.truncate(n);
+            out
+        }
+    }
+
     #[test]
     fn a_telegram_leg_transcodes_g711_to_opus_and_back_with_a_telegram_peer() {
+        telegram_round_trip(PhoneCodec::Pcma);
+    }
+
+    #[test]
+    fn a_telegram_leg_transcodes_g722_to_opus_and_back() {
+        telegram_round_trip(PhoneCodec::G722(
+            crate::tgmedia::g722::G722Encoder::new(),
+            crate::tgmedia::g722::G722Decoder::new(),
+        ));
+    }
+
+    #[test]
+    fn a_telegram_leg_passes_opus_from_the_pbx_through() {
+        use crate::tgmedia::opus::{OpusDecoder, OpusEncoder, OpusSettings};
+        telegram_round_trip(PhoneCodec::Opus(
+            OpusEncoder::new(OpusSettings::default()).unwrap(),
+            OpusDecoder::new(16_000).unwrap(),
+        ));
+    }
+
+    /// A phone on a SIP leg bridged to a Telegram leg, with another bridge as the Telegram peer
+    /// (its PBX side on PCMA): tones cross both ways.
+    fn telegram_round_trip(mut phone_codec: PhoneCodec) {
         use crate::tgmedia::bridge::{BridgeOutput, TelegramBridge};
         use crate::tgmedia::g711::Law;
         use crate::tgmedia::opus::{hears_tone, Tone};
@@ -1156,7 +1248,8 @@ mod tests {
         };
         let phone: SocketAddr = "127.0.0.1:7000".parse().unwrap();
         let mut sip = spec(Some("127.0.0.1:7000"), false);
-        sip.codec = Codec::pcma();
+        sip.codec = phone_codec.codec();
+        let (rate, pt) = (phone_codec.rate(), phone_codec.codec().payload_type);
         let mut tg = spec(None, false);
         tg.telegram = Some(tg_spec(true));
         let mut sh = Shard::new(0, (40_000, 40_099), timers(), now);
@@ -1213,7 +1306,7 @@ mod tests {
             .is_err());
 
         let (mut tone_sip, mut tone_far) = (
-            Tone::new(440.0, 8000.0, 8000),
+            Tone::new(440.0, 8000.0, rate),
             Tone::new(1000.0, 8000.0, 8000),
         );
         let (mut heard_phone, mut heard_far) = (Vec::new(), Vec::new());
@@ -1222,17 +1315,19 @@ mod tests {
         for i in 0..300u32 {
             now += Duration::from_millis(20);
             // Both ends speak 20 ms of G.711: the phone into the SIP leg, the far end's PBX into it.
+            let mut phone_pcm = vec![0i16; rate as usize / 50];
+            tone_sip.fill(&mut phone_pcm);
+            let mut pkt = rtp(pt, i as u16, i * phone_codec.ticks());
+            pkt.truncate(12);
+            pkt.extend(phone_codec.encode(&phone_pcm));
             let mut pcm = [0i16; 160];
-            tone_sip.fill(&mut pcm);
-            let mut pkt = rtp(8, i as u16, i * 160);
-            Law::A.encode(&pcm, &mut pkt[12..]);
             assert!(sh
                 .on_datagram(1, sip_info.leg, Channel::Rtp, phone, &pkt, now)
                 .is_none());
             tone_far.fill(&mut pcm);
             let mut g = [0u8; 160];
             Law::A.encode(&pcm, &mut g);
-            far.from_sip(now, 8, &g, &mut out).unwrap();
+            far.from_sip(now, 8, i * 160, &g, &mut out).unwrap();
             far.handle_timeout(now, &mut out).unwrap();
             sh.on_telegram_timers(now);
             // Shuttle datagrams until quiet.
@@ -1251,10 +1346,8 @@ mod tests {
                 for t in tx {
                     if t.leg == sip_info.leg {
                         assert_eq!(t.dest, phone);
-                        assert_eq!(t.data[1] & 0x7f, 8, "PCMA towards the phone");
-                        let mut pcm = vec![0i16; t.data.len() - 12];
-                        Law::A.decode(&t.data[12..], &mut pcm);
-                        heard_phone.extend(pcm);
+                        assert_eq!(t.data[1] & 0x7f, pt, "the phone's codec towards it");
+                        heard_phone.extend(phone_codec.decode(&t.data[12..]));
                     } else {
                         assert_eq!(t.dest, far_addr);
                         far.on_datagram(now, tg_info.local, &t.data, &mut out)
@@ -1278,14 +1371,15 @@ mod tests {
             });
         }
         assert!(connected, "no Connected event: {ev:?}");
-        assert!(heard_far.len() > 8000 && heard_phone.len() > 8000);
+        assert!(heard_far.len() > 8000 && heard_phone.len() > rate as usize);
         let tail = |v: &[i16]| v[v.len() - 8000..].to_vec();
+        let phone_tail = heard_phone[heard_phone.len() - rate as usize..].to_vec();
         assert!(
             hears_tone(&tail(&heard_far), 8000, 440.0, 1000.0),
             "far end did not hear the phone"
         );
         assert!(
-            hears_tone(&tail(&heard_phone), 8000, 1000.0, 440.0),
+            hears_tone(&phone_tail, rate, 1000.0, 440.0),
             "phone did not hear the far end"
         );
 

@@ -85,12 +85,12 @@ impl Dialog {
     }
 }
 
-/// The codecs the Telegram bridge can take from a SIP leg, in the connection's order.
+/// The codecs of a gateway call's SIP leg, in the connection's order: Opus passes through to
+/// Telegram; G.711 and G.722 are transcoded by the bridge.
 pub fn gateway_prefs(names: &[String]) -> CodecPrefs {
     let codecs: Vec<AudioCodec> = names
         .iter()
         .filter_map(|n| AudioCodec::from_name(n))
-        .filter(|c| matches!(c, AudioCodec::Pcma | AudioCodec::Pcmu))
         .collect();
     CodecPrefs::new(codecs, true)
         .or_else(|_| CodecPrefs::new([AudioCodec::Pcma, AudioCodec::Pcmu], true))
@@ -150,7 +150,7 @@ pub struct LegRefusal {
 
 impl SipLeg {
     /// UAS: the PBX's `invite` from `source`; our media leg is at `leg`. Returns the leg and
-    /// the dataplane spec for the SIP media leg, or the refusal (`488` when no G.711).
+    /// the dataplane spec for the SIP media leg, or the refusal (`488` when no codec in common).
     pub fn uas(
         invite: SipRequest,
         source: SocketAddr,

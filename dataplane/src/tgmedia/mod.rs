@@ -9,6 +9,7 @@ pub mod dtmf;
 pub mod endpoint;
 pub mod g711;
 pub mod g722;
+pub mod jitter;
 pub mod leg;
 pub mod opus;
 /// Sans-IO TURN client (RFC 8656 over UDP) for Telegram's relay servers and relay-only calls.
