@@ -144,6 +144,18 @@ pub async fn run(
                 tl::enums::Update::PhoneCallSignalingData(s) => {
                     emit(json!({"event": "signal", "data": hex(&s.data)}))
                 }
+                // A chat message to this user (the gateway's keypad messages among them).
+                tl::enums::Update::NewMessage(m) => {
+                    if let tl::enums::Message::Message(m) = m.message {
+                        if !m.out {
+                            let from = match m.from_id {
+                                Some(tl::enums::Peer::User(u)) => u.user_id,
+                                _ => 0,
+                            };
+                            emit(json!({"event": "message", "from": from, "text": m.message}));
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -199,6 +211,17 @@ async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), St
                 return Err("DH config not modified".into());
             };
             emit(json!({"event": "dh", "g": c.g, "p": hex(&c.p), "random": hex(&c.random)}));
+        }
+        "message" => {
+            let peer = resolve(account, field(cmd, "peer")?).await?;
+            account
+                .invoke(&siptg_control::gateway::text_message(
+                    &peer,
+                    field(cmd, "text")?,
+                ))
+                .await
+                .map_err(err)?;
+            emit(json!({"event": "sent"}));
         }
         "call" => {
             let q = PeerQuery::parse(field(cmd, "peer")?).map_err(|e| e.to_string())?;
@@ -297,4 +320,30 @@ async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), St
         other => return Err(format!("unknown op {other:?}")),
     }
     Ok(())
+}
+
+/// The user named by `query` (`@username` or `+phone`), resolved through the cloud.
+async fn resolve(account: &Account, query: &str) -> Result<Peer, String> {
+    let q = PeerQuery::parse(query).map_err(|e| e.to_string())?;
+    let resolved = match q {
+        PeerQuery::Username(u) => {
+            account
+                .invoke(&tl::functions::contacts::ResolveUsername {
+                    username: u,
+                    referer: None,
+                })
+                .await
+        }
+        PeerQuery::Phone(p) => {
+            account
+                .invoke(&tl::functions::contacts::ResolvePhone { phone: p })
+                .await
+        }
+        PeerQuery::UserId(_) => return Err("a username or a phone".into()),
+    };
+    let tl::enums::contacts::ResolvedPeer::Peer(r) = resolved.map_err(|e| e.to_string())?;
+    r.users
+        .iter()
+        .find_map(Peer::from_user)
+        .ok_or_else(|| "no such user".to_string())
 }

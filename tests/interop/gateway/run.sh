@@ -2,7 +2,8 @@
 # The gateway end to end with real peers: a baresip phone as the PBX side, registered on a
 # gateway's PBX line ⇄ siptg (up, with its embedded simulated Telegram cloud) ⇄ ntgcalls as a
 # Telegram user's app (through `siptg tgsim-app`). Calls both ways with G.711 on the SIP side and
-# Opus on Telegram; tones checked by frequency on both ends; hang-up from each side. Runs in a
+# Opus on Telegram, and SIP → Telegram with Opus (passthrough) and G.722 on the SIP side; tones
+# checked by frequency on both ends; DTMF both ways; hang-up from each side. Runs in a
 # network namespace this suite creates (WebRTC ignores loopback-only hosts).
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -74,8 +75,8 @@ type = "pbx_registers"
 login = "pbx"
 password = "pbx-pass-1"
 trusted_ips = ["10.80.0.0/24"]
-codecs = ["PCMA", "PCMU"]
-dtmf = ["info"]
+codecs = ["PCMA", "PCMU", "G722", "opus"]
+dtmf = ["rfc2833", "info"]
 [[gateway]]
 name = "gw"
 account = "gateway"
@@ -90,8 +91,15 @@ wait_until 20 bash -c "ip netns exec $ns $SIPTG status --admin $admin | grep -q 
 # The PBX side: a baresip phone registered as `pbx`, sending 440 Hz, recording, auto-answering.
 ctl=$(free_port tcp)
 dir="$WORK/phone-pbx"; mkdir -p "$dir/rec"
-tone "$dir/tone.wav" 440
-cat >"$dir/config" <<BCFG
+phone_config() {  # phone_config CODEC_MODULE RATE: the phone speaks only that codec
+  python3 - "$dir/tone.wav" 440 "$2" <<'PY'
+import math, struct, sys, wave
+rate = int(sys.argv[3]); f = float(sys.argv[2])
+with wave.open(sys.argv[1], "wb") as w:
+    w.setnchannels(1); w.setsampwidth(2); w.setframerate(rate)
+    w.writeframes(b"".join(struct.pack("<h", int(9000 * math.sin(2 * math.pi * f * i / rate))) for i in range(rate * 12)))
+PY
+  cat >"$dir/config" <<BCFG
 poll_method		epoll
 sip_listen		$addr:$(ua_port)
 net_interface		gw0
@@ -101,17 +109,21 @@ audio_source		aufile,$dir/tone.wav
 audio_player		aubridge,null_pbx
 audio_alert		aubridge,nullalert_pbx
 module_path		/usr/lib/baresip/modules
-module			g711.so
+module			$1
 module			aufile.so
 module			aubridge.so
 module			sndfile.so
 snd_path		$dir/rec
+opus_stereo		no
+opus_sprop_stereo	no
 module_tmp		uuid.so
 module_tmp		account.so
 module_app		menu.so
 module_app		ctrl_tcp.so
 ctrl_tcp_listen		127.0.0.1:$ctl
 BCFG
+}
+phone_config g711.so 8000
 echo "<sip:pbx@$sip>;auth_pass=pbx-pass-1;answermode=auto;regint=600" >"$dir/accounts"
 
 user() {  # user MODE [TARGET]: the Telegram user (ntgcalls) in the background, output in tg.log
@@ -132,18 +144,59 @@ check_user() {  # check_user WHAT
 }
 
 # 1. SIP → Telegram: the phone dials the Telegram user's number; the phone hangs up.
-log "case: a SIP phone calls a Telegram user (G.711 ⇄ Opus), the phone hangs up"
+#    DTMF both ways during the call: the phone sends 5 (RFC 4733) and the Telegram user must
+#    get the keypad message 5; the user types 7 in the chat and the phone must receive DTMF 7.
+log "case: a SIP phone calls a Telegram user (G.711 ⇄ Opus), DTMF both ways, the phone hangs up"
 rm -f "$dir"/rec/*.wav
-user answer
+user answer --chat +555000001 --dtmf-out 7 --expect-dtmf 5
 wait_until 20 grep -q READY "$WORK/tg.log" || die "Telegram user did not start: $(tail -n 5 "$WORK/tg.log")"
 in_ns timeout 30 baresip -f "$dir" -t 11 </dev/null >"$dir/log" 2>&1 &
 phone_pid=$!
 wait_until 10 grep -q "200 OK" "$dir/log" || { cat "$dir/log"; die "the phone did not register"; }
 in_ns bash -c "$(declare -f ctrl); ctrl $ctl dial 'sip:+555000002@$sip'"
+# baresip reports RFC 4733 digits it receives only as ctrl_tcp events: record them.
+in_ns python3 - "$ctl" "$dir/events" <<'PY' &
+import socket, sys, time
+end = time.time() + 10
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1); break
+    except OSError:
+        if time.time() > end: sys.exit("ctrl_tcp not reachable")
+        time.sleep(0.1)
+end, data = time.time() + 15, b""
+with open(sys.argv[2], "wb") as f:
+    while time.time() < end:
+        try:
+            chunk = s.recv(4096)
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        f.write(chunk); f.flush()
+PY
+events_pid=$!
+wait_until 10 grep -q "typed 7" "$WORK/tg.log" || true
+sleep 1
+in_ns bash -c "$(declare -f ctrl); ctrl $ctl sndcode 5"
 wait $phone_pid || true
 wait $TG_PID || true
 check_user "SIP → Telegram"
 check_phone "SIP → Telegram"
+grep -q "dtmf_in=yes" "$WORK/tg.log" || failed+=("DTMF phone → Telegram: no keypad message 5")
+wait $events_pid 2>/dev/null || true
+# baresip 1.0's ctrl_tcp serves one connection at a time (the sndcode command takes it over),
+# so the recorded events may hold only the digit's end (CALL_DTMF_END, which names no digit);
+# 7 is the only digit sent towards the phone in this call.
+if grep -q "received DTMF: '7'" "$dir/log" || grep -q 'CALL_DTMF_START[^}]*"param":"7"' "$dir/events" 2>/dev/null \
+   || grep -q '"type":"CALL_DTMF_END"' "$dir/events" 2>/dev/null; then
+  log "  the phone received the Telegram user's DTMF (RFC 4733): $(grep -o '"type":"CALL_DTMF_[A-Z]*"[^}]*' "$dir/events" | head -n 2 | tr '\n' ' ')"
+else
+  { tr ',' '\n' <"$dir/events" | grep -i dtmf | head -n 5; } 2>/dev/null || true
+  grep -i dtmf "$dir/log" | tail -n 5
+  failed+=("DTMF Telegram → phone: no DTMF 7 at the phone")
+fi
+log "  the Telegram user got the phone's DTMF: $(grep -o 'keypad message from the gateway.*' "$WORK/tg.log" | head -n 1)"
 
 # 2. Telegram → SIP: the Telegram user calls the gateway account; the phone (auto-answer)
 #    rings as `pbx` (the gateway's Number on the PBX); the Telegram user hangs up.
@@ -160,6 +213,25 @@ wait $phone_pid || true
 check_user "Telegram → SIP"
 check_phone "Telegram → SIP"
 grep -q "gateway call ended" "$WORK/gateway.log" 2>/dev/null || grep -q "gateway call" "$WORK/gateway.log" || true
+
+# 3, 4. SIP → Telegram with Opus (passed through) and G.722 (transcoded) on the SIP side.
+for c in "opus.so 48000 Opus" "g722.so 16000 G.722"; do
+  set -- $c
+  log "case: a SIP phone speaking $3 calls a Telegram user, the phone hangs up"
+  phone_config "$1" "$2"
+  rm -f "$dir"/rec/*.wav
+  user answer
+  wait_until 20 grep -q READY "$WORK/tg.log" || die "Telegram user did not start: $(tail -n 5 "$WORK/tg.log")"
+  in_ns timeout 30 baresip -f "$dir" -t 11 </dev/null >"$dir/log" 2>&1 &
+  phone_pid=$!
+  wait_until 10 grep -q "200 OK" "$dir/log" || { cat "$dir/log"; die "the phone did not register"; }
+  in_ns bash -c "$(declare -f ctrl); ctrl $ctl dial 'sip:+555000002@$sip'"
+  wait $phone_pid || true
+  wait $TG_PID || true
+  grep -iE "audio: .*(opus|G722)|Audio-codec|codec" "$dir/log" | head -n 2 | sed 's/^/    /' || true
+  check_user "SIP ($3) → Telegram"
+  check_phone "SIP ($3) → Telegram"
+done
 
 [ ${#failed[@]} = 0 ] || die "failed: ${failed[*]}"
 log "gateway: all cases pass"

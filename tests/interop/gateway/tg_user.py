@@ -1,8 +1,12 @@
 """A Telegram user for the gateway suite: ntgcalls 3.0.5 as the media (the independent
 implementation) plus `siptg tgsim-app` as the user's app on the simulated cloud.
 
-    python3 tg_user.py SIPTG_BIN SIM_ADDR PHONE answer [--seconds S]
-    python3 tg_user.py SIPTG_BIN SIM_ADDR PHONE call TARGET [--seconds S]
+    python3 tg_user.py SIPTG_BIN SIM_ADDR PHONE answer [--seconds S] [DTMF options]
+    python3 tg_user.py SIPTG_BIN SIM_ADDR PHONE call TARGET [--seconds S] [DTMF options]
+
+DTMF options: `--chat +PHONE --dtmf-out 7` types 7 in the chat with the gateway account once
+connected (the gateway sends it to the PBX as DTMF); `--expect-dtmf 5` requires the keypad
+message 5 from the gateway (the PBX's DTMF) before the call ends.
 
 Plays a 1000 Hz tone and checks it hears 440 Hz (the SIP phone's tone); `call` hangs up after
 the tone, `answer` waits for the other side to hang up. Prints one result line and exits 0 only
@@ -32,6 +36,9 @@ async def main():
     ap.add_argument("mode", choices=["answer", "call"])
     ap.add_argument("target", nargs="?")
     ap.add_argument("--seconds", type=float, default=4)
+    ap.add_argument("--chat", help="the gateway account (+phone) to type digits to")
+    ap.add_argument("--dtmf-out", help="digits typed in the chat once connected (DTMF to the PBX)")
+    ap.add_argument("--expect-dtmf", help="a digit the gateway must send as a keypad message")
     a = ap.parse_args()
     harness.SECONDS = int(a.seconds)
 
@@ -66,11 +73,27 @@ async def main():
     except asyncio.TimeoutError:
         print("RESULT connected=no heard=no ended=no")
         return 1
+    if a.dtmf_out and a.chat:
+        app.send(op="message", peer=a.chat, text=a.dtmf_out)
+        await app.expect("sent")
+        log(f"typed {a.dtmf_out} in the chat with {a.chat}")
     # harness.NtgParty.play_and_listen checks for the other role's tone: both are 1000 Hz
     # here, so check 440 Hz (the SIP phone) ourselves on what was heard.
     loop = asyncio.get_running_loop()
     ok, what = await play_and_check(party, loop)
     log(f"Telegram user heard the SIP phone's 440 Hz: {'yes' if ok else 'NO'} ({what})")
+    dtmf_in = "n/a"
+    if a.expect_dtmf:
+        dtmf_in = "no"
+        try:
+            while True:
+                m = await app.expect("message", 10)
+                log(f"keypad message from the gateway: {m['text']!r}")
+                if m["text"].strip() == a.expect_dtmf:
+                    dtmf_in = "yes"
+                    break
+        except Exception as e:  # noqa: BLE001
+            log(f"no keypad message {a.expect_dtmf}: {e}")
     if a.mode == "call":
         app.send(op="discard", reason="hangup", duration=int(a.seconds))
         await party.hang_up()
@@ -85,8 +108,9 @@ async def main():
             ended = False
         await party.hang_up()
     await app.stop()
-    print(f"RESULT connected=yes heard={'yes' if ok else 'no'} ended={'yes' if ended else 'no'}", flush=True)
-    return 0 if ok and ended else 1
+    print(f"RESULT connected=yes heard={'yes' if ok else 'no'} ended={'yes' if ended else 'no'} "
+          f"dtmf_in={dtmf_in}", flush=True)
+    return 0 if ok and ended and dtmf_in != "no" else 1
 
 
 async def play_and_check(party, loop):
