@@ -105,6 +105,8 @@ pub enum Request {
     /// Manager → Worker: gateway call `call` may talk `remaining_ms` more (its share of the
     /// month's rest); the Worker ends it then.
     TalkBudget { call: u64, remaining_ms: u64 },
+    /// Manager → Worker: a Telegram user's text for the gateway's PBX (a SIP `MESSAGE`).
+    GatewayMessage(Box<GatewayMessage>),
 }
 
 /// Which way a gateway call went.
@@ -189,6 +191,29 @@ pub struct IncomingCall {
     /// Talk time left of the gateway's monthly duration in milliseconds (`None` = unlimited).
     #[serde(default)]
     pub talk_budget_ms: Option<u64>,
+}
+
+/// A Telegram user's text message to a gateway's account, routed by the Manager to a Worker
+/// that sends it to the PBX as a SIP `MESSAGE` (the targets in hunting order, tried one after
+/// the other until one answers 2xx) and tells the user in the chat when none took it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayMessage {
+    pub gateway: String,
+    pub storage: String,
+    pub account: String,
+    /// The sender's Telegram user id (a keypad text during a call with them is DTMF).
+    pub user_id: i64,
+    /// The sender with their access hash, for the chat notice of a failure (`None` when the
+    /// Storage could not resolve them: the failure is only logged).
+    pub peer: Option<crate::telegram::resolve::Peer>,
+    pub text: String,
+    /// The PBXs to try, lowest `priority` first.
+    pub targets: Vec<HuntTarget>,
+    /// Caller ID (From user) and display name, as for calls.
+    pub from_user: String,
+    pub from_name: Option<String>,
+    /// `X-TG-ID`, `X-TG-Username`, `X-TG-Phone`, `X-TG-Name`.
+    pub headers: Vec<(String, String)>,
 }
 
 /// One PBX a Telegram user's call may ring (a fork of the hunt).
