@@ -42,6 +42,11 @@ username = "blocker"
 first_name = "Blocker"
 blocked = [1]
 [[users]]
+id = 7
+phone = "10000000007"
+username = "bob_tg"
+first_name = "Bob"
+[[users]]
 id = 6
 phone = "10000000006"
 username = "quiet_tg"
@@ -163,9 +168,9 @@ impl Pbx {
     }
 }
 
-/// `siptg up` with gateway `gw` (account `gateway`) on an IP trunk to `main`, and gateway
-/// `quiet` (account `quiet`, `messages = false`) on an IP trunk to `other`.
-fn start(node: &TestNode, main: &Pbx, other: &Pbx) -> Proc {
+/// `siptg up` with `setup` (its connections and gateways), the accounts of `autologin` logged
+/// in.
+fn start_with(node: &TestNode, setup: &str, autologin: &str) -> Proc {
     std::fs::write(node.path("world.toml"), WORLD).unwrap();
     let sim = free_tcp();
     let cfg = node.write_config(
@@ -179,9 +184,33 @@ rpc_timeout = "2s"
 backend = "sim"
 sim_address = "{sim}"
 sim_world = "world.toml"
-sim_autologin = {{ gateway = "+10000000001", quiet = "+10000000006" }}
+sim_autologin = {{ {autologin} }}
 [database]
 path = "var/db.redb"
+{setup}
+"#
+        ),
+    );
+    let proc = Proc::start(
+        &["up", "--config", cfg.to_str().unwrap()],
+        &node.path("up.log"),
+    );
+    let accounts = autologin.matches('=').count();
+    wait_for(
+        "the gateway accounts logged in",
+        Duration::from_secs(40),
+        || (proc.log().matches("simulated account logged in").count() >= accounts).then_some(()),
+    );
+    proc
+}
+
+/// `siptg up` with gateway `gw` (account `gateway`) on an IP trunk to `main`, and gateway
+/// `quiet` (account `quiet`, `messages = false`) on an IP trunk to `other`.
+fn start(node: &TestNode, main: &Pbx, other: &Pbx) -> Proc {
+    start_with(
+        node,
+        &format!(
+            r#"
 [[connection]]
 name = "main"
 type = "ip"
@@ -207,17 +236,8 @@ messages = false
             main = main.addr,
             other = other.addr,
         ),
-    );
-    let proc = Proc::start(
-        &["up", "--config", cfg.to_str().unwrap()],
-        &node.path("up.log"),
-    );
-    wait_for(
-        "both gateway accounts logged in",
-        Duration::from_secs(40),
-        || (proc.log().matches("simulated account logged in").count() >= 2).then_some(()),
-    );
-    proc
+        r#"gateway = "+10000000001", quiet = "+10000000006""#,
+    )
 }
 
 /// SIP address of `siptg up` in `node`.
@@ -227,6 +247,11 @@ fn sip(node: &TestNode) -> SocketAddr {
 
 /// Alice's app on the simulated cloud, and her updates.
 async fn alice(node: &TestNode) -> (Account, UpdateRx) {
+    app(node, "+10000000002").await
+}
+
+/// The app of the user with `phone` on the simulated cloud, and their updates.
+async fn app(node: &TestNode, phone: &str) -> (Account, UpdateRx) {
     let text = std::fs::read_to_string(node.path("siptg.toml")).unwrap();
     let sim: SocketAddr = text
         .lines()
@@ -234,8 +259,8 @@ async fn alice(node: &TestNode) -> (Account, UpdateRx) {
         .and_then(|v| v.trim_matches('"').parse().ok())
         .unwrap();
     let (client, updates) = SimClient::connect(sim, None).await.unwrap();
-    let a = Account::new("alice-app", Arc::new(client), AccountOptions::default());
-    let sent = a.send_code("+10000000002").await.unwrap();
+    let a = Account::new("user-app", Arc::new(client), AccountOptions::default());
+    let sent = a.send_code(phone).await.unwrap();
     assert!(matches!(
         a.sign_in(&sent, "12345").await.unwrap(),
         LoginStep::Done(_)
@@ -407,4 +432,138 @@ async fn texts_go_both_ways_and_refusals_are_answered() {
         "{}",
         up.log()
     );
+}
+
+/// The PBXs by priority: a refusal from the first sends the text to the next; only allowed
+/// callers' texts go out; keypad digits during a call with the user are DTMF, not a MESSAGE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn texts_hunt_by_priority_and_respect_allowed_callers_and_calls() {
+    let (first, second) = (Pbx::new().await, Pbx::new().await);
+    let node = TestNode::new();
+    let up = start_with(
+        &node,
+        &format!(
+            r#"
+[[connection]]
+name = "first"
+type = "ip"
+server = "{}"
+keepalive = "0s"
+codecs = ["PCMA"]
+priority = 1
+[[connection]]
+name = "second"
+type = "ip"
+server = "{}"
+keepalive = "0s"
+codecs = ["PCMA"]
+priority = 2
+[[gateway]]
+name = "gw"
+account = "gateway"
+connections = ["first", "second"]
+pbx_number = "100"
+allowed_callers = ["@alice_tg"]
+caller_id = ["tg{{userid}}"]
+caller_name = ["@{{username}}"]
+"#,
+            first.addr, second.addr
+        ),
+        r#"gateway = "+10000000001""#,
+    );
+    let (alice, _alice_updates) = alice(&node).await;
+    let gw = user(&alice, "10000000001").await;
+    let mut got = None;
+    for _ in 0..10 {
+        alice
+            .invoke(&siptg_control::gateway::text_message(&gw, "hunt me"))
+            .await
+            .unwrap();
+        if let Some(m) = first.message(Duration::from_secs(3)).await {
+            got = Some(m);
+            break;
+        }
+    }
+    let m = got.unwrap_or_else(|| panic!("no MESSAGE reached the first PBX:\n{}", up.log()));
+    let from = m.header("From").unwrap_or_default();
+    assert!(from.starts_with("\"@alice_tg\" <sip:tg2@"), "From {from}");
+    first.respond(&m, 480, "Temporarily Unavailable").await;
+    let m2 = second
+        .message(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("the next priority gets the text:\n{}", up.log()));
+    assert_eq!(m2.body(), "hunt me");
+    assert_ne!(m.header("Call-ID"), m2.header("Call-ID"));
+    second.respond(&m2, 202, "Accepted").await;
+    wait_for(
+        "the 202 counts as delivered",
+        Duration::from_secs(5),
+        || {
+            up.log()
+                .contains("text message delivered to the PBX")
+                .then_some(())
+        },
+    );
+
+    // Bob is not an allowed caller: his text stays in Telegram.
+    let (bob, _bob_updates) = app(&node, "+10000000007").await;
+    let gw_for_bob = user(&bob, "10000000001").await;
+    bob.invoke(&siptg_control::gateway::text_message(
+        &gw_for_bob,
+        "from bob",
+    ))
+    .await
+    .unwrap();
+    wait_for("Bob's text refused", Duration::from_secs(5), || {
+        up.log()
+            .contains("text message from outside allowed_callers")
+            .then_some(())
+    });
+    assert!(first.message(Duration::from_millis(500)).await.is_none());
+    assert!(second.message(Duration::from_millis(100)).await.is_none());
+
+    // Alice calls the gateway; while the PBX rings, her keypad digits are the call's.
+    alice
+        .invoke(&tl::functions::phone::RequestCall {
+            video: false,
+            user_id: gw.input_user(),
+            random_id: 7,
+            g_a_hash: vec![3; 32],
+            protocol: siptg_control::gateway::tgcall::protocol(),
+        })
+        .await
+        .unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = first
+            .recv(end.saturating_duration_since(tokio::time::Instant::now()))
+            .await
+            .unwrap_or_else(|| panic!("the call rings the first PBX:\n{}", up.log()));
+        if m.first_line().starts_with("INVITE ") {
+            first.respond(&m, 180, "Ringing").await;
+            break;
+        }
+    }
+    alice
+        .invoke(&siptg_control::gateway::text_message(&gw, "5#"))
+        .await
+        .unwrap();
+    alice
+        .invoke(&siptg_control::gateway::text_message(
+            &gw,
+            "after the digits",
+        ))
+        .await
+        .unwrap();
+    let m = first
+        .message(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("a text during the call is a MESSAGE:\n{}", up.log()));
+    assert_eq!(
+        m.body(),
+        "after the digits",
+        "keypad digits during a call went out as a MESSAGE"
+    );
+    first.respond(&m, 200, "OK").await;
+    assert!(up.log().contains("keypad digits during a call"));
 }

@@ -1129,7 +1129,7 @@ impl GatewayCalls {
             .values()
             .any(|c| c.account == m.account && c.tg_user == Some(m.user_id));
         if in_call && super::messages::is_keypad(&m.text) {
-            tracing::debug!(gateway = %m.gateway, user = m.user_id, "keypad digits during a call: DTMF, not a MESSAGE");
+            tracing::info!(gateway = %m.gateway, user = m.user_id, "keypad digits during a call: DTMF, not a MESSAGE");
             return;
         }
         let id = next_call_id();
