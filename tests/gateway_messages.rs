@@ -47,6 +47,11 @@ phone = "10000000007"
 username = "bob_tg"
 first_name = "Bob"
 [[users]]
+id = 8
+phone = "10000000008"
+username = "echo_tg"
+first_name = "Echo"
+[[users]]
 id = 6
 phone = "10000000006"
 username = "quiet_tg"
@@ -171,6 +176,11 @@ impl Pbx {
 /// `siptg up` with `setup` (its connections and gateways), the accounts of `autologin` logged
 /// in.
 fn start_with(node: &TestNode, setup: &str, autologin: &str) -> Proc {
+    start_echo(node, setup, autologin, "")
+}
+
+/// As [`start_with`], with `echo` in `[telegram]` (`sim_echo_users`).
+fn start_echo(node: &TestNode, setup: &str, autologin: &str, echo: &str) -> Proc {
     std::fs::write(node.path("world.toml"), WORLD).unwrap();
     let sim = free_tcp();
     let cfg = node.write_config(
@@ -185,6 +195,7 @@ backend = "sim"
 sim_address = "{sim}"
 sim_world = "world.toml"
 sim_autologin = {{ {autologin} }}
+{echo}
 [database]
 path = "var/db.redb"
 {setup}
@@ -566,4 +577,64 @@ caller_name = ["@{{username}}"]
     );
     first.respond(&m, 200, "OK").await;
     assert!(up.log().contains("keypad digits during a call"));
+}
+
+/// A user whose app answers every text (the echo user) and a PBX that refuses: the gateway
+/// tells the user once, the user's echo of the notice fails again, and there it stops (one
+/// notice a minute), rather than looping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autoreplying_user_and_a_refusing_pbx_do_not_loop() {
+    let pbx = Pbx::new().await;
+    let node = TestNode::new();
+    let up = start_echo(
+        &node,
+        &format!(
+            r#"
+[[connection]]
+name = "main"
+type = "ip"
+server = "{}"
+keepalive = "0s"
+[[gateway]]
+name = "gw"
+account = "gateway"
+connections = ["main"]
+pbx_number = "100"
+"#,
+            pbx.addr
+        ),
+        r#"gateway = "+10000000001""#,
+        r#"sim_echo_users = ["+10000000008"]"#,
+    );
+    wait_for("the echo user online", Duration::from_secs(20), || {
+        up.log().contains("demo echo user online").then_some(())
+    });
+    // The PBX writes to the echo user, which answers; the answer comes back as a MESSAGE.
+    let mut echoed = None;
+    for _ in 0..10 {
+        let r = pbx
+            .send(sip(&node), "+10000000008", "text/plain", "ping")
+            .await;
+        if r.status().0 == 200 {
+            echoed = pbx.message(Duration::from_secs(5)).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let m = echoed.unwrap_or_else(|| panic!("the echo reaches the PBX:\n{}", up.log()));
+    assert_eq!(m.body(), "ping");
+    assert_eq!(m.header("X-TG-ID"), Some("8"));
+    pbx.respond(&m, 404, "Not Found").await;
+    // The notice is echoed too, and refused again; no notice follows it.
+    let m = pbx
+        .message(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("the echoed notice:\n{}", up.log()));
+    assert_eq!(m.body(), "Message not delivered: 404 Not Found");
+    pbx.respond(&m, 404, "Not Found").await;
+    assert!(
+        pbx.message(Duration::from_secs(3)).await.is_none(),
+        "the gateway and the echo user loop:\n{}",
+        up.log()
+    );
 }

@@ -66,6 +66,8 @@ pub struct Manager {
     usage_writes: tokio::sync::Mutex<()>,
     /// Accounts found to accept incoming calls, and when (`callback_restricted`).
     callback_ok: Mutex<std::collections::HashMap<String, Instant>>,
+    /// "Not delivered" notices for texts the Manager could not route, rate-limited.
+    notices: Mutex<crate::gateway::messages::NoticeGate>,
 }
 
 /// How long an account found to accept incoming calls is not asked again.
@@ -729,6 +731,7 @@ impl Manager {
             store: std::sync::OnceLock::new(),
             usage_writes: tokio::sync::Mutex::new(()),
             callback_ok: Mutex::new(Default::default()),
+            notices: Mutex::default(),
         })
     }
 
@@ -1380,7 +1383,12 @@ impl Manager {
             );
             async move {
                 tracing::info!(%gateway, user = user_id, code, reason, "text message not delivered");
-                if let Some(p) = peer {
+                let may = me.notices.lock().unwrap_or_else(|p| p.into_inner()).allow(
+                    &account,
+                    user_id,
+                    std::time::Instant::now(),
+                );
+                if let (Some(p), true) = (peer, may) {
                     let notice = crate::gateway::messages::not_delivered(code, reason);
                     let _ = me
                         .invoke(

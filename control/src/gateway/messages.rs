@@ -7,7 +7,9 @@
 use crate::link::HuntTarget;
 use crate::sip::call::{branch, tag};
 use crate::sip::msg::{Method, SipRequest};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 /// The one body type siptg carries both ways.
 pub const TEXT_PLAIN: &str = "text/plain;charset=UTF-8";
@@ -154,6 +156,32 @@ pub fn not_delivered(code: u16, reason: &str) -> String {
     format!("Message not delivered: {code} {reason}")
 }
 
+/// How often one Telegram user is told a text was not delivered.
+pub const NOTICE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// At most one "not delivered" notice per account and Telegram user per [`NOTICE_INTERVAL`].
+/// A user whose app answers every text (an autoreply, a bot, the demo's echo user) would
+/// otherwise answer the notice, whose forwarding fails again, and so on while the PBX is
+/// unreachable; the refusals are still logged.
+#[derive(Debug, Default)]
+pub struct NoticeGate {
+    last: HashMap<(String, i64), Instant>,
+}
+
+impl NoticeGate {
+    /// May `account` tell `user` now? Records the notice when it may.
+    pub fn allow(&mut self, account: &str, user: i64, now: Instant) -> bool {
+        self.last
+            .retain(|_, t| now.saturating_duration_since(*t) < NOTICE_INTERVAL);
+        let key = (account.to_string(), user);
+        if self.last.contains_key(&key) {
+            return false;
+        }
+        self.last.insert(key, now);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +218,17 @@ mod tests {
         let (code, _, headers) = BodyError::Unsupported("x".into()).response();
         assert_eq!(code, 415);
         assert_eq!(headers, vec![("Accept".into(), "text/plain".into())]);
+    }
+
+    #[test]
+    fn one_notice_per_user_a_minute() {
+        let mut g = NoticeGate::default();
+        let t0 = Instant::now();
+        assert!(g.allow("gw", 2, t0));
+        assert!(!g.allow("gw", 2, t0 + Duration::from_secs(10)));
+        assert!(g.allow("gw", 3, t0 + Duration::from_secs(10)));
+        assert!(g.allow("other", 2, t0 + Duration::from_secs(10)));
+        assert!(g.allow("gw", 2, t0 + NOTICE_INTERVAL));
     }
 
     #[test]

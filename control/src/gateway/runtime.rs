@@ -352,6 +352,8 @@ pub struct GatewayCalls {
     /// Texts whose next PBX is to be tried when the core next drives us (with its
     /// transaction layer).
     msg_queue: Vec<u64>,
+    /// Failure notices to Telegram users, rate-limited.
+    notices: super::messages::NoticeGate,
     /// News for the Manager (answers, ends), sent in order by one task: an end never
     /// overtakes its call's answer.
     to_manager: mpsc::UnboundedSender<crate::link::Request>,
@@ -392,6 +394,7 @@ impl GatewayCalls {
             messages: HashMap::new(),
             msg_clients: HashMap::new(),
             msg_queue: Vec::new(),
+            notices: Default::default(),
         }
     }
 
@@ -1194,9 +1197,20 @@ impl GatewayCalls {
     }
 
     /// No PBX took text `om`: the sender reads why in the chat.
-    fn message_failed(&self, id: u64, om: OutMessage) {
+    fn message_failed(&mut self, id: u64, om: OutMessage) {
         let (code, reason) = &om.last;
         tracing::info!(text = id, gateway = %om.msg.gateway, user = om.msg.user_id, code, %reason, "text message not delivered");
+        if !self
+            .notices
+            .allow(&om.msg.account, om.msg.user_id, Instant::now())
+        {
+            tracing::debug!(
+                text = id,
+                user = om.msg.user_id,
+                "a notice went to the user within the minute: none now"
+            );
+            return;
+        }
         match &om.msg.peer {
             Some(peer) => {
                 let notice = super::messages::not_delivered(*code, reason);
