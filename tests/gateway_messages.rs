@@ -144,6 +144,18 @@ impl Pbx {
     /// Sends siptg at `to` a MESSAGE for `user` with `content_type` (none when empty) and
     /// `body`; the final answer.
     async fn send(&self, to: SocketAddr, user: &str, content_type: &str, body: &str) -> Msg {
+        self.send_from("pbx", to, user, content_type, body).await
+    }
+
+    /// As [`Pbx::send`], from login `login`.
+    async fn send_from(
+        &self,
+        login: &str,
+        to: SocketAddr,
+        user: &str,
+        content_type: &str,
+        body: &str,
+    ) -> Msg {
         let n: u32 = rand::random();
         let ctype = if content_type.is_empty() {
             String::new()
@@ -152,7 +164,7 @@ impl Pbx {
         };
         let msg = format!(
             "MESSAGE sip:{user}@{to} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{n};rport\r\nMax-Forwards: 70\r\n\
-             From: <sip:pbx@{me}>;tag=t{n}\r\nTo: <sip:{user}@{to}>\r\nCall-ID: {n}@msgtest\r\nCSeq: 1 MESSAGE\r\n\
+             From: <sip:{login}@{me}>;tag=t{n}\r\nTo: <sip:{user}@{to}>\r\nCall-ID: {n}@msgtest\r\nCSeq: 1 MESSAGE\r\n\
              {ctype}Content-Length: {}\r\n\r\n{body}",
             body.len(),
             me = self.addr,
@@ -170,6 +182,50 @@ impl Pbx {
                 return m;
             }
         }
+    }
+}
+
+impl Pbx {
+    /// Registers as `login`/`password` at siptg `to` (digest); the final status.
+    async fn register(&self, to: SocketAddr, login: &str, password: &str) -> (u16, String) {
+        let uri = format!("sip:{to}");
+        let mut auth = String::new();
+        for cseq in 1..=2 {
+            let n: u32 = rand::random();
+            let msg = format!(
+                "REGISTER {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{n};rport\r\nMax-Forwards: 70\r\n\
+                 From: <sip:{login}@{to}>;tag=r{n}\r\nTo: <sip:{login}@{to}>\r\nCall-ID: reg{port}@msgtest\r\n\
+                 CSeq: {cseq} REGISTER\r\nContact: <sip:{login}@{me}>\r\nExpires: 300\r\n{auth}Content-Length: 0\r\n\r\n",
+                me = self.addr,
+                port = self.addr.port(),
+            );
+            self.sock.send_to(msg.as_bytes(), to).await.unwrap();
+            let r = loop {
+                let m = self
+                    .recv(Duration::from_secs(5))
+                    .await
+                    .expect("REGISTER answered");
+                if m.first_line().starts_with("SIP/2.0 ") && m.status().0 >= 200 {
+                    break m;
+                }
+            };
+            if r.status().0 != 401 {
+                return r.status();
+            }
+            let challenge = r.header("WWW-Authenticate").unwrap_or_default().to_string();
+            let value = siptg_control::sip::digest::respond(
+                &challenge,
+                "REGISTER",
+                &uri,
+                login,
+                password,
+                siptg_control::sip::digest::new_cnonce,
+                1,
+            )
+            .unwrap();
+            auth = format!("Authorization: {value}\r\n");
+        }
+        (401, "Unauthorized".into())
     }
 }
 
@@ -637,4 +693,85 @@ pbx_number = "100"
         "the gateway and the echo user loop:\n{}",
         up.log()
     );
+}
+
+/// A PBX that registers to siptg: its MESSAGE is refused until it has registered (as its
+/// INVITE would be), then accepted by its login; a Telegram user's text goes to its binding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_pbx_sends_and_receives_texts() {
+    let pbx = Pbx::new().await;
+    let node = TestNode::new();
+    let up = start_with(
+        &node,
+        r#"
+[[connection]]
+name = "office"
+type = "pbx_registers"
+login = "office"
+password = "office-secret"
+trusted_ips = ["127.0.0.1"]
+[[gateway]]
+name = "gw"
+account = "gateway"
+connections = ["office"]
+pbx_number = "100"
+"#,
+        r#"gateway = "+10000000001""#,
+    );
+    let (alice, mut alice_updates) = alice(&node).await;
+    let gw = user(&alice, "10000000001").await;
+    // Before REGISTER (retried while the Manager and Worker link up).
+    let mut before = (0, String::new());
+    for _ in 0..20 {
+        before = pbx
+            .send_from("office", sip(&node), "+10000000002", "text/plain", "early")
+            .await
+            .status();
+        if before.0 != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        before,
+        (405, "REGISTER is required first".into()),
+        "{}",
+        up.log()
+    );
+    assert_eq!(
+        pbx.register(sip(&node), "office", "office-secret").await,
+        (200, "OK".into()),
+        "{}",
+        up.log()
+    );
+    let r = pbx
+        .send_from(
+            "office",
+            sip(&node),
+            "+10000000002",
+            "text/plain",
+            "from the office",
+        )
+        .await;
+    assert_eq!(r.status(), (200, "OK".into()), "{}", up.log());
+    assert_eq!(
+        text_from(&mut alice_updates, 1, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("from the office")
+    );
+    alice
+        .invoke(&siptg_control::gateway::text_message(&gw, "to the office"))
+        .await
+        .unwrap();
+    let m = pbx
+        .message(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("the registered PBX gets the text:\n{}", up.log()));
+    assert_eq!(
+        m.first_line(),
+        format!("MESSAGE sip:100@{} SIP/2.0", pbx.addr)
+    );
+    assert_eq!(m.body(), "to the office");
+    pbx.respond(&m, 200, "OK").await;
 }
