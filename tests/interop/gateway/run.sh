@@ -175,7 +175,10 @@ tdir="$WORK/phone-text"; mkdir -p "$tdir"
 cp "$dir/accounts" "$dir/contacts" "$dir/current_contact" "$tdir/"
 sed 's/^module_app\t\tmenu.so$/module\t\t\tstdio.so\nmodule_app\t\tmenu.so/' "$dir/config" >"$tdir/config"
 grep -q stdio.so "$tdir/config" || die "no stdio module in the texting phone's config"
-(sleep 25 | in_ns timeout 40 baresip -f "$tdir" -t 20 >"$tdir/log" 2>&1) &
+mkfifo "$tdir/stdin"
+sleep 60 >"$tdir/stdin" &   # holds the phone's stdin open (at EOF its stdio UI spins)
+hold_pid=$!
+in_ns timeout -s KILL 40 baresip -f "$tdir" <"$tdir/stdin" >"$tdir/log" 2>&1 &
 phone_pid=$!
 wait_until 10 grep -q "200 OK" "$tdir/log" || { cat "$tdir/log"; die "the phone did not register"; }
 in_ns timeout 60 python3 "$here/tg_text.py" "$SIPTG" "$sim" +555000002 "hello from the pbx" +555000001 "hello from telegram" \
@@ -189,7 +192,9 @@ grep -q "RESULT received=yes sent=yes" "$WORK/text.log" || { tail -n 20 "$WORK/t
 wait_until 10 grep -q '"hello from telegram"' "$tdir/log" \
   || { tail -n 20 "$tdir/log"; grep -a "text message" "$WORK/gateway.log" | tail -n 5
        failed+=("texts: the phone did not get the Telegram user's text"); }
-kill "$phone_pid" 2>/dev/null; wait "$phone_pid" 2>/dev/null || true
+in_ns bash -c "$(declare -f ctrl); ctrl $ctl quit ''"
+wait "$phone_pid" 2>/dev/null || true
+kill "$hold_pid" 2>/dev/null || true
 
 [ ${#failed[@]} = 0 ] || die "failed: ${failed[*]}"
 log "gateway: all cases pass"
