@@ -479,6 +479,14 @@ async fn texts_go_both_ways_and_refusals_are_answered() {
         .send(sip(&node), "+10000000002", "text/plain", "")
         .await;
     assert_eq!(r.status().0, 400);
+    let metrics = common::http_get(node.admin, "/metrics").unwrap_or_default();
+    for line in [
+        r#"siptg_gateway_messages_total{direction="to_telegram",code="200"} 2"#,
+        r#"siptg_gateway_messages_total{direction="to_telegram",code="415"} 1"#,
+        r#"siptg_gateway_messages_total{direction="to_pbx",code="404"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
 
     // (d) messages = false: the PBX's MESSAGE is refused, and a text to the account stays in
     // Telegram.

@@ -1186,6 +1186,7 @@ impl GatewayCalls {
         if (200..300).contains(&code) {
             if let Some(om) = self.messages.remove(&id) {
                 tracing::info!(text = id, gateway = %om.msg.gateway, code, "text message delivered to the PBX");
+                self.count_message(code);
             }
             return;
         }
@@ -1199,6 +1200,7 @@ impl GatewayCalls {
     /// No PBX took text `om`: the sender reads why in the chat.
     fn message_failed(&mut self, id: u64, om: OutMessage) {
         let (code, reason) = &om.last;
+        self.count_message(*code);
         tracing::info!(text = id, gateway = %om.msg.gateway, user = om.msg.user_id, code, %reason, "text message not delivered");
         if !self
             .notices
@@ -1225,6 +1227,15 @@ impl GatewayCalls {
                 );
             }
         }
+    }
+
+    /// `siptg_gateway_messages_total{direction="to_pbx", code}`: a text's outcome at the PBX
+    /// (the 2xx that took it, or the last failure).
+    fn count_message(&self, code: u16) {
+        self.worker.metrics().inc(
+            "siptg_gateway_messages_total",
+            &[("direction", "to_pbx"), ("code", &code.to_string())],
+        );
     }
 
     /// DTMF from the PBX → a keypad message to the Telegram user.

@@ -702,6 +702,13 @@ async fn route_message(
             Reply::new(503, super::reasons::NO_RESPONSE_FROM_MANAGER)
         }
     };
+    worker.metrics().inc(
+        "siptg_gateway_messages_total",
+        &[
+            ("direction", "to_telegram"),
+            ("code", &reply.code.to_string()),
+        ],
+    );
     let _ = done
         .send(Done::Answer {
             key,
