@@ -20,8 +20,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Link protocol version; the major number must match. 2: `IncomingCall` carries the hunting
 /// rungs, Workers report `CallEnded` (a version-1 peer is refused at the handshake rather than
-/// failing calls).
-pub const LINK_VERSION: u16 = 2;
+/// failing calls). 3: `CallAnswered`/`TalkBudget` (plan limits) and `GatewayMessage` (a
+/// Telegram user's text for the PBX): an older Worker could not decode them and would drop
+/// the link at the first one, so it is refused at the handshake instead.
+pub const LINK_VERSION: u16 = 3;
 const LINK_MAGIC: &str = "siptg-link";
 const MAX_FRAME: usize = 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
