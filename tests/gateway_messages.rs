@@ -186,6 +186,45 @@ impl Pbx {
 }
 
 impl Pbx {
+    /// A MESSAGE with `body` in the dialog of `invite` (which we answered with a To tag);
+    /// siptg's final answer.
+    async fn send_in_dialog(&self, invite: &Msg, body: &str) -> Msg {
+        let n: u32 = rand::random();
+        let target = invite
+            .header("Contact")
+            .map(|c| c.trim_matches(|ch| ch == '<' || ch == '>').to_string())
+            .unwrap_or_default();
+        let msg = format!(
+            "MESSAGE {target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKdlg{n};rport\r\nMax-Forwards: 70\r\n\
+             From: {to};tag=pbx{port}\r\nTo: {from}\r\nCall-ID: {cid}\r\nCSeq: 2 MESSAGE\r\n\
+             Content-Type: text/plain\r\nContent-Length: {len}\r\n\r\n{body}",
+            me = self.addr,
+            port = self.addr.port(),
+            to = invite.header("To").unwrap_or_default(),
+            from = invite.header("From").unwrap_or_default(),
+            cid = invite.header("Call-ID").unwrap_or_default(),
+            len = body.len(),
+        );
+        self.sock
+            .send_to(msg.as_bytes(), invite.from)
+            .await
+            .unwrap();
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            let m = self
+                .recv(left)
+                .await
+                .expect("an answer to the in-dialog MESSAGE");
+            if m.first_line().starts_with("SIP/2.0 ")
+                && m.header("CSeq") == Some("2 MESSAGE")
+                && m.status().0 >= 200
+            {
+                return m;
+            }
+        }
+    }
+
     /// Registers as `login`/`password` at siptg `to` (digest); the final status.
     async fn register(&self, to: SocketAddr, login: &str, password: &str) -> (u16, String) {
         let uri = format!("sip:{to}");
@@ -546,7 +585,7 @@ caller_name = ["@{{username}}"]
         ),
         r#"gateway = "+10000000001""#,
     );
-    let (alice, _alice_updates) = alice(&node).await;
+    let (alice, mut alice_updates) = alice(&node).await;
     let gw = user(&alice, "10000000001").await;
     let mut got = None;
     for _ in 0..10 {
@@ -609,16 +648,16 @@ caller_name = ["@{{username}}"]
         .await
         .unwrap();
     let end = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    let invite = loop {
         let m = first
             .recv(end.saturating_duration_since(tokio::time::Instant::now()))
             .await
             .unwrap_or_else(|| panic!("the call rings the first PBX:\n{}", up.log()));
         if m.first_line().starts_with("INVITE ") {
             first.respond(&m, 180, "Ringing").await;
-            break;
+            break m;
         }
-    }
+    };
     alice
         .invoke(&siptg_control::gateway::text_message(&gw, "5#"))
         .await
@@ -641,6 +680,21 @@ caller_name = ["@{{username}}"]
     );
     first.respond(&m, 200, "OK").await;
     assert!(up.log().contains("keypad digits during a call"));
+    // The PBX writes in the call's (early) dialog: the text goes to the call's Telegram user.
+    while text_from(&mut alice_updates, 1, Duration::from_millis(300))
+        .await
+        .is_some()
+    {}
+    let r = first.send_in_dialog(&invite, "in the call").await;
+    assert_eq!(r.status(), (200, "OK".into()), "{}", up.log());
+    assert_eq!(
+        text_from(&mut alice_updates, 1, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("in the call")
+    );
+    let r = first.send_in_dialog(&invite, "").await;
+    assert_eq!(r.status().0, 400);
 }
 
 /// A user whose app answers every text (the echo user) and a PBX that refuses: the gateway

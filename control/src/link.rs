@@ -170,6 +170,14 @@ pub struct GatewayRoute {
     /// unlimited): the Worker ends the call when it runs out after the answer.
     #[serde(default)]
     pub talk_budget_ms: Option<u64>,
+    /// The gateway's text messages are on: a `MESSAGE` in the call's dialog goes to the
+    /// Telegram user.
+    #[serde(default = "yes")]
+    pub messages: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A Telegram user's call the Manager routes to a PBX through a Worker.
@@ -193,6 +201,9 @@ pub struct IncomingCall {
     /// Talk time left of the gateway's monthly duration in milliseconds (`None` = unlimited).
     #[serde(default)]
     pub talk_budget_ms: Option<u64>,
+    /// The gateway's text messages are on (a `MESSAGE` in the call's dialog).
+    #[serde(default = "yes")]
+    pub messages: bool,
 }
 
 /// A Telegram user's text message to a gateway's account, routed by the Manager to a Worker

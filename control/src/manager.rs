@@ -439,6 +439,7 @@ impl Routing {
             lines: g.lines,
             max_call_secs: g.max_call_duration.as_secs(),
             talk_budget_ms: talk_budget.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
+            messages: g.messages,
         }))
     }
 
@@ -1296,6 +1297,7 @@ impl Manager {
             dtmf,
             talk_budget_ms: talk_budget.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
             rungs,
+            messages: g.messages,
         };
         tracing::info!(gateway = %g.name, caller = caller_id, rungs = ?plan, "Telegram call to the PBX");
         match link

@@ -41,6 +41,11 @@ pub enum GwMsg {
     Incoming(Box<IncomingCall>),
     /// A Telegram user's text to send to a PBX as a `MESSAGE` (from the Manager).
     Message(Box<GatewayMessage>),
+    /// The answer to a `MESSAGE` the PBX sent in a call's dialog (once Telegram answered).
+    MessageAnswered {
+        key: ServerKey,
+        resp: Box<SipResponse>,
+    },
     /// A dataplane event.
     Dataplane(Event),
     /// The answer to a Telegram request of call `id`.
@@ -133,13 +138,33 @@ pub async fn message_to_telegram(
     route: &GatewayRoute,
     text: &str,
 ) -> (u16, String) {
-    let (storage, account) = (route.storage.as_str(), route.account.as_str());
+    text_to_user(
+        worker,
+        &route.gateway,
+        &route.storage,
+        &route.account,
+        &route.query,
+        text,
+    )
+    .await
+}
+
+/// `text` to the Telegram user `query` names, through `account` in `storage`: the SIP answer
+/// for the `MESSAGE` that carried it.
+async fn text_to_user(
+    worker: &Worker,
+    gateway: &str,
+    storage: &str,
+    account: &str,
+    query: &crate::telegram::resolve::PeerQuery,
+    text: &str,
+) -> (u16, String) {
     let peer = match worker
         .telegram(
             storage,
             account,
             TelegramOp::Resolve {
-                query: route.query.clone(),
+                query: query.clone(),
             },
         )
         .await
@@ -150,7 +175,7 @@ pub async fn message_to_telegram(
         }
         Err(e) => {
             let (code, reason) = sip_status(&e);
-            tracing::info!(gateway = %route.gateway, query = ?route.query, error = %e, code, %reason, "text message: recipient not resolved");
+            tracing::info!(%gateway, ?query, error = %e, code, %reason, "text message: recipient not resolved");
             return (code, reason);
         }
     };
@@ -166,13 +191,13 @@ pub async fn message_to_telegram(
         .await;
     match result {
         Ok(TelegramAnswer::Invoked { .. }) => {
-            tracing::info!(gateway = %route.gateway, user = peer.user_id, "text message: SIP → Telegram delivered");
+            tracing::info!(%gateway, user = peer.user_id, "text message: SIP → Telegram delivered");
             (200, "OK".to_string())
         }
         Ok(other) => sip_status(&TgError::transport(format!("unexpected answer {other:?}"))),
         Err(e) => {
             let (code, reason) = sip_status(&e);
-            tracing::info!(gateway = %route.gateway, user = peer.user_id, error = %e, code, %reason, "text message: Telegram refused it");
+            tracing::info!(%gateway, user = peer.user_id, error = %e, code, %reason, "text message: Telegram refused it");
             (code, reason)
         }
     }
@@ -272,6 +297,8 @@ struct GwCall {
     /// The Telegram user of the call (the caller, or the callee once resolved): their keypad
     /// texts during the call are DTMF.
     tg_user: Option<i64>,
+    /// The gateway's text messages are on (a `MESSAGE` in the dialog goes to the user).
+    messages: bool,
     phone: Option<tl::enums::InputPhoneCall>,
     invite: Option<ServerKey>,
     /// In-dialog requests from the PBX awaiting our answer, with their Call-ID (a hunt's
@@ -352,6 +379,8 @@ pub struct GatewayCalls {
     /// Texts whose next PBX is to be tried when the core next drives us (with its
     /// transaction layer).
     msg_queue: Vec<u64>,
+    /// Answers to in-dialog `MESSAGE`s, sent when the core next drives us.
+    msg_answers: Vec<(ServerKey, SipResponse)>,
     /// Failure notices to Telegram users, rate-limited.
     notices: super::messages::NoticeGate,
     /// News for the Manager (answers, ends), sent in order by one task: an end never
@@ -394,6 +423,7 @@ impl GatewayCalls {
             messages: HashMap::new(),
             msg_clients: HashMap::new(),
             msg_queue: Vec::new(),
+            msg_answers: Vec::new(),
             notices: Default::default(),
         }
     }
@@ -491,6 +521,7 @@ impl GatewayCalls {
             transport,
             peer: None,
             tg_user: None,
+            messages: route.messages,
             phone: None,
             invite: Some(key),
             pending: Vec::new(),
@@ -601,6 +632,7 @@ impl GatewayCalls {
                 transport: Transport::Udp,
                 peer: None,
                 tg_user: Some(requested.admin_id),
+                messages: call.messages,
                 phone: Some(tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
                     id: requested.id,
                     access_hash: requested.access_hash,
@@ -625,6 +657,7 @@ impl GatewayCalls {
         match msg {
             GwMsg::Incoming(c) => self.incoming(c),
             GwMsg::Message(m) => self.message(*m),
+            GwMsg::MessageAnswered { key, resp } => self.msg_answers.push((key, *resp)),
             GwMsg::IncomingReady { call, session, leg } => self.start_incoming(call, session, leg),
             GwMsg::TalkBudget { call, remaining_ms } => {
                 if let Some(c) = self.calls.get_mut(&call) {
@@ -819,6 +852,12 @@ impl GatewayCalls {
         let Some(&id) = req.call_id().and_then(|c| self.by_call_id.get(c)) else {
             return;
         };
+        if req.method == Method::Message {
+            if let Some(k) = key {
+                self.in_dialog_message(id, k, req);
+            }
+            return;
+        }
         let Some(c) = self.calls.get_mut(&id) else {
             return;
         };
@@ -895,6 +934,9 @@ impl GatewayCalls {
         let now = Instant::now();
         for id in std::mem::take(&mut self.msg_queue) {
             self.send_message(tx, id, now);
+        }
+        for (key, resp) in std::mem::take(&mut self.msg_answers) {
+            let _ = tx.respond(now, &key, resp);
         }
         let ids: Vec<u64> = self.calls.keys().copied().collect();
         for id in ids {
@@ -1122,6 +1164,62 @@ impl GatewayCalls {
                 c.tg.hang_up(hangup, now);
             }
         }
+    }
+
+    /// A `MESSAGE` the PBX sent in call `id`'s dialog: its text goes to the call's Telegram
+    /// user (answered once Telegram took it or refused it, as outside a dialog).
+    fn in_dialog_message(&mut self, id: u64, key: ServerKey, req: SipRequest) {
+        let Some(c) = self.calls.get(&id) else {
+            return;
+        };
+        let answer = |code: u16, reason: &str, headers: Vec<(String, String)>| {
+            let mut resp = SipResponse::to(&req, code, reason, None);
+            for (n, v) in headers {
+                resp.headers_mut().add(&n, v);
+            }
+            resp
+        };
+        if !c.messages {
+            let resp = answer(403, reasons::MESSAGES_DISABLED, Vec::new());
+            self.msg_answers.push((key, resp));
+            return;
+        }
+        let text = match super::messages::text_of(req.header("Content-Type"), &req.body) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::info!(call = id, error = %e, "in-dialog MESSAGE body refused");
+                let (code, reason, headers) = e.response();
+                self.msg_answers.push((key, answer(code, reason, headers)));
+                return;
+            }
+        };
+        let Some(user) = c.tg_user else {
+            // The callee is still being resolved.
+            let resp = answer(480, "Temporarily Unavailable", Vec::new());
+            self.msg_answers.push((key, resp));
+            return;
+        };
+        let (worker, txc) = (self.worker.clone(), self.tx.clone());
+        let (gateway, storage, account) = (c.gateway.clone(), c.storage.clone(), c.account.clone());
+        let resp_for = answer(200, "OK", Vec::new());
+        tokio::spawn(async move {
+            let query = crate::telegram::resolve::PeerQuery::UserId(user);
+            let (code, reason) =
+                text_to_user(&worker, &gateway, &storage, &account, &query, &text).await;
+            worker.metrics().inc(
+                "siptg_gateway_messages_total",
+                &[("direction", "to_telegram"), ("code", &code.to_string())],
+            );
+            let mut resp = resp_for;
+            resp.code = code;
+            resp.reason = reason;
+            let _ = txc
+                .send(GwMsg::MessageAnswered {
+                    key,
+                    resp: Box::new(resp),
+                })
+                .await;
+        });
     }
 
     /// A Telegram user's text for the PBX. Keypad digits from a user in a call with this
