@@ -211,7 +211,9 @@ pub struct IncomingCall {
 /// the other until one answers 2xx) and tells the user in the chat when none took it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GatewayMessage {
+    /// The gateway (for logs and counters).
     pub gateway: String,
+    /// The Session Storage and account the chat notice of a failure goes through.
     pub storage: String,
     pub account: String,
     /// The sender's Telegram user id (a keypad text during a call with them is DTMF).
@@ -219,6 +221,7 @@ pub struct GatewayMessage {
     /// The sender with their access hash, for the chat notice of a failure (`None` when the
     /// Storage could not resolve them: the failure is only logged).
     pub peer: Option<crate::telegram::resolve::Peer>,
+    /// The text, as the user wrote it (the `MESSAGE` body).
     pub text: String,
     /// The PBXs to try, lowest `priority` first.
     pub targets: Vec<HuntTarget>,

@@ -99,8 +99,12 @@ pub fn is_keypad(text: &str) -> bool {
 /// Name templates, and the `X-TG-*` headers, as for calls).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sender<'a> {
+    /// The From user (the rendered Caller ID), as the PBX matches callers by it.
     pub user: &'a str,
+    /// The From display name (the rendered Caller Name), if any.
     pub name: Option<&'a str>,
+    /// `X-TG-ID`, `X-TG-Username`, `X-TG-Phone`, `X-TG-Name`: who wrote, for PBX routing and
+    /// CRM lookups, as on calls.
     pub headers: &'a [(String, String)],
 }
 
