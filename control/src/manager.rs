@@ -1908,3 +1908,63 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod text_tests {
+    use super::private_text;
+    use grammers_tl_types as tl;
+
+    fn update(m: tl::enums::Message) -> tl::enums::Update {
+        tl::enums::Update::NewMessage(tl::types::UpdateNewMessage {
+            message: m,
+            pts: 1,
+            pts_count: 1,
+        })
+    }
+
+    fn text(from: i64) -> tl::types::Message {
+        match crate::tgsim::world::text_message(1, from, 1, 0, "hello") {
+            tl::enums::Message::Message(m) => m,
+            _ => unreachable!("text_message makes a Message"),
+        }
+    }
+
+    #[test]
+    fn only_a_users_private_incoming_text_is_forwarded() {
+        let m = text(2);
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(m.clone()))),
+            Some((2, "hello".into()))
+        );
+        // Telegram may leave `from_id` out in a private chat.
+        let mut bare = m.clone();
+        bare.from_id = None;
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(bare))),
+            Some((2, "hello".into()))
+        );
+        // The account's own message from another device.
+        let mut out = m.clone();
+        out.out = true;
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(out))),
+            None
+        );
+        // A group's message.
+        let mut group = m.clone();
+        group.peer_id = tl::enums::Peer::Chat(tl::types::PeerChat { chat_id: 9 });
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(group))),
+            None
+        );
+        // Media without a caption.
+        let mut empty = m;
+        empty.message = String::new();
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(empty))),
+            None
+        );
+        // Not a message at all.
+        assert_eq!(private_text(&tl::enums::Update::LoginToken), None);
+    }
+}

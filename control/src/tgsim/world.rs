@@ -1544,7 +1544,13 @@ impl World {
 }
 
 /// A plain text message from `from` to `to`, as the recipient sees it.
-fn text_message(id: i32, from: i64, to: i64, date: i32, text: &str) -> tl::enums::Message {
+pub(crate) fn text_message(
+    id: i32,
+    from: i64,
+    to: i64,
+    date: i32,
+    text: &str,
+) -> tl::enums::Message {
     let _ = to;
     tl::enums::Message::Message(tl::types::Message {
         out: false,
