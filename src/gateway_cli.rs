@@ -35,6 +35,7 @@ pub enum GatewayCmd {
         lines: u32,
     },
     /// Changes settings: `key=value` (`account`, `storage`, `pbx_number`, `lines`, `enabled`,
+    /// `messages` (Telegram texts ⇄ SIP MESSAGE),
     /// `connections=a,b`, `allowed_callers=@x,+1…`, `caller_id=…|…`, `caller_name=…|…`,
     /// `max_call_duration=2h`, `monthly_duration=30h`, `failed_calls_per_hour=10`,
     /// `allowed_workers=worker-1,…`; an empty value or 0 lifts a limit).
@@ -172,6 +173,11 @@ pub async fn run(admin: SocketAddr, cmd: GatewayCmd) -> Result<(), String> {
                         g.enabled = v
                             .parse()
                             .map_err(|_| format!("enabled: {v:?} is not true/false"))?
+                    }
+                    "messages" => {
+                        g.messages = v
+                            .parse()
+                            .map_err(|_| format!("messages: {v:?} is not true/false"))?
                     }
                     "connections" => g.connections = list(v),
                     "allowed_callers" => g.allowed_callers = list(v),

@@ -4,9 +4,10 @@
 //! Python, `siptg tgcall-peer`) can place and answer calls through the simulated cloud.
 //!
 //! Commands: `dh`, `call {peer, g_a_hash, versions}`, `accept {g_b, versions}`,
-//! `confirm {g_a, fingerprint, versions}`, `signal {data}`, `discard {reason}` (bytes in hex).
+//! `confirm {g_a, fingerprint, versions}`, `signal {data}`, `discard {reason}` (bytes in hex),
+//! `send {peer, text}` (a text message; `sent` when the cloud took it).
 //! Events: `ready`, `dh`, `calling`, `incoming`, `ringing`, `accepted`, `active`, `signal`,
-//! `discarded`, `error`.
+//! `discarded`, `message {from, text}` (a text received), `sent`, `error`.
 
 use crate::tgcall_peer::{hex, unhex};
 use serde_json::{json, Value};
@@ -144,16 +145,19 @@ pub async fn run(
                 tl::enums::Update::PhoneCallSignalingData(s) => {
                     emit(json!({"event": "signal", "data": hex(&s.data)}))
                 }
-                // A chat message to this user (the gateway's keypad messages among them).
                 tl::enums::Update::NewMessage(m) => {
                     if let tl::enums::Message::Message(m) = m.message {
-                        if !m.out {
-                            let from = match m.from_id {
-                                Some(tl::enums::Peer::User(u)) => u.user_id,
-                                _ => 0,
-                            };
-                            emit(json!({"event": "message", "from": from, "text": m.message}));
+                        if m.out {
+                            continue; // this user's own message
                         }
+                        let from = match m.from_id {
+                            Some(tl::enums::Peer::User(u)) => u.user_id,
+                            _ => match m.peer_id {
+                                tl::enums::Peer::User(u) => u.user_id,
+                                _ => 0,
+                            },
+                        };
+                        emit(json!({"event": "message", "from": from, "text": m.message}));
                     }
                 }
                 _ => {}
@@ -175,6 +179,39 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// The user `who` names (`@username`, `tg#username` or `+phone`), with its access hash.
+async fn resolve(account: &Account, who: &str) -> Result<Peer, String> {
+    let err = |e: TgError| {
+        e.rpc_name()
+            .map(str::to_string)
+            .unwrap_or_else(|| e.to_string())
+    };
+    let users = match PeerQuery::parse(who).map_err(|e| e.to_string())? {
+        PeerQuery::Username(u) => {
+            let tl::enums::contacts::ResolvedPeer::Peer(r) = account
+                .invoke(&tl::functions::contacts::ResolveUsername {
+                    username: u,
+                    referer: None,
+                })
+                .await
+                .map_err(err)?;
+            r.users
+        }
+        PeerQuery::Phone(p) => {
+            let tl::enums::contacts::ResolvedPeer::Peer(r) = account
+                .invoke(&tl::functions::contacts::ResolvePhone { phone: p })
+                .await
+                .map_err(err)?;
+            r.users
+        }
+        PeerQuery::UserId(_) => return Err("by username or phone".into()),
+    };
+    users
+        .iter()
+        .find_map(Peer::from_user)
+        .ok_or_else(|| "no such user".to_string())
 }
 
 fn versions(cmd: &Value) -> Vec<String> {
@@ -212,7 +249,7 @@ async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), St
             };
             emit(json!({"event": "dh", "g": c.g, "p": hex(&c.p), "random": hex(&c.random)}));
         }
-        "message" => {
+        "send" => {
             let peer = resolve(account, field(cmd, "peer")?).await?;
             account
                 .invoke(&siptg_control::gateway::text_message(
@@ -221,34 +258,10 @@ async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), St
                 ))
                 .await
                 .map_err(err)?;
-            emit(json!({"event": "sent"}));
+            emit(json!({"event": "sent", "to": peer.user_id}));
         }
         "call" => {
-            let q = PeerQuery::parse(field(cmd, "peer")?).map_err(|e| e.to_string())?;
-            let users = match q {
-                PeerQuery::Username(u) => {
-                    let tl::enums::contacts::ResolvedPeer::Peer(r) = account
-                        .invoke(&tl::functions::contacts::ResolveUsername {
-                            username: u,
-                            referer: None,
-                        })
-                        .await
-                        .map_err(err)?;
-                    r.users
-                }
-                PeerQuery::Phone(p) => {
-                    let tl::enums::contacts::ResolvedPeer::Peer(r) = account
-                        .invoke(&tl::functions::contacts::ResolvePhone { phone: p })
-                        .await
-                        .map_err(err)?;
-                    r.users
-                }
-                PeerQuery::UserId(_) => return Err("call by username or phone".into()),
-            };
-            let peer = users
-                .iter()
-                .find_map(Peer::from_user)
-                .ok_or("no such user")?;
+            let peer = resolve(account, field(cmd, "peer")?).await?;
             let r = account
                 .invoke(&tl::functions::phone::RequestCall {
                     video: false,
@@ -320,30 +333,4 @@ async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), St
         other => return Err(format!("unknown op {other:?}")),
     }
     Ok(())
-}
-
-/// The user named by `query` (`@username` or `+phone`), resolved through the cloud.
-async fn resolve(account: &Account, query: &str) -> Result<Peer, String> {
-    let q = PeerQuery::parse(query).map_err(|e| e.to_string())?;
-    let resolved = match q {
-        PeerQuery::Username(u) => {
-            account
-                .invoke(&tl::functions::contacts::ResolveUsername {
-                    username: u,
-                    referer: None,
-                })
-                .await
-        }
-        PeerQuery::Phone(p) => {
-            account
-                .invoke(&tl::functions::contacts::ResolvePhone { phone: p })
-                .await
-        }
-        PeerQuery::UserId(_) => return Err("a username or a phone".into()),
-    };
-    let tl::enums::contacts::ResolvedPeer::Peer(r) = resolved.map_err(|e| e.to_string())?;
-    r.users
-        .iter()
-        .find_map(Peer::from_user)
-        .ok_or_else(|| "no such user".to_string())
 }

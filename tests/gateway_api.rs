@@ -121,7 +121,10 @@ fn gateways_through_the_control_api() {
         ok && out.contains("gw") && out.contains("trunk") && out.contains("api"),
         "{out}"
     );
-    let (ok, out) = cli(&node, &["set", "gw", "enabled=false", "lines=3"]);
+    let (ok, out) = cli(
+        &node,
+        &["set", "gw", "enabled=false", "lines=3", "messages=false"],
+    );
     assert!(ok, "{out}");
     assert_eq!(
         invite(&node, "+10000000003", 403),
@@ -129,7 +132,9 @@ fn gateways_through_the_control_api() {
     );
     let (ok, out) = cli(&node, &["show", "gw"]);
     assert!(
-        ok && out.contains("\"lines\": 3") && out.contains("\"enabled\": false"),
+        ok && out.contains("\"lines\": 3")
+            && out.contains("\"enabled\": false")
+            && out.contains("\"messages\": false"),
         "{out}"
     );
     // Plan limits: a plan without this node's Worker refuses the calls with SIP.TG's 402.

@@ -107,7 +107,11 @@ pub struct GatewayConfig {
     /// has disallowed settings` (SIP.TG keeps such settings and refuses the calls).
     #[serde(default)]
     pub allowed_workers: Vec<String>,
-    /// Telegram text messages ⇄ SIP MESSAGE.
+    /// Telegram text messages ⇄ SIP MESSAGE (RFC 3428): a Telegram user's private text to the
+    /// account goes to the PBX like a call would (`pbx_number`, the connections by priority,
+    /// Caller ID templates, `allowed_callers`), and a PBX's MESSAGE goes to the Telegram user
+    /// its Request-URI names. Off: MESSAGE gets `403 Messages are disabled` and texts stay in
+    /// Telegram (a switched-off feature answers rather than drops).
     #[serde(default = "default_true")]
     pub messages: bool,
     /// A disabled gateway refuses its calls (`403 Route is not permitted`).

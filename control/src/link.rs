@@ -20,8 +20,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Link protocol version; the major number must match. 2: `IncomingCall` carries the hunting
 /// rungs, Workers report `CallEnded` (a version-1 peer is refused at the handshake rather than
-/// failing calls).
-pub const LINK_VERSION: u16 = 2;
+/// failing calls). 3: `CallAnswered`/`TalkBudget` (plan limits) and `GatewayMessage` (a
+/// Telegram user's text for the PBX): an older Worker could not decode them and would drop
+/// the link at the first one, so it is refused at the handshake instead.
+pub const LINK_VERSION: u16 = 3;
 const LINK_MAGIC: &str = "siptg-link";
 const MAX_FRAME: usize = 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,6 +107,8 @@ pub enum Request {
     /// Manager → Worker: gateway call `call` may talk `remaining_ms` more (its share of the
     /// month's rest); the Worker ends it then.
     TalkBudget { call: u64, remaining_ms: u64 },
+    /// Manager → Worker: a Telegram user's text for the gateway's PBX (a SIP `MESSAGE`).
+    GatewayMessage(Box<GatewayMessage>),
 }
 
 /// Which way a gateway call went.
@@ -166,6 +170,14 @@ pub struct GatewayRoute {
     /// unlimited): the Worker ends the call when it runs out after the answer.
     #[serde(default)]
     pub talk_budget_ms: Option<u64>,
+    /// The gateway's text messages are on: a `MESSAGE` in the call's dialog goes to the
+    /// Telegram user.
+    #[serde(default = "yes")]
+    pub messages: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A Telegram user's call the Manager routes to a PBX through a Worker.
@@ -189,6 +201,35 @@ pub struct IncomingCall {
     /// Talk time left of the gateway's monthly duration in milliseconds (`None` = unlimited).
     #[serde(default)]
     pub talk_budget_ms: Option<u64>,
+    /// The gateway's text messages are on (a `MESSAGE` in the call's dialog).
+    #[serde(default = "yes")]
+    pub messages: bool,
+}
+
+/// A Telegram user's text message to a gateway's account, routed by the Manager to a Worker
+/// that sends it to the PBX as a SIP `MESSAGE` (the targets in hunting order, tried one after
+/// the other until one answers 2xx) and tells the user in the chat when none took it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayMessage {
+    /// The gateway (for logs and counters).
+    pub gateway: String,
+    /// The Session Storage and account the chat notice of a failure goes through.
+    pub storage: String,
+    pub account: String,
+    /// The sender's Telegram user id (a keypad text during a call with them is DTMF).
+    pub user_id: i64,
+    /// The sender with their access hash, for the chat notice of a failure (`None` when the
+    /// Storage could not resolve them: the failure is only logged).
+    pub peer: Option<crate::telegram::resolve::Peer>,
+    /// The text, as the user wrote it (the `MESSAGE` body).
+    pub text: String,
+    /// The PBXs to try, lowest `priority` first.
+    pub targets: Vec<HuntTarget>,
+    /// Caller ID (From user) and display name, as for calls.
+    pub from_user: String,
+    pub from_name: Option<String>,
+    /// `X-TG-ID`, `X-TG-Username`, `X-TG-Phone`, `X-TG-Name`.
+    pub headers: Vec<(String, String)>,
 }
 
 /// One PBX a Telegram user's call may ring (a fork of the hunt).

@@ -66,6 +66,8 @@ pub struct Manager {
     usage_writes: tokio::sync::Mutex<()>,
     /// Accounts found to accept incoming calls, and when (`callback_restricted`).
     callback_ok: Mutex<std::collections::HashMap<String, Instant>>,
+    /// "Not delivered" notices for texts the Manager could not route, rate-limited.
+    notices: Mutex<crate::gateway::messages::NoticeGate>,
 }
 
 /// How long an account found to accept incoming calls is not asked again.
@@ -426,7 +428,7 @@ impl Routing {
                 return reply(404, reasons::NOT_FOUND);
             }
         };
-        tracing::info!(gateway = %g.name, connection = %caller.name, %dialled, ?query, "INVITE to Telegram");
+        tracing::info!(method = %q.method, gateway = %g.name, connection = %caller.name, %dialled, ?query, "to Telegram");
         LinkResponse::Gateway(Box::new(crate::link::GatewayRoute {
             gateway: g.name.clone(),
             storage,
@@ -437,6 +439,7 @@ impl Routing {
             lines: g.lines,
             max_call_secs: g.max_call_duration.as_secs(),
             talk_budget_ms: talk_budget.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
+            messages: g.messages,
         }))
     }
 
@@ -477,6 +480,25 @@ impl Routing {
                 reason: reply.reason,
                 headers: reply.headers,
             };
+        }
+        if q.method == "MESSAGE" {
+            // A PBX's text for a Telegram user: the same connection matching as an INVITE.
+            let caller = match self.caller(q, &registrar, now) {
+                Ok(c) => c,
+                Err(refusal) => return refusal,
+            };
+            if let Some(refusal) = self.worker_check(caller, worker) {
+                return refusal;
+            }
+            let Some(g) = self.gateway_of_connection(&caller.name) else {
+                tracing::info!(connection = %caller.name, "MESSAGE on a connection of no gateway; 404");
+                return reply(404, reasons::ROUTE_NOT_FOUND, Vec::new());
+            };
+            if g.enabled && !g.messages {
+                tracing::info!(gateway = %g.name, "MESSAGE to a gateway with messages off; 403");
+                return reply(403, reasons::MESSAGES_DISABLED, Vec::new());
+            }
+            return self.gateway_route(&g, caller, q, None);
         }
         if q.method == "INVITE" {
             // Which connection is calling? Unknown sources get nothing through.
@@ -562,7 +584,7 @@ impl Routing {
                 && crate::sip::registrar::trusted(c, q.source)
         }) {
             if registrar.binding(&c.name, now).is_none() {
-                tracing::info!(connection = %c.name, source = %q.source, "INVITE before REGISTER; 405");
+                tracing::info!(method = %q.method, connection = %c.name, source = %q.source, "request before REGISTER; 405");
                 return Err(refuse(405, reasons::REGISTER_REQUIRED));
             }
             return Ok(c);
@@ -605,9 +627,35 @@ impl Routing {
         }) {
             return Ok(c);
         }
-        tracing::info!(source = %q.source, from = ?q.from_user, "INVITE from no known connection; 404");
+        tracing::info!(method = %q.method, source = %q.source, from = ?q.from_user, "request from no known connection; 404");
         Err(refuse(404, reasons::ROUTE_NOT_FOUND))
     }
+}
+
+/// A private text a Telegram user sent the account (`updateNewMessage`; grammers turns
+/// `updateShortMessage` into one): its sender and text. The account's own messages (sent
+/// from another device), group and channel posts, and media without text are none.
+fn private_text(update: &grammers_tl_types::enums::Update) -> Option<(i64, String)> {
+    use grammers_tl_types::enums::{Message, Peer, Update};
+    let Update::NewMessage(u) = update else {
+        return None;
+    };
+    let Message::Message(m) = &u.message else {
+        return None;
+    };
+    if m.out || m.message.trim().is_empty() {
+        return None;
+    }
+    // In a private chat the chat is the other user; Telegram may leave `from_id` out there.
+    let Peer::User(chat) = &m.peer_id else {
+        return None;
+    };
+    match &m.from_id {
+        Some(Peer::User(from)) if from.user_id == chat.user_id => {}
+        None => {}
+        Some(_) => return None,
+    }
+    Some((chat.user_id, m.message.clone()))
 }
 
 /// `%2B79…` → `+79…` (PBXs escape `+` and `@` in Request-URI users).
@@ -684,6 +732,7 @@ impl Manager {
             store: std::sync::OnceLock::new(),
             usage_writes: tokio::sync::Mutex::new(()),
             callback_ok: Mutex::new(Default::default()),
+            notices: Mutex::default(),
         })
     }
 
@@ -1087,6 +1136,11 @@ impl Manager {
                 }
             });
         }
+        if let Some((user_id, text)) = private_text(update) {
+            let me = self.clone();
+            let (storage, account) = (storage.to_string(), account.to_string());
+            tokio::spawn(async move { me.route_text(storage, account, user_id, text).await });
+        }
         if let grammers_tl_types::enums::Update::PhoneCall(u) = update {
             if let grammers_tl_types::enums::PhoneCall::Requested(r) = &u.phone_call {
                 let me = self.clone();
@@ -1243,6 +1297,7 @@ impl Manager {
             dtmf,
             talk_budget_ms: talk_budget.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
             rungs,
+            messages: g.messages,
         };
         tracing::info!(gateway = %g.name, caller = caller_id, rungs = ?plan, "Telegram call to the PBX");
         match link
@@ -1264,6 +1319,140 @@ impl Manager {
                     reasons::WORKER_UNAVAILABLE,
                 )
                 .await;
+            }
+        }
+    }
+
+    /// A Telegram user's text to gateway account `account`: a SIP `MESSAGE` to the PBX, through
+    /// the Worker and to the PBXs a call would take (the "Number on the PBX", the connections
+    /// by priority), from the Caller ID and name a call would show. Left alone when the
+    /// gateway's messages are off or it is disabled, the sender is not an allowed caller, or
+    /// the sender is a gateway account (two gateways must not talk in a loop).
+    async fn route_text(
+        self: Arc<Self>,
+        storage: String,
+        account: String,
+        user_id: i64,
+        text: String,
+    ) {
+        use crate::gateway::incoming::{allowed, CallerInfo};
+        use crate::link::{TelegramAnswer, TelegramOp};
+        use crate::telegram::resolve::PeerQuery;
+        let Some(g) = self.routing.gateway_of_account(&account) else {
+            return; // not a gateway's account
+        };
+        if !g.enabled || !g.messages {
+            tracing::info!(gateway = %g.name, user = user_id, "text message left alone: the gateway's messages are off");
+            return;
+        }
+        let peer = match self
+            .telegram(
+                &storage,
+                &account,
+                TelegramOp::Resolve {
+                    query: PeerQuery::UserId(user_id),
+                },
+            )
+            .await
+        {
+            Ok(TelegramAnswer::Peer { peer, .. }) => Some(peer),
+            _ => None,
+        };
+        if !allowed(&g, user_id, peer.as_ref()) {
+            tracing::info!(gateway = %g.name, user = user_id, "text message from outside allowed_callers: not forwarded");
+            return;
+        }
+        if let Ok(TelegramAnswer::Accounts { accounts }) = self
+            .telegram(&storage, &account, TelegramOp::Accounts)
+            .await
+        {
+            let from_gateway = accounts.iter().any(|r| {
+                r.me.as_ref().is_some_and(|m| m.user_id == user_id)
+                    && self.routing.gateway_of_account(&r.name).is_some()
+            });
+            if from_gateway {
+                tracing::info!(gateway = %g.name, user = user_id, "text message from a gateway account: not forwarded");
+                return;
+            }
+        }
+        let notify = |code: u16, reason: &'static str| {
+            let (me, storage, account, peer, gateway) = (
+                self.clone(),
+                storage.clone(),
+                account.clone(),
+                peer.clone(),
+                g.name.clone(),
+            );
+            async move {
+                tracing::info!(%gateway, user = user_id, code, reason, "text message not delivered");
+                let may = me.notices.lock().unwrap_or_else(|p| p.into_inner()).allow(
+                    &account,
+                    user_id,
+                    std::time::Instant::now(),
+                );
+                if let (Some(p), true) = (peer, may) {
+                    let notice = crate::gateway::messages::not_delivered(code, reason);
+                    let _ = me
+                        .invoke(
+                            &storage,
+                            &account,
+                            &crate::gateway::text_message(&p, &notice),
+                        )
+                        .await;
+                }
+            }
+        };
+        let number = g.pbx_number.clone().unwrap_or_else(|| "s".into());
+        let (rungs, worker) = self.hunt_rungs(&g, &number);
+        let targets: Vec<crate::link::HuntTarget> = rungs.into_iter().flatten().collect();
+        if targets.is_empty() {
+            return notify(503, reasons::SIP_ACCOUNT_UNAVAILABLE).await;
+        }
+        let workers: Vec<_> = self
+            .worker_links()
+            .into_iter()
+            .filter(|(n, _)| g.allowed_workers.is_empty() || g.allowed_workers.contains(n))
+            .collect();
+        let link = worker
+            .and_then(|w| {
+                workers
+                    .iter()
+                    .find(|(n, _)| *n == w)
+                    .map(|(_, l)| l.clone())
+            })
+            .or_else(|| workers.first().map(|(_, l)| l.clone()));
+        let Some(link) = link else {
+            return notify(503, reasons::WORKER_UNAVAILABLE).await;
+        };
+        let info = CallerInfo {
+            user_id,
+            peer: peer.as_ref(),
+        };
+        let message = crate::link::GatewayMessage {
+            gateway: g.name.clone(),
+            storage: storage.clone(),
+            account: account.clone(),
+            user_id,
+            peer: peer.clone(),
+            text,
+            targets,
+            from_user: info
+                .render(&g.caller_id)
+                .unwrap_or_else(|| user_id.to_string()),
+            from_name: info.render(&g.caller_name),
+            headers: info.headers(),
+        };
+        match link
+            .request(
+                LinkRequest::GatewayMessage(Box::new(message)),
+                Duration::from_secs(5),
+            )
+            .await
+        {
+            Ok(LinkResponse::Done) => {}
+            other => {
+                tracing::warn!(?other, "worker did not take a text message");
+                notify(503, reasons::WORKER_UNAVAILABLE).await;
             }
         }
     }
@@ -1447,7 +1636,11 @@ impl Manager {
                     }
                     LinkRequest::Route(q) => {
                         let mut answer = routing.route(&q, &peer);
-                        if let (LinkResponse::Gateway(g), Some(me)) = (&answer, me.upgrade()) {
+                        // The account's call settings concern calls, not messages.
+                        let is_call = q.method == "INVITE";
+                        if let (LinkResponse::Gateway(g), Some(me), true) =
+                            (&answer, me.upgrade(), is_call)
+                        {
                             if me.callback_restricted(&g.storage, &g.account).await {
                                 answer = LinkResponse::Route {
                                     code: 380,
@@ -1713,5 +1906,65 @@ mod tests {
             matches!(&got, LinkResponse::Route { code: 404, .. }),
             "{got:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod text_tests {
+    use super::private_text;
+    use grammers_tl_types as tl;
+
+    fn update(m: tl::enums::Message) -> tl::enums::Update {
+        tl::enums::Update::NewMessage(tl::types::UpdateNewMessage {
+            message: m,
+            pts: 1,
+            pts_count: 1,
+        })
+    }
+
+    fn text(from: i64) -> tl::types::Message {
+        match crate::tgsim::world::text_message(1, from, 1, 0, "hello") {
+            tl::enums::Message::Message(m) => m,
+            _ => unreachable!("text_message makes a Message"),
+        }
+    }
+
+    #[test]
+    fn only_a_users_private_incoming_text_is_forwarded() {
+        let m = text(2);
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(m.clone()))),
+            Some((2, "hello".into()))
+        );
+        // Telegram may leave `from_id` out in a private chat.
+        let mut bare = m.clone();
+        bare.from_id = None;
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(bare))),
+            Some((2, "hello".into()))
+        );
+        // The account's own message from another device.
+        let mut out = m.clone();
+        out.out = true;
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(out))),
+            None
+        );
+        // A group's message.
+        let mut group = m.clone();
+        group.peer_id = tl::enums::Peer::Chat(tl::types::PeerChat { chat_id: 9 });
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(group))),
+            None
+        );
+        // Media without a caption.
+        let mut empty = m;
+        empty.message = String::new();
+        assert_eq!(
+            private_text(&update(tl::enums::Message::Message(empty))),
+            None
+        );
+        // Not a message at all.
+        assert_eq!(private_text(&tl::enums::Update::LoginToken), None);
     }
 }

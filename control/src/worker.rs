@@ -208,6 +208,15 @@ impl Worker {
                             message: reasons::WORKER_NOT_READY.into(),
                         },
                     },
+                    LinkRequest::GatewayMessage(m) => match me.gateway.get() {
+                        Some(tx) => {
+                            let _ = tx.send(GwMsg::Message(m)).await;
+                            LinkResponse::Done
+                        }
+                        None => LinkResponse::Error {
+                            message: reasons::WORKER_NOT_READY.into(),
+                        },
+                    },
                     other => LinkResponse::Error {
                         message: format!("a {} does not answer {other:?}", Role::Worker),
                     },

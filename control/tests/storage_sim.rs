@@ -887,4 +887,15 @@ async fn text_messages_both_ways() {
     assert_eq!(m.message, "hello gateway");
     let e = b.invoke(&send(&alice, "")).await.unwrap_err();
     assert!(e.is("MESSAGE_EMPTY"), "{e}");
+    // Carol takes new chats from contacts only: Telegram asks a stranger for Premium; once
+    // Alice is her contact the text goes through.
+    env.sim.with_world(|w| {
+        w.user_mut(CAROL).unwrap().messages = siptg_control::tgsim::world::Privacy::Contacts;
+    });
+    let e = a.invoke(&send(&carol, "hi")).await.unwrap_err();
+    assert!(e.is("PRIVACY_PREMIUM_REQUIRED"), "{e}");
+    env.sim.with_world(|w| {
+        w.user_mut(CAROL).unwrap().contacts.insert(ALICE);
+    });
+    a.invoke(&send(&carol, "hi")).await.unwrap();
 }

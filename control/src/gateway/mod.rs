@@ -6,6 +6,7 @@ pub mod echo;
 pub mod hunt;
 pub mod incoming;
 pub mod limits;
+pub mod messages;
 pub mod runtime;
 pub mod sipleg;
 pub mod tgcall;

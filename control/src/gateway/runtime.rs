@@ -10,7 +10,8 @@ use super::sipleg::{gateway_prefs, LegAction, SipLeg};
 use super::tgcall::{protocol, Hangup, TgAction, TgCall, TgCallEvent, TgEnd, TgRequest};
 use crate::dataplane::{latching_leg, telegram_leg};
 use crate::link::{
-    CallDirection, CallReport, GatewayRoute, IncomingCall, TelegramAnswer, TelegramOp,
+    CallDirection, CallReport, GatewayMessage, GatewayRoute, IncomingCall, TelegramAnswer,
+    TelegramOp,
 };
 use crate::sip::msg::{Method, SipRequest, SipResponse};
 use crate::sip::reasons;
@@ -38,6 +39,13 @@ pub enum GwMsg {
     },
     /// A Telegram user's call to place to a PBX (from the Manager).
     Incoming(Box<IncomingCall>),
+    /// A Telegram user's text to send to a PBX as a `MESSAGE` (from the Manager).
+    Message(Box<GatewayMessage>),
+    /// The answer to a `MESSAGE` the PBX sent in a call's dialog (once Telegram answered).
+    MessageAnswered {
+        key: ServerKey,
+        resp: Box<SipResponse>,
+    },
     /// A dataplane event.
     Dataplane(Event),
     /// The answer to a Telegram request of call `id`.
@@ -108,6 +116,10 @@ pub fn sip_status(e: &TgError) -> (u16, String) {
                 r(403, reasons::TELEGRAM_SESSION_INACTIVE)
             }
             "USER_IS_BLOCKED" => r(403, "USER_IS_BLOCKED"),
+            // Text messages: the user takes new chats from contacts only (Premium setting).
+            "PRIVACY_PREMIUM_REQUIRED" => r(403, "PRIVACY_PREMIUM_REQUIRED"),
+            "MESSAGE_TOO_LONG" => r(413, "Request Entity Too Large"),
+            "MESSAGE_EMPTY" => r(400, "Empty message body"),
             "CALL_PROTOCOL_FLAGS_INVALID" | "PARTICIPANT_VERSION_OUTDATED" => {
                 r(488, "Not Acceptable Here")
             }
@@ -115,6 +127,79 @@ pub fn sip_status(e: &TgError) -> (u16, String) {
         },
         TgError::NotAllowed { method } => (500, format!("{method} not allowed")),
         TgError::Invalid { .. } | TgError::Decode { .. } => r(500, "Server Internal Error"),
+    }
+}
+
+/// A PBX's text (a `MESSAGE` the Manager routed to `route`'s gateway) sent to the Telegram
+/// user it names through the gateway's account: the SIP answer, `200 OK` when Telegram took
+/// it, else the Telegram failure mapped as for calls ([`sip_status`]).
+pub async fn message_to_telegram(
+    worker: &Worker,
+    route: &GatewayRoute,
+    text: &str,
+) -> (u16, String) {
+    text_to_user(
+        worker,
+        &route.gateway,
+        &route.storage,
+        &route.account,
+        &route.query,
+        text,
+    )
+    .await
+}
+
+/// `text` to the Telegram user `query` names, through `account` in `storage`: the SIP answer
+/// for the `MESSAGE` that carried it.
+async fn text_to_user(
+    worker: &Worker,
+    gateway: &str,
+    storage: &str,
+    account: &str,
+    query: &crate::telegram::resolve::PeerQuery,
+    text: &str,
+) -> (u16, String) {
+    let peer = match worker
+        .telegram(
+            storage,
+            account,
+            TelegramOp::Resolve {
+                query: query.clone(),
+            },
+        )
+        .await
+    {
+        Ok(TelegramAnswer::Peer { peer, .. }) => peer,
+        Ok(other) => {
+            return sip_status(&TgError::transport(format!("unexpected answer {other:?}")))
+        }
+        Err(e) => {
+            let (code, reason) = sip_status(&e);
+            tracing::info!(%gateway, ?query, error = %e, code, %reason, "text message: recipient not resolved");
+            return (code, reason);
+        }
+    };
+    let body = super::text_message(&peer, text).to_bytes();
+    let result = worker
+        .telegram(
+            storage,
+            account,
+            TelegramOp::Invoke {
+                body: b64().encode(body),
+            },
+        )
+        .await;
+    match result {
+        Ok(TelegramAnswer::Invoked { .. }) => {
+            tracing::info!(%gateway, user = peer.user_id, "text message: SIP → Telegram delivered");
+            (200, "OK".to_string())
+        }
+        Ok(other) => sip_status(&TgError::transport(format!("unexpected answer {other:?}"))),
+        Err(e) => {
+            let (code, reason) = sip_status(&e);
+            tracing::info!(%gateway, user = peer.user_id, error = %e, code, %reason, "text message: Telegram refused it");
+            (code, reason)
+        }
     }
 }
 
@@ -209,6 +294,11 @@ struct GwCall {
     tg_leg: Option<LegId>,
     transport: Transport,
     peer: Option<Peer>,
+    /// The Telegram user of the call (the caller, or the callee once resolved): their keypad
+    /// texts during the call are DTMF.
+    tg_user: Option<i64>,
+    /// The gateway's text messages are on (a `MESSAGE` in the dialog goes to the user).
+    messages: bool,
     phone: Option<tl::enums::InputPhoneCall>,
     invite: Option<ServerKey>,
     /// In-dialog requests from the PBX awaiting our answer, with their Call-ID (a hunt's
@@ -265,6 +355,15 @@ impl GwCall {
     }
 }
 
+/// A Telegram user's text on its way to the PBX.
+struct OutMessage {
+    msg: GatewayMessage,
+    /// The next target to try.
+    next: usize,
+    /// The last failure (what the user reads when no target takes the text).
+    last: (u16, String),
+}
+
 /// The gateway calls of one SIP core.
 pub struct GatewayCalls {
     worker: Arc<Worker>,
@@ -277,6 +376,17 @@ pub struct GatewayCalls {
     by_client: HashMap<ClientKey, (u64, String)>,
     by_phone: HashMap<i64, u64>,
     by_session: HashMap<SessionId, u64>,
+    /// Telegram users' texts on their way to the PBX, by our id for them.
+    messages: HashMap<u64, OutMessage>,
+    /// The `MESSAGE` client transactions and the text each carries.
+    msg_clients: HashMap<ClientKey, u64>,
+    /// Texts whose next PBX is to be tried when the core next drives us (with its
+    /// transaction layer).
+    msg_queue: Vec<u64>,
+    /// Answers to in-dialog `MESSAGE`s, sent when the core next drives us.
+    msg_answers: Vec<(ServerKey, SipResponse)>,
+    /// Failure notices to Telegram users, rate-limited.
+    notices: super::messages::NoticeGate,
     /// News for the Manager (answers, ends), sent in order by one task: an end never
     /// overtakes its call's answer.
     to_manager: mpsc::UnboundedSender<crate::link::Request>,
@@ -314,6 +424,11 @@ impl GatewayCalls {
             by_client: HashMap::new(),
             by_phone: HashMap::new(),
             by_session: HashMap::new(),
+            messages: HashMap::new(),
+            msg_clients: HashMap::new(),
+            msg_queue: Vec::new(),
+            msg_answers: Vec::new(),
+            notices: Default::default(),
         }
     }
 
@@ -329,7 +444,7 @@ impl GatewayCalls {
 
     /// Does this client transaction belong to a gateway call?
     pub fn owns_client(&self, key: &ClientKey) -> bool {
-        self.by_client.contains_key(key)
+        self.by_client.contains_key(key) || self.msg_clients.contains_key(key)
     }
 
     /// The earliest timer.
@@ -412,6 +527,8 @@ impl GatewayCalls {
             tg_leg: None,
             transport,
             peer: None,
+            tg_user: None,
+            messages: route.messages,
             phone: None,
             invite: Some(key),
             pending: Vec::new(),
@@ -523,6 +640,8 @@ impl GatewayCalls {
                 tg_leg: None,
                 transport: Transport::Udp,
                 peer: None,
+                tg_user: Some(requested.admin_id),
+                messages: call.messages,
                 phone: Some(tl::enums::InputPhoneCall::Call(tl::types::InputPhoneCall {
                     id: requested.id,
                     access_hash: requested.access_hash,
@@ -546,6 +665,8 @@ impl GatewayCalls {
         let now = Instant::now();
         match msg {
             GwMsg::Incoming(c) => self.incoming(c),
+            GwMsg::Message(m) => self.message(*m),
+            GwMsg::MessageAnswered { key, resp } => self.msg_answers.push((key, *resp)),
             GwMsg::IncomingReady { call, session, leg } => self.start_incoming(call, session, leg),
             GwMsg::TalkBudget { call, remaining_ms } => {
                 if let Some(c) = self.calls.get_mut(&call) {
@@ -583,18 +704,14 @@ impl GatewayCalls {
                         return;
                     };
                     let text = m.message.trim();
-                    let digits = !text.is_empty()
-                        && text.len() <= 32
-                        && text.chars().all(
-                            |c| matches!(c.to_ascii_uppercase(), '0'..='9' | '*' | '#' | 'A'..='D'),
-                        );
-                    if !digits {
+                    if !super::messages::is_keypad(text) {
                         return;
                     }
-                    if let Some(c) = self.calls.values_mut().find(|c| {
-                        c.account == update_account
-                            && c.peer.as_ref().is_some_and(|p| p.user_id == from.user_id)
-                    }) {
+                    if let Some(c) = self
+                        .calls
+                        .values_mut()
+                        .find(|c| c.account == update_account && c.tg_user == Some(from.user_id))
+                    {
                         let method = dtmf_method(&c.dtmf, c.sip_events);
                         tracing::info!(digits = %text, ?method, "DTMF from the Telegram user");
                         for d in text.chars().map(|d| d.to_ascii_uppercase()) {
@@ -673,6 +790,7 @@ impl GatewayCalls {
                 match result {
                     Ok(peer) => {
                         tracing::debug!(call = id, user = peer.user_id, "callee resolved");
+                        c.tg_user = Some(peer.user_id);
                         c.peer = Some(peer);
                         if let Some(r) = c.held.take() {
                             self.send_tg(id, r);
@@ -765,6 +883,12 @@ impl GatewayCalls {
         let Some(&id) = req.call_id().and_then(|c| self.by_call_id.get(c)) else {
             return;
         };
+        if req.method == Method::Message {
+            if let Some(k) = key {
+                self.in_dialog_message(id, k, req);
+            }
+            return;
+        }
         let Some(c) = self.calls.get_mut(&id) else {
             return;
         };
@@ -782,6 +906,13 @@ impl GatewayCalls {
 
     /// A response to one of our requests.
     pub fn on_response(&mut self, key: &ClientKey, resp: SipResponse) {
+        if let Some(&id) = self.msg_clients.get(key) {
+            if resp.code >= 200 {
+                self.msg_clients.remove(key);
+                self.message_answered(id, resp.code, &resp.reason);
+            }
+            return;
+        }
         let Some(id) = self.by_client.get(key).map(|(id, _)| *id) else {
             return;
         };
@@ -792,6 +923,10 @@ impl GatewayCalls {
 
     /// A client transaction timed out: our INVITE as a 408 from the PBX.
     pub fn on_client_timeout(&mut self, key: &ClientKey) {
+        if let Some(id) = self.msg_clients.remove(key) {
+            self.message_answered(id, 408, "Request Timeout");
+            return;
+        }
         let Some((id, call_id)) = self.by_client.remove(key) else {
             return;
         };
@@ -828,6 +963,12 @@ impl GatewayCalls {
     /// Runs every call's actions: SIP through `tx`, the rest in spawned tasks.
     pub fn drive(&mut self, tx: &mut TransactionLayer) {
         let now = Instant::now();
+        for id in std::mem::take(&mut self.msg_queue) {
+            self.send_message(tx, id, now);
+        }
+        for (key, resp) in std::mem::take(&mut self.msg_answers) {
+            let _ = tx.respond(now, &key, resp);
+        }
         let ids: Vec<u64> = self.calls.keys().copied().collect();
         for id in ids {
             loop {
@@ -1055,6 +1196,176 @@ impl GatewayCalls {
                 c.tg.hang_up(hangup, now);
             }
         }
+    }
+
+    /// A `MESSAGE` the PBX sent in call `id`'s dialog: its text goes to the call's Telegram
+    /// user (answered once Telegram took it or refused it, as outside a dialog).
+    fn in_dialog_message(&mut self, id: u64, key: ServerKey, req: SipRequest) {
+        let Some(c) = self.calls.get(&id) else {
+            return;
+        };
+        let answer = |code: u16, reason: &str, headers: Vec<(String, String)>| {
+            let mut resp = SipResponse::to(&req, code, reason, None);
+            for (n, v) in headers {
+                resp.headers_mut().add(&n, v);
+            }
+            resp
+        };
+        if !c.messages {
+            let resp = answer(403, reasons::MESSAGES_DISABLED, Vec::new());
+            self.msg_answers.push((key, resp));
+            return;
+        }
+        let text = match super::messages::text_of(req.header("Content-Type"), &req.body) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::info!(call = id, error = %e, "in-dialog MESSAGE body refused");
+                let (code, reason, headers) = e.response();
+                self.msg_answers.push((key, answer(code, reason, headers)));
+                return;
+            }
+        };
+        let Some(user) = c.tg_user else {
+            // The callee is still being resolved.
+            let resp = answer(480, "Temporarily Unavailable", Vec::new());
+            self.msg_answers.push((key, resp));
+            return;
+        };
+        let (worker, txc) = (self.worker.clone(), self.tx.clone());
+        let (gateway, storage, account) = (c.gateway.clone(), c.storage.clone(), c.account.clone());
+        let resp_for = answer(200, "OK", Vec::new());
+        tokio::spawn(async move {
+            let query = crate::telegram::resolve::PeerQuery::UserId(user);
+            let (code, reason) =
+                text_to_user(&worker, &gateway, &storage, &account, &query, &text).await;
+            worker.metrics().inc(
+                "siptg_gateway_messages_total",
+                &[("direction", "to_telegram"), ("code", &code.to_string())],
+            );
+            let mut resp = resp_for;
+            resp.code = code;
+            resp.reason = reason;
+            let _ = txc
+                .send(GwMsg::MessageAnswered {
+                    key,
+                    resp: Box::new(resp),
+                })
+                .await;
+        });
+    }
+
+    /// A Telegram user's text for the PBX. Keypad digits from a user in a call with this
+    /// account are that call's DTMF (the update path sends them as INFO), not a message.
+    fn message(&mut self, m: GatewayMessage) {
+        let in_call = self
+            .calls
+            .values()
+            .any(|c| c.account == m.account && c.tg_user == Some(m.user_id));
+        if in_call && super::messages::is_keypad(&m.text) {
+            tracing::info!(gateway = %m.gateway, user = m.user_id, "keypad digits during a call: DTMF, not a MESSAGE");
+            return;
+        }
+        let id = next_call_id();
+        tracing::info!(text = id, gateway = %m.gateway, user = m.user_id, targets = m.targets.len(), "text message: Telegram → SIP");
+        self.messages.insert(
+            id,
+            OutMessage {
+                msg: m,
+                next: 0,
+                last: (503, reasons::SIP_ACCOUNT_UNAVAILABLE.to_string()),
+            },
+        );
+        self.msg_queue.push(id);
+    }
+
+    /// Sends text `id` to its next PBX; when none is left, tells the user it was not
+    /// delivered.
+    fn send_message(&mut self, tx: &mut TransactionLayer, id: u64, now: Instant) {
+        let local = self.local;
+        let Some(om) = self.messages.get_mut(&id) else {
+            return;
+        };
+        while let Some(target) = om.msg.targets.get(om.next).cloned() {
+            om.next += 1;
+            let sender = super::messages::Sender {
+                user: &om.msg.from_user,
+                name: om.msg.from_name.as_deref(),
+                headers: &om.msg.headers,
+            };
+            let req = super::messages::request(&target, &sender, &om.msg.text, local);
+            match tx.send_request(now, req, target.address, Transport::Udp) {
+                Ok(k) => {
+                    tracing::debug!(text = id, connection = %target.connection, uri = %target.request_uri, "MESSAGE sent");
+                    self.msg_clients.insert(k, id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(text = id, connection = %target.connection, error = ?e, "MESSAGE not sent");
+                    om.last = (503, "Service Unavailable".to_string());
+                }
+            }
+        }
+        if let Some(om) = self.messages.remove(&id) {
+            self.message_failed(id, om);
+        }
+    }
+
+    /// The PBX's final answer (or our timeout) to text `id`'s `MESSAGE`: delivered on a 2xx,
+    /// else the next PBX is tried.
+    fn message_answered(&mut self, id: u64, code: u16, reason: &str) {
+        if (200..300).contains(&code) {
+            if let Some(om) = self.messages.remove(&id) {
+                tracing::info!(text = id, gateway = %om.msg.gateway, code, "text message delivered to the PBX");
+                self.count_message(code);
+            }
+            return;
+        }
+        if let Some(om) = self.messages.get_mut(&id) {
+            tracing::info!(text = id, gateway = %om.msg.gateway, code, reason, "the PBX did not take a text message");
+            om.last = (code, reason.to_string());
+            self.msg_queue.push(id);
+        }
+    }
+
+    /// No PBX took text `om`: the sender reads why in the chat.
+    fn message_failed(&mut self, id: u64, om: OutMessage) {
+        let (code, reason) = &om.last;
+        self.count_message(*code);
+        tracing::info!(text = id, gateway = %om.msg.gateway, user = om.msg.user_id, code, %reason, "text message not delivered");
+        if !self
+            .notices
+            .allow(&om.msg.account, om.msg.user_id, Instant::now())
+        {
+            tracing::debug!(
+                text = id,
+                user = om.msg.user_id,
+                "a notice went to the user within the minute: none now"
+            );
+            return;
+        }
+        match &om.msg.peer {
+            Some(peer) => {
+                let notice = super::messages::not_delivered(*code, reason);
+                let req = super::text_message(peer, &notice);
+                self.spawn_invoke(om.msg.storage, om.msg.account, req.to_bytes(), None);
+            }
+            None => {
+                tracing::warn!(
+                    text = id,
+                    user = om.msg.user_id,
+                    "the sender is not resolvable: no chat notice"
+                );
+            }
+        }
+    }
+
+    /// `siptg_gateway_messages_total{direction="to_pbx", code}`: a text's outcome at the PBX
+    /// (the 2xx that took it, or the last failure).
+    fn count_message(&self, code: u16) {
+        self.worker.metrics().inc(
+            "siptg_gateway_messages_total",
+            &[("direction", "to_pbx"), ("code", &code.to_string())],
+        );
     }
 
     /// DTMF from the PBX → a keypad message to the Telegram user.

@@ -304,6 +304,14 @@ pub async fn serve(
                         let mut resp = SipResponse::to(&req, 420, "Bad Extension", Some(&tag()));
                         resp.headers_mut().add("Unsupported", unsupported);
                         let _ = tx.respond(now, &key, stamped(resp));
+                    } else if req.method == Method::Message {
+                        tokio::spawn(route_message(
+                            worker.clone(),
+                            key,
+                            req,
+                            source,
+                            done_tx.clone(),
+                        ));
                     } else if req.method == Method::Invite {
                         tokio::spawn(route_invite(
                             worker.clone(),
@@ -645,6 +653,68 @@ async fn answer_plain(
             })
             .await;
     }
+}
+
+/// A `MESSAGE` outside a dialog: the Manager authenticates its connection and routes it like
+/// an INVITE; a gateway's text goes to the Telegram user it names (`200 OK` once Telegram took
+/// it). Bodies other than plain text get `415` with `Accept: text/plain`, empty ones `400`.
+async fn route_message(
+    worker: Arc<Worker>,
+    key: ServerKey,
+    req: SipRequest,
+    source: SocketAddr,
+    done: mpsc::Sender<Done>,
+) {
+    let old = legacy(&req);
+    let Some(decision) = worker.decide(&old, source).await else {
+        return; // banned: no answer at all
+    };
+    let reply = match decision {
+        LinkResponse::Gateway(route) => {
+            match crate::gateway::messages::text_of(req.header("Content-Type"), &req.body) {
+                Ok(text) => {
+                    let (code, reason) =
+                        crate::gateway::runtime::message_to_telegram(&worker, &route, &text).await;
+                    Reply::new(code, reason)
+                }
+                Err(e) => {
+                    tracing::info!(gateway = %route.gateway, %source, error = %e, "MESSAGE body refused");
+                    let (code, reason, headers) = e.response();
+                    Reply {
+                        code,
+                        reason: reason.to_string(),
+                        headers,
+                    }
+                }
+            }
+        }
+        LinkResponse::Route {
+            code,
+            reason,
+            headers,
+        } => Reply {
+            code,
+            reason,
+            headers,
+        },
+        other => {
+            tracing::warn!(?other, "Manager answered a MESSAGE with something else");
+            Reply::new(503, super::reasons::NO_RESPONSE_FROM_MANAGER)
+        }
+    };
+    worker.metrics().inc(
+        "siptg_gateway_messages_total",
+        &[
+            ("direction", "to_telegram"),
+            ("code", &reply.code.to_string()),
+        ],
+    );
+    let _ = done
+        .send(Done::Answer {
+            key,
+            resp: response_for(&req, reply),
+        })
+        .await;
 }
 
 /// An initial INVITE: ask the Manager; a forward gets a media session with two legs first.

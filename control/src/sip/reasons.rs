@@ -63,3 +63,7 @@ pub const DURATION_EXCEEDED: &str = "Total calls duration is exceeded";
 /// 402: too many of the gateway's calls to Telegram failed within the last hour
 /// (`failed_calls_per_hour`).
 pub const FAIL_CALLS_EXCEEDED: &str = "Amount of fail calls is exceeded";
+/// 403: a `MESSAGE` to a gateway whose text messages are switched off (`messages = false`).
+/// siptg's own phrase (SIP.TG has no SIP messages): a switched-off feature answers rather than
+/// drops silently.
+pub const MESSAGES_DISABLED: &str = "Messages are disabled";

@@ -58,6 +58,10 @@ pub struct SimUser {
     pub p2p: Privacy,
     #[serde(default)]
     pub chat_invite: Privacy,
+    /// Who may write to the user first: Telegram's "new chats from non-contacts require
+    /// Premium" (`contacts`), refused with `PRIVACY_PREMIUM_REQUIRED`.
+    #[serde(default)]
+    pub messages: Privacy,
     /// Forced offline (no pushes arrive, calls to it ring out after the offline timeout).
     #[serde(default)]
     pub offline: bool,
@@ -91,6 +95,7 @@ impl SimUser {
             calls: Privacy::Everybody,
             p2p: Privacy::Everybody,
             chat_invite: Privacy::Everybody,
+            messages: Privacy::Everybody,
             offline: false,
             anonymous: false,
         }
@@ -1103,6 +1108,14 @@ impl World {
                 if self.users.get(&to).is_some_and(|u| u.blocked.contains(&me)) {
                     return Err(err(400, "USER_IS_BLOCKED"));
                 }
+                if to != me
+                    && self
+                        .users
+                        .get(&to)
+                        .is_some_and(|u| !allowed(u.messages, u, me))
+                {
+                    return Err(err(403, "PRIVACY_PREMIUM_REQUIRED"));
+                }
                 self.next_message += 1;
                 let id = self.next_message;
                 out.push(Delivery {
@@ -1531,7 +1544,13 @@ impl World {
 }
 
 /// A plain text message from `from` to `to`, as the recipient sees it.
-fn text_message(id: i32, from: i64, to: i64, date: i32, text: &str) -> tl::enums::Message {
+pub(crate) fn text_message(
+    id: i32,
+    from: i64,
+    to: i64,
+    date: i32,
+    text: &str,
+) -> tl::enums::Message {
     let _ = to;
     tl::enums::Message::Message(tl::types::Message {
         out: false,

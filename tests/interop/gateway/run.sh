@@ -3,7 +3,8 @@
 # gateway's PBX line ⇄ siptg (up, with its embedded simulated Telegram cloud) ⇄ ntgcalls as a
 # Telegram user's app (through `siptg tgsim-app`). Calls both ways with G.711 on the SIP side and
 # Opus on Telegram, and SIP → Telegram with Opus (passthrough) and G.722 on the SIP side; tones
-# checked by frequency on both ends; DTMF both ways; hang-up from each side. Runs in a
+# checked by frequency on both ends; DTMF both ways; hang-up from each side; text messages both
+# ways (the phone's SIP MESSAGE ⇄ the user's Telegram text). Runs in a
 # network namespace this suite creates (WebRTC ignores loopback-only hosts).
 . "$(dirname "$0")/../lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -119,12 +120,17 @@ opus_sprop_stereo	no
 module_tmp		uuid.so
 module_tmp		account.so
 module_app		menu.so
+module_app		contact.so
 module_app		ctrl_tcp.so
 ctrl_tcp_listen		127.0.0.1:$ctl
 BCFG
 }
 phone_config g711.so 8000
 echo "<sip:pbx@$sip>;auth_pass=pbx-pass-1;answermode=auto;regint=600" >"$dir/accounts"
+# The phone's one contact (its `message` command writes to the current contact): the Telegram
+# user, by phone number through the gateway.
+echo "\"Nina\" <sip:+555000002@$sip>" >"$dir/contacts"
+echo "sip:+555000002@$sip" >"$dir/current_contact"
 
 user() {  # user MODE [TARGET]: the Telegram user (ntgcalls) in the background, output in tg.log
   in_ns timeout 90 "$venv/bin/python3" "$here/tg_user.py" "$SIPTG" "$sim" +555000002 "$@" --seconds 4 \
@@ -232,6 +238,35 @@ for c in "opus.so 48000 Opus" "g722.so 16000 G.722"; do
   check_user "SIP ($3) → Telegram"
   check_phone "SIP ($3) → Telegram"
 done
+
+# 5. Text messages: the phone's MESSAGE reaches the Telegram user, whose answer reaches the
+#    phone as a MESSAGE (to the gateway's Number on the PBX, the phone's registration).
+#    The phone prints texts it receives through its stdio UI (which wants a live stdin).
+log "case: text messages between the SIP phone and the Telegram user"
+tdir="$WORK/phone-text"; mkdir -p "$tdir"
+cp "$dir/accounts" "$dir/contacts" "$dir/current_contact" "$tdir/"
+sed 's/^module_app\t\tmenu.so$/module\t\t\tstdio.so\nmodule_app\t\tmenu.so/' "$dir/config" >"$tdir/config"
+grep -q stdio.so "$tdir/config" || die "no stdio module in the texting phone's config"
+mkfifo "$tdir/stdin"
+sleep 60 >"$tdir/stdin" &   # holds the phone's stdin open (at EOF its stdio UI spins)
+hold_pid=$!
+in_ns timeout -s KILL 40 baresip -f "$tdir" <"$tdir/stdin" >"$tdir/log" 2>&1 &
+phone_pid=$!
+wait_until 10 grep -q "200 OK" "$tdir/log" || { cat "$tdir/log"; die "the phone did not register"; }
+in_ns timeout 60 python3 "$here/tg_text.py" "$SIPTG" "$sim" +555000002 "hello from the pbx" +555000001 "hello from telegram" \
+  >"$WORK/text.log" 2>&1 &
+text_pid=$!
+wait_until 20 grep -q READY "$WORK/text.log" || die "Telegram user did not start: $(tail -n 5 "$WORK/text.log")"
+in_ns bash -c "$(declare -f ctrl); ctrl $ctl message 'hello from the pbx'"
+wait $text_pid || true
+sed 's/^/    /' "$WORK/text.log" | grep -E 'RESULT|"message"' || true
+grep -q "RESULT received=yes sent=yes" "$WORK/text.log" || { tail -n 20 "$WORK/text.log"; failed+=("texts: the Telegram user did not get the phone's MESSAGE"); }
+wait_until 10 grep -q '"hello from telegram"' "$tdir/log" \
+  || { tail -n 20 "$tdir/log"; grep -a "text message" "$WORK/gateway.log" | tail -n 5
+       failed+=("texts: the phone did not get the Telegram user's text"); }
+in_ns bash -c "$(declare -f ctrl); ctrl $ctl quit ''"
+wait "$phone_pid" 2>/dev/null || true
+kill "$hold_pid" 2>/dev/null || true
 
 [ ${#failed[@]} = 0 ] || die "failed: ${failed[*]}"
 log "gateway: all cases pass"

@@ -74,7 +74,7 @@ async def main():
         print("RESULT connected=no heard=no ended=no")
         return 1
     if a.dtmf_out and a.chat:
-        app.send(op="message", peer=a.chat, text=a.dtmf_out)
+        app.send(op="send", peer=a.chat, text=a.dtmf_out)
         await app.expect("sent")
         log(f"typed {a.dtmf_out} in the chat with {a.chat}")
     # harness.NtgParty.play_and_listen checks for the other role's tone: both are 1000 Hz
