@@ -46,6 +46,12 @@ enum Cmd {
         #[command(subcommand)]
         action: Option<storage_cli::StorageCmd>,
     },
+    /// The Telegram accounts of the Session Storage: `siptg account login|logout|list` (the
+    /// same as `siptg storage login|logout|list`, under the name the issue and SIP.TG use).
+    Account {
+        #[command(subcommand)]
+        action: storage_cli::StorageCmd,
+    },
     /// A simulated user's Telegram app on stdin/stdout (JSON lines), for conformance tests.
     #[command(hide = true)]
     TgsimApp {
@@ -258,7 +264,8 @@ fn main() -> ExitCode {
         Cmd::Storage { action: None } => run_role(cli.config, false, |i| Box::pin(run::storage(i))),
         Cmd::Storage {
             action: Some(action),
-        } => load(cli.config.as_deref()).and_then(|loaded| {
+        }
+        | Cmd::Account { action } => load(cli.config.as_deref()).and_then(|loaded| {
             observability::init(&loaded.config.log);
             runtime()?.block_on(storage_cli::run(loaded, action))
         }),

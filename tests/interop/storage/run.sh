@@ -78,9 +78,14 @@ wait_until 10 bash -c "ss -ltn | grep -q '127.0.0.1:$simport'" || die "tgsim did
 mkdir -p "$WORK/up"
 "$SIPTG" --config "$WORK/up.toml" storage login gateway --phone +999000000001 --code 12345 >"$WORK/login.log" 2>&1 \
   || { cat "$WORK/login.log"; die "login failed"; }
-SIPTG_2FA_PASSWORD=demo-password "$SIPTG" --config "$WORK/up.toml" storage login twofa \
+# `siptg account …` is the same command under the name SIP.TG uses.
+SIPTG_2FA_PASSWORD=demo-password "$SIPTG" --config "$WORK/up.toml" account login twofa \
   --phone +999000000005 --code 12345 >>"$WORK/login.log" 2>&1 || { cat "$WORK/login.log"; die "2FA login failed"; }
 grep -h "logged in as" "$WORK/login.log" | sed 's/^/    /'
+"$SIPTG" --config "$WORK/up.toml" account list >"$WORK/list.txt" 2>&1 || { cat "$WORK/list.txt"; die "account list failed"; }
+for a in gateway twofa; do
+  grep -q "$a" "$WORK/list.txt" || { cat "$WORK/list.txt"; failed+=("account list: no $a"); }
+done
 both_active() {
   "$SIPTG" status --admin "127.0.0.1:$uadmin" >"$WORK/status.txt" 2>&1 || return 1
   [ "$(grep -cE 'account (gateway|twofa) +active +user' "$WORK/status.txt")" = 2 ] &&
