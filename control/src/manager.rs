@@ -1150,6 +1150,43 @@ impl Manager {
         }
     }
 
+    /// The Telegram user `user_id` as the account `account` sees it (cached by the Storage);
+    /// `None` when it cannot be resolved.
+    async fn user_peer(
+        &self,
+        storage: &str,
+        account: &str,
+        user_id: i64,
+    ) -> Option<crate::telegram::resolve::Peer> {
+        use crate::link::{TelegramAnswer, TelegramOp};
+        use crate::telegram::resolve::PeerQuery;
+        match self
+            .telegram(
+                storage,
+                account,
+                TelegramOp::Resolve {
+                    query: PeerQuery::UserId(user_id),
+                },
+            )
+            .await
+        {
+            Ok(TelegramAnswer::Peer { peer, .. }) => Some(peer),
+            _ => None,
+        }
+    }
+
+    /// Whether `user_id` is itself the Telegram account of a gateway (of this or another).
+    async fn is_gateway_user(&self, storage: &str, account: &str, user_id: i64) -> bool {
+        use crate::link::{TelegramAnswer, TelegramOp};
+        match self.telegram(storage, account, TelegramOp::Accounts).await {
+            Ok(TelegramAnswer::Accounts { accounts }) => accounts.iter().any(|r| {
+                r.me.as_ref().is_some_and(|m| m.user_id == user_id)
+                    && self.routing.gateway_of_account(&r.name).is_some()
+            }),
+            _ => false,
+        }
+    }
+
     /// A Telegram user calls a gateway's account: answer through a PBX connection, or refuse
     /// (the user hears busy and reads why in the chat, as with SIP.TG).
     async fn route_incoming(
@@ -1159,50 +1196,27 @@ impl Manager {
         call: grammers_tl_types::types::PhoneCallRequested,
     ) {
         use crate::gateway::incoming::{allowed, CallerInfo};
-        use crate::link::{TelegramAnswer, TelegramOp};
-        use crate::telegram::resolve::PeerQuery;
         let Some(g) = self.routing.gateway_of_account(&account) else {
             return; // not a gateway's account
         };
         let caller_id = call.admin_id;
-        let peer = match self
-            .telegram(
-                &storage,
-                &account,
-                TelegramOp::Resolve {
-                    query: PeerQuery::UserId(caller_id),
-                },
-            )
-            .await
-        {
-            Ok(TelegramAnswer::Peer { peer, .. }) => Some(peer),
-            _ => None,
-        };
+        let peer = self.user_peer(&storage, &account, caller_id).await;
         if !allowed(&g, caller_id, peer.as_ref()) {
             tracing::info!(gateway = %g.name, caller = caller_id, "caller not in allowed_callers: not answered");
             return;
         }
         // A caller who is itself a gateway account (of this or another gateway).
-        if let Ok(TelegramAnswer::Accounts { accounts }) = self
-            .telegram(&storage, &account, TelegramOp::Accounts)
-            .await
-        {
-            let is_gateway = accounts.iter().any(|r| {
-                r.me.as_ref().is_some_and(|m| m.user_id == caller_id)
-                    && self.routing.gateway_of_account(&r.name).is_some()
-            });
-            if is_gateway {
-                return self
-                    .refuse_incoming(
-                        &storage,
-                        &account,
-                        &call,
-                        peer.as_ref(),
-                        482,
-                        reasons::CALLER_HAS_GATEWAY,
-                    )
-                    .await;
-            }
+        if self.is_gateway_user(&storage, &account, caller_id).await {
+            return self
+                .refuse_incoming(
+                    &storage,
+                    &account,
+                    &call,
+                    peer.as_ref(),
+                    482,
+                    reasons::CALLER_HAS_GATEWAY,
+                )
+                .await;
         }
         // The plan: disallowed settings, then the month's talk time.
         if self.routing.disallowed(&g, None) {
@@ -1336,8 +1350,6 @@ impl Manager {
         text: String,
     ) {
         use crate::gateway::incoming::{allowed, CallerInfo};
-        use crate::link::{TelegramAnswer, TelegramOp};
-        use crate::telegram::resolve::PeerQuery;
         let Some(g) = self.routing.gateway_of_account(&account) else {
             return; // not a gateway's account
         };
@@ -1345,35 +1357,14 @@ impl Manager {
             tracing::info!(gateway = %g.name, user = user_id, "text message left alone: the gateway's messages are off");
             return;
         }
-        let peer = match self
-            .telegram(
-                &storage,
-                &account,
-                TelegramOp::Resolve {
-                    query: PeerQuery::UserId(user_id),
-                },
-            )
-            .await
-        {
-            Ok(TelegramAnswer::Peer { peer, .. }) => Some(peer),
-            _ => None,
-        };
+        let peer = self.user_peer(&storage, &account, user_id).await;
         if !allowed(&g, user_id, peer.as_ref()) {
             tracing::info!(gateway = %g.name, user = user_id, "text message from outside allowed_callers: not forwarded");
             return;
         }
-        if let Ok(TelegramAnswer::Accounts { accounts }) = self
-            .telegram(&storage, &account, TelegramOp::Accounts)
-            .await
-        {
-            let from_gateway = accounts.iter().any(|r| {
-                r.me.as_ref().is_some_and(|m| m.user_id == user_id)
-                    && self.routing.gateway_of_account(&r.name).is_some()
-            });
-            if from_gateway {
-                tracing::info!(gateway = %g.name, user = user_id, "text message from a gateway account: not forwarded");
-                return;
-            }
+        if self.is_gateway_user(&storage, &account, user_id).await {
+            tracing::info!(gateway = %g.name, user = user_id, "text message from a gateway account: not forwarded");
+            return;
         }
         let notify = |code: u16, reason: &'static str| {
             let (me, storage, account, peer, gateway) = (

@@ -138,8 +138,8 @@ impl JitterBuffer {
         self.next.map(|(_, at)| at)
     }
 
-    /// What to play at `now`, if anything is due; call until `None`. `frame` is how long the
-    /// previous item played (its decoded length), which sets when the next one is due.
+    /// What to play at `now`, if anything is due; call until `None`. Each item is assumed to
+    /// play for [`FRAME`] unless [`JitterBuffer::played_for`] says otherwise.
     pub fn pop(&mut self, now: Instant) -> Option<Playout> {
         let (seq, at) = self.next?;
         if now < at {
@@ -171,8 +171,7 @@ impl JitterBuffer {
 
     /// Sets how long the item just popped plays (a 40 or 60 ms Opus packet plays longer).
     pub fn played_for(&mut self, duration: Duration) {
-        if let Some((seq, at)) = self.next.as_mut() {
-            let _ = seq;
+        if let Some((_, at)) = self.next.as_mut() {
             *at = *at - FRAME + duration.max(Duration::from_millis(1));
         }
     }
@@ -219,8 +218,7 @@ mod tests {
         let mut t = 0;
         while t <= ms {
             let now = t0 + Duration::from_millis(t);
-            for &(at, seq) in arrivals.iter().filter(|(at, _)| *at == t) {
-                let _ = at;
+            for &(_, seq) in arrivals.iter().filter(|(at, _)| *at == t) {
                 jb.push(now, seq, (seq as u32) * 960, pkt(seq as u8));
             }
             while let Some(p) = jb.pop(now) {
