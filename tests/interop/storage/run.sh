@@ -34,8 +34,9 @@ log "PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}') on 127.0.0.1:$
 
 log "case: store contract and account flows on PostgreSQL"
 if (cd "$ROOT" && export SIPTG_TEST_POSTGRES_URL="$url" SIPTG_TEST_PGDATA="$pgdata" &&
-    cargo test -q -p siptg-control --lib store:: &&
-    cargo test -q -p siptg-control --test storage_sim -- --test-threads 4) \
+    # --workspace, as ./run test: the same feature set, so nothing is rebuilt.
+    cargo test -q --workspace --lib store:: &&
+    cargo test -q --workspace --test storage_sim -- --test-threads 4) \
     >"$WORK/pgtests.log" 2>&1; then
   grep -E "^test result" "$WORK/pgtests.log" | sed 's/^/    /'
   # The suite really ran on PostgreSQL: one fresh database per test.
