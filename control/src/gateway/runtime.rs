@@ -390,6 +390,26 @@ pub struct GatewayCalls {
     /// News for the Manager (answers, ends), sent in order by one task: an end never
     /// overtakes its call's answer.
     to_manager: mpsc::UnboundedSender<crate::link::Request>,
+    /// TCP and TLS connections PBXs opened to this core (peer → transport, our listener):
+    /// INVITEs and MESSAGEs to a PBX registered over one go over it, not over UDP.
+    reliable: HashMap<SocketAddr, (Transport, SocketAddr)>,
+}
+
+/// The transport a request to `dest` leaves on — the PBX's own TCP or TLS connection when it
+/// has one, else `fixed` (the call's) — with its Via and Contact readied for it.
+fn outbound(
+    reliable: &HashMap<SocketAddr, (Transport, SocketAddr)>,
+    ours: SocketAddr,
+    mut req: SipRequest,
+    dest: SocketAddr,
+    fixed: Transport,
+) -> (SipRequest, Transport) {
+    let (transport, local) = match reliable.get(&dest) {
+        Some(&(t, local)) => (t, Some(local)),
+        None => (fixed, None),
+    };
+    crate::sip::core::for_connection(req.headers_mut(), transport, local, ours);
+    (req, transport)
 }
 
 /// A gateway call's id, unique in the process (every SIP core has its own `GatewayCalls`; the
@@ -428,6 +448,7 @@ impl GatewayCalls {
             msg_clients: HashMap::new(),
             msg_queue: Vec::new(),
             msg_answers: Vec::new(),
+            reliable: HashMap::new(),
             notices: Default::default(),
         }
     }
@@ -658,6 +679,16 @@ impl GatewayCalls {
                 end: None,
             },
         );
+    }
+
+    /// A PBX's TCP or TLS connection to this core carried a message (it may be new).
+    pub fn connection_up(&mut self, peer: SocketAddr, transport: Transport, local: SocketAddr) {
+        self.reliable.insert(peer, (transport, local));
+    }
+
+    /// A PBX's TCP or TLS connection to this core closed.
+    pub fn connection_down(&mut self, peer: SocketAddr) {
+        self.reliable.remove(&peer);
     }
 
     /// A message for the gateway calls.
@@ -1143,7 +1174,8 @@ impl GatewayCalls {
                 // A hunt's forks each have their own dialog: requests from those PBXs (a BYE,
                 // a re-INVITE) find the call by it.
                 self.by_call_id.entry(call_id.clone()).or_insert(id);
-                if let Ok(k) = tx.send_request(now, req, dest, c.transport) {
+                let (req, transport) = outbound(&self.reliable, self.local, req, dest, c.transport);
+                if let Ok(k) = tx.send_request(now, req, dest, transport) {
                     self.by_client.insert(k, (id, call_id));
                 }
             }
@@ -1162,7 +1194,10 @@ impl GatewayCalls {
                     }
                 }
             }
-            LegAction::SendAck { req, dest } => tx.send_stateless(dest, c.transport, req),
+            LegAction::SendAck { req, dest } => {
+                let (req, transport) = outbound(&self.reliable, self.local, req, dest, c.transport);
+                tx.send_stateless(dest, transport, req)
+            }
             LegAction::UpdateLeg(mut spec) => {
                 spec.rtcp_mux = true;
                 c.sip_events = spec.codec.telephone_event.is_some();
@@ -1293,7 +1328,9 @@ impl GatewayCalls {
                 headers: &om.msg.headers,
             };
             let req = super::messages::request(&target, &sender, &om.msg.text, local);
-            match tx.send_request(now, req, target.address, Transport::Udp) {
+            let (req, transport) =
+                outbound(&self.reliable, local, req, target.address, Transport::Udp);
+            match tx.send_request(now, req, target.address, transport) {
                 Ok(k) => {
                     tracing::debug!(text = id, connection = %target.connection, uri = %target.request_uri, "MESSAGE sent");
                     self.msg_clients.insert(k, id);

@@ -112,6 +112,34 @@ fn for_transport(h: &mut Headers, via: bool, transport: Transport) {
     }
 }
 
+/// Readies a request we originate for the connection it leaves on: the transport in the top
+/// Via and our Contact (see [`for_transport`]) and, for a connection the peer opened to one of
+/// our listeners (`local`), that listener in place of `ours` (the UDP address the request was
+/// built with) as sent-by and Contact: a PBX registered over TCP or TLS sends its BYE there.
+pub(crate) fn for_connection(
+    h: &mut Headers,
+    transport: Transport,
+    local: Option<SocketAddr>,
+    ours: SocketAddr,
+) {
+    for_transport(h, true, transport);
+    let Some(local) = local.filter(|l| *l != ours && transport.is_reliable()) else {
+        return;
+    };
+    if let Some(mut v) = h.top_via() {
+        v.host = match local.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        v.port = Some(local.port());
+        h.replace_top_via(v.to_string());
+    }
+    if let Some(c) = h.get("Contact") {
+        let c = c.replace(&format!("@{ours}"), &format!("@{local}"));
+        h.set("Contact", c);
+    }
+}
+
 /// Runs the SIP core on `sock` (and the TCP connections of `tcp`) until the process ends.
 pub async fn serve(
     sock: Option<Arc<UdpSocket>>,
@@ -188,12 +216,14 @@ pub async fn serve(
                 match ev {
                     TcpEvent::Message { msg, peer, local, writer, transport } => {
                         conns.insert(peer, (writer, local, transport));
+                        gw.connection_up(peer, transport, local);
                         tx.on_message(Instant::now(), msg, peer, transport);
                     }
                     TcpEvent::Closed { peer, writer, failed, transport } => {
                         // Only this connection's entry: a newer one to the same peer stays.
                         if conns.get(&peer).is_some_and(|(w, _, _)| w.same_channel(&writer)) {
                             conns.remove(&peer);
+                            gw.connection_down(peer);
                         }
                         if failed {
                             tx.on_transport_error(peer, transport);
