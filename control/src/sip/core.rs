@@ -909,6 +909,34 @@ Call-ID: c\r\nCSeq: 2 BYE\r\nContact: <sip:siptg@127.0.0.1:5060>\r\nContent-Leng
         );
     }
 
+    /// A request for a PBX's own TLS connection to our listener names that listener (not the
+    /// UDP address it was built with) in its Via and Contact; UDP leaves it alone.
+    #[test]
+    fn requests_over_a_pbx_connection_name_the_listener() {
+        let raw = "INVITE sip:100@127.0.0.1:5070 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx;rport\r\n\
+From: <sip:alice@127.0.0.1:5060>;tag=1\r\nTo: <sip:100@127.0.0.1>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\
+Contact: <sip:siptg@127.0.0.1:5060>\r\nContent-Length: 0\r\n\r\n";
+        let Ok(SipMessage::Request(req)) = parse_datagram(raw.as_bytes()) else {
+            panic!("test request does not parse");
+        };
+        let ours: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+        let listener: SocketAddr = "127.0.0.1:5061".parse().unwrap();
+        let mut tls = req.clone();
+        for_connection(tls.headers_mut(), Transport::Tls, Some(listener), ours);
+        let via = tls.headers().get_all("Via").next().unwrap_or_default();
+        assert!(via.starts_with("SIP/2.0/TLS 127.0.0.1:5061;"), "{via}");
+        assert!(via.contains("branch=z9hG4bKx"), "{via}");
+        assert_eq!(
+            tls.header("Contact"),
+            Some("<sip:siptg@127.0.0.1:5061;transport=tls>")
+        );
+        // The From URI is not ours to move.
+        assert_eq!(tls.header("From"), Some("<sip:alice@127.0.0.1:5060>;tag=1"));
+        let mut udp = req.clone();
+        for_connection(udp.headers_mut(), Transport::Udp, None, ours);
+        assert_eq!(udp.to_bytes(), req.to_bytes());
+    }
+
     /// TLS: `SIP/2.0/TLS` and `;transport=tls`; UDP leaves the message alone.
     #[test]
     fn tls_rewrite_sets_via_token_and_contact_transport() {
