@@ -70,22 +70,17 @@ sim_autologin = { gateway = "+555000001" }
 key_file = "$WORK/gw/storage.key"
 [database]
 path = "$WORK/gw/db.redb"
-[[connection]]
-name = "pbx"
-type = "pbx_registers"
-login = "pbx"
-password = "pbx-pass-1"
-trusted_ips = ["10.80.0.0/24"]
-codecs = ["PCMA", "PCMU", "G722", "opus"]
-dtmf = ["rfc2833", "info"]
-[[gateway]]
-name = "gw"
-account = "gateway"
-connections = ["pbx"]
-pbx_number = "pbx"
 CFG
 start gateway ip netns exec "$ns" "$SIPTG" up --config "$WORK/gw.toml"
 wait_until 30 in_ns "$SIPTG" status --admin "$admin" || { cat "$WORK/gateway.log"; die "siptg did not start"; }
+# The PBX's line and the gateway are made on the running siptg, as an operator does (control
+# API, kept in its database), not in the config file.
+in_ns "$SIPTG" connection --admin "$admin" add pbx --type pbx_registers login=pbx password=pbx-pass-1 \
+    trusted_ips=10.80.0.0/24 codecs=PCMA,PCMU,G722,opus dtmf=rfc2833,info >"$WORK/setup.log" 2>&1 \
+  && in_ns "$SIPTG" gateway --admin "$admin" add gw --account gateway --connection pbx \
+    --pbx-number pbx >>"$WORK/setup.log" 2>&1 \
+  || { cat "$WORK/setup.log"; die "siptg connection/gateway add failed"; }
+log "made through the control API: $(in_ns "$SIPTG" connection --admin "$admin" list | tr -s ' ')"
 wait_until 20 bash -c "ip netns exec $ns $SIPTG status --admin $admin | grep -q 'account gateway .*active'" \
   || { in_ns "$SIPTG" status --admin "$admin"; die "the gateway account is not active"; }
 
