@@ -1554,7 +1554,14 @@ mod tests {
         sh.update_leg(1, 2, spec(Some("127.0.0.1:6000"), false), resumed_at)
             .unwrap();
         assert!(sh
-            .on_datagram(1, 1, Channel::Rtp, from_a, &rtp(8, 61, 61 * 160), resumed_at)
+            .on_datagram(
+                1,
+                1,
+                Channel::Rtp,
+                from_a,
+                &rtp(8, 61, 61 * 160),
+                resumed_at
+            )
             .is_some());
         sh.on_tick(resumed_at + Duration::from_secs(5));
         sh.drain_events(&mut ev);
@@ -1562,8 +1569,14 @@ mod tests {
         sh.on_tick(resumed_at + Duration::from_secs(11));
         sh.drain_events(&mut ev);
         assert!(
-            ev.iter()
-                .any(|e| matches!(e, Event::RtpTimeout { session: 1, leg: 2, .. })),
+            ev.iter().any(|e| matches!(
+                e,
+                Event::RtpTimeout {
+                    session: 1,
+                    leg: 2,
+                    ..
+                }
+            )),
             "a silent resumed leg times out again: {ev:?}"
         );
     }

@@ -135,6 +135,12 @@ impl Hunt {
             .is_some_and(|w| !self.ended && self.forks[w].leg.is_confirmed())
     }
 
+    /// Does the answering PBX hold the call?
+    pub fn is_held(&self) -> bool {
+        self.winner
+            .is_some_and(|w| !self.ended && self.forks[w].leg.is_held())
+    }
+
     /// The Telegram side ended: BYE to the answered fork, else CANCEL every ringing one.
     pub fn hang_up(&mut self, code: u16, reason: &str) {
         if self.ended {
@@ -240,7 +246,10 @@ impl Hunt {
                     self.out.push_back(LegAction::Ringing);
                 }
             }
-            LegAction::UpdateLeg(_) | LegAction::Answered | LegAction::Dtmf(_) => {
+            LegAction::UpdateLeg(_)
+            | LegAction::Answered
+            | LegAction::Dtmf(_)
+            | LegAction::Hold(_) => {
                 if winner && !self.ended {
                     self.out.push_back(a);
                 } else if self.winner.is_some() && self.forks[i].leg.is_confirmed() {

@@ -281,6 +281,12 @@ impl SipSide {
             SipSide::Hunt(h) => h.is_confirmed(),
         }
     }
+    fn is_held(&self) -> bool {
+        match self {
+            SipSide::Uas(l) => l.is_held(),
+            SipSide::Hunt(h) => h.is_held(),
+        }
+    }
 }
 
 struct GwCall {
@@ -514,6 +520,9 @@ impl GatewayCalls {
         spec.rtcp_mux = true;
         let sip_events = spec.codec.telephone_event.is_some();
         self.spawn_update_leg(session, leg.0, spec);
+        let mut tg = TgCall::outgoing();
+        // A call offered on hold: the Telegram user sees us muted from the start.
+        tg.set_muted(sip.is_held());
         let call = GwCall {
             dtmf: route.dtmf.clone(),
             sip_events,
@@ -521,7 +530,7 @@ impl GatewayCalls {
             storage: route.storage.clone(),
             account: route.account.clone(),
             sip: SipSide::Uas(Box::new(sip)),
-            tg: TgCall::outgoing(),
+            tg,
             session,
             sip_leg: leg.0,
             tg_leg: None,
@@ -753,13 +762,20 @@ impl GatewayCalls {
                     }
                 }
                 Event::RtpTimeout {
-                    session, idle_ms, ..
+                    session,
+                    leg,
+                    idle_ms,
                 } => {
                     if let Some(c) = self
                         .by_session
                         .get(&session)
                         .and_then(|i| self.calls.get_mut(i))
                     {
+                        if leg == c.sip_leg && c.sip.is_held() {
+                            // The dataplane stops timing a held leg; this one crossed the hold.
+                            tracing::debug!(session, idle_ms, "RTP timeout of a held call ignored");
+                            return;
+                        }
                         tracing::info!(session, idle_ms, "RTP timeout: ending the gateway call");
                         c.sip.hang_up(408, "RTP timeout");
                         c.tg.hang_up(Hangup::Disconnect, now);
@@ -1083,6 +1099,9 @@ impl GatewayCalls {
             }
             TgAction::Event(ev) => match ev {
                 TgCallEvent::Ringing => c.sip.ringing(),
+                TgCallEvent::RemoteMuted(muted) => {
+                    tracing::info!(call = id, muted, "the Telegram user's microphone");
+                }
                 TgCallEvent::Keyed { emoji, .. } => {
                     tracing::info!(call = id, emoji = %emoji.join(" "), "Telegram call keys agreed");
                 }
@@ -1182,6 +1201,15 @@ impl GatewayCalls {
             LegAction::Dtmf(d) => {
                 let session = c.session;
                 self.send_digits(session, &d.to_string());
+            }
+            LegAction::Hold(held) => {
+                tracing::info!(
+                    call = id,
+                    held,
+                    "the PBX {} the call",
+                    if held { "holds" } else { "resumed" }
+                );
+                c.tg.set_muted(held);
             }
             LegAction::Ended { code, reason } => {
                 tracing::info!(call = id, code, %reason, "SIP side ended");

@@ -7,8 +7,10 @@
 
 use crate::sip::call::{branch, strip_brackets, tag};
 use crate::sip::msg::{Method, SipRequest, SipResponse};
-use crate::sip::sdp::{self, AudioCodec, CodecPrefs, LocalMedia, SessionDescription};
-use siptg_proto::LegSpec;
+use crate::sip::sdp::{
+    self, AudioCodec, CodecPrefs, Direction, LocalMedia, NegotiatedMedia, SessionDescription,
+};
+use siptg_proto::{LegSpec, MediaDirection};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -37,6 +39,9 @@ pub enum LegAction {
     Answered,
     /// A DTMF digit from the PBX by SIP INFO.
     Dtmf(char),
+    /// The PBX put the call on hold (`true`: its offer said sendonly, inactive or
+    /// `c=0.0.0.0`) or took it off hold (`false`); the Telegram user is told.
+    Hold(bool),
     /// The dialog is over; `code`/`reason` say how (the PBX's final response for a UAC call that
     /// failed, or 200 for a normal end).
     Ended { code: u16, reason: String },
@@ -83,6 +88,19 @@ impl Dialog {
         h.add("CSeq", format!("{} {}", self.cseq, method.as_str()));
         req
     }
+}
+
+/// The dataplane leg for what offer/answer settled, with its direction: a held leg gets no
+/// audio from Telegram unless we may send, and no RTP timeout.
+fn leg_spec(neg: &NegotiatedMedia) -> LegSpec {
+    let mut spec = neg.to_leg_spec(true);
+    spec.direction = match neg.direction {
+        Direction::SendRecv => MediaDirection::SendRecv,
+        Direction::SendOnly => MediaDirection::SendOnly,
+        Direction::RecvOnly => MediaDirection::RecvOnly,
+        Direction::Inactive => MediaDirection::Inactive,
+    };
+    spec
 }
 
 /// The codecs of a gateway call's SIP leg, in the connection's order: Opus passes through to
@@ -138,6 +156,8 @@ pub struct SipLeg {
     /// UAC: our BYE is out (after a hang-up, or for a 2xx that crossed our CANCEL): a
     /// retransmitted 2xx is only ACKed.
     late_bye: bool,
+    /// The PBX holds the call (its last SDP wants none of our media).
+    held: bool,
     out: VecDeque<LegAction>,
 }
 
@@ -185,7 +205,8 @@ impl SipLeg {
             cseq: 0,
             address: source,
         };
-        let spec = neg.to_leg_spec(true);
+        let spec = leg_spec(&neg);
+        let held = neg.remote_hold;
         Ok((
             Self {
                 uas: true,
@@ -198,6 +219,7 @@ impl SipLeg {
                 media,
                 ok: None,
                 late_bye: false,
+                held,
                 out: VecDeque::new(),
             },
             spec,
@@ -257,6 +279,7 @@ impl SipLeg {
             media,
             ok: None,
             late_bye: false,
+            held: false,
             out: VecDeque::new(),
         };
         leg.out.push_back(LegAction::Send {
@@ -274,6 +297,11 @@ impl SipLeg {
     /// Is the dialog over?
     pub fn is_ended(&self) -> bool {
         self.state == State::Ended
+    }
+
+    /// Does the PBX hold the call?
+    pub fn is_held(&self) -> bool {
+        self.held
     }
 
     /// Has the call been answered (2xx)?
@@ -409,7 +437,9 @@ impl SipLeg {
             }
             Method::Invite | Method::Update => {
                 // A re-INVITE (hold, a new address): answer from our side's codecs and follow
-                // the PBX's new address and direction.
+                // the PBX's new address and direction. RFC 3264 §6.1: the answer mirrors the
+                // offer's direction (sendonly → recvonly, inactive → inactive), so a changed
+                // answer gets a new `o=` version (§8).
                 if req.body.is_empty() {
                     let r = self.response(&req, 200, "OK", req.method == Method::Invite);
                     self.out.push_back(LegAction::Respond(r));
@@ -419,12 +449,19 @@ impl SipLeg {
                     .ok()
                     .and_then(|offer| sdp::answer(&offer, &self.prefs, &self.media).ok())
                 {
-                    Some((answer, neg)) => {
+                    Some((mut answer, neg)) => {
+                        if answer.media != self.ours.media {
+                            self.media.session_version += 1;
+                            answer.origin.session_version = self.media.session_version.to_string();
+                        }
                         self.ours = answer;
-                        self.out
-                            .push_back(LegAction::UpdateLeg(neg.to_leg_spec(true)));
+                        self.out.push_back(LegAction::UpdateLeg(leg_spec(&neg)));
                         let r = self.response(&req, 200, "OK", true);
                         self.out.push_back(LegAction::Respond(r));
+                        if neg.remote_hold != self.held {
+                            self.held = neg.remote_hold;
+                            self.out.push_back(LegAction::Hold(self.held));
+                        }
                     }
                     None => {
                         let r = self.response(&req, 488, "Not Acceptable Here", false);
@@ -488,10 +525,13 @@ impl SipLeg {
                     .ok()
                     .and_then(|answer| sdp::answer(&answer, &self.prefs, &self.media).ok())
                 {
-                    self.out
-                        .push_back(LegAction::UpdateLeg(neg.to_leg_spec(true)));
+                    self.held = neg.remote_hold;
+                    self.out.push_back(LegAction::UpdateLeg(leg_spec(&neg)));
                 }
                 self.out.push_back(LegAction::Answered);
+                if self.held {
+                    self.out.push_back(LegAction::Hold(true));
+                }
             } else if self.state == State::Ended && !self.late_bye {
                 // Answered although we cancelled (or lost a hunt): ACK, then end it at once.
                 self.late_bye = true;
@@ -532,5 +572,108 @@ impl SipLeg {
         self.out.push_back(LegAction::RespondInvite(ok.clone()));
         let next = (interval * 2).min(Duration::from_secs(4));
         self.ok = Some((ok, now + next, next, give_up));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(direction: &str, addr: &str) -> Vec<u8> {
+        format!(
+            "v=0\r\no=- 7 {v} IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 {addr}\r\nt=0 0\r\n\
+             m=audio 4000 RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\n\
+             a=rtpmap:101 telephone-event/8000\r\n{direction}",
+            v = direction.len()
+        )
+        .into_bytes()
+    }
+
+    fn request(method: Method, cseq: u32, body: Vec<u8>) -> SipRequest {
+        let mut r = SipRequest::new(method.clone(), "sip:gw@127.0.0.1:5060".to_string());
+        let h = r.headers_mut();
+        h.add("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKx");
+        h.add("From", "<sip:pbx@127.0.0.1>;tag=p");
+        h.add("To", "<sip:gw@127.0.0.1>");
+        h.add("Call-ID", "hold@test");
+        h.add("CSeq", format!("{cseq} {}", method.as_str()));
+        h.add("Contact", "<sip:pbx@127.0.0.1:5070>");
+        h.add("Content-Type", "application/sdp");
+        r.body = body;
+        r
+    }
+
+    fn answered_leg() -> SipLeg {
+        let (mut leg, spec) = SipLeg::uas(
+            request(Method::Invite, 1, offer("a=sendrecv\r\n", "127.0.0.1")),
+            "127.0.0.1:5070".parse().unwrap(),
+            gateway_prefs(&["PCMA".into()]),
+            "127.0.0.1:30000".parse().unwrap(),
+            "127.0.0.1:5060".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(spec.direction, MediaDirection::SendRecv);
+        leg.answer(Instant::now());
+        std::iter::from_fn(|| leg.poll_action()).for_each(drop);
+        leg
+    }
+
+    /// The answer to a re-INVITE: its direction attribute, `o=` version, the leg's direction
+    /// and the hold news.
+    fn reinvite(
+        leg: &mut SipLeg,
+        cseq: u32,
+        dir: &str,
+        addr: &str,
+    ) -> (String, String, MediaDirection, Option<bool>) {
+        leg.on_request(request(Method::Invite, cseq, offer(dir, addr)));
+        let acts: Vec<LegAction> = std::iter::from_fn(|| leg.poll_action()).collect();
+        let mut out = (String::new(), String::new(), MediaDirection::SendRecv, None);
+        for a in acts {
+            match a {
+                LegAction::Respond(r) => {
+                    assert_eq!(r.code, 200);
+                    let sd = SessionDescription::parse(&r.body).unwrap();
+                    out.1 = sd.origin.session_version.clone();
+                    out.0 = String::from_utf8_lossy(&r.body)
+                        .lines()
+                        .find(|l| {
+                            ["a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive"].contains(l)
+                        })
+                        .unwrap_or_default()
+                        .to_string();
+                }
+                LegAction::UpdateLeg(spec) => out.2 = spec.direction,
+                LegAction::Hold(h) => out.3 = Some(h),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn hold_and_resume_are_mirrored_and_reported() {
+        let mut leg = answered_leg();
+        let (dir, v1, spec, hold) = reinvite(&mut leg, 2, "a=sendonly\r\n", "127.0.0.1");
+        assert_eq!(dir, "a=recvonly");
+        assert_eq!(spec, MediaDirection::RecvOnly);
+        assert_eq!(hold, Some(true));
+        assert!(leg.is_held());
+        let (dir, v2, spec, hold) = reinvite(&mut leg, 3, "a=inactive\r\n", "127.0.0.1");
+        assert_eq!(dir, "a=inactive");
+        assert_eq!(spec, MediaDirection::Inactive);
+        assert_eq!(hold, None, "still held: no second hold news");
+        assert_ne!(v1, v2, "a changed answer has a new o= version");
+        // Unchanged offer (a refresh): same answer, same version.
+        let (_, v3, _, hold) = reinvite(&mut leg, 4, "a=inactive\r\n", "127.0.0.1");
+        assert_eq!((v3.as_str(), hold), (v2.as_str(), None));
+        let (dir, _, spec, hold) = reinvite(&mut leg, 5, "a=sendrecv\r\n", "127.0.0.1");
+        assert_eq!(dir, "a=sendrecv");
+        assert_eq!(spec, MediaDirection::SendRecv);
+        assert_eq!(hold, Some(false));
+        assert!(!leg.is_held());
+        // RFC 2543 hold: c=0.0.0.0.
+        let (_, _, spec, hold) = reinvite(&mut leg, 6, "", "0.0.0.0");
+        assert_eq!((spec, hold), (MediaDirection::RecvOnly, Some(true)));
     }
 }
