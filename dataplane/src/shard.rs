@@ -406,7 +406,7 @@ impl Shard {
     }
 
     /// Applies a re-negotiated spec; a latching leg learns its remote again. A changed
-    /// direction (hold, resume) restarts the leg's RTP timeout at `now`.
+    /// direction (hold, resume) restarts the session's RTP timeouts at `now`.
     pub fn update_leg(
         &mut self,
         session: SessionId,
@@ -430,12 +430,7 @@ impl Shard {
         } else if l.rewrite.is_none() {
             l.rewrite = Some(Rewrite::new(session, leg));
         }
-        if l.spec.direction != spec.direction {
-            // Hold or resume: the RTP timeout counts from here, not from the last packet
-            // before a hold.
-            l.last_activity = now;
-            l.timeout_reported = false;
-        }
+        let hold_changed = l.spec.direction != spec.direction;
         l.remote = Remote::from_spec(&spec);
         l.rtcp_remote = None;
         if l.spec.codec != spec.codec {
@@ -450,6 +445,14 @@ impl Shard {
         let local = l.local;
         if let Some(s) = self.sessions.get_mut(&session) {
             tell_bridge_sip_codec(s, leg);
+            if hold_changed {
+                // Hold or resume: the RTP timeouts count from here, not from the last packet
+                // before the hold.
+                for l in s.legs.values_mut() {
+                    l.last_activity = now;
+                    l.timeout_reported = false;
+                }
+            }
         }
         Ok(LegInfo {
             session,
@@ -771,10 +774,12 @@ impl Shard {
             self.last_stats = now;
         }
         for (&sid, s) in &mut self.sessions {
+            // A held call may carry no RTP for as long as the hold lasts, on the held leg and
+            // on the other (a peer that hears nothing may send nothing): no timeout then.
+            let held = s.legs.values().any(|l| l.spec.direction.is_hold());
             for (&lid, l) in &mut s.legs {
                 let idle = now.saturating_duration_since(l.last_activity);
-                // A held leg may carry no RTP for as long as the hold lasts: no timeout then.
-                if !l.timeout_reported && idle >= timeout && !l.spec.direction.is_hold() {
+                if !l.timeout_reported && idle >= timeout && !held {
                     l.timeout_reported = true;
                     self.events.push(Event::RtpTimeout {
                         session: sid,
@@ -1541,10 +1546,13 @@ mod tests {
         let mut ev = Vec::new();
         for s in 1..=60u16 {
             let t = t0 + Duration::from_secs(s as u64);
-            // Leg 1 keeps talking; nothing of it reaches the holding side.
-            assert!(sh
-                .on_datagram(1, 1, Channel::Rtp, from_a, &rtp(8, s, s as u32 * 160), t)
-                .is_none());
+            // Leg 1 talks for a while, then falls silent too; nothing of it reaches the
+            // holding side.
+            if s < 20 {
+                assert!(sh
+                    .on_datagram(1, 1, Channel::Rtp, from_a, &rtp(8, s, s as u32 * 160), t)
+                    .is_none());
+            }
             sh.on_tick(t);
         }
         sh.drain_events(&mut ev);

@@ -296,7 +296,7 @@ async fn act(
         }
         TgAction::Event(TgCallEvent::RemoteMuted(muted)) => {
             // Tests read this line to see what the other side's MediaState said.
-            tracing::info!(muted, "demo echo user: the caller's MediaState");
+            tracing::info!("demo echo user: the caller's MediaState says muted={muted}");
         }
         TgAction::Event(_) => {}
     }

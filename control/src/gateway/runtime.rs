@@ -771,9 +771,14 @@ impl GatewayCalls {
                         .get(&session)
                         .and_then(|i| self.calls.get_mut(i))
                     {
-                        if leg == c.sip_leg && c.sip.is_held() {
-                            // The dataplane stops timing a held leg; this one crossed the hold.
-                            tracing::debug!(session, idle_ms, "RTP timeout of a held call ignored");
+                        if c.sip.is_held() {
+                            // The dataplane stops timing a held call; this one crossed the hold.
+                            tracing::debug!(
+                                session,
+                                leg,
+                                idle_ms,
+                                "RTP timeout of a held call ignored"
+                            );
                             return;
                         }
                         tracing::info!(session, idle_ms, "RTP timeout: ending the gateway call");
