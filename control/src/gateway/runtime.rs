@@ -368,6 +368,10 @@ struct OutMessage {
     next: usize,
     /// The last failure (what the user reads when no target takes the text).
     last: (u16, String),
+    /// The `MESSAGE` out to the current target, and whether it already answered a challenge.
+    sent: Option<(SipRequest, bool)>,
+    /// The same `MESSAGE` with our credentials, to send when the core next drives us.
+    retry: Option<SipRequest>,
 }
 
 /// The gateway calls of one SIP core.
@@ -624,6 +628,14 @@ impl GatewayCalls {
             },
             leg.1,
             self.local,
+            call.rungs
+                .iter()
+                .flatten()
+                .filter_map(|t| {
+                    let c = self.worker.pbx_credentials(&t.connection)?;
+                    Some((t.connection.clone(), c))
+                })
+                .collect(),
         );
         let id = next_call_id();
         self.by_session.insert(session, id);
@@ -930,6 +942,10 @@ impl GatewayCalls {
         if let Some(&id) = self.msg_clients.get(key) {
             if resp.code >= 200 {
                 self.msg_clients.remove(key);
+                if super::auth::is_challenge(resp.code) && self.answer_message_challenge(id, &resp)
+                {
+                    return;
+                }
                 self.message_answered(id, resp.code, &resp.reason);
             }
             return;
@@ -937,6 +953,11 @@ impl GatewayCalls {
         let Some(id) = self.by_client.get(key).map(|(id, _)| *id) else {
             return;
         };
+        if key.method == Method::Invite && resp.code >= 300 {
+            // That INVITE transaction is over (a challenged INVITE goes out again as a new
+            // one, which a CANCEL must find instead).
+            self.by_client.remove(key);
+        }
         if let Some(c) = self.calls.get_mut(&id) {
             c.sip.on_response(resp);
         }
@@ -1306,6 +1327,8 @@ impl GatewayCalls {
                 msg: m,
                 next: 0,
                 last: (503, reasons::SIP_ACCOUNT_UNAVAILABLE.to_string()),
+                sent: None,
+                retry: None,
             },
         );
         self.msg_queue.push(id);
@@ -1318,6 +1341,24 @@ impl GatewayCalls {
         let Some(om) = self.messages.get_mut(&id) else {
             return;
         };
+        if let (Some(req), Some(target)) = (
+            om.retry.take(),
+            om.next.checked_sub(1).and_then(|i| om.msg.targets.get(i)),
+        ) {
+            // The current target's challenge, answered.
+            match tx.send_request(now, req.clone(), target.address, Transport::Udp) {
+                Ok(k) => {
+                    tracing::debug!(text = id, connection = %target.connection, "MESSAGE sent with credentials");
+                    om.sent = Some((req, true));
+                    self.msg_clients.insert(k, id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(text = id, connection = %target.connection, error = ?e, "MESSAGE not sent");
+                    om.last = (503, "Service Unavailable".to_string());
+                }
+            }
+        }
         while let Some(target) = om.msg.targets.get(om.next).cloned() {
             om.next += 1;
             let sender = super::messages::Sender {
@@ -1326,9 +1367,10 @@ impl GatewayCalls {
                 headers: &om.msg.headers,
             };
             let req = super::messages::request(&target, &sender, &om.msg.text, local);
-            match tx.send_request(now, req, target.address, Transport::Udp) {
+            match tx.send_request(now, req.clone(), target.address, Transport::Udp) {
                 Ok(k) => {
                     tracing::debug!(text = id, connection = %target.connection, uri = %target.request_uri, "MESSAGE sent");
+                    om.sent = Some((req, false));
                     self.msg_clients.insert(k, id);
                     return;
                 }
@@ -1340,6 +1382,35 @@ impl GatewayCalls {
         }
         if let Some(om) = self.messages.remove(&id) {
             self.message_failed(id, om);
+        }
+    }
+
+    /// A 401/407 to text `id`'s `MESSAGE`: true when it goes out again with our credentials
+    /// for that connection (once per target; a second challenge is a failure).
+    fn answer_message_challenge(&mut self, id: u64, resp: &SipResponse) -> bool {
+        let Some(om) = self.messages.get_mut(&id) else {
+            return false;
+        };
+        let Some(target) = om.next.checked_sub(1).and_then(|i| om.msg.targets.get(i)) else {
+            return false;
+        };
+        let Some((sent, false)) = &om.sent else {
+            return false;
+        };
+        let Some(creds) = self.worker.pbx_credentials(&target.connection) else {
+            return false;
+        };
+        match super::auth::authorize(sent, resp, &creds) {
+            Ok(again) => {
+                tracing::debug!(text = id, connection = %target.connection, code = resp.code, "MESSAGE challenged: answering");
+                om.retry = Some(again);
+                self.msg_queue.push(id);
+                true
+            }
+            Err(e) => {
+                tracing::info!(text = id, connection = %target.connection, error = %e, "cannot answer the PBX's challenge");
+                false
+            }
         }
     }
 

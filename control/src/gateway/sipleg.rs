@@ -5,6 +5,7 @@
 //! The Telegram side speaks Opus and the dataplane's bridge transcodes G.711 to it, so the SIP
 //! side is offered and answered PCMA/PCMU (in the connection's order) with telephone-event.
 
+use super::auth::{self, Credentials};
 use crate::sip::call::{branch, strip_brackets, tag};
 use crate::sip::msg::{Method, SipRequest, SipResponse};
 use crate::sip::sdp::{
@@ -158,6 +159,10 @@ pub struct SipLeg {
     late_bye: bool,
     /// The PBX holds the call (its last SDP wants none of our media).
     held: bool,
+    /// UAC: our login at the PBX, to answer one digest challenge to the INVITE.
+    credentials: Option<Credentials>,
+    /// UAC: the INVITE went out again with credentials; a second challenge fails the call.
+    challenged: bool,
     out: VecDeque<LegAction>,
 }
 
@@ -220,6 +225,8 @@ impl SipLeg {
                 ok: None,
                 late_bye: false,
                 held,
+                credentials: None,
+                challenged: false,
                 out: VecDeque::new(),
             },
             spec,
@@ -280,6 +287,8 @@ impl SipLeg {
             ok: None,
             late_bye: false,
             held: false,
+            credentials: None,
+            challenged: false,
             out: VecDeque::new(),
         };
         leg.out.push_back(LegAction::Send {
@@ -297,6 +306,12 @@ impl SipLeg {
     /// Is the dialog over?
     pub fn is_ended(&self) -> bool {
         self.state == State::Ended
+    }
+
+    /// UAC: our login and password at the PBX (a `register_to_pbx` connection's), to answer
+    /// its digest challenge to the INVITE once.
+    pub fn set_credentials(&mut self, credentials: Option<Credentials>) {
+        self.credentials = credentials;
     }
 
     /// Does the PBX hold the call?
@@ -542,6 +557,28 @@ impl SipLeg {
                 });
             }
         } else if code >= 300 && self.state == State::Early {
+            if auth::is_challenge(code) && !self.challenged {
+                if let Some(creds) = &self.credentials {
+                    match auth::authorize(&self.invite, &resp, creds) {
+                        Ok(again) => {
+                            tracing::debug!(call_id = %self.dialog.call_id, code, "INVITE challenged: answering");
+                            self.challenged = true;
+                            if let Some((n, _)) = again.cseq() {
+                                self.dialog.cseq = n;
+                            }
+                            self.invite = again.clone();
+                            self.out.push_back(LegAction::Send {
+                                req: again,
+                                dest: self.dialog.address,
+                            });
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::info!(call_id = %self.dialog.call_id, error = %e, "cannot answer the PBX's challenge")
+                        }
+                    }
+                }
+            }
             self.end(code, &resp.reason);
         }
     }
