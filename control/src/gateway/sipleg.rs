@@ -689,6 +689,55 @@ mod tests {
     }
 
     #[test]
+    fn a_challenged_invite_is_answered_once() {
+        let mut leg = SipLeg::uac(
+            "sip:100@127.0.0.1:5070",
+            "127.0.0.1:5070".parse().unwrap(),
+            "+1000",
+            None,
+            &[],
+            gateway_prefs(&["PCMA".into()]),
+            "127.0.0.1:30000".parse().unwrap(),
+            "127.0.0.1:5060".parse().unwrap(),
+        );
+        leg.set_credentials(Some(Credentials {
+            login: "gw".into(),
+            password: "pw".into(),
+        }));
+        let sent = |leg: &mut SipLeg| -> Vec<LegAction> {
+            std::iter::from_fn(|| leg.poll_action()).collect()
+        };
+        let Some(LegAction::Send { req: first, .. }) = sent(&mut leg).pop() else {
+            panic!("no INVITE")
+        };
+        let challenge = |req: &SipRequest| {
+            let mut r = SipResponse::to(req, 401, "Unauthorized", Some("t"));
+            r.headers_mut().add(
+                "WWW-Authenticate",
+                "Digest realm=\"pbx\", nonce=\"n1\", algorithm=MD5, qop=\"auth\"",
+            );
+            r
+        };
+        leg.on_response(challenge(&first));
+        let acts = sent(&mut leg);
+        let [LegAction::Send { req: again, .. }] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(again.cseq(), Some((2, Method::Invite)));
+        assert_eq!(again.call_id(), first.call_id());
+        assert!(again
+            .header("Authorization")
+            .is_some_and(|a| a.contains("username=\"gw\"")));
+        assert!(!leg.is_ended());
+        // A second challenge: the call fails with it.
+        leg.on_response(challenge(again));
+        assert!(matches!(
+            sent(&mut leg).as_slice(),
+            [LegAction::Ended { code: 401, .. }]
+        ));
+    }
+
+    #[test]
     fn hold_and_resume_are_mirrored_and_reported() {
         let mut leg = answered_leg();
         let (dir, v1, spec, hold) = reinvite(&mut leg, 2, "a=sendonly\r\n", "127.0.0.1");
