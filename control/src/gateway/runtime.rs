@@ -328,6 +328,8 @@ struct GwCall {
     dtmf: Vec<String>,
     /// The SIP leg negotiated telephone-event (RFC 4733 digits can go in its RTP).
     sip_events: bool,
+    /// The last update of the SIP media leg still on its way to the dataplane.
+    leg_update: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl GwCall {
@@ -523,13 +525,14 @@ impl GatewayCalls {
         let mut spec = spec;
         spec.rtcp_mux = true;
         let sip_events = spec.codec.telephone_event.is_some();
-        self.spawn_update_leg(session, leg.0, spec);
+        let leg_update = self.spawn_update_leg(session, leg.0, spec, None);
         let mut tg = TgCall::outgoing();
         // A call offered on hold: the Telegram user sees us muted from the start.
         tg.set_muted(sip.is_held());
         let call = GwCall {
             dtmf: route.dtmf.clone(),
             sip_events,
+            leg_update,
             gateway: route.gateway.clone(),
             storage: route.storage.clone(),
             account: route.account.clone(),
@@ -651,6 +654,7 @@ impl GatewayCalls {
             GwCall {
                 dtmf: call.dtmf.clone(),
                 sip_events: false,
+                leg_update: None,
                 gateway: call.gateway.clone(),
                 storage: call.storage.clone(),
                 account: call.account.clone(),
@@ -1211,8 +1215,11 @@ impl GatewayCalls {
             LegAction::UpdateLeg(mut spec) => {
                 spec.rtcp_mux = true;
                 c.sip_events = spec.codec.telephone_event.is_some();
-                let (session, leg) = (c.session, c.sip_leg);
-                self.spawn_update_leg(session, leg, spec);
+                let (session, leg, previous) = (c.session, c.sip_leg, c.leg_update.take());
+                let update = self.spawn_update_leg(session, leg, spec, previous);
+                if let Some(c) = self.calls.get_mut(&id) {
+                    c.leg_update = update;
+                }
             }
             LegAction::Ringing => {}
             LegAction::Answered => {
@@ -1606,14 +1613,24 @@ impl GatewayCalls {
         });
     }
 
-    fn spawn_update_leg(&self, session: SessionId, leg: LegId, spec: siptg_proto::LegSpec) {
-        if let Some(dp) = self.worker.dataplane().client() {
-            tokio::spawn(async move {
-                if let Err(e) = dp.update_leg(session, leg, spec).await {
-                    tracing::warn!(session, leg, error = %e, "media leg update refused");
-                }
-            });
-        }
+    /// Updates the SIP media leg in a task that waits for the call's previous update first:
+    /// a hold and its resume must reach the dataplane in the order the PBX sent them.
+    fn spawn_update_leg(
+        &self,
+        session: SessionId,
+        leg: LegId,
+        spec: siptg_proto::LegSpec,
+        previous: Option<tokio::task::JoinHandle<()>>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let dp = self.worker.dataplane().client()?;
+        Some(tokio::spawn(async move {
+            if let Some(p) = previous {
+                let _ = p.await;
+            }
+            if let Err(e) = dp.update_leg(session, leg, spec).await {
+                tracing::warn!(session, leg, error = %e, "media leg update refused");
+            }
+        }))
     }
 
     fn delete_session(&self, session: SessionId) {
