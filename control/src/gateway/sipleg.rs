@@ -159,6 +159,8 @@ pub struct SipLeg {
     late_bye: bool,
     /// The PBX holds the call (its last SDP wants none of our media).
     held: bool,
+    /// Our offer in the 2xx to an offerless re-INVITE: the ACK brings the answer.
+    offered: Option<SessionDescription>,
     /// UAC: our login at the PBX, to answer one digest challenge to the INVITE.
     credentials: Option<Credentials>,
     /// UAC: the INVITE went out again with credentials; a second challenge fails the call.
@@ -225,6 +227,7 @@ impl SipLeg {
                 ok: None,
                 late_bye: false,
                 held,
+                offered: None,
                 credentials: None,
                 challenged: false,
                 out: VecDeque::new(),
@@ -287,6 +290,7 @@ impl SipLeg {
             ok: None,
             late_bye: false,
             held: false,
+            offered: None,
             credentials: None,
             challenged: false,
             out: VecDeque::new(),
@@ -437,6 +441,18 @@ impl SipLeg {
         match req.method {
             Method::Ack => {
                 self.ok = None;
+                if let Some(offer) = self.offered.take() {
+                    // The answer to our offer in the 2xx of an offerless re-INVITE.
+                    match SessionDescription::parse(&req.body)
+                        .ok()
+                        .and_then(|answer| sdp::apply_answer(&offer, &answer).ok())
+                    {
+                        Some(neg) => self.negotiated(&neg),
+                        None => {
+                            tracing::debug!(call_id = %self.dialog.call_id, "ACK without a usable answer to our offer")
+                        }
+                    }
+                }
             }
             Method::Cancel => {
                 if self.uas && self.state == State::Early {
@@ -456,7 +472,20 @@ impl SipLeg {
                 // offer's direction (sendonly → recvonly, inactive → inactive), so a changed
                 // answer gets a new `o=` version (§8).
                 if req.body.is_empty() {
-                    let r = self.response(&req, 200, "OK", req.method == Method::Invite);
+                    let offer = req.method == Method::Invite;
+                    if offer {
+                        // RFC 3264 §8: we offer in the 2xx, sendrecv (a PBX resumes this way
+                        // too); the answer comes in the ACK.
+                        let srtp = self
+                            .ours
+                            .media
+                            .iter()
+                            .any(|m| m.proto.to_ascii_uppercase().starts_with("RTP/SAVP"));
+                        self.media.session_version += 1;
+                        self.ours = sdp::offer(&self.prefs, &self.media, srtp);
+                        self.offered = Some(self.ours.clone());
+                    }
+                    let r = self.response(&req, 200, "OK", offer);
                     self.out.push_back(LegAction::Respond(r));
                     return;
                 }
@@ -470,13 +499,10 @@ impl SipLeg {
                             answer.origin.session_version = self.media.session_version.to_string();
                         }
                         self.ours = answer;
-                        self.out.push_back(LegAction::UpdateLeg(leg_spec(&neg)));
+                        self.offered = None;
                         let r = self.response(&req, 200, "OK", true);
+                        self.negotiated(&neg);
                         self.out.push_back(LegAction::Respond(r));
-                        if neg.remote_hold != self.held {
-                            self.held = neg.remote_hold;
-                            self.out.push_back(LegAction::Hold(self.held));
-                        }
                     }
                     None => {
                         let r = self.response(&req, 488, "Not Acceptable Here", false);
@@ -496,6 +522,16 @@ impl SipLeg {
                 let r = self.response(&req, 200, "OK", false);
                 self.out.push_back(LegAction::Respond(r));
             }
+        }
+    }
+
+    /// A new offer/answer outcome: the media leg follows it, and a change of the PBX's hold
+    /// is news for the Telegram side.
+    fn negotiated(&mut self, neg: &NegotiatedMedia) {
+        self.out.push_back(LegAction::UpdateLeg(leg_spec(neg)));
+        if neg.remote_hold != self.held {
+            self.held = neg.remote_hold;
+            self.out.push_back(LegAction::Hold(self.held));
         }
     }
 
@@ -761,5 +797,30 @@ mod tests {
         // RFC 2543 hold: c=0.0.0.0.
         let (_, _, spec, hold) = reinvite(&mut leg, 6, "", "0.0.0.0");
         assert_eq!((spec, hold), (MediaDirection::RecvOnly, Some(true)));
+        // Resumed by an offerless re-INVITE: we offer sendrecv in the 200, the ACK answers.
+        leg.on_request(request(Method::Invite, 7, Vec::new()));
+        let acts: Vec<LegAction> = std::iter::from_fn(|| leg.poll_action()).collect();
+        let [LegAction::Respond(ok)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert!(String::from_utf8_lossy(&ok.body).contains("a=sendrecv"));
+        let offer = SessionDescription::parse(&ok.body).unwrap();
+        let (answer, _) = sdp::answer(
+            &offer,
+            &gateway_prefs(&["PCMA".into()]),
+            &LocalMedia::new("127.0.0.1".parse().unwrap(), 4000, 7),
+        )
+        .unwrap();
+        leg.on_request(request(Method::Ack, 7, answer.to_string().into_bytes()));
+        let acts: Vec<LegAction> = std::iter::from_fn(|| leg.poll_action()).collect();
+        assert!(
+            matches!(
+                acts.as_slice(),
+                [LegAction::UpdateLeg(spec), LegAction::Hold(false)]
+                    if spec.direction == MediaDirection::SendRecv
+                        && spec.remote == Some("127.0.0.1:4000".parse().unwrap())
+            ),
+            "{acts:?}"
+        );
     }
 }
