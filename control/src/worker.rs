@@ -171,6 +171,28 @@ impl Worker {
         &self.links
     }
 
+    /// Our login and password at the PBX of `connection` (a `register_to_pbx` one with both
+    /// set): the gateway answers that PBX's digest challenges to its INVITEs and MESSAGEs.
+    pub fn pbx_credentials(&self, connection: &str) -> Option<crate::gateway::auth::Credentials> {
+        // The config file's connections, then the control API's (a challenge is rare: the
+        // lock is not on a hot path).
+        let api = self
+            .api_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.connections
+            .iter()
+            .chain(api.iter())
+            .find(|c| c.name == connection && c.kind == ConnectionKind::RegisterToPbx)
+            .and_then(|c| {
+                Some(crate::gateway::auth::Credentials {
+                    login: c.login.clone()?,
+                    password: c.password.clone()?,
+                })
+            })
+    }
+
     /// The dataplane supervisor.
     pub fn dataplane(&self) -> &Arc<Supervisor> {
         &self.dataplane
