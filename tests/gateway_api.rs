@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{free_tcp, sip_invite, siptg, Proc, TestNode};
+use common::{sip_invite, siptg, Proc, SimUp, TestNode};
 use std::time::{Duration, Instant};
 
 const WORLD: &str = r#"
@@ -18,40 +18,23 @@ username = "private_one"
 calls = "nobody"
 "#;
 
-fn start(node: &TestNode) -> Proc {
-    let sim = free_tcp();
-    std::fs::write(node.path("world.toml"), WORLD).unwrap();
-    let cfg = node.write_config(
-        "siptg.toml",
-        &format!(
-            r#"
-[storage]
-key_file = "var/storage.key"
-[telegram]
-backend = "sim"
-sim_address = "{sim}"
-sim_world = "world.toml"
-sim_autologin = {{ gateway = "+10000000001" }}
-[database]
-path = "var/db.redb"
+const SETUP: &str = r#"
 [[connection]]
 name = "trunk"
 type = "ip"
 server = "127.0.0.1:9"
 keepalive = "0s"
 trusted_ips = ["127.0.0.1"]
-"#
-        ),
-    );
-    let p = Proc::start(
-        &["up", "--config", cfg.to_str().unwrap()],
-        &node.path("up.log"),
-    );
-    let end = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < end && node.status().is_none() {
-        std::thread::sleep(Duration::from_millis(200));
+"#;
+
+fn start(node: &TestNode) -> Proc {
+    SimUp {
+        world: WORLD,
+        autologin: r#"gateway = "+10000000001""#,
+        setup: SETUP,
+        ..Default::default()
     }
-    p
+    .start(node)
 }
 
 fn cli(node: &TestNode, args: &[&str]) -> (bool, String) {

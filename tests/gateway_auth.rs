@@ -7,16 +7,14 @@
 
 mod common;
 
-use common::{free_tcp, wait_for, Proc, TestNode};
+use common::pbx::{Msg, Pbx};
+use common::tgapp::{app, user};
+use common::{wait_for, Proc, SimUp, TestNode};
 use siptg_control::sip::digest::{Algorithm, DigestServer};
-use siptg_control::telegram::account::{Account, AccountOptions, LoginStep};
+use siptg_control::telegram::account::Account;
 use siptg_control::telegram::resolve::Peer;
-use siptg_control::telegram::simclient::SimClient;
 use siptg_control::telegram::tl;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::net::UdpSocket;
 
 const WORLD: &str = r#"
 [flood]
@@ -37,104 +35,14 @@ first_name = "Alice"
 const LOGIN: &str = "gw-login";
 const PASSWORD: &str = "gw-secret-1";
 
-/// A fake PBX that authenticates requests with a real digest server.
-struct Pbx {
-    sock: UdpSocket,
-    addr: SocketAddr,
-    digest: DigestServer,
+/// The fake PBX's digest server (one for the whole test: its nonces must verify).
+fn digest() -> &'static DigestServer {
+    static DIGEST: std::sync::OnceLock<DigestServer> = std::sync::OnceLock::new();
+    DIGEST.get_or_init(|| DigestServer::new("pbx.test", [5u8; 32], Duration::from_secs(60)))
 }
 
-struct Msg {
-    text: String,
-    from: SocketAddr,
-}
-
-impl Msg {
-    fn method(&self) -> &str {
-        self.text.split(' ').next().unwrap_or_default()
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.text.lines().find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-    fn branch(&self) -> Option<&str> {
-        self.header("Via")?
-            .split(';')
-            .find_map(|p| p.strip_prefix("branch="))
-    }
-}
-
+/// The fake PBX authenticates requests with a real digest server.
 impl Pbx {
-    async fn new() -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = sock.local_addr().unwrap();
-        Pbx {
-            sock,
-            addr,
-            digest: DigestServer::new("pbx.test", [5u8; 32], Duration::from_secs(60)),
-        }
-    }
-
-    /// The next request with `method` within `wait` (REGISTERs are answered 200 on the way).
-    async fn request(&self, method: &str, wait: Duration) -> Option<Msg> {
-        let end = tokio::time::Instant::now() + wait;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let (n, from) = tokio::time::timeout_at(end, self.sock.recv_from(&mut buf))
-                .await
-                .ok()?
-                .ok()?;
-            let m = Msg {
-                text: String::from_utf8_lossy(&buf[..n]).to_string(),
-                from,
-            };
-            if m.method() == "REGISTER" {
-                self.respond(&m, 200, "OK", &[]).await;
-            }
-            if m.method() == method {
-                return Some(m);
-            }
-        }
-    }
-
-    /// Answers `req` with `code` and `extra` headers (a 200 to an INVITE carries our SDP).
-    async fn respond(&self, req: &Msg, code: u16, reason: &str, extra: &[(&str, String)]) {
-        let to = req.header("To").unwrap_or_default();
-        let to = if to.contains(";tag=") {
-            to.to_string()
-        } else {
-            format!("{to};tag=pbx{}", self.addr.port())
-        };
-        let body = if code == 200 && req.method() == "INVITE" {
-            format!(
-                "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n",
-                self.addr.port() + 2
-            )
-        } else {
-            String::new()
-        };
-        let mut headers = String::new();
-        for (n, v) in extra {
-            headers.push_str(&format!("{n}: {v}\r\n"));
-        }
-        if !body.is_empty() {
-            headers.push_str("Content-Type: application/sdp\r\n");
-        }
-        let msg = format!(
-            "SIP/2.0 {code} {reason}\r\nVia: {}\r\nFrom: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\n\
-             Contact: <sip:100@{}>\r\n{headers}Content-Length: {}\r\n\r\n{body}",
-            req.header("Via").unwrap_or_default(),
-            req.header("From").unwrap_or_default(),
-            req.header("Call-ID").unwrap_or_default(),
-            req.header("CSeq").unwrap_or_default(),
-            self.addr,
-            body.len()
-        );
-        self.sock.send_to(msg.as_bytes(), req.from).await.unwrap();
-    }
-
     /// Challenges `req` (401 with WWW-Authenticate, or 407 with Proxy-Authenticate), offering
     /// SHA-256 then MD5.
     async fn challenge(&self, req: &Msg, code: u16) {
@@ -143,8 +51,7 @@ impl Pbx {
         } else {
             "Proxy-Authenticate"
         };
-        let values: Vec<(&str, String)> = self
-            .digest
+        let values: Vec<(&str, String)> = digest()
             .challenge(
                 SystemTime::now(),
                 false,
@@ -158,7 +65,7 @@ impl Pbx {
         } else {
             "Proxy Authentication Required"
         };
-        self.respond(req, code, reason, &values).await;
+        self.respond_with(req, code, reason, &values).await;
     }
 
     /// Checks `req`'s answer to a challenge of `code`: the user it names, or why it fails.
@@ -169,7 +76,7 @@ impl Pbx {
             "Proxy-Authorization"
         };
         let answer = req.header(name).ok_or(format!("no {name}"))?;
-        self.digest
+        digest()
             .verify(
                 req.method(),
                 answer,
@@ -183,22 +90,12 @@ impl Pbx {
 
 /// `siptg up` with gateway `gw` whose one connection registers to `pbx` with our login.
 fn start(node: &TestNode, pbx: &Pbx) -> Proc {
-    std::fs::write(node.path("world.toml"), WORLD).unwrap();
-    let sim = free_tcp();
-    let cfg = node.write_config(
-        "siptg.toml",
-        &format!(
+    SimUp {
+        world: WORLD,
+        autologin: r#"gateway = "+10000000001""#,
+        storage: r#"rpc_timeout = "2s""#,
+        setup: &format!(
             r#"
-[storage]
-key_file = "var/storage.key"
-rpc_timeout = "2s"
-[telegram]
-backend = "sim"
-sim_address = "{sim}"
-sim_world = "world.toml"
-sim_autologin = {{ gateway = "+10000000001" }}
-[database]
-path = "var/db.redb"
 [[connection]]
 name = "carrier"
 type = "register_to_pbx"
@@ -215,44 +112,15 @@ pbx_number = "100"
 "#,
             pbx = pbx.addr
         ),
-    );
-    let proc = Proc::start(
-        &["up", "--config", cfg.to_str().unwrap()],
-        &node.path("up.log"),
-    );
-    wait_for(
-        "the gateway's account logged in",
-        Duration::from_secs(40),
-        || {
-            proc.log()
-                .contains("simulated account logged in")
-                .then_some(())
-        },
-    );
-    proc
+        ..Default::default()
+    }
+    .start(node)
 }
 
+/// Alice's app, and the gateway's account as she sees it.
 async fn alice(node: &TestNode) -> (Account, Peer) {
-    let text = std::fs::read_to_string(node.path("siptg.toml")).unwrap();
-    let sim: SocketAddr = text
-        .lines()
-        .find_map(|l| l.strip_prefix("sim_address = "))
-        .and_then(|v| v.trim_matches('"').parse().ok())
-        .unwrap();
-    let (client, _updates) = SimClient::connect(sim, None).await.unwrap();
-    let a = Account::new("alice-app", Arc::new(client), AccountOptions::default());
-    let sent = a.send_code("+10000000002").await.unwrap();
-    assert!(matches!(
-        a.sign_in(&sent, "12345").await.unwrap(),
-        LoginStep::Done(_)
-    ));
-    let tl::enums::contacts::ResolvedPeer::Peer(r) = a
-        .invoke(&tl::functions::contacts::ResolvePhone {
-            phone: "10000000001".into(),
-        })
-        .await
-        .unwrap();
-    let gw = r.users.iter().find_map(Peer::from_user).unwrap();
+    let (a, _updates) = app(node, "+10000000002").await;
+    let gw = user(&a, "10000000001").await;
     (a, gw)
 }
 
@@ -323,7 +191,7 @@ async fn challenged_invites_and_messages_are_answered_once() {
         Ok(format!("{LOGIN} SHA-256").as_str())
     );
     assert!(again.text.ends_with("hello, PBX"));
-    pbx.respond(&again, 200, "OK", &[]).await;
+    pbx.respond(&again, 200, "OK").await;
     wait_for("the delivered text", Duration::from_secs(5), || {
         up.log()
             .contains("text message delivered to the PBX")
@@ -391,7 +259,7 @@ async fn challenged_invites_and_messages_are_answered_once() {
         pbx.verify(&again, 407).as_deref(),
         Ok(format!("{LOGIN} SHA-256").as_str())
     );
-    pbx.respond(&again, 200, "OK", &[]).await;
+    pbx.respond(&again, 200, "OK").await;
     let ack = pbx
         .request("ACK", Duration::from_secs(3))
         .await

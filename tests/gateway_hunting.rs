@@ -6,15 +6,13 @@
 
 mod common;
 
-use common::{free_tcp, wait_for, Proc, TestNode};
-use siptg_control::telegram::account::{Account, AccountOptions, LoginStep};
+use common::pbx::{Msg, Pbx};
+use common::tgapp::app;
+use common::{wait_for, Proc, SimUp, TestNode};
+use siptg_control::telegram::account::Account;
 use siptg_control::telegram::resolve::Peer;
-use siptg_control::telegram::simclient::SimClient;
 use siptg_control::telegram::tl;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::UdpSocket;
 
 const WORLD: &str = r#"
 [[users]]
@@ -29,129 +27,9 @@ username = "alice_tg"
 first_name = "Alice"
 "#;
 
-/// A fake PBX: one UDP socket, SIP text in and out.
-struct Pbx {
-    sock: UdpSocket,
-    addr: SocketAddr,
-}
-
-/// One SIP message as received.
-struct Msg {
-    text: String,
-    from: SocketAddr,
-}
-
-impl Msg {
-    fn first_line(&self) -> &str {
-        self.text.lines().next().unwrap_or_default()
-    }
-    fn method(&self) -> &str {
-        self.first_line().split(' ').next().unwrap_or_default()
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.text.lines().find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
-impl Pbx {
-    async fn new() -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = sock.local_addr().unwrap();
-        Pbx { sock, addr }
-    }
-
-    /// The next request with `method` within `wait` (retransmissions and others skipped).
-    async fn request(&self, method: &str, wait: Duration) -> Option<Msg> {
-        let end = tokio::time::Instant::now() + wait;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let (n, from) = tokio::time::timeout_at(end, self.sock.recv_from(&mut buf))
-                .await
-                .ok()?
-                .ok()?;
-            let m = Msg {
-                text: String::from_utf8_lossy(&buf[..n]).to_string(),
-                from,
-            };
-            if m.method() == method {
-                return Some(m);
-            }
-        }
-    }
-
-    /// Hangs up the call `invite` we answered: BYE in its dialog; returns siptg's status line.
-    async fn bye(&self, invite: &Msg) -> Option<String> {
-        let target = invite
-            .header("Contact")
-            .map(|c| c.trim_matches(|ch| ch == '<' || ch == '>').to_string())
-            .unwrap_or_default();
-        let msg = format!(
-            "BYE {target} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKbye{port};rport\r\nMax-Forwards: 70\r\n\
-             From: {to};tag=pbx{port}\r\nTo: {from}\r\nCall-ID: {cid}\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
-            me = self.addr,
-            port = self.addr.port(),
-            to = invite.header("To").unwrap_or_default(),
-            from = invite.header("From").unwrap_or_default(),
-            cid = invite.header("Call-ID").unwrap_or_default(),
-        );
-        self.sock.send_to(msg.as_bytes(), invite.from).await.ok()?;
-        let mut buf = vec![0u8; 65536];
-        let end = tokio::time::Instant::now() + Duration::from_secs(3);
-        loop {
-            let (n, _) = tokio::time::timeout_at(end, self.sock.recv_from(&mut buf))
-                .await
-                .ok()?
-                .ok()?;
-            let text = String::from_utf8_lossy(&buf[..n]).to_string();
-            if text.starts_with("SIP/2.0 ") && text.contains("BYE") {
-                return text.lines().next().map(str::to_string);
-            }
-        }
-    }
-
-    /// Answers `req` with `code` (a 200 carries our SDP and Contact).
-    async fn respond(&self, req: &Msg, code: u16, reason: &str) {
-        let to = req.header("To").unwrap_or_default();
-        let to = if to.contains(";tag=") || code == 100 {
-            to.to_string()
-        } else {
-            format!("{to};tag=pbx{}", self.addr.port())
-        };
-        let body = if code == 200 && req.method() == "INVITE" {
-            format!(
-                "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n",
-                self.addr.port() + 2
-            )
-        } else {
-            String::new()
-        };
-        let ctype = if body.is_empty() {
-            String::new()
-        } else {
-            "Content-Type: application/sdp\r\n".to_string()
-        };
-        let msg = format!(
-            "SIP/2.0 {code} {reason}\r\nVia: {}\r\nFrom: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\n\
-             Contact: <sip:100@{}>\r\n{ctype}Content-Length: {}\r\n\r\n{body}",
-            req.header("Via").unwrap_or_default(),
-            req.header("From").unwrap_or_default(),
-            req.header("Call-ID").unwrap_or_default(),
-            req.header("CSeq").unwrap_or_default(),
-            self.addr,
-            body.len()
-        );
-        self.sock.send_to(msg.as_bytes(), req.from).await.unwrap();
-    }
-}
-
 /// `siptg up` with a gateway whose connections are IP trunks to `pbxs` with their priorities;
 /// `extra` are more gateway settings.
 fn start(node: &TestNode, pbxs: &[(&Pbx, u32)], extra: &str) -> Proc {
-    std::fs::write(node.path("world.toml"), WORLD).unwrap();
-    let sim = free_tcp();
     let mut conns = String::new();
     let mut names = Vec::new();
     for (i, (pbx, priority)) in pbxs.iter().enumerate() {
@@ -162,62 +40,22 @@ fn start(node: &TestNode, pbxs: &[(&Pbx, u32)], extra: &str) -> Proc {
         ));
         names.push(format!("\"pbx{i}\""));
     }
-    let cfg = node.write_config(
-        "siptg.toml",
-        &format!(
-            r#"
-[storage]
-key_file = "var/storage.key"
-[telegram]
-backend = "sim"
-sim_address = "{sim}"
-sim_world = "world.toml"
-sim_autologin = {{ gateway = "+10000000001" }}
-[database]
-path = "var/db.redb"
-{conns}
-[[gateway]]
-name = "gw"
-account = "gateway"
-connections = [{names}]
-pbx_number = "100"
-{extra}
-"#,
-            names = names.join(", ")
+    SimUp {
+        world: WORLD,
+        autologin: r#"gateway = "+10000000001""#,
+        setup: &format!(
+            "{conns}[[gateway]]\nname = \"gw\"\naccount = \"gateway\"\nconnections = [{}]\n\
+             pbx_number = \"100\"\n{extra}\n",
+            names.join(", ")
         ),
-    );
-    let proc = Proc::start(
-        &["up", "--config", cfg.to_str().unwrap()],
-        &node.path("up.log"),
-    );
-    wait_for(
-        "the gateway's account logged in",
-        Duration::from_secs(40),
-        || {
-            proc.log()
-                .contains("simulated account logged in")
-                .then_some(())
-        },
-    );
-    proc
+        ..Default::default()
+    }
+    .start(node)
 }
 
-/// Alice's app on the simulated cloud (`siptg up`'s, at the configured address).
+/// Alice's app on the simulated cloud.
 async fn alice(node: &TestNode) -> Account {
-    let text = std::fs::read_to_string(node.path("siptg.toml")).unwrap();
-    let sim: SocketAddr = text
-        .lines()
-        .find_map(|l| l.strip_prefix("sim_address = "))
-        .and_then(|v| v.trim_matches('"').parse().ok())
-        .unwrap();
-    let (client, _updates) = SimClient::connect(sim, None).await.unwrap();
-    let a = Account::new("alice-app", Arc::new(client), AccountOptions::default());
-    let sent = a.send_code("+10000000002").await.unwrap();
-    assert!(matches!(
-        a.sign_in(&sent, "12345").await.unwrap(),
-        LoginStep::Done(_)
-    ));
-    a
+    app(node, "+10000000002").await.0
 }
 
 /// Alice calls the gateway's account until `first` gets an INVITE (the Manager and Worker may

@@ -6,16 +6,14 @@
 
 mod common;
 
-use common::{free_tcp, wait_for, Proc, TestNode};
-use siptg_control::telegram::account::{Account, AccountOptions, LoginStep};
-use siptg_control::telegram::resolve::Peer;
-use siptg_control::telegram::simclient::SimClient;
+use common::pbx::{Msg, Pbx};
+use common::tgapp::{app, user};
+use common::{free_tcp, wait_for, Proc, SimUp, TestNode};
+use siptg_control::telegram::account::Account;
 use siptg_control::telegram::tl;
 use siptg_control::telegram::transport::UpdateRx;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::UdpSocket;
 
 const WORLD: &str = r#"
 [[users]]
@@ -58,62 +56,8 @@ username = "quiet_tg"
 first_name = "Quiet"
 "#;
 
-/// A fake PBX: one UDP socket, SIP text in and out.
-struct Pbx {
-    sock: UdpSocket,
-    addr: SocketAddr,
-}
-
-/// One SIP message as received.
-struct Msg {
-    text: String,
-    from: SocketAddr,
-}
-
-impl Msg {
-    fn first_line(&self) -> &str {
-        self.text.lines().next().unwrap_or_default()
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        let head = self.text.split("\r\n\r\n").next().unwrap_or_default();
-        head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-    fn body(&self) -> &str {
-        self.text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("")
-    }
-    /// `(code, reason)` of a response.
-    fn status(&self) -> (u16, String) {
-        let rest = self
-            .first_line()
-            .strip_prefix("SIP/2.0 ")
-            .unwrap_or_default();
-        let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
-        (code.parse().unwrap_or(0), reason.to_string())
-    }
-}
-
+/// What the texts' fake PBX does besides the shared answers.
 impl Pbx {
-    async fn new() -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = sock.local_addr().unwrap();
-        Pbx { sock, addr }
-    }
-
-    async fn recv(&self, wait: Duration) -> Option<Msg> {
-        let mut buf = vec![0u8; 65536];
-        let (n, from) = tokio::time::timeout(wait, self.sock.recv_from(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        Some(Msg {
-            text: String::from_utf8_lossy(&buf[..n]).to_string(),
-            from,
-        })
-    }
-
     /// The next MESSAGE request within `wait` (anything else skipped).
     async fn message(&self, wait: Duration) -> Option<Msg> {
         let end = tokio::time::Instant::now() + wait;
@@ -124,21 +68,6 @@ impl Pbx {
                 return Some(m);
             }
         }
-    }
-
-    /// Answers `req` with `code`.
-    async fn respond(&self, req: &Msg, code: u16, reason: &str) {
-        let msg = format!(
-            "SIP/2.0 {code} {reason}\r\nVia: {}\r\nFrom: {}\r\nTo: {};tag=pbx{}\r\nCall-ID: {}\r\nCSeq: {}\r\n\
-             Content-Length: 0\r\n\r\n",
-            req.header("Via").unwrap_or_default(),
-            req.header("From").unwrap_or_default(),
-            req.header("To").unwrap_or_default(),
-            self.addr.port(),
-            req.header("Call-ID").unwrap_or_default(),
-            req.header("CSeq").unwrap_or_default(),
-        );
-        self.sock.send_to(msg.as_bytes(), req.from).await.unwrap();
     }
 
     /// Sends siptg at `to` a MESSAGE for `user` with `content_type` (none when empty) and
@@ -276,38 +205,14 @@ fn start_with(node: &TestNode, setup: &str, autologin: &str) -> Proc {
 
 /// As [`start_with`], with `echo` in `[telegram]` (`sim_echo_users`).
 fn start_echo(node: &TestNode, setup: &str, autologin: &str, echo: &str) -> Proc {
-    std::fs::write(node.path("world.toml"), WORLD).unwrap();
-    let sim = free_tcp();
-    let cfg = node.write_config(
-        "siptg.toml",
-        &format!(
-            r#"
-[storage]
-key_file = "var/storage.key"
-rpc_timeout = "2s"
-[telegram]
-backend = "sim"
-sim_address = "{sim}"
-sim_world = "world.toml"
-sim_autologin = {{ {autologin} }}
-{echo}
-[database]
-path = "var/db.redb"
-{setup}
-"#
-        ),
-    );
-    let proc = Proc::start(
-        &["up", "--config", cfg.to_str().unwrap()],
-        &node.path("up.log"),
-    );
-    let accounts = autologin.matches('=').count();
-    wait_for(
-        "the gateway accounts logged in",
-        Duration::from_secs(40),
-        || (proc.log().matches("simulated account logged in").count() >= accounts).then_some(()),
-    );
-    proc
+    SimUp {
+        world: WORLD,
+        autologin,
+        storage: r#"rpc_timeout = "2s""#,
+        telegram: echo,
+        setup,
+    }
+    .start(node)
 }
 
 /// `siptg up` with gateway `gw` (account `gateway`) on an IP trunk to `main`, and gateway
@@ -354,35 +259,6 @@ fn sip(node: &TestNode) -> SocketAddr {
 /// Alice's app on the simulated cloud, and her updates.
 async fn alice(node: &TestNode) -> (Account, UpdateRx) {
     app(node, "+10000000002").await
-}
-
-/// The app of the user with `phone` on the simulated cloud, and their updates.
-async fn app(node: &TestNode, phone: &str) -> (Account, UpdateRx) {
-    let text = std::fs::read_to_string(node.path("siptg.toml")).unwrap();
-    let sim: SocketAddr = text
-        .lines()
-        .find_map(|l| l.strip_prefix("sim_address = "))
-        .and_then(|v| v.trim_matches('"').parse().ok())
-        .unwrap();
-    let (client, updates) = SimClient::connect(sim, None).await.unwrap();
-    let a = Account::new("user-app", Arc::new(client), AccountOptions::default());
-    let sent = a.send_code(phone).await.unwrap();
-    assert!(matches!(
-        a.sign_in(&sent, "12345").await.unwrap(),
-        LoginStep::Done(_)
-    ));
-    (a, updates)
-}
-
-/// The user with `phone`, as Alice sees them.
-async fn user(a: &Account, phone: &str) -> Peer {
-    let tl::enums::contacts::ResolvedPeer::Peer(r) = a
-        .invoke(&tl::functions::contacts::ResolvePhone {
-            phone: phone.into(),
-        })
-        .await
-        .unwrap();
-    r.users.iter().find_map(Peer::from_user).unwrap()
 }
 
 /// The next text Alice receives from user `from` within `wait`.

@@ -2,6 +2,9 @@
 //! that are killed when the test ends, and waiting for conditions.
 #![allow(dead_code)]
 
+pub mod pbx;
+pub mod tgapp;
+
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -361,4 +364,73 @@ pub fn sip_register(to: SocketAddr, login: &str, password: &str) -> (u16, String
         auth = format!("Authorization: {value}\r\n");
     }
     unreachable!()
+}
+
+/// `siptg up` with the simulated Telegram cloud embedded: what the gateway tests share. Fields
+/// left empty add nothing.
+#[derive(Default)]
+pub struct SimUp<'a> {
+    /// The cloud's users (TOML, `[[users]]`), written to `world.toml`.
+    pub world: &'a str,
+    /// Accounts logged in at start, `name = "+phone", …`; `start` waits for all of them.
+    pub autologin: &'a str,
+    /// More lines of `[storage]` (e.g. `rpc_timeout = "2s"`).
+    pub storage: &'a str,
+    /// More lines of `[telegram]` (e.g. `sim_echo_users`).
+    pub telegram: &'a str,
+    /// The rest: connections, gateways.
+    pub setup: &'a str,
+}
+
+impl SimUp<'_> {
+    /// Writes the world and `siptg.toml` into `node` and starts `siptg up`; returns once every
+    /// `autologin` account is logged in (and the admin endpoint answers).
+    pub fn start(&self, node: &TestNode) -> Proc {
+        std::fs::write(node.path("world.toml"), self.world).unwrap();
+        let cfg = node.write_config(
+            "siptg.toml",
+            &format!(
+                r#"
+[storage]
+key_file = "var/storage.key"
+{storage}
+[telegram]
+backend = "sim"
+sim_address = "{sim}"
+sim_world = "world.toml"
+sim_autologin = {{ {autologin} }}
+{telegram}
+[database]
+path = "var/db.redb"
+{setup}
+"#,
+                storage = self.storage,
+                sim = free_tcp(),
+                autologin = self.autologin,
+                telegram = self.telegram,
+                setup = self.setup,
+            ),
+        );
+        let proc = Proc::start(
+            &["up", "--config", cfg.to_str().unwrap()],
+            &node.path("up.log"),
+        );
+        let accounts = self.autologin.matches('=').count();
+        wait_for("the accounts logged in", Duration::from_secs(40), || {
+            (proc.log().matches("simulated account logged in").count() >= accounts).then_some(())
+        });
+        wait_for("the admin endpoint", Duration::from_secs(30), || {
+            node.status()
+        });
+        proc
+    }
+
+    /// The simulated cloud's address, as written in `node`'s config.
+    pub fn sim_address(node: &TestNode) -> SocketAddr {
+        let text = std::fs::read_to_string(node.path("siptg.toml")).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("sim_address = "))
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .expect("sim_address in siptg.toml")
+    }
 }
