@@ -114,6 +114,12 @@ pub struct GatewayConfig {
     /// Telegram (a switched-off feature answers rather than drops).
     #[serde(default = "default_true")]
     pub messages: bool,
+    /// The keypad bot: the name of a bot account in the same Session Storage (`siptg account
+    /// login NAME --bot-token …`). During every answered call the gateway's account puts an
+    /// inline keypad made by this bot into the chat (a user account cannot attach buttons
+    /// itself); a press is DTMF to the PBX like a typed digit. None: digits are typed only.
+    #[serde(default)]
+    pub keypad_bot: Option<String>,
     /// A disabled gateway refuses its calls (`403 Route is not permitted`).
     #[serde(default = "default_true")]
     pub enabled: bool,
