@@ -772,7 +772,8 @@ pub struct TelegramConfig {
     #[serde(default)]
     pub sim_world: Option<PathBuf>,
     /// With the embedded simulated cloud: accounts logged in at start (account name → phone;
-    /// the cloud's code is 12345), so `siptg demo` needs no login step.
+    /// the cloud's code is 12345; or → a bot's token `<id>:<secret>` for a bot such as a
+    /// gateway's `keypad_bot`), so `siptg demo` needs no login step.
     #[serde(default)]
     pub sim_autologin: std::collections::BTreeMap<String, String>,
     /// With the embedded simulated cloud: users (phones) whose app answers every call and
