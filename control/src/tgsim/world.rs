@@ -756,6 +756,20 @@ impl World {
     ) -> Result<Vec<u8>, RpcErr> {
         use tl::functions as f;
         let unix = self.unix(now);
+        // Bots have no calls, devices, privacy settings or contacts.
+        let is_bot = self
+            .user_of(&key)
+            .and_then(|u| self.users.get(&u))
+            .is_some_and(|u| u.bot);
+        let name = tl::name_for_id(id);
+        if is_bot
+            && (name.starts_with("phone.")
+                || name.starts_with("account.")
+                || name == "contacts.importContacts"
+                || name == "messages.getDhConfig")
+        {
+            return Err(err(400, "BOT_METHOD_INVALID"));
+        }
         match id {
             f::auth::ImportBotAuthorization::CONSTRUCTOR_ID => {
                 let r: f::auth::ImportBotAuthorization = decode(body)?;
@@ -2618,6 +2632,12 @@ mod tests {
             rpc_error(call(&mut w, k, bot_login("10000000002"), now)),
             "ACCESS_TOKEN_INVALID"
         );
+        // A bot has no privacy settings or calls.
+        let privacy = tl::functions::account::GetPrivacy {
+            key: tl::enums::InputPrivacyKey::PhoneCall,
+        }
+        .to_bytes();
+        assert_eq!(rpc_error(call(&mut w, kb, privacy, now)), "BOT_METHOD_INVALID");
         // Others see it as a bot.
         let Some(tl::enums::User::User(u)) = w.user_tl_for(BOT, ALICE) else {
             panic!()
