@@ -86,7 +86,8 @@ pub async fn run(loaded: Loaded, cmd: StorageCmd) -> Result<(), String> {
                     r.me.as_ref()
                         .map(|m| {
                             format!(
-                                "user {}{}",
+                                "{} {}{}",
+                                if m.bot { "bot" } else { "user" },
                                 m.user_id,
                                 m.username
                                     .as_ref()

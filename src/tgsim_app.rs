@@ -198,18 +198,22 @@ pub async fn run(
                             .find(|p| p.user_id == from);
                         match chat {
                             Some(chat) if !buttons.is_empty() => {
-                                let keys: Vec<&str> =
-                                    buttons.iter().map(|(label, _)| label.as_str()).collect();
+                                let keys: Vec<String> =
+                                    buttons.iter().map(|(label, _)| label.clone()).collect();
+                                // Kept before it is told: a `press` may follow at once.
+                                {
+                                    let mut kb = kb2
+                                        .lock()
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                                    kb.0 = kb.1.take();
+                                    kb.1 = Some(Keyboard {
+                                        chat,
+                                        id: m.id,
+                                        buttons,
+                                    });
+                                }
                                 emit(json!({"event": "keypad", "from": from, "via_bot": m.via_bot_id,
                                             "id": m.id, "text": m.message, "keys": keys}));
-                                let mut kb =
-                                    kb2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                                kb.0 = kb.1.take();
-                                kb.1 = Some(Keyboard {
-                                    chat,
-                                    id: m.id,
-                                    buttons,
-                                });
                             }
                             _ => emit(json!({"event": "message", "from": from, "text": m.message})),
                         }

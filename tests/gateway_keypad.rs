@@ -93,12 +93,13 @@ keypad_bot = "ghost"
         &node.path("up.log"),
     );
     wait_for(
-        "the gateway and the bot logged in, the echo user online",
+        "the gateway and the bot logged in, the echo user online, the dataplane up",
         Duration::from_secs(40),
         || {
             let log = proc.log();
             (log.matches("simulated account logged in").count() >= 2
-                && log.contains("demo echo user online"))
+                && log.contains("demo echo user online")
+                && log.contains("connected to the dataplane"))
             .then_some(())
         },
     );
@@ -550,4 +551,62 @@ async fn without_its_bot_a_call_goes_on_without_a_keypad() {
     assert!(app.next("keypad", Duration::from_secs(1)).await.is_none());
     // Still up: the BYE is answered 200.
     call.bye().await;
+}
+
+/// `siptg account login NAME --bot-token …` logs a bot into the Storage's database (against
+/// a `siptg tgsim`); a wrong token is refused; `account list` shows it as a bot.
+#[test]
+fn the_account_cli_logs_a_bot_in_by_its_token() {
+    let node = TestNode::new();
+    std::fs::write(node.path("world.toml"), WORLD).unwrap();
+    let sim = free_tcp();
+    let _tgsim = Proc::start(
+        &[
+            "tgsim",
+            "--listen",
+            &sim.to_string(),
+            "--world",
+            node.path("world.toml").to_str().unwrap(),
+        ],
+        &node.path("tgsim.log"),
+    );
+    wait_for("tgsim listening", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(sim).ok()
+    });
+    let cfg = node.write_config(
+        "siptg.toml",
+        &format!(
+            "[storage]\nkey_file = \"var/storage.key\"\n[telegram]\nbackend = \"sim\"\nsim_address = \"{sim}\"\n\
+             sim_embedded = false\n[database]\npath = \"var/db.redb\"\n"
+        ),
+    );
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(siptg())
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .env_remove("SIPTG_BOT_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = run(&["account", "login", "keypad", "--bot-token", "77:wrong"]);
+    assert!(!ok && text.contains("ACCESS_TOKEN_INVALID"), "{text}");
+    let (ok, text) = run(&["account", "login", "keypad", "--bot-token", BOT_TOKEN]);
+    assert!(ok, "{text}");
+    assert!(text.contains("logged in as bot 77 @siptg_keypad_bot"), "{text}");
+    let (ok, text) = run(&["account", "list"]);
+    assert!(ok, "{text}");
+    let line = text.lines().find(|l| l.starts_with("keypad")).unwrap_or_default();
+    assert!(
+        line.contains("active") && line.contains("bot 77"),
+        "{text}"
+    );
 }
