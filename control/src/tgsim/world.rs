@@ -524,7 +524,19 @@ fn decode<R: Deserializable>(body: &[u8]) -> Result<R, RpcErr> {
     R::from_bytes(body.get(4..).unwrap_or_default()).map_err(|_| err(400, "INPUT_REQUEST_INVALID"))
 }
 
-fn ok<T: Serializable>(value: T) -> Result<Vec<u8>, RpcErr> {
+/// What a request handler decided: an answer body now, or a parked request.
+enum Answer {
+    Body(Vec<u8>),
+    /// Answered later (the bot's answer or its timeout) through [`World::take_answers`].
+    Parked,
+}
+
+fn ok<T: Serializable>(value: T) -> Result<Answer, RpcErr> {
+    Ok(Answer::Body(value.to_bytes()))
+}
+
+/// A late answer's body.
+fn late<T: Serializable>(value: T) -> Result<Vec<u8>, RpcErr> {
     Ok(value.to_bytes())
 }
 
@@ -670,11 +682,12 @@ impl World {
                 .push((tl::name_for_id(id).to_string(), format!("{code} {msg}")));
         }
         let reply = match reply {
-            Ok(b) if b == PARKED => {
+            Ok(Answer::Parked) => {
                 self.next_ticket = ticket;
                 Reply::Later(ticket)
             }
-            other => Reply::Now(other),
+            Ok(Answer::Body(b)) => Reply::Now(Ok(b)),
+            Err(e) => Reply::Now(Err(e)),
         };
         Outcome { reply, deliveries }
     }
@@ -753,7 +766,7 @@ impl World {
         now: Instant,
         out: &mut Vec<Delivery>,
         ticket: Ticket,
-    ) -> Result<Vec<u8>, RpcErr> {
+    ) -> Result<Answer, RpcErr> {
         use tl::functions as f;
         let unix = self.unix(now);
         // Bots have no calls, devices, privacy settings or contacts.
@@ -826,7 +839,7 @@ impl World {
                     }),
                     is_call: false,
                 });
-                Ok(PARKED.to_vec())
+                Ok(Answer::Parked)
             }
             f::messages::SetInlineBotResults::CONSTRUCTOR_ID => {
                 let r: f::messages::SetInlineBotResults = decode(body)?;
@@ -858,7 +871,7 @@ impl World {
                 if let Some(q) = self.inline.get_mut(&r.query_id) {
                     q.results = results;
                     if let Some(t) = q.waiting.take() {
-                        self.answer_later(t, ok(answer));
+                        self.answer_later(t, late(answer));
                     }
                 }
                 ok(true)
@@ -985,7 +998,7 @@ impl World {
                     ),
                     is_call: false,
                 });
-                Ok(PARKED.to_vec())
+                Ok(Answer::Parked)
             }
             f::messages::SetBotCallbackAnswer::CONSTRUCTOR_ID => {
                 let r: f::messages::SetBotCallbackAnswer = decode(body)?;
@@ -1007,7 +1020,7 @@ impl World {
                             cache_time: r.cache_time,
                         },
                     );
-                    self.answer_later(q.ticket, ok(answer));
+                    self.answer_later(q.ticket, late(answer));
                 }
                 ok(true)
             }
@@ -1687,7 +1700,7 @@ impl World {
         })
     }
 
-    fn resolved(&self, user: i64, me: i64) -> Result<Vec<u8>, RpcErr> {
+    fn resolved(&self, user: i64, me: i64) -> Result<Answer, RpcErr> {
         ok(tl::enums::contacts::ResolvedPeer::Peer(
             tl::types::contacts::ResolvedPeer {
                 peer: tl::enums::Peer::User(tl::types::PeerUser { user_id: user }),
@@ -1704,7 +1717,7 @@ impl World {
         r: tl::functions::phone::RequestCall,
         now: Instant,
         out: &mut Vec<Delivery>,
-    ) -> Result<Vec<u8>, RpcErr> {
+    ) -> Result<Answer, RpcErr> {
         if callee == me {
             return Err(err(400, "USER_ID_INVALID"));
         }
@@ -2160,9 +2173,6 @@ fn privacy_of(rules: &[tl::enums::InputPrivacyRule]) -> Privacy {
     }
     Privacy::Nobody
 }
-
-/// The internal marker of a parked request (never a TL body: shorter than any constructor).
-const PARKED: &[u8] = b"";
 
 /// Every callback button's data in a reply markup.
 fn callback_data(markup: Option<&tl::enums::ReplyMarkup>) -> impl Iterator<Item = &[u8]> {
