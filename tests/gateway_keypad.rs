@@ -30,6 +30,16 @@ phone = "10000000002"
 username = "echo_tg"
 first_name = "Echo"
 [[users]]
+id = 3
+phone = "10000000003"
+username = "carol_tg"
+first_name = "Carol"
+[[users]]
+id = 4
+phone = "10000000004"
+username = "inbound_tg"
+first_name = "Inbound"
+[[users]]
 id = 77
 phone = "4200000077"
 username = "siptg_keypad_bot"
@@ -42,12 +52,14 @@ bot_token = "77:keypad-secret"
 /// 127.0.0.1, `info` (DTMF by SIP INFO) and `rtp` (RFC 4733), told apart by `X-Line`; the
 /// echo user answers calls.
 fn start(node: &TestNode) -> (Proc, SocketAddr) {
-    start_in(node, "")
+    start_in(node, "", None)
 }
 
-/// As [`start`], with `top` at the top of the world file (e.g. `unanswered`), and a gateway
-/// `ghost` on line `ghost` whose keypad bot is no account of the Storage.
-fn start_in(node: &TestNode, top: &str) -> (Proc, SocketAddr) {
+/// As [`start`], with `top` at the top of the world file (e.g. `unanswered`), a gateway
+/// `ghost` on line `ghost` whose keypad bot is no account of the Storage, and with `pbx` a
+/// gateway `inbound` (account `inbound`, user 4, keypad bot `keypad`) whose Telegram calls go
+/// to that PBX (`pbx_number` 100, DTMF by INFO).
+fn start_in(node: &TestNode, top: &str, pbx: Option<SocketAddr>) -> (Proc, SocketAddr) {
     std::fs::write(node.path("world.toml"), format!("{top}\n{WORLD}")).unwrap();
     let sim = free_tcp();
     let trunk = |name: &str, dtmf: &str| {
@@ -67,7 +79,7 @@ rpc_timeout = "5s"
 backend = "sim"
 sim_address = "{sim}"
 sim_world = "world.toml"
-sim_autologin = {{ gateway = "+10000000001", keypad = "{BOT_TOKEN}" }}
+sim_autologin = {{ gateway = "+10000000001", keypad = "{BOT_TOKEN}"{inbound_login} }}
 sim_echo_users = ["+10000000002"]
 [database]
 path = "var/db.redb"
@@ -82,10 +94,19 @@ name = "ghost"
 account = "gateway"
 connections = ["ghost"]
 keypad_bot = "ghost"
-"#,
+{inbound}"#,
             info = trunk("info", "\"info\""),
             rtp = trunk("rtp", "\"rfc2833\""),
             ghost = trunk("ghost", "\"info\""),
+            inbound_login = if pbx.is_some() { ", inbound = \"+10000000004\"" } else { "" },
+            inbound = pbx
+                .map(|a| format!(
+                    "[[connection]]\nname = \"pbx\"\ntype = \"ip\"\nserver = \"{a}\"\nkeepalive = \"0s\"\n\
+                     codecs = [\"PCMA\"]\ndtmf = [\"info\"]\n\
+                     [[gateway]]\nname = \"inbound\"\naccount = \"inbound\"\nconnections = [\"pbx\"]\n\
+                     pbx_number = \"100\"\nkeypad_bot = \"keypad\"\n"
+                ))
+                .unwrap_or_default(),
         ),
     );
     let proc = Proc::start(
@@ -97,7 +118,7 @@ keypad_bot = "ghost"
         Duration::from_secs(40),
         || {
             let log = proc.log();
-            (log.matches("simulated account logged in").count() >= 2
+            (log.matches("simulated account logged in").count() >= 2 + usize::from(pbx.is_some())
                 && log.contains("demo echo user online")
                 && log.contains("connected to the dataplane"))
             .then_some(())
@@ -509,7 +530,7 @@ async fn keypad_presses_reach_the_pbx_as_rfc4733_events_when_the_line_says_so() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_press_on_an_ended_calls_keypad_is_answered_and_sends_no_dtmf() {
     let node = TestNode::new();
-    let (up, sim) = start_in(&node, r#"unanswered = ["messages.deleteMessages"]"#);
+    let (up, sim) = start_in(&node, r#"unanswered = ["messages.deleteMessages"]"#, None);
     let mut app = App::start(sim, "+10000000002").await;
 
     let call = PbxCall::answered(node.sip, "info", "+10000000002", false).await;
@@ -609,4 +630,99 @@ fn the_account_cli_logs_a_bot_in_by_its_token() {
         line.contains("active") && line.contains("bot 77"),
         "{text}"
     );
+}
+
+/// A PBX that Telegram users' calls ring (the `inbound` gateway's connection).
+struct InboundPbx {
+    sock: UdpSocket,
+}
+
+impl InboundPbx {
+    /// The next request with `method` within `wait` (anything else skipped).
+    async fn request(&self, method: &str, wait: Duration) -> Option<(String, SocketAddr)> {
+        let end = Instant::now() + wait;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (len, from) = tokio::time::timeout_at(end, self.sock.recv_from(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            let text = String::from_utf8_lossy(&buf[..len]).to_string();
+            if text.starts_with(&format!("{method} ")) {
+                return Some((text, from));
+            }
+        }
+    }
+
+    /// Answers `req` with `code`; an INVITE's 200 carries our tag, SDP and Contact.
+    async fn respond(&self, req: &str, from: SocketAddr, code: u16) {
+        let me = self.sock.local_addr().unwrap();
+        let to = header(req, "To").unwrap_or_default();
+        let invite = req.starts_with("INVITE ");
+        let to = if invite && !to.contains(";tag=") {
+            format!("{to};tag=pbx")
+        } else {
+            to.to_string()
+        };
+        let body = if invite {
+            format!(
+                "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n",
+                me.port() + 2
+            )
+        } else {
+            String::new()
+        };
+        let ctype = if invite { "Content-Type: application/sdp\r\n" } else { "" };
+        let msg = format!(
+            "SIP/2.0 {code} OK\r\nVia: {}\r\nFrom: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\n\
+             Contact: <sip:100@{me}>\r\n{ctype}Content-Length: {}\r\n\r\n{body}",
+            header(req, "Via").unwrap_or_default(),
+            header(req, "From").unwrap_or_default(),
+            header(req, "Call-ID").unwrap_or_default(),
+            header(req, "CSeq").unwrap_or_default(),
+            body.len()
+        );
+        self.sock.send_to(msg.as_bytes(), from).await.unwrap();
+    }
+}
+
+/// A Telegram user's call to a gateway, answered by the PBX: the keypad comes to the caller's
+/// chat and a press reaches the PBX as INFO.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telegram_callers_keypad_reaches_the_pbx_too() {
+    let pbx = InboundPbx {
+        sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let node = TestNode::new();
+    let (up, sim) = start_in(&node, "", Some(pbx.sock.local_addr().unwrap()));
+    let mut carol = App::start(sim, "+10000000003").await;
+    let mut invite = None;
+    for _ in 0..10 {
+        carol
+            .send(json!({"op": "call", "peer": "@inbound_tg", "g_a_hash": "03".repeat(32)}))
+            .await;
+        if let Some(i) = pbx.request("INVITE", Duration::from_secs(3)).await {
+            invite = Some(i);
+            break;
+        }
+    }
+    let (invite, from) =
+        invite.unwrap_or_else(|| panic!("Carol's call rings the PBX:\n{}", up.log()));
+    pbx.respond(&invite, from, 200).await;
+    pbx.request("ACK", Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("the answer is ACKed:\n{}", up.log()));
+    let k = carol
+        .next("keypad", Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("no keypad in Carol's chat:\n{}", up.log()));
+    assert_eq!((k["from"].as_i64(), k["via_bot"].as_i64()), (Some(4), Some(77)), "{k}");
+    assert_eq!(carol.press("5").await["answer"], "Sent: 5");
+    let (info, from) = pbx
+        .request("INFO", Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("the press reaches the PBX:\n{}", up.log()));
+    assert!(info.contains("Signal=5"), "{info}");
+    assert_eq!(header(&info, "Call-ID"), header(&invite, "Call-ID"));
+    pbx.respond(&info, from, 200).await;
 }
