@@ -88,10 +88,12 @@ fn callback_buttons(markup: &Option<tl::enums::ReplyMarkup>) -> Vec<(String, Vec
     m.rows
         .iter()
         .flat_map(|tl::enums::KeyboardInlineButtonRow::Row(r)| r.buttons.iter())
-        .filter_map(|tl::enums::KeyboardInlineButton::Button(b)| match &b.r#type {
-            tl::enums::InlineButtonType::Callback(c) => Some((b.text.clone(), c.data.clone())),
-            _ => None,
-        })
+        .filter_map(
+            |tl::enums::KeyboardInlineButton::Button(b)| match &b.r#type {
+                tl::enums::InlineButtonType::Callback(c) => Some((b.text.clone(), c.data.clone())),
+                _ => None,
+            },
+        )
         .collect()
 }
 
@@ -212,8 +214,10 @@ pub async fn run(
                                         buttons,
                                     });
                                 }
-                                emit(json!({"event": "keypad", "from": from, "via_bot": m.via_bot_id,
-                                            "id": m.id, "text": m.message, "keys": keys}));
+                                emit(
+                                    json!({"event": "keypad", "from": from, "via_bot": m.via_bot_id,
+                                            "id": m.id, "text": m.message, "keys": keys}),
+                                );
                             }
                             _ => emit(json!({"event": "message", "from": from, "text": m.message})),
                         }

@@ -254,7 +254,10 @@ impl PbxCall {
         let me = sip.local_addr().unwrap();
         let n: u32 = rand::random();
         let (fmts, extra) = if events {
-            ("8 101", "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n")
+            (
+                "8 101",
+                "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n",
+            )
         } else {
             ("8", "")
         };
@@ -349,7 +352,9 @@ impl PbxCall {
         let end = Instant::now() + wait;
         let mut digits = String::new();
         while digits.len() < count {
-            let Some((text, from)) = self.recv(end.saturating_duration_since(Instant::now())).await
+            let Some((text, from)) = self
+                .recv(end.saturating_duration_since(Instant::now()))
+                .await
             else {
                 break;
             };
@@ -439,7 +444,8 @@ impl PbxCall {
                 .recv(end.saturating_duration_since(Instant::now()))
                 .await
                 .expect("the BYE is answered");
-            if text.starts_with("SIP/2.0 ") && header(&text, "CSeq").is_some_and(|c| c.ends_with("BYE"))
+            if text.starts_with("SIP/2.0 ")
+                && header(&text, "CSeq").is_some_and(|c| c.ends_with("BYE"))
             {
                 assert!(text.starts_with("SIP/2.0 200"), "{text}");
                 return;
@@ -462,7 +468,10 @@ async fn keypad_arrives(app: &mut App, up: &Proc) -> i64 {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(keys, ["1", "2", "3", "4", "5", "6", "7", "8", "9", "*", "0", "#"]);
+    assert_eq!(
+        keys,
+        ["1", "2", "3", "4", "5", "6", "7", "8", "9", "*", "0", "#"]
+    );
     k["id"].as_i64().unwrap()
 }
 
@@ -489,10 +498,7 @@ async fn keypad_presses_reach_the_pbx_as_info_and_the_keypad_leaves_at_hang_up()
         .next("deleted", Duration::from_secs(10))
         .await
         .unwrap_or_else(|| panic!("the keypad is not deleted at hang-up:\n{}", up.log()));
-    assert!(
-        d["ids"].as_array().unwrap().contains(&json!(keypad)),
-        "{d}"
-    );
+    assert!(d["ids"].as_array().unwrap().contains(&json!(keypad)), "{d}");
     // A press on the gone keypad is refused by Telegram, and no digit reaches the PBX.
     let late = app.press("7").await;
     assert_eq!(late["event"], "error", "{late}");
@@ -622,14 +628,17 @@ fn the_account_cli_logs_a_bot_in_by_its_token() {
     assert!(!ok && text.contains("ACCESS_TOKEN_INVALID"), "{text}");
     let (ok, text) = run(&["account", "login", "keypad", "--bot-token", BOT_TOKEN]);
     assert!(ok, "{text}");
-    assert!(text.contains("logged in as bot 77 @siptg_keypad_bot"), "{text}");
-    let (ok, text) = run(&["account", "list"]);
-    assert!(ok, "{text}");
-    let line = text.lines().find(|l| l.starts_with("keypad")).unwrap_or_default();
     assert!(
-        line.contains("active") && line.contains("bot 77"),
+        text.contains("logged in as bot 77 @siptg_keypad_bot"),
         "{text}"
     );
+    let (ok, text) = run(&["account", "list"]);
+    assert!(ok, "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("keypad"))
+        .unwrap_or_default();
+    assert!(line.contains("active") && line.contains("bot 77"), "{text}");
 }
 
 /// A PBX that Telegram users' calls ring (the `inbound` gateway's connection).
@@ -672,7 +681,11 @@ impl InboundPbx {
         } else {
             String::new()
         };
-        let ctype = if invite { "Content-Type: application/sdp\r\n" } else { "" };
+        let ctype = if invite {
+            "Content-Type: application/sdp\r\n"
+        } else {
+            ""
+        };
         let msg = format!(
             "SIP/2.0 {code} OK\r\nVia: {}\r\nFrom: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\n\
              Contact: <sip:100@{me}>\r\n{ctype}Content-Length: {}\r\n\r\n{body}",
@@ -716,7 +729,11 @@ async fn a_telegram_callers_keypad_reaches_the_pbx_too() {
         .next("keypad", Duration::from_secs(20))
         .await
         .unwrap_or_else(|| panic!("no keypad in Carol's chat:\n{}", up.log()));
-    assert_eq!((k["from"].as_i64(), k["via_bot"].as_i64()), (Some(4), Some(77)), "{k}");
+    assert_eq!(
+        (k["from"].as_i64(), k["via_bot"].as_i64()),
+        (Some(4), Some(77)),
+        "{k}"
+    );
     assert_eq!(carol.press("5").await["answer"], "Sent: 5");
     let (info, from) = pbx
         .request("INFO", Duration::from_secs(10))

@@ -1236,7 +1236,10 @@ fn validate(c: &Config) -> Vec<(String, String)> {
         }
         if let Some(bot) = &g.keypad_bot {
             if bot.trim().is_empty() {
-                bad(&key("keypad_bot"), "is empty (leave it out for no keypad)".into());
+                bad(
+                    &key("keypad_bot"),
+                    "is empty (leave it out for no keypad)".into(),
+                );
             } else if bot == &g.account {
                 bad(
                     &key("keypad_bot"),
@@ -1666,10 +1669,17 @@ mod tests {
     fn a_keypad_bot_is_another_account_than_the_gateways() {
         let base = "[[connection]]\nname = \"t\"\ntype = \"ip\"\nserver = \"127.0.0.1:9\"\n\
                     [[gateway]]\nname = \"g\"\naccount = \"a\"\nconnections = [\"t\"]\n";
-        let c = parse(&format!("{base}keypad_bot = \"kb\"\n"), "t.toml", Vec::new())
-            .expect("valid");
+        let c = parse(
+            &format!("{base}keypad_bot = \"kb\"\n"),
+            "t.toml",
+            Vec::new(),
+        )
+        .expect("valid");
         assert_eq!(c.gateway[0].keypad_bot.as_deref(), Some("kb"));
-        assert_eq!(parse(base, "t.toml", Vec::new()).expect("valid").gateway[0].keypad_bot, None);
+        assert_eq!(
+            parse(base, "t.toml", Vec::new()).expect("valid").gateway[0].keypad_bot,
+            None
+        );
         let issues = err(&format!("{base}keypad_bot = \"a\"\n"));
         assert_eq!(issues[0].key, "gateway[0].keypad_bot", "{issues:?}");
         let issues = err(&format!("{base}keypad_bot = \" \"\n"));

@@ -110,13 +110,15 @@ pub fn inline_results(query_id: i64, token: &str) -> tl::functions::messages::Se
         url: None,
         thumb: None,
         content: None,
-        send_message: tl::enums::InputBotInlineMessage::Text(tl::types::InputBotInlineMessageText {
-            no_webpage: true,
-            invert_media: false,
-            message: KEYPAD_TEXT.into(),
-            entities: None,
-            reply_markup: Some(markup(token)),
-        }),
+        send_message: tl::enums::InputBotInlineMessage::Text(
+            tl::types::InputBotInlineMessageText {
+                no_webpage: true,
+                invert_media: false,
+                message: KEYPAD_TEXT.into(),
+                entities: None,
+                reply_markup: Some(markup(token)),
+            },
+        ),
     });
     tl::functions::messages::SetInlineBotResults {
         gallery: false,
@@ -312,7 +314,10 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(
             k.press(&callback_data(&a, '5'), now),
-            Press::Live { call: 1, digit: '5' }
+            Press::Live {
+                call: 1,
+                digit: '5'
+            }
         );
         k.end(&a, now);
         assert_eq!(
@@ -323,10 +328,16 @@ mod tests {
         );
         assert_eq!(
             k.press(&callback_data(&b, '#'), now),
-            Press::Live { call: 2, digit: '#' }
+            Press::Live {
+                call: 2,
+                digit: '#'
+            }
         );
         // Another Worker's token.
-        assert_eq!(k.press(&callback_data(&new_token(), '1'), now), Press::Unknown);
+        assert_eq!(
+            k.press(&callback_data(&new_token(), '1'), now),
+            Press::Unknown
+        );
         // Ended tokens are forgotten after a while (then they are just unknown).
         let later = now + ENDED_MEMORY;
         assert_eq!(k.press(&callback_data(&a, '1'), later), Press::Unknown);

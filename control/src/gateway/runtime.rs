@@ -1398,7 +1398,11 @@ impl GatewayCalls {
                         let session = c.session;
                         tokio::spawn(async move {
                             if let Err(e) = dp
-                                .telegram(session, leg, siptg_proto::TelegramOp::SendDtmf { digit: d })
+                                .telegram(
+                                    session,
+                                    leg,
+                                    siptg_proto::TelegramOp::SendDtmf { digit: d },
+                                )
                                 .await
                             {
                                 tracing::warn!(session, error = %e, "RFC 4733 digit refused");
@@ -1516,7 +1520,10 @@ impl GatewayCalls {
         let (storage, text, dtmf) = match self.keypads.press(data, now) {
             Press::Unknown => return,
             Press::Ended { storage } => {
-                tracing::info!(user = q.user_id, "keypad press after the call ended: no DTMF");
+                tracing::info!(
+                    user = q.user_id,
+                    "keypad press after the call ended: no DTMF"
+                );
                 (storage, "The call has ended".to_string(), None)
             }
             Press::Live { call, digit } => {
@@ -1527,10 +1534,18 @@ impl GatewayCalls {
                     return;
                 }
                 if c.tg_user != Some(q.user_id) {
-                    tracing::info!(call, user = q.user_id, "keypad press by another user: no DTMF");
+                    tracing::info!(
+                        call,
+                        user = q.user_id,
+                        "keypad press by another user: no DTMF"
+                    );
                     (c.storage.clone(), "Not your call".to_string(), None)
                 } else {
-                    (c.storage.clone(), format!("Sent: {digit}"), Some((call, digit)))
+                    (
+                        c.storage.clone(),
+                        format!("Sent: {digit}"),
+                        Some((call, digit)),
+                    )
                 }
             }
         };
@@ -1763,9 +1778,9 @@ async fn show_keypad(
     {
         TelegramAnswer::Accounts { accounts } => accounts,
         other => {
-            return Err(tg("list the storage's accounts")(TgError::transport(format!(
-                "unexpected answer {other:?}"
-            ))))
+            return Err(tg("list the storage's accounts")(TgError::transport(
+                format!("unexpected answer {other:?}"),
+            )))
         }
     };
     let record = accounts

@@ -351,11 +351,9 @@ impl Account {
     /// token is Telegram's ACCESS_TOKEN_INVALID.
     pub async fn bot_sign_in(&self, token: &str) -> Result<LoginStep, TgError> {
         let token = token.trim();
-        let well_formed = token
-            .split_once(':')
-            .is_some_and(|(id, secret)| {
-                !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && !secret.is_empty()
-            });
+        let well_formed = token.split_once(':').is_some_and(|(id, secret)| {
+            !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && !secret.is_empty()
+        });
         if !well_formed {
             return Err(TgError::Invalid {
                 what: "bot token".into(),

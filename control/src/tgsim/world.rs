@@ -699,7 +699,8 @@ impl World {
 
     fn answer_later(&mut self, ticket: Ticket, answer: Result<Vec<u8>, RpcErr>) {
         if let Err((code, msg)) = &answer {
-            self.log.push(("(answer)".to_string(), format!("{code} {msg}")));
+            self.log
+                .push(("(answer)".to_string(), format!("{code} {msg}")));
         }
         self.answers.push((ticket, answer));
     }
@@ -852,8 +853,8 @@ impl World {
                 let user = q.user;
                 let results = inline_results(&r.results)?;
                 let bot_user = self.user_tl(me, user);
-                let answer = tl::enums::messages::BotResults::Results(
-                    tl::types::messages::BotResults {
+                let answer =
+                    tl::enums::messages::BotResults::Results(tl::types::messages::BotResults {
                         gallery: r.gallery,
                         query_id: r.query_id,
                         next_offset: r.next_offset,
@@ -866,8 +867,7 @@ impl World {
                             .collect(),
                         cache_time: r.cache_time,
                         users: bot_user.into_iter().collect(),
-                    },
-                );
+                    });
                 if let Some(q) = self.inline.get_mut(&r.query_id) {
                     q.results = results;
                     if let Some(t) = q.waiting.take() {
@@ -1003,10 +1003,13 @@ impl World {
             f::messages::SetBotCallbackAnswer::CONSTRUCTOR_ID => {
                 let r: f::messages::SetBotCallbackAnswer = decode(body)?;
                 let me = self.me_bot(&key)?;
-                if !self.callbacks.get(&r.query_id).is_some_and(|q| q.bot == me) {
+                if self.callbacks.get(&r.query_id).is_none_or(|q| q.bot != me) {
                     return Err(err(400, "QUERY_ID_INVALID"));
                 }
-                if r.message.as_ref().is_some_and(|m| m.chars().count() > MAX_CALLBACK_ANSWER) {
+                if r.message
+                    .as_ref()
+                    .is_some_and(|m| m.chars().count() > MAX_CALLBACK_ANSWER)
+                {
                     return Err(err(400, "MESSAGE_TOO_LONG"));
                 }
                 if let Some(q) = self.callbacks.remove(&r.query_id) {
@@ -1053,11 +1056,13 @@ impl World {
                     let n = i32::try_from(ids.len()).unwrap_or(i32::MAX);
                     out.push(Delivery {
                         to: To::User(user),
-                        update: tl::enums::Update::DeleteMessages(tl::types::UpdateDeleteMessages {
-                            messages: ids,
-                            pts,
-                            pts_count: n,
-                        }),
+                        update: tl::enums::Update::DeleteMessages(
+                            tl::types::UpdateDeleteMessages {
+                                messages: ids,
+                                pts,
+                                pts_count: n,
+                            },
+                        ),
                         is_call: false,
                     });
                 }
@@ -2182,10 +2187,12 @@ fn callback_data(markup: Option<&tl::enums::ReplyMarkup>) -> impl Iterator<Item 
     };
     rows.iter()
         .flat_map(|tl::enums::KeyboardInlineButtonRow::Row(r)| r.buttons.iter())
-        .filter_map(|tl::enums::KeyboardInlineButton::Button(b)| match &b.r#type {
-            tl::enums::InlineButtonType::Callback(c) => Some(c.data.as_slice()),
-            _ => None,
-        })
+        .filter_map(
+            |tl::enums::KeyboardInlineButton::Button(b)| match &b.r#type {
+                tl::enums::InlineButtonType::Callback(c) => Some(c.data.as_slice()),
+                _ => None,
+            },
+        )
 }
 
 /// A bot's inline results as the cloud checks and keeps them: text articles whose keyboard
@@ -2647,7 +2654,10 @@ mod tests {
             key: tl::enums::InputPrivacyKey::PhoneCall,
         }
         .to_bytes();
-        assert_eq!(rpc_error(call(&mut w, kb, privacy, now)), "BOT_METHOD_INVALID");
+        assert_eq!(
+            rpc_error(call(&mut w, kb, privacy, now)),
+            "BOT_METHOD_INVALID"
+        );
         // Others see it as a bot.
         let Some(tl::enums::User::User(u)) = w.user_tl_for(BOT, ALICE) else {
             panic!()
@@ -2722,13 +2732,25 @@ mod tests {
         let now = Instant::now();
         let (mut w, kg, ka, kb) = bot_world(now);
         // Inline queries go to bots only, and only users ask them.
-        assert_eq!(rpc_error(call(&mut w, kg, ask(ALICE, "x"), now)), "BOT_INVALID");
-        assert_eq!(rpc_error(call(&mut w, kb, ask(BOT, "x"), now)), "BOT_METHOD_INVALID");
+        assert_eq!(
+            rpc_error(call(&mut w, kg, ask(ALICE, "x"), now)),
+            "BOT_INVALID"
+        );
+        assert_eq!(
+            rpc_error(call(&mut w, kb, ask(BOT, "x"), now)),
+            "BOT_METHOD_INVALID"
+        );
         // A query id nobody asked.
         let results = crate::gateway::keypad::inline_results(12345, "abc").to_bytes();
-        assert_eq!(rpc_error(call(&mut w, kb, results, now)), "QUERY_ID_INVALID");
+        assert_eq!(
+            rpc_error(call(&mut w, kb, results, now)),
+            "QUERY_ID_INVALID"
+        );
         let press_answer = crate::gateway::keypad::press_answer(12345, "5").to_bytes();
-        assert_eq!(rpc_error(call(&mut w, kb, press_answer, now)), "QUERY_ID_INVALID");
+        assert_eq!(
+            rpc_error(call(&mut w, kb, press_answer, now)),
+            "QUERY_ID_INVALID"
+        );
         // Callback data over 64 bytes.
         let (_, query_id) = inline_query(&mut w, kg, "long", now);
         let mut r = crate::gateway::keypad::inline_results(query_id, "long");
@@ -2789,5 +2811,4 @@ mod tests {
         );
         assert_eq!(w.next_deadline(), None);
     }
-
 }
