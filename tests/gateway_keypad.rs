@@ -18,6 +18,10 @@ use tokio::time::Instant;
 
 const BOT_TOKEN: &str = "77:keypad-secret";
 
+/// One `siptg up` of this file at a time: each runs a dataplane, an echo user's media and a
+/// Telegram call; the machines that run these suites have two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const WORLD: &str = r#"
 [[users]]
 id = 1
@@ -248,7 +252,7 @@ struct PbxCall {
 impl PbxCall {
     /// Dials `user` on `line` and waits for the answer (ACKed); `events` offers
     /// telephone-event.
-    async fn answered(to: SocketAddr, line: &str, user: &str, events: bool) -> PbxCall {
+    async fn answered(up: &Proc, to: SocketAddr, line: &str, user: &str, events: bool) -> PbxCall {
         let sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let rtp = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let me = sip.local_addr().unwrap();
@@ -287,7 +291,7 @@ impl PbxCall {
             let (text, _) = call
                 .recv(end.saturating_duration_since(Instant::now()))
                 .await
-                .expect("the echo user answers the call");
+                .unwrap_or_else(|| panic!("the echo user answers the call:\n{}", up.log()));
             let first = text.lines().next().unwrap_or_default().to_string();
             let Some(rest) = first.strip_prefix("SIP/2.0 ") else {
                 continue;
@@ -296,7 +300,7 @@ impl PbxCall {
             if code < 200 {
                 continue;
             }
-            assert_eq!(code, 200, "the call is answered: {first}");
+            assert_eq!(code, 200, "the call is answered: {first}\n{}", up.log());
             call.to_hdr = header(&text, "To").unwrap_or_default().to_string();
             let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
             let ip = body
@@ -477,11 +481,12 @@ async fn keypad_arrives(app: &mut App, up: &Proc) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keypad_presses_reach_the_pbx_as_info_and_the_keypad_leaves_at_hang_up() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let node = TestNode::new();
     let (up, sim) = start(&node);
     let mut app = App::start(sim, "+10000000002").await;
 
-    let call = PbxCall::answered(node.sip, "info", "+10000000002", false).await;
+    let call = PbxCall::answered(&up, node.sip, "info", "+10000000002", false).await;
     let keypad = keypad_arrives(&mut app, &up).await;
     let p = app.press("5").await;
     assert_eq!(p["answer"], "Sent: 5", "the bot answers the press: {p}");
@@ -508,11 +513,12 @@ async fn keypad_presses_reach_the_pbx_as_info_and_the_keypad_leaves_at_hang_up()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keypad_presses_reach_the_pbx_as_rfc4733_events_when_the_line_says_so() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let node = TestNode::new();
     let (up, sim) = start(&node);
     let mut app = App::start(sim, "+10000000002").await;
 
-    let call = PbxCall::answered(node.sip, "rtp", "+10000000002", true).await;
+    let call = PbxCall::answered(&up, node.sip, "rtp", "+10000000002", true).await;
     let talking = call.talk();
     keypad_arrives(&mut app, &up).await;
     assert_eq!(app.press("5").await["answer"], "Sent: 5");
@@ -535,11 +541,12 @@ async fn keypad_presses_reach_the_pbx_as_rfc4733_events_when_the_line_says_so() 
 /// anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_press_on_an_ended_calls_keypad_is_answered_and_sends_no_dtmf() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let node = TestNode::new();
     let (up, sim) = start_in(&node, r#"unanswered = ["messages.deleteMessages"]"#, None);
     let mut app = App::start(sim, "+10000000002").await;
 
-    let call = PbxCall::answered(node.sip, "info", "+10000000002", false).await;
+    let call = PbxCall::answered(&up, node.sip, "info", "+10000000002", false).await;
     keypad_arrives(&mut app, &up).await;
     assert_eq!(app.press("1").await["answer"], "Sent: 1");
     assert_eq!(call.info_digits(1, Duration::from_secs(10)).await, "1");
@@ -548,7 +555,7 @@ async fn a_press_on_an_ended_calls_keypad_is_answered_and_sends_no_dtmf() {
         up.log().contains("gateway call ended").then_some(())
     });
     // A second call of the same user is live meanwhile: the old keypad must not reach it.
-    let second = PbxCall::answered(node.sip, "info", "+10000000002", false).await;
+    let second = PbxCall::answered(&up, node.sip, "info", "+10000000002", false).await;
     keypad_arrives(&mut app, &up).await;
     let old = app.press_on_previous("9").await;
     assert_eq!(old["answer"], "The call has ended", "{old}\n{}", up.log());
@@ -563,10 +570,11 @@ async fn a_press_on_an_ended_calls_keypad_is_answered_and_sends_no_dtmf() {
 /// A keypad bot that is not logged in: the call is answered and goes on without a keypad.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_its_bot_a_call_goes_on_without_a_keypad() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let node = TestNode::new();
     let (up, sim) = start(&node);
     let mut app = App::start(sim, "+10000000002").await;
-    let call = PbxCall::answered(node.sip, "ghost", "+10000000002", false).await;
+    let call = PbxCall::answered(&up, node.sip, "ghost", "+10000000002", false).await;
     wait_for("the keypad failure logged", Duration::from_secs(10), || {
         up.log().contains("no keypad for the call").then_some(())
     });
@@ -703,6 +711,7 @@ impl InboundPbx {
 /// chat and a press reaches the PBX as INFO.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_telegram_callers_keypad_reaches_the_pbx_too() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let pbx = InboundPbx {
         sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
     };
