@@ -670,6 +670,7 @@ mod siptg {
             }),
             continuity: false,
             telegram: None,
+            direction: Default::default(),
         }
     }
 }

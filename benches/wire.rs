@@ -24,6 +24,7 @@ fn add_leg() -> Message {
                 srtp: None,
                 continuity: false,
                 telegram: None,
+                direction: Default::default(),
             },
         },
     }
@@ -68,6 +69,7 @@ fn bridged_shard() -> (Shard, SocketAddr) {
             srtp: None,
             continuity: false,
             telegram: None,
+            direction: Default::default(),
         };
         let port = sh.begin_add_leg(1, &spec).unwrap();
         let local = SocketAddr::from(([127, 0, 0, 1], port));

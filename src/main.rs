@@ -1,5 +1,6 @@
 //! The `siptg` command: wires the CLI to the roles in `siptg-control` and `siptg-dataplane`.
 
+mod connection_cli;
 mod gateway_cli;
 mod selftest;
 mod status_view;
@@ -74,6 +75,15 @@ enum Cmd {
         admin: Option<SocketAddr>,
         #[command(subcommand)]
         action: gateway_cli::GatewayCmd,
+    },
+    /// SIP connections (the PBX side of gateways) of a running siptg: list, show, add, set,
+    /// reset-password, rm. Kept in the Manager's database.
+    Connection {
+        /// Admin address (default: [admin] listen from the config).
+        #[arg(long, global = true)]
+        admin: Option<SocketAddr>,
+        #[command(subcommand)]
+        action: connection_cli::ConnectionCmd,
     },
     /// Run the simulated Telegram cloud alone (tests, demos; Telegram's servers stand-in).
     Tgsim {
@@ -272,6 +282,10 @@ fn main() -> ExitCode {
         Cmd::Gateway { admin, action } => load(cli.config.as_deref()).and_then(|loaded| {
             let addr = admin.unwrap_or(loaded.config.admin.listen);
             runtime()?.block_on(gateway_cli::run(addr, action))
+        }),
+        Cmd::Connection { admin, action } => load(cli.config.as_deref()).and_then(|loaded| {
+            let addr = admin.unwrap_or(loaded.config.admin.listen);
+            runtime()?.block_on(connection_cli::run(addr, action))
         }),
         Cmd::TgsimApp {
             sim,

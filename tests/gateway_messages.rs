@@ -837,3 +837,159 @@ pbx_number = "100"
     assert_eq!(m.body(), "to the office");
     pbx.respond(&m, 200, "OK").await;
 }
+
+/// One SIP message off a TCP stream (framed by Content-Length), within `wait`.
+async fn read_tcp(
+    stream: &mut tokio::net::TcpStream,
+    pending: &mut Vec<u8>,
+    wait: Duration,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let end = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(head) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&pending[..head]).to_string();
+            let len: usize = text
+                .lines()
+                .find_map(|l| {
+                    let (n, v) = l.split_once(':')?;
+                    n.trim()
+                        .eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            let total = head + 4 + len;
+            if pending.len() >= total {
+                let msg: Vec<u8> = pending.drain(..total).collect();
+                return Some(String::from_utf8_lossy(&msg).to_string());
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(end, stream.read(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A PBX that registered over TCP is not reachable over UDP: the text goes over its own
+/// connection, with a TCP Via and a Contact at siptg's TCP listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pbx_registered_over_tcp_gets_texts_over_its_connection() {
+    use tokio::io::AsyncWriteExt;
+    let mut node = TestNode::new();
+    let tcp = free_tcp();
+    node.sip_tcp = Some(tcp);
+    let up = start_with(
+        &node,
+        r#"
+[[connection]]
+name = "office"
+type = "pbx_registers"
+login = "office"
+password = "office-secret"
+trusted_ips = ["127.0.0.1"]
+[[gateway]]
+name = "gw"
+account = "gateway"
+connections = ["office"]
+pbx_number = "100"
+"#,
+        r#"gateway = "+10000000001""#,
+    );
+    let stream = wait_for("the TCP listener", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(tcp).ok()
+    });
+    stream.set_nonblocking(true).unwrap();
+    let mut stream = tokio::net::TcpStream::from_std(stream).unwrap();
+    let me = stream.local_addr().unwrap();
+    let mut pending = Vec::new();
+    let uri = format!("sip:{tcp}");
+    let mut auth = String::new();
+    let mut status = String::new();
+    // REGISTER over the connection (retried while the Manager and Worker link up), answering
+    // the digest challenge.
+    for cseq in 1..=20 {
+        let msg = format!(
+            "REGISTER {uri} SIP/2.0\r\nVia: SIP/2.0/TCP {me};branch=z9hG4bKtcp{cseq}\r\nMax-Forwards: 70\r\n\
+             From: <sip:office@{tcp}>;tag=r1\r\nTo: <sip:office@{tcp}>\r\nCall-ID: tcpreg@msgtest\r\n\
+             CSeq: {cseq} REGISTER\r\nContact: <sip:office@{me};transport=tcp>\r\nExpires: 300\r\n{auth}\
+             Content-Length: 0\r\n\r\n"
+        );
+        stream.write_all(msg.as_bytes()).await.unwrap();
+        let resp = loop {
+            let m = read_tcp(&mut stream, &mut pending, Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("REGISTER over TCP answered:\n{}", up.log()));
+            if !m.starts_with("SIP/2.0 1") {
+                break m;
+            }
+        };
+        status = resp.lines().next().unwrap_or_default().to_string();
+        if status.starts_with("SIP/2.0 200") {
+            break;
+        }
+        if status.starts_with("SIP/2.0 401") {
+            let challenge = resp
+                .lines()
+                .find_map(|l| l.strip_prefix("WWW-Authenticate:"))
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            let value = siptg_control::sip::digest::respond(
+                &challenge,
+                "REGISTER",
+                &uri,
+                "office",
+                "office-secret",
+                siptg_control::sip::digest::new_cnonce,
+                1,
+            )
+            .unwrap();
+            auth = format!("Authorization: {value}\r\n");
+        } else {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    assert_eq!(status, "SIP/2.0 200 OK", "{}", up.log());
+
+    let (alice, _alice_updates) = alice(&node).await;
+    let gw = user(&alice, "10000000001").await;
+    alice
+        .invoke(&siptg_control::gateway::text_message(&gw, "over tcp"))
+        .await
+        .unwrap();
+    let m = loop {
+        let m = read_tcp(&mut stream, &mut pending, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("the TCP-registered PBX gets the text:\n{}", up.log()));
+        if m.starts_with("MESSAGE ") {
+            break Msg { text: m, from: tcp };
+        }
+    };
+    assert_eq!(m.first_line(), format!("MESSAGE sip:100@{me} SIP/2.0"));
+    assert_eq!(m.body(), "over tcp");
+    let via = m.header("Via").unwrap_or_default();
+    assert!(via.starts_with(&format!("SIP/2.0/TCP {tcp}")), "{via}");
+    let answer = format!(
+        "SIP/2.0 200 OK\r\nVia: {via}\r\nFrom: {}\r\nTo: {};tag=tcppbx\r\nCall-ID: {}\r\nCSeq: {}\r\n\
+         Content-Length: 0\r\n\r\n",
+        m.header("From").unwrap_or_default(),
+        m.header("To").unwrap_or_default(),
+        m.header("Call-ID").unwrap_or_default(),
+        m.header("CSeq").unwrap_or_default(),
+    );
+    stream.write_all(answer.as_bytes()).await.unwrap();
+    // Answered: no retransmission follows (TCP has none, and the transaction is over).
+    assert!(
+        read_tcp(&mut stream, &mut pending, Duration::from_secs(2))
+            .await
+            .is_none_or(|x| !x.starts_with("MESSAGE ")),
+        "the MESSAGE came again"
+    );
+    drop(up);
+}

@@ -1,7 +1,8 @@
 //! The admin HTTP endpoint: `GET /metrics` (Prometheus), `GET /status` (JSON, read by
 //! `siptg status`), `GET /health`, and the Worker's brute-force bans: `GET /bans` lists them,
-//! `POST /bans/lift?ip=ADDR` lifts one. HTTP/1.1 with `Connection: close`; meant for loopback or
-//! a management network, never the PBX side.
+//! `POST /bans/lift?ip=ADDR` lifts one; the Manager's gateways (`/gateways`, `siptg gateway`)
+//! and SIP connections (`/connections`, `siptg connection`). HTTP/1.1 with `Connection: close`;
+//! meant for loopback or a management network, never the PBX side.
 
 use crate::node::Node;
 use std::net::SocketAddr;
@@ -78,6 +79,10 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let gateway_name = path.strip_prefix("/gateways/").map(str::to_string);
+    if path == "/connections" || path.starts_with("/connections/") {
+        let (status, ctype, body) = connections(&node, method, path, &req_body).await;
+        return respond(stream, status, ctype, body).await;
+    }
     let (status, ctype, body) = match (method, path) {
         ("GET", "/gateways") => match &node.manager {
             Some(m) => {
@@ -217,9 +222,18 @@ async fn handle(mut stream: TcpStream, node: Arc<Node>) -> std::io::Result<()> {
         _ => (
             "405 Method Not Allowed",
             "text/plain",
-            "GET, POST /bans/lift, PUT or DELETE /gateways/NAME\n".to_string(),
+            "GET, POST /bans/lift, PUT or DELETE /gateways/NAME or /connections/NAME\n".to_string(),
         ),
     };
+    respond(stream, status, ctype, body).await
+}
+
+async fn respond(
+    mut stream: TcpStream,
+    status: &str,
+    ctype: &str,
+    body: String,
+) -> std::io::Result<()> {
     let resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -290,5 +304,80 @@ pub async fn fetch(addr: SocketAddr, path: &str) -> Result<String, FetchError> {
             addr,
             message: format!("HTTP {code}: {}", body.trim()),
         }),
+    }
+}
+
+/// `GET /connections` (passwords shown as `***`), `GET /connections/NAME` (all settings, for
+/// `siptg connection show`), `PUT /connections/NAME` (JSON as the config's `[[connection]]`),
+/// `DELETE /connections/NAME`. Connections of the config file are listed, not changed.
+async fn connections(
+    node: &Node,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (&'static str, &'static str, String) {
+    let text = |status, msg: String| (status, "text/plain", msg);
+    let Some(m) = &node.manager else {
+        return text("404 Not Found", "no manager here\n".into());
+    };
+    let routing = m.routing();
+    let shown = |c: &crate::config::ConnectionConfig| {
+        let mut v = serde_json::to_value(c).unwrap_or_default();
+        v["source"] = serde_json::json!(if routing.is_fixed_connection(&c.name) {
+            "config"
+        } else {
+            "api"
+        });
+        v
+    };
+    let name = path.strip_prefix("/connections/").unwrap_or_default();
+    match (method, name) {
+        ("GET", "") => {
+            let list: Vec<serde_json::Value> = routing
+                .connections()
+                .iter()
+                .map(|c| {
+                    let mut v = shown(c);
+                    if c.password.is_some() {
+                        v["password"] = serde_json::json!("***");
+                    }
+                    v
+                })
+                .collect();
+            (
+                "200 OK",
+                "application/json",
+                serde_json::to_string_pretty(&list).unwrap_or_default(),
+            )
+        }
+        ("GET", _) => match routing.connections().iter().find(|c| c.name == name) {
+            Some(c) => (
+                "200 OK",
+                "application/json",
+                serde_json::to_string_pretty(&shown(c)).unwrap_or_default(),
+            ),
+            None => text("404 Not Found", format!("no connection {name:?}\n")),
+        },
+        ("PUT", _) if !name.is_empty() => {
+            match serde_json::from_slice::<crate::config::ConnectionConfig>(body) {
+                Ok(mut c) => {
+                    c.name = name.to_string();
+                    match m.save_connection(c).await {
+                        Ok(()) => text("200 OK", "saved\n".into()),
+                        Err(e) => text("400 Bad Request", format!("{e}\n")),
+                    }
+                }
+                Err(e) => text("400 Bad Request", format!("connection JSON: {e}\n")),
+            }
+        }
+        ("DELETE", _) if !name.is_empty() => match m.delete_connection(name).await {
+            Ok(true) => text("200 OK", "removed\n".into()),
+            Ok(false) => text("404 Not Found", format!("no connection {name:?}\n")),
+            Err(e) => text("400 Bad Request", format!("{e}\n")),
+        },
+        _ => text(
+            "405 Method Not Allowed",
+            "GET /connections, GET, PUT or DELETE /connections/NAME\n".into(),
+        ),
     }
 }

@@ -152,7 +152,9 @@ fn duration_text<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::E
 }
 
 /// A SIP connection between a PBX and the gateway, of one of SIP.TG's three kinds.
-#[derive(Debug, Clone, Deserialize)]
+/// Serialized as the config reads it: the control API keeps connections in the database and
+/// the Manager sends them to its Workers.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionConfig {
     /// Unique name (logs, metrics, routing).
@@ -194,7 +196,11 @@ pub struct ConnectionConfig {
     pub digest: Vec<String>,
     /// `ip` and `register_to_pbx`: how often an OPTIONS checks that the PBX answers (any
     /// response means up); `"0s"` turns it off.
-    #[serde(default = "default_keepalive", deserialize_with = "duration")]
+    #[serde(
+        default = "default_keepalive",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
     pub keepalive: Duration,
     /// `register_to_pbx`: `"udp"` (default) or `"tls"` (REGISTERs over a TLS connection to
     /// `server`/`proxy`, usually port 5061).
@@ -224,7 +230,7 @@ pub struct ConnectionConfig {
 }
 
 /// How REGISTERs reach a PBX.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RegisterTransport {
     #[default]
@@ -245,7 +251,7 @@ fn default_digest() -> Vec<String> {
 }
 
 /// The three kinds of SIP.TG connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectionKind {
     /// PBX → gateway: the PBX registers to the Worker with a login and password.
@@ -1177,6 +1183,98 @@ fn table_at<'a>(t: &'a mut toml::Table, path: &[String]) -> Option<&'a mut toml:
     }
 }
 
+/// What is wrong with one connection on its own (the checks across connections — unique
+/// names and logins — are the caller's): (field, message) pairs, empty when it is sound. The
+/// config file and the control API check connections with this same list.
+pub fn connection_problems(conn: &ConnectionConfig) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let mut bad = |k: &'static str, m: String| out.push((k, m));
+    if let Err(e) = crate::gateway::dialrules::DialRules::new(&conn.dial_rules) {
+        bad("dial_rules", e.to_string());
+    }
+    for m in &conn.dtmf {
+        if !["rfc2833", "info"].contains(&m.as_str()) {
+            bad("dtmf", format!("{m:?}: use \"rfc2833\" or \"info\""));
+        }
+    }
+    if conn.name.trim().is_empty() {
+        bad("name", "is empty".into());
+    }
+    let need = |f: &'static str, v: &Option<String>| {
+        v.as_deref()
+            .is_none_or(|s| s.trim().is_empty())
+            .then(|| (f, format!("is required for a {:?} connection", conn.kind)))
+    };
+    match conn.kind {
+        ConnectionKind::PbxRegisters => {
+            for (f, v) in [("login", &conn.login), ("password", &conn.password)] {
+                if let Some((k, m)) = need(f, v) {
+                    bad(k, m);
+                }
+            }
+        }
+        ConnectionKind::RegisterToPbx => {
+            for (f, v) in [
+                ("server", &conn.server),
+                ("login", &conn.login),
+                ("password", &conn.password),
+            ] {
+                if let Some((k, m)) = need(f, v) {
+                    bad(k, m);
+                }
+            }
+            if conn.expires < 60 {
+                bad(
+                    "expires",
+                    format!("{} s is too short; use 60 or more", conn.expires),
+                );
+            }
+        }
+        ConnectionKind::Ip => {
+            if let Some((k, m)) = need("server", &conn.server) {
+                bad(k, m);
+            }
+            if let Some(h) = &conn.header {
+                match h.split_once(':') {
+                    Some((n, v))
+                        if !n.trim().is_empty()
+                            && !n.trim().contains(' ')
+                            && !v.trim().is_empty() => {}
+                    _ => bad("header", format!("{h:?} is not `Name: Value`")),
+                }
+            }
+        }
+    }
+    for ip in &conn.trusted_ips {
+        if let Err(e) = ip.parse::<crate::sip::cidr::Cidr>() {
+            bad("trusted_ips", format!("{ip:?}: {e}"));
+        }
+    }
+    for alg in &conn.digest {
+        if crate::sip::digest::Algorithm::from_name(alg).is_none() {
+            bad(
+                "digest",
+                format!("unknown digest algorithm {alg:?} (use \"MD5\" or \"SHA-256\")"),
+            );
+        }
+    }
+    if conn.codecs.is_empty() {
+        bad("codecs", "lists no codec".into());
+    }
+    for codec in &conn.codecs {
+        if !KNOWN_CODECS.iter().any(|k| k.eq_ignore_ascii_case(codec)) {
+            bad(
+                "codecs",
+                format!(
+                    "unknown codec {codec:?} (known: {})",
+                    KNOWN_CODECS.join(", ")
+                ),
+            );
+        }
+    }
+    out
+}
+
 /// Semantic checks; each finding is (dotted key, message).
 fn validate(c: &Config) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -1272,104 +1370,24 @@ fn validate(c: &Config) -> Vec<(String, String)> {
     let mut logins = std::collections::HashSet::new();
     for (i, conn) in c.connection.iter().enumerate() {
         let key = |f: &str| format!("connection[{i}].{f}");
-        if let Err(e) = crate::gateway::dialrules::DialRules::new(&conn.dial_rules) {
-            bad(&key("dial_rules"), e.to_string());
-        }
-        for m in &conn.dtmf {
-            if !["rfc2833", "info"].contains(&m.as_str()) {
-                bad(&key("dtmf"), format!("{m:?}: use \"rfc2833\" or \"info\""));
-            }
-        }
-        if conn.name.trim().is_empty() {
-            bad(&key("name"), "is empty".into());
-        } else if !names.insert(conn.name.clone()) {
+        if !conn.name.trim().is_empty() && !names.insert(conn.name.clone()) {
             bad(
                 &key("name"),
                 format!("{:?} names two connections", conn.name),
             );
         }
-        let need = |f: &str, v: &Option<String>| {
-            v.as_deref().is_none_or(|s| s.trim().is_empty()).then(|| {
-                (
-                    key(f),
-                    format!("is required for a {:?} connection", conn.kind),
-                )
-            })
-        };
-        match conn.kind {
-            ConnectionKind::PbxRegisters => {
-                for (f, v) in [("login", &conn.login), ("password", &conn.password)] {
-                    if let Some((k, m)) = need(f, v) {
-                        bad(&k, m);
-                    }
-                }
-                if let Some(l) = &conn.login {
-                    if !logins.insert(l.clone()) {
-                        bad(
-                            &key("login"),
-                            format!("{l:?} is the login of two connections"),
-                        );
-                    }
-                }
-            }
-            ConnectionKind::RegisterToPbx => {
-                for (f, v) in [
-                    ("server", &conn.server),
-                    ("login", &conn.login),
-                    ("password", &conn.password),
-                ] {
-                    if let Some((k, m)) = need(f, v) {
-                        bad(&k, m);
-                    }
-                }
-                if conn.expires < 60 {
+        if conn.kind == ConnectionKind::PbxRegisters {
+            if let Some(l) = &conn.login {
+                if !logins.insert(l.clone()) {
                     bad(
-                        &key("expires"),
-                        format!("{} s is too short; use 60 or more", conn.expires),
+                        &key("login"),
+                        format!("{l:?} is the login of two connections"),
                     );
                 }
             }
-            ConnectionKind::Ip => {
-                if let Some((k, m)) = need("server", &conn.server) {
-                    bad(&k, m);
-                }
-                if let Some(h) = &conn.header {
-                    match h.split_once(':') {
-                        Some((n, v))
-                            if !n.trim().is_empty()
-                                && !n.trim().contains(' ')
-                                && !v.trim().is_empty() => {}
-                        _ => bad(&key("header"), format!("{h:?} is not `Name: Value`")),
-                    }
-                }
-            }
         }
-        for ip in &conn.trusted_ips {
-            if let Err(e) = ip.parse::<crate::sip::cidr::Cidr>() {
-                bad(&key("trusted_ips"), format!("{ip:?}: {e}"));
-            }
-        }
-        for alg in &conn.digest {
-            if crate::sip::digest::Algorithm::from_name(alg).is_none() {
-                bad(
-                    &key("digest"),
-                    format!("unknown digest algorithm {alg:?} (use \"MD5\" or \"SHA-256\")"),
-                );
-            }
-        }
-        if conn.codecs.is_empty() {
-            bad(&key("codecs"), "lists no codec".into());
-        }
-        for codec in &conn.codecs {
-            if !KNOWN_CODECS.iter().any(|k| k.eq_ignore_ascii_case(codec)) {
-                bad(
-                    &key("codecs"),
-                    format!(
-                        "unknown codec {codec:?} (known: {})",
-                        KNOWN_CODECS.join(", ")
-                    ),
-                );
-            }
+        for (field, message) in connection_problems(conn) {
+            bad(&key(field), message);
         }
     }
 

@@ -22,8 +22,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// rungs, Workers report `CallEnded` (a version-1 peer is refused at the handshake rather than
 /// failing calls). 3: `CallAnswered`/`TalkBudget` (plan limits) and `GatewayMessage` (a
 /// Telegram user's text for the PBX): an older Worker could not decode them and would drop
-/// the link at the first one, so it is refused at the handshake instead.
-pub const LINK_VERSION: u16 = 3;
+/// the link at the first one, so it is refused at the handshake instead. 4: `Connections`
+/// (the control API's SIP connections a Worker runs).
+pub const LINK_VERSION: u16 = 4;
 const LINK_MAGIC: &str = "siptg-link";
 const MAX_FRAME: usize = 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,6 +110,11 @@ pub enum Request {
     TalkBudget { call: u64, remaining_ms: u64 },
     /// Manager → Worker: a Telegram user's text for the gateway's PBX (a SIP `MESSAGE`).
     GatewayMessage(Box<GatewayMessage>),
+    /// Manager → Worker: the control API's SIP connections this Worker runs (outbound
+    /// registrations, keep-alives); the whole list each time, sent on link-up and on change.
+    Connections {
+        connections: Vec<crate::config::ConnectionConfig>,
+    },
 }
 
 /// Which way a gateway call went.

@@ -96,7 +96,11 @@ pub struct StorageUpdate {
 
 /// What the Manager decides SIP with: the connections and the registrations of their PBXs.
 pub struct Routing {
-    connections: Vec<ConnectionConfig>,
+    /// The config file's connections first, then those made through the control API; a
+    /// snapshot is taken per decision so a change never blocks routing.
+    connections: std::sync::RwLock<Arc<Vec<ConnectionConfig>>>,
+    /// How many of `connections` come from the config file.
+    fixed_connections: usize,
     registrar: Mutex<Registrar>,
     /// Gateways from the config file (fixed) and from the database (managed through the
     /// control API), in that order.
@@ -115,7 +119,8 @@ impl Routing {
     /// Routing over `connections`, with a registrar challenging in realm `realm`.
     pub fn new(connections: Vec<ConnectionConfig>, realm: &str) -> Self {
         Routing {
-            connections,
+            fixed_connections: connections.len(),
+            connections: std::sync::RwLock::new(Arc::new(connections)),
             registrar: Mutex::new(Registrar::new(realm)),
             gateways: std::sync::RwLock::new(Vec::new()),
             fixed_gateways: 0.into(),
@@ -131,6 +136,126 @@ impl Routing {
             .store(gateways.len(), std::sync::atomic::Ordering::SeqCst);
         *self.gateways.write().unwrap_or_else(|p| p.into_inner()) = gateways;
         self
+    }
+
+    /// The connections now (config file first, then the control API's).
+    pub fn connections(&self) -> Arc<Vec<ConnectionConfig>> {
+        self.connections
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether connection `name` comes from the config file (the API may not change it).
+    pub fn is_fixed_connection(&self, name: &str) -> bool {
+        self.connections()
+            .iter()
+            .take(self.fixed_connections)
+            .any(|c| c.name == name)
+    }
+
+    /// Checks a connection the API wants to add or change: the config file's own checks
+    /// ([`connection_problems`](crate::config::connection_problems)), a name that is new or an
+    /// API connection's, a `pbx_registers` login no other connection uses.
+    pub fn check_connection(&self, c: &ConnectionConfig) -> Result<(), String> {
+        let name_ok = !c.name.is_empty()
+            && c.name.len() <= 64
+            && c.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        if !name_ok {
+            return Err(format!(
+                "connection name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
+                c.name
+            ));
+        }
+        if self.is_fixed_connection(&c.name) {
+            return Err(format!(
+                "connection {:?} is defined in the config file; change it there",
+                c.name
+            ));
+        }
+        let problems = crate::config::connection_problems(c);
+        if !problems.is_empty() {
+            return Err(problems
+                .iter()
+                .map(|(field, message)| format!("{field}: {message}"))
+                .collect::<Vec<_>>()
+                .join("; "));
+        }
+        if c.kind == ConnectionKind::PbxRegisters {
+            let taken = self
+                .connections()
+                .iter()
+                .find(|x| {
+                    x.name != c.name && x.kind == ConnectionKind::PbxRegisters && x.login == c.login
+                })
+                .map(|x| x.name.clone());
+            if let Some(other) = taken {
+                return Err(format!(
+                    "login: {:?} is already the login of connection {other:?}",
+                    c.login.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+        if let Some(w) = c
+            .worker
+            .as_deref()
+            .filter(|w| !crate::tls::valid_node_name(w))
+        {
+            return Err(format!(
+                "worker: {w:?} is not a node name (letters, digits, '-', '.')"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces an API connection (after [`check_connection`](Self::check_connection)).
+    pub fn put_connection(&self, c: ConnectionConfig) {
+        let mut slot = self.connections.write().unwrap_or_else(|p| p.into_inner());
+        let mut list = (**slot).clone();
+        match list.iter_mut().find(|x| x.name == c.name) {
+            Some(x) => *x = c,
+            None => list.push(c),
+        }
+        *slot = Arc::new(list);
+    }
+
+    /// Removes an API connection: refused while a gateway uses it (its calls would have nowhere
+    /// to go); `Ok(false)` when there is none of that name.
+    pub fn remove_connection(&self, name: &str) -> Result<bool, String> {
+        if self.is_fixed_connection(name) {
+            return Err(format!(
+                "connection {name:?} is defined in the config file; remove it there"
+            ));
+        }
+        if let Some(g) = self.gateway_of_connection(name) {
+            return Err(format!(
+                "connection {name:?} belongs to gateway {:?}; take it out of the gateway first \
+                 (`siptg gateway set {} connections=…`)",
+                g.name, g.name
+            ));
+        }
+        let mut slot = self.connections.write().unwrap_or_else(|p| p.into_inner());
+        let mut list = (**slot).clone();
+        let before = list.len();
+        list.retain(|c| c.name != name);
+        let removed = list.len() != before;
+        *slot = Arc::new(list);
+        Ok(removed)
+    }
+
+    /// The API connections Worker `worker` runs itself (outbound registrations and OPTIONS
+    /// keep-alives): `register_to_pbx` and `ip` ones pinned to it or to no Worker. The config
+    /// file's connections are in every Worker's own config.
+    pub fn worker_connections(&self, worker: &str) -> Vec<ConnectionConfig> {
+        self.connections()
+            .iter()
+            .skip(self.fixed_connections)
+            .filter(|c| c.kind != ConnectionKind::PbxRegisters)
+            .filter(|c| c.worker.as_deref().is_none_or(|w| w == worker))
+            .cloned()
+            .collect()
     }
 
     /// Every gateway (config file first).
@@ -184,7 +309,7 @@ impl Routing {
             return Err("lines must be at least 1".into());
         }
         for c in &g.connections {
-            if !self.connections.iter().any(|x| &x.name == c) {
+            if !self.connections().iter().any(|x| &x.name == c) {
                 return Err(format!("no connection named {c:?}"));
             }
             if let Some(other) = self.gateway_of_connection(c).filter(|o| o.name != g.name) {
@@ -294,8 +419,8 @@ impl Routing {
             return false;
         }
         let allowed = |w: &str| g.allowed_workers.iter().any(|a| a == w);
-        let pinned = self
-            .connections
+        let conns = self.connections();
+        let pinned = conns
             .iter()
             .filter(|c| g.connections.contains(&c.name))
             .filter_map(|c| c.worker.as_deref())
@@ -453,8 +578,9 @@ impl Routing {
         };
         let now = std::time::SystemTime::now();
         let mut registrar = self.registrar.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = self.connections();
         if q.method == "REGISTER" {
-            if let Some(c) = self.connections.iter().find(|c| {
+            if let Some(c) = conns.iter().find(|c| {
                 c.kind == ConnectionKind::PbxRegisters && c.login.is_some() && c.login == q.to_user
             }) {
                 if let Some(refusal) = self.worker_check(c, worker) {
@@ -462,7 +588,7 @@ impl Routing {
                 }
             }
             let reply = registrar.register(
-                &self.connections,
+                &conns,
                 &RegisterRequest {
                     login: q.to_user.as_deref(),
                     source: q.source,
@@ -484,7 +610,7 @@ impl Routing {
         }
         if q.method == "MESSAGE" {
             // A PBX's text for a Telegram user: the same connection matching as an INVITE.
-            let caller = match self.caller(q, &registrar, now) {
+            let caller = match self.caller(&conns, q, &registrar, now) {
                 Ok(c) => c,
                 Err(refusal) => return refusal,
             };
@@ -503,7 +629,7 @@ impl Routing {
         }
         if q.method == "INVITE" {
             // Which connection is calling? Unknown sources get nothing through.
-            let caller = match self.caller(q, &registrar, now) {
+            let caller = match self.caller(&conns, q, &registrar, now) {
                 Ok(c) => c,
                 Err(refusal) => return refusal,
             };
@@ -534,7 +660,7 @@ impl Routing {
             // routes a dialled number to our registered contact (To naming our own AOR there),
             // the Request-URI user.
             let ruri_user = crate::sip::message::uri_user(&q.request_uri);
-            let target = self.connections.iter().find(|c| {
+            let target = conns.iter().find(|c| {
                 c.kind == ConnectionKind::PbxRegisters
                     && c.login.is_some()
                     && (c.login == q.to_user || c.login == ruri_user)
@@ -568,7 +694,8 @@ impl Routing {
     ///
     /// Anything else is `404 Route not found`.
     fn caller<'a>(
-        &'a self,
+        &self,
+        conns: &'a [ConnectionConfig],
         q: &RouteQuery,
         registrar: &Registrar,
         now: std::time::SystemTime,
@@ -578,7 +705,7 @@ impl Routing {
             reason: reason.to_string(),
             headers: Vec::new(),
         };
-        if let Some(c) = self.connections.iter().find(|c| {
+        if let Some(c) = conns.iter().find(|c| {
             c.kind == ConnectionKind::PbxRegisters
                 && c.login.is_some()
                 && c.login == q.from_user
@@ -592,7 +719,7 @@ impl Routing {
         }
         // A PBX (ip trunk or one we register to) whose configured `server`/`proxy` is exactly
         // the source address: more specific than a registration from the same IP.
-        if let Some(c) = self.connections.iter().find(|c| {
+        if let Some(c) = conns.iter().find(|c| {
             matches!(c.kind, ConnectionKind::Ip | ConnectionKind::RegisterToPbx)
                 && (c.kind != ConnectionKind::Ip || ip_trunk_matches(c, q))
                 && [c.server.as_deref(), c.proxy.as_deref()]
@@ -602,7 +729,7 @@ impl Routing {
         }) {
             return Ok(c);
         }
-        if let Some(c) = self.connections.iter().find(|c| {
+        if let Some(c) = conns.iter().find(|c| {
             c.kind == ConnectionKind::PbxRegisters
                 && registrar
                     .binding(&c.name, now)
@@ -610,15 +737,14 @@ impl Routing {
         }) {
             return Ok(c);
         }
-        if let Some(c) = self
-            .connections
+        if let Some(c) = conns
             .iter()
             .find(|c| c.kind == ConnectionKind::Ip && ip_trunk_matches(c, q))
         {
             return Ok(c);
         }
         // A PBX we register to calls us from its own address (the registrar or its proxy).
-        if let Some(c) = self.connections.iter().find(|c| {
+        if let Some(c) = conns.iter().find(|c| {
             c.kind == ConnectionKind::RegisterToPbx
                 && [c.server.as_deref(), c.proxy.as_deref()]
                     .into_iter()
@@ -790,6 +916,9 @@ impl Manager {
                     self.metrics
                         .inc("siptg_link_connects_total", &[("peer", &name)]);
                     self.routing.set_live(&name, true);
+                    if role == Role::Worker {
+                        self.send_connections_to(name.clone(), link.clone());
+                    }
                     link.closed().await;
                     self.routing.set_live(&name, false);
                     // Its calls' ends will not be reported: they no longer share the budget.
@@ -846,6 +975,26 @@ impl Manager {
 
     /// Gives the Manager its database and loads the gateways kept there.
     pub async fn attach_store(&self, store: crate::store::Store) -> Result<usize, String> {
+        // Connections first: gateways name them.
+        let rows = store
+            .list(crate::store::Table::Connections, "")
+            .await
+            .map_err(|e| e.to_string())?;
+        for (name, value) in rows {
+            match serde_json::from_slice::<ConnectionConfig>(&value) {
+                Ok(c) => match self.routing.check_connection(&c) {
+                    Ok(()) => self.routing.put_connection(c),
+                    Err(e) => {
+                        tracing::warn!(connection = %name, error = %e, "stored connection ignored")
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(connection = %name, error = %e, "stored connection unreadable")
+                }
+            }
+        }
+        // Workers linked before the database was attached learn them now.
+        self.send_worker_connections();
         let rows = store
             .list(crate::store::Table::Gateways, "")
             .await
@@ -1022,6 +1171,67 @@ impl Manager {
         tracing::info!(gateway = %g.name, account = %g.account, "gateway saved");
         self.routing.put_gateway(g);
         Ok(())
+    }
+
+    /// Adds or changes a SIP connection through the control API; kept in the database and
+    /// sent to the Workers (they run its registration and keep-alive).
+    pub async fn save_connection(&self, c: ConnectionConfig) -> Result<(), String> {
+        self.routing.check_connection(&c)?;
+        let store = self.store.get().ok_or(reasons::DATABASE_ERROR)?;
+        let value = serde_json::to_vec(&c).map_err(|e| e.to_string())?;
+        store
+            .put(crate::store::Table::Connections, &c.name, &value)
+            .await
+            .map_err(|e| format!("{}: {e}", reasons::DATABASE_ERROR))?;
+        tracing::info!(connection = %c.name, kind = ?c.kind, "connection saved");
+        self.routing.put_connection(c);
+        self.send_worker_connections();
+        Ok(())
+    }
+
+    /// Removes a connection made through the control API (not while a gateway uses it).
+    pub async fn delete_connection(&self, name: &str) -> Result<bool, String> {
+        if self.routing.is_fixed_connection(name) {
+            return Err(format!(
+                "connection {name:?} is defined in the config file; remove it there"
+            ));
+        }
+        if !self.routing.connections().iter().any(|c| c.name == name) {
+            return Ok(false);
+        }
+        if let Some(g) = self.routing.gateway_of_connection(name) {
+            return Err(format!(
+                "connection {name:?} belongs to gateway {:?}; take it out of the gateway first",
+                g.name
+            ));
+        }
+        let store = self.store.get().ok_or(reasons::DATABASE_ERROR)?;
+        store
+            .delete(crate::store::Table::Connections, name)
+            .await
+            .map_err(|e| format!("{}: {e}", reasons::DATABASE_ERROR))?;
+        let removed = self.routing.remove_connection(name)?;
+        tracing::info!(connection = %name, "connection removed");
+        self.send_worker_connections();
+        Ok(removed)
+    }
+
+    /// Sends every linked Worker the API connections it runs.
+    fn send_worker_connections(&self) {
+        for (worker, link) in self.worker_links() {
+            self.send_connections_to(worker, link);
+        }
+    }
+
+    fn send_connections_to(&self, worker: String, link: LinkHandle) {
+        let req = LinkRequest::Connections {
+            connections: self.routing.worker_connections(&worker),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = link.request(req, Duration::from_secs(5)).await {
+                tracing::warn!(%worker, error = %e, "connections not delivered to the Worker");
+            }
+        });
     }
 
     /// Removes a gateway made through the control API.
@@ -1290,7 +1500,13 @@ impl Manager {
         let dtmf = g
             .connections
             .first()
-            .and_then(|n| self.routing.connections.iter().find(|c| &c.name == n))
+            .and_then(|n| {
+                self.routing
+                    .connections()
+                    .iter()
+                    .find(|c| &c.name == n)
+                    .cloned()
+            })
             .map(|c| c.dtmf.clone())
             .unwrap_or_default();
         use base64::Engine;
@@ -1468,7 +1684,8 @@ impl Manager {
             .unwrap_or_else(|p| p.into_inner());
         let mut worker = None;
         let mut out = Vec::new();
-        for rung in rungs(g, &self.routing.connections) {
+        let conns = self.routing.connections();
+        for rung in rungs(g, &conns) {
             let mut targets = Vec::new();
             for c in rung {
                 let t = match c.kind {

@@ -15,6 +15,7 @@ const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_ac
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("telegram_peers");
 const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("gateway_usage");
+const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sip_connections");
 
 /// The tables behind the key → bytes API; each is a table in redb and in PostgreSQL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub enum Table {
     /// Gateway name → what its plan limits count (JSON: the month's talk time, recent failed
     /// calls), so limits survive a Manager restart.
     Usage,
+    /// Connection name → SIP connection settings made through the control API (JSON).
+    Connections,
 }
 
 impl Table {
@@ -40,6 +43,7 @@ impl Table {
             Table::Peers => "telegram_peers",
             Table::Gateways => "gateways",
             Table::Usage => "gateway_usage",
+            Table::Connections => "sip_connections",
         }
     }
 
@@ -50,15 +54,17 @@ impl Table {
             Table::Peers => PEERS,
             Table::Gateways => GATEWAYS,
             Table::Usage => USAGE,
+            Table::Connections => CONNECTIONS,
         }
     }
 
-    const ALL: [Table; 5] = [
+    const ALL: [Table; 6] = [
         Table::Sessions,
         Table::Accounts,
         Table::Peers,
         Table::Gateways,
         Table::Usage,
+        Table::Connections,
     ];
 }
 

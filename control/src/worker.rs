@@ -39,6 +39,11 @@ pub struct Worker {
     outbound: std::sync::Mutex<Vec<Outbound>>,
     /// OPTIONS keep-alives toward PBXs (`ip` and `register_to_pbx` connections).
     keepalives: std::sync::Mutex<Vec<KeepaliveEntry>>,
+    /// The control API's connections this Worker runs, as the Manager last sent them.
+    api_connections: std::sync::Mutex<Vec<ConnectionConfig>>,
+    /// Where outbound registrations and keep-alives send from (the first SIP listener) and
+    /// the User-Agent; set once SIP is up, so later API connections can start.
+    sip_origin: std::sync::OnceLock<(SocketAddr, String)>,
     /// The first SIP core's gateway calls: Telegram updates and incoming calls go there.
     gateway: std::sync::OnceLock<tokio::sync::mpsc::Sender<crate::gateway::runtime::GwMsg>>,
 }
@@ -48,6 +53,9 @@ struct KeepaliveEntry {
     name: String,
     target: String,
     view: Arc<std::sync::Mutex<PeerView>>,
+    /// The control API's connection it runs for (`None`: the config file's).
+    api: Option<ConnectionConfig>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The last known state of a watched PBX.
@@ -65,6 +73,8 @@ struct Outbound {
     status: Arc<std::sync::Mutex<OutboundStatus>>,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
+    /// The control API's connection it runs for (`None`: the config file's).
+    api: Option<ConnectionConfig>,
 }
 
 impl Worker {
@@ -88,6 +98,8 @@ impl Worker {
             connections,
             outbound: std::sync::Mutex::new(Vec::new()),
             keepalives: std::sync::Mutex::new(Vec::new()),
+            api_connections: std::sync::Mutex::new(Vec::new()),
+            sip_origin: std::sync::OnceLock::new(),
             gateway: std::sync::OnceLock::new(),
         })
     }
@@ -159,6 +171,28 @@ impl Worker {
         &self.links
     }
 
+    /// Our login and password at the PBX of `connection` (a `register_to_pbx` one with both
+    /// set): the gateway answers that PBX's digest challenges to its INVITEs and MESSAGEs.
+    pub fn pbx_credentials(&self, connection: &str) -> Option<crate::gateway::auth::Credentials> {
+        // The config file's connections, then the control API's (a challenge is rare: the
+        // lock is not on a hot path).
+        let api = self
+            .api_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.connections
+            .iter()
+            .chain(api.iter())
+            .find(|c| c.name == connection && c.kind == ConnectionKind::RegisterToPbx)
+            .and_then(|c| {
+                Some(crate::gateway::auth::Credentials {
+                    login: c.login.clone()?,
+                    password: c.password.clone()?,
+                })
+            })
+    }
+
     /// The dataplane supervisor.
     pub fn dataplane(&self) -> &Arc<Supervisor> {
         &self.dataplane
@@ -208,6 +242,10 @@ impl Worker {
                             message: reasons::WORKER_NOT_READY.into(),
                         },
                     },
+                    LinkRequest::Connections { connections } => {
+                        me.set_api_connections(connections);
+                        LinkResponse::Done
+                    }
                     LinkRequest::GatewayMessage(m) => match me.gateway.get() {
                         Some(tx) => {
                             let _ = tx.send(GwMsg::Message(m)).await;
@@ -319,6 +357,14 @@ impl Worker {
         if let Some(listen) = first {
             self.start_outbound(listen, &sip.user_agent);
             self.start_keepalives(listen, &sip.user_agent);
+            if self
+                .sip_origin
+                .set((listen, sip.user_agent.clone()))
+                .is_ok()
+            {
+                // API connections the Manager sent before SIP was up.
+                self.run_api_connections();
+            }
         }
         Ok(())
     }
@@ -327,71 +373,87 @@ impl Worker {
         self.outbound.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One registration task per `register_to_pbx` connection.
+    /// One registration task per `register_to_pbx` connection of the config file.
     fn start_outbound(&self, listen: SocketAddr, user_agent: &str) {
         let mut running = self.outbound();
         for conn in &self.connections {
-            if conn.kind != ConnectionKind::RegisterToPbx {
-                continue;
+            if conn.kind == ConnectionKind::RegisterToPbx {
+                running.push(spawn_outbound(conn, listen, user_agent, None));
             }
-            let status = Arc::new(std::sync::Mutex::new(OutboundStatus::Registering));
-            let (stop, stop_rx) = watch::channel(false);
-            let task = tokio::spawn(run_outbound(
-                conn.clone(),
-                listen,
-                user_agent.to_string(),
-                status.clone(),
-                stop_rx,
-            ));
-            running.push(Outbound {
-                name: conn.name.clone(),
-                server: conn
-                    .proxy
-                    .clone()
-                    .or(conn.server.clone())
-                    .unwrap_or_default(),
-                status,
-                stop,
-                task: Some(task),
-            });
         }
     }
 
     /// One OPTIONS keep-alive task per `ip` connection with a `server` and per
-    /// `register_to_pbx` connection, unless its `keepalive` is 0.
+    /// `register_to_pbx` connection of the config file, unless its `keepalive` is 0.
     fn start_keepalives(&self, listen: SocketAddr, user_agent: &str) {
         let mut list = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
         for conn in &self.connections {
-            let spec = match conn.kind {
-                ConnectionKind::RegisterToPbx => OutboundRegistration::target_spec(conn).ok(),
-                ConnectionKind::Ip => conn
-                    .server
-                    .as_deref()
-                    .and_then(crate::sip::outbound::split_host_port),
-                ConnectionKind::PbxRegisters => None,
-            };
-            let Some((host, port)) = spec else { continue };
-            if conn.keepalive.is_zero() {
-                continue;
-            }
-            let view = Arc::new(std::sync::Mutex::new(PeerView {
-                state: PeerState::Unknown,
-                rtt: None,
-                since: Instant::now(),
-            }));
-            list.push(KeepaliveEntry {
-                name: conn.name.clone(),
-                target: format!("{host}:{port}"),
-                view: view.clone(),
+            list.extend(spawn_keepalive(conn, listen, user_agent, None));
+        }
+    }
+
+    /// Takes the Manager's list of the control API's connections this Worker runs: what
+    /// changed or went away stops (a registration un-registers), what is new starts.
+    pub fn set_api_connections(&self, connections: Vec<ConnectionConfig>) {
+        *self
+            .api_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = connections;
+        if self.sip_origin.get().is_some() {
+            self.run_api_connections();
+        }
+    }
+
+    /// Brings the running API registrations and keep-alives in line with `api_connections`.
+    fn run_api_connections(&self) {
+        let Some((listen, user_agent)) = self.sip_origin.get() else {
+            return;
+        };
+        let wanted = self
+            .api_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        {
+            let mut running = self.outbound();
+            running.retain_mut(|o| match &o.api {
+                Some(c) if !wanted.contains(c) => {
+                    tracing::info!(connection = %o.name, "outbound registration stopped (connection changed or removed)");
+                    let _ = o.stop.send(true);
+                    false
+                }
+                _ => true,
             });
-            tokio::spawn(run_keepalive(
-                conn.name.clone(),
-                (host, port),
-                conn.keepalive,
-                listen,
-                user_agent.to_string(),
-                view,
-            ));
+            for conn in &wanted {
+                let runs = running.iter().any(|o| o.api.as_ref() == Some(conn));
+                if conn.kind == ConnectionKind::RegisterToPbx && !runs {
+                    tracing::info!(connection = %conn.name, "outbound registration started (control API)");
+                    running.push(spawn_outbound(
+                        conn,
+                        *listen,
+                        user_agent,
+                        Some(conn.clone()),
+                    ));
+                }
+            }
+        }
+        let mut list = self.keepalives.lock().unwrap_or_else(|p| p.into_inner());
+        list.retain(|k| match &k.api {
+            Some(c) if !wanted.contains(c) => {
+                k.task.abort();
+                false
+            }
+            _ => true,
+        });
+        for conn in &wanted {
+            if !list.iter().any(|k| k.api.as_ref() == Some(conn)) {
+                list.extend(spawn_keepalive(
+                    conn,
+                    *listen,
+                    user_agent,
+                    Some(conn.clone()),
+                ));
+            }
         }
     }
 
@@ -733,6 +795,77 @@ fn set_status(
         OutboundStatus::Registering => {}
     }
     *cur = new.clone();
+}
+
+/// Starts the registration of `register_to_pbx` connection `conn` at its PBX.
+fn spawn_outbound(
+    conn: &ConnectionConfig,
+    listen: SocketAddr,
+    user_agent: &str,
+    api: Option<ConnectionConfig>,
+) -> Outbound {
+    let status = Arc::new(std::sync::Mutex::new(OutboundStatus::Registering));
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run_outbound(
+        conn.clone(),
+        listen,
+        user_agent.to_string(),
+        status.clone(),
+        stop_rx,
+    ));
+    Outbound {
+        name: conn.name.clone(),
+        server: conn
+            .proxy
+            .clone()
+            .or(conn.server.clone())
+            .unwrap_or_default(),
+        status,
+        stop,
+        task: Some(task),
+        api,
+    }
+}
+
+/// Starts the OPTIONS keep-alive of `conn`, if it has a PBX address and a keep-alive period.
+fn spawn_keepalive(
+    conn: &ConnectionConfig,
+    listen: SocketAddr,
+    user_agent: &str,
+    api: Option<ConnectionConfig>,
+) -> Option<KeepaliveEntry> {
+    let (host, port) = match conn.kind {
+        ConnectionKind::RegisterToPbx => OutboundRegistration::target_spec(conn).ok(),
+        ConnectionKind::Ip => conn
+            .server
+            .as_deref()
+            .and_then(crate::sip::outbound::split_host_port),
+        ConnectionKind::PbxRegisters => None,
+    }?;
+    if conn.keepalive.is_zero() {
+        return None;
+    }
+    let view = Arc::new(std::sync::Mutex::new(PeerView {
+        state: PeerState::Unknown,
+        rtt: None,
+        since: Instant::now(),
+    }));
+    let target = format!("{host}:{port}");
+    let task = tokio::spawn(run_keepalive(
+        conn.name.clone(),
+        (host, port),
+        conn.keepalive,
+        listen,
+        user_agent.to_string(),
+        view.clone(),
+    ));
+    Some(KeepaliveEntry {
+        name: conn.name.clone(),
+        target,
+        view,
+        api,
+        task,
+    })
 }
 
 /// Drives one outbound registration until stopped: resolves the PBX, binds a socket, then

@@ -405,12 +405,14 @@ impl Shard {
         })
     }
 
-    /// Applies a re-negotiated spec; a latching leg learns its remote again.
+    /// Applies a re-negotiated spec; a latching leg learns its remote again. A changed
+    /// direction (hold, resume) restarts the session's RTP timeouts at `now`.
     pub fn update_leg(
         &mut self,
         session: SessionId,
         leg: LegId,
         spec: LegSpec,
+        now: Instant,
     ) -> Result<LegInfo, CommandError> {
         validate_spec(&spec)?;
         let l = self.leg_mut(session, leg)?;
@@ -428,6 +430,7 @@ impl Shard {
         } else if l.rewrite.is_none() {
             l.rewrite = Some(Rewrite::new(session, leg));
         }
+        let hold_changed = l.spec.direction != spec.direction;
         l.remote = Remote::from_spec(&spec);
         l.rtcp_remote = None;
         if l.spec.codec != spec.codec {
@@ -442,6 +445,14 @@ impl Shard {
         let local = l.local;
         if let Some(s) = self.sessions.get_mut(&session) {
             tell_bridge_sip_codec(s, leg);
+            if hold_changed {
+                // Hold or resume: the RTP timeouts count from here, not from the last packet
+                // before the hold.
+                for l in s.legs.values_mut() {
+                    l.last_activity = now;
+                    l.timeout_reported = false;
+                }
+            }
         }
         Ok(LegInfo {
             session,
@@ -696,6 +707,9 @@ impl Shard {
             }
             return None;
         }
+        if !peer.spec.direction.sends() {
+            return None; // that leg's remote holds the call: it wants no media from us
+        }
         if packet == Packet::Rtcp && peer.rewrite.is_some() {
             // Its reports name SSRCs and timestamps the rewritten stream no longer uses.
             return None;
@@ -760,9 +774,12 @@ impl Shard {
             self.last_stats = now;
         }
         for (&sid, s) in &mut self.sessions {
+            // A held call may carry no RTP for as long as the hold lasts, on the held leg and
+            // on the other (a peer that hears nothing may send nothing): no timeout then.
+            let held = s.legs.values().any(|l| l.spec.direction.is_hold());
             for (&lid, l) in &mut s.legs {
                 let idle = now.saturating_duration_since(l.last_activity);
-                if !l.timeout_reported && idle >= timeout {
+                if !l.timeout_reported && idle >= timeout && !held {
                     l.timeout_reported = true;
                     self.events.push(Event::RtpTimeout {
                         session: sid,
@@ -937,6 +954,9 @@ fn route_bridge(
     let Some(peer) = peer_id.and_then(|p| s.legs.get_mut(&p)) else {
         return;
     };
+    if !peer.spec.direction.sends() {
+        return; // the PBX holds the call (sendonly/inactive): it gets no audio from Telegram
+    }
     let Some(dest) = peer.remote.send_to() else {
         return;
     };
@@ -1049,6 +1069,7 @@ mod tests {
             srtp: None,
             continuity: false,
             telegram: None,
+            direction: Default::default(),
         }
     }
 
@@ -1141,6 +1162,8 @@ mod tests {
     }
 
     /// The phone's side of [`telegram_round_trip`]: its codec, as a PBX would speak it.
+    // One value per test: boxing the G.722 state would only add noise.
+    #[allow(clippy::large_enum_variant)]
     enum PhoneCodec {
         Pcma,
         G722(
@@ -1466,7 +1489,7 @@ mod tests {
             &rtp(8, 1, 0),
             now,
         );
-        sh.update_leg(1, 1, spec(Some("127.0.0.1:8000"), true))
+        sh.update_leg(1, 1, spec(Some("127.0.0.1:8000"), true), now)
             .unwrap();
         let moved: SocketAddr = "127.0.0.1:8000".parse().unwrap();
         assert!(sh
@@ -1505,6 +1528,67 @@ mod tests {
         sh.drain_events(&mut ev);
         assert_eq!(ev.len(), 2, "{ev:?}"); // one per leg, not repeated
         assert!(matches!(ev[0], Event::RtpTimeout { session: 1, .. }));
+    }
+
+    #[test]
+    fn a_held_leg_has_no_rtp_timeout_and_gets_no_media_until_resumed() {
+        use siptg_proto::MediaDirection;
+        let t0 = Instant::now();
+        let mut sh = bridged(
+            spec(Some("127.0.0.1:7000"), false),
+            spec(Some("127.0.0.1:6000"), false),
+            t0,
+        );
+        // Leg 2's remote holds with a=inactive: we neither send nor expect anything.
+        let mut held = spec(Some("127.0.0.1:6000"), false);
+        held.direction = MediaDirection::Inactive;
+        sh.update_leg(1, 2, held, t0 + Duration::from_secs(1))
+            .unwrap();
+        let from_a: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let mut ev = Vec::new();
+        for s in 1..=60u16 {
+            let t = t0 + Duration::from_secs(s as u64);
+            // Leg 1 talks for a while, then falls silent too; nothing of it reaches the
+            // holding side.
+            if s < 20 {
+                assert!(sh
+                    .on_datagram(1, 1, Channel::Rtp, from_a, &rtp(8, s, s as u32 * 160), t)
+                    .is_none());
+            }
+            sh.on_tick(t);
+        }
+        sh.drain_events(&mut ev);
+        assert!(ev.is_empty(), "no timeout while held: {ev:?}");
+        // Resumed at 60 s: media flows again and the timeout counts from the resume.
+        let resumed_at = t0 + Duration::from_secs(60);
+        sh.update_leg(1, 2, spec(Some("127.0.0.1:6000"), false), resumed_at)
+            .unwrap();
+        assert!(sh
+            .on_datagram(
+                1,
+                1,
+                Channel::Rtp,
+                from_a,
+                &rtp(8, 61, 61 * 160),
+                resumed_at
+            )
+            .is_some());
+        sh.on_tick(resumed_at + Duration::from_secs(5));
+        sh.drain_events(&mut ev);
+        assert!(ev.is_empty(), "{ev:?}");
+        sh.on_tick(resumed_at + Duration::from_secs(11));
+        sh.drain_events(&mut ev);
+        assert!(
+            ev.iter().any(|e| matches!(
+                e,
+                Event::RtpTimeout {
+                    session: 1,
+                    leg: 2,
+                    ..
+                }
+            )),
+            "a silent resumed leg times out again: {ev:?}"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let mut sh = Shard::new(0, (40_000, 40_010), timers, now);
     sh.create_session(1, "f".into(), now);
     for _ in 0..2 {
-        let spec = LegSpec { remote: None, latch: true, local_ip: None, rtcp_mux: data.len() % 2 == 0, codec: Codec::pcma(), srtp: None, continuity: false, telegram: None };
+        let spec = LegSpec { remote: None, latch: true, local_ip: None, rtcp_mux: data.len() % 2 == 0, codec: Codec::pcma(), srtp: None, continuity: false, telegram: None, direction: Default::default() };
         let port = sh.begin_add_leg(1, &spec).unwrap();
         sh.complete_add_leg(1, spec, port, SocketAddr::from(([127, 0, 0, 1], port)), now).unwrap();
     }

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 8] = *b"SIPTG-DP";
 
 /// Version of the command/event set in [`crate::messages`]. Bump on any incompatible change.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: `LegSpec::direction` (hold).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Sent by the control side as the first frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

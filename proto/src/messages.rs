@@ -88,6 +88,40 @@ pub struct LegSpec {
     /// RTP, bridged to its peer leg by transcoding (G.711 ⇄ Opus). `None` for SIP legs.
     #[serde(default)]
     pub telegram: Option<TelegramLegSpec>,
+    /// Which way media flows with the leg's remote, as the SDP offer/answer left it (RFC 3264).
+    /// A leg that is not `SendRecv` is on hold: the dataplane sends it nothing unless the
+    /// direction `sends()`, and its RTP timeout is suspended, because a holding PBX may send no
+    /// RTP at all for minutes.
+    #[serde(default)]
+    pub direction: MediaDirection,
+}
+
+/// A leg's media direction from the dataplane's side: `SendOnly` means the dataplane sends to
+/// the remote and receives nothing (the remote said `recvonly`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MediaDirection {
+    #[default]
+    SendRecv,
+    SendOnly,
+    RecvOnly,
+    Inactive,
+}
+
+impl MediaDirection {
+    /// May the dataplane send media to the leg's remote?
+    pub fn sends(self) -> bool {
+        matches!(self, MediaDirection::SendRecv | MediaDirection::SendOnly)
+    }
+
+    /// Does the leg's remote send media to the dataplane?
+    pub fn receives(self) -> bool {
+        matches!(self, MediaDirection::SendRecv | MediaDirection::RecvOnly)
+    }
+
+    /// Is the leg on hold (either side stopped one direction)?
+    pub fn is_hold(self) -> bool {
+        self != MediaDirection::SendRecv
+    }
 }
 
 /// How a Telegram leg connects (from `phoneCall`: who called, `p2p_allowed`, the TURN entries

@@ -134,6 +134,8 @@ pub struct TestNode {
     pub dir: tempfile::TempDir,
     pub admin: SocketAddr,
     pub sip: SocketAddr,
+    /// A SIP TCP listener besides UDP, when set before the config is written.
+    pub sip_tcp: Option<SocketAddr>,
     pub rtp: (u16, u16),
 }
 
@@ -144,6 +146,7 @@ impl TestNode {
             dir: tempfile::tempdir().unwrap(),
             admin: free_tcp(),
             sip: free_udp(),
+            sip_tcp: None,
             rtp: rtp_range(100),
         }
     }
@@ -173,9 +176,13 @@ socket = "var/dp.sock"
 stats_interval = "0s"
 driver = "{driver}"
 [sip]
-listen = ["udp:{sip}"]
+listen = ["udp:{sip}"{tcp}]
 {extra}
 "#,
+            tcp = self
+                .sip_tcp
+                .map(|t| format!(", \"tcp:{t}\""))
+                .unwrap_or_default(),
             admin = self.admin,
             rmin = self.rtp.0,
             rmax = self.rtp.1,
@@ -298,4 +305,60 @@ pub fn sip_invite(to: SocketAddr, line: &str, user: &str) -> (u16, String) {
         let _ = sock.send_to(ack.as_bytes(), to);
         return (code, reason.to_string());
     }
+}
+
+/// Registers `login`/`password` from 127.0.0.1 at `to`, answering one digest challenge;
+/// the final status and reason.
+#[allow(dead_code)]
+pub fn sip_register(to: SocketAddr, login: &str, password: &str) -> (u16, String) {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let me = sock.local_addr().unwrap();
+    let uri = format!("sip:{to}");
+    let call = rand_u32();
+    let mut auth = String::new();
+    let mut buf = [0u8; 4096];
+    for cseq in 1..=2 {
+        let n = rand_u32();
+        let msg = format!(
+            "REGISTER {uri} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{n};rport\r\nMax-Forwards: 70\r\n\
+             From: <sip:{login}@{to}>;tag=r{n}\r\nTo: <sip:{login}@{to}>\r\nCall-ID: reg{call}@test\r\n\
+             CSeq: {cseq} REGISTER\r\nContact: <sip:{login}@{me}>\r\nExpires: 300\r\n{auth}Content-Length: 0\r\n\r\n"
+        );
+        sock.send_to(msg.as_bytes(), to).unwrap();
+        let text = loop {
+            let Ok((len, _)) = sock.recv_from(&mut buf) else {
+                return (0, "no answer".into());
+            };
+            let text = String::from_utf8_lossy(&buf[..len]).to_string();
+            if !text.starts_with("SIP/2.0 1") {
+                break text;
+            }
+        };
+        let status = text.lines().next().unwrap_or_default();
+        let rest = status.strip_prefix("SIP/2.0 ").unwrap_or_default();
+        let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+        let code: u16 = code.parse().unwrap_or(0);
+        if code != 401 || cseq == 2 {
+            return (code, reason.to_string());
+        }
+        let challenge = text
+            .lines()
+            .find_map(|l| l.strip_prefix("WWW-Authenticate:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let value = siptg_control::sip::digest::respond(
+            &challenge,
+            "REGISTER",
+            &uri,
+            login,
+            password,
+            siptg_control::sip::digest::new_cnonce,
+            1,
+        )
+        .unwrap();
+        auth = format!("Authorization: {value}\r\n");
+    }
+    unreachable!()
 }

@@ -305,6 +305,7 @@ pub fn telegram_leg(telegram: siptg_proto::TelegramLegSpec) -> LegSpec {
         srtp: None,
         continuity: false,
         telegram: Some(telegram),
+        direction: Default::default(),
     }
 }
 
@@ -319,5 +320,6 @@ pub fn latching_leg(codec: Codec, remote: Option<std::net::SocketAddr>) -> LegSp
         srtp: None,
         continuity: false,
         telegram: None,
+        direction: Default::default(),
     }
 }

@@ -298,6 +298,10 @@ async fn act(
         TgAction::Event(TgCallEvent::Connected) => {
             tracing::info!("demo echo user: call connected, echoing")
         }
+        TgAction::Event(TgCallEvent::RemoteMuted(muted)) => {
+            // Tests read this line to see what the other side's MediaState said.
+            tracing::info!("demo echo user: the caller's MediaState says muted={muted}");
+        }
         TgAction::Event(_) => {}
     }
 }

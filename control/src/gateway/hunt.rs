@@ -13,10 +13,11 @@
 //! No ring timeout per rung: a PBX that rings without answering holds the hunt until the
 //! Telegram caller hangs up (as SIP.TG advises, ring timeouts belong to the PBX).
 
+use super::auth::Credentials;
 use super::sipleg::{gateway_prefs, LegAction, SipLeg};
 use crate::link::HuntTarget;
 use crate::sip::msg::{SipRequest, SipResponse};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -45,6 +46,8 @@ pub struct Hunt {
     ended: bool,
     /// The last failure of a fork: the hunt's end when every rung failed.
     last_failure: (u16, String),
+    /// Our logins at the PBXs, by connection: a fork answers its PBX's digest challenge.
+    credentials: HashMap<String, Credentials>,
     out: VecDeque<LegAction>,
 }
 
@@ -57,12 +60,14 @@ struct Fork {
 
 impl Hunt {
     /// A hunt over `rungs` (empty rungs are skipped) from `caller`, offering our media leg at
-    /// `leg`; our SIP address is `local`. The first rung's INVITEs are queued at once.
+    /// `leg`; our SIP address is `local`; `credentials` answer the challenges of the PBXs of
+    /// those connections. The first rung's INVITEs are queued at once.
     pub fn new(
         rungs: Vec<Vec<HuntTarget>>,
         caller: Caller,
         leg: SocketAddr,
         local: SocketAddr,
+        credentials: HashMap<String, Credentials>,
     ) -> Self {
         let mut h = Self {
             rungs: rungs.into_iter().filter(|r| !r.is_empty()).collect(),
@@ -75,6 +80,7 @@ impl Hunt {
             ringing: false,
             ended: false,
             last_failure: (480, "Temporarily Unavailable".into()),
+            credentials,
             out: VecDeque::new(),
         };
         h.next_rung();
@@ -91,7 +97,7 @@ impl Hunt {
         self.rung_start = self.forks.len();
         for t in rung {
             tracing::debug!(connection = %t.connection, uri = %t.request_uri, "hunt: INVITE fork");
-            let leg = SipLeg::uac(
+            let mut leg = SipLeg::uac(
                 &t.request_uri,
                 t.address,
                 &self.caller.from_user,
@@ -101,6 +107,7 @@ impl Hunt {
                 self.leg,
                 self.local,
             );
+            leg.set_credentials(self.credentials.get(&t.connection).cloned());
             self.forks.push(Fork {
                 leg,
                 connection: t.connection,
@@ -133,6 +140,12 @@ impl Hunt {
     pub fn is_confirmed(&self) -> bool {
         self.winner
             .is_some_and(|w| !self.ended && self.forks[w].leg.is_confirmed())
+    }
+
+    /// Does the answering PBX hold the call?
+    pub fn is_held(&self) -> bool {
+        self.winner
+            .is_some_and(|w| !self.ended && self.forks[w].leg.is_held())
     }
 
     /// The Telegram side ended: BYE to the answered fork, else CANCEL every ringing one.
@@ -240,7 +253,10 @@ impl Hunt {
                     self.out.push_back(LegAction::Ringing);
                 }
             }
-            LegAction::UpdateLeg(_) | LegAction::Answered | LegAction::Dtmf(_) => {
+            LegAction::UpdateLeg(_)
+            | LegAction::Answered
+            | LegAction::Dtmf(_)
+            | LegAction::Hold(_) => {
                 if winner && !self.ended {
                     self.out.push_back(a);
                 } else if self.winner.is_some() && self.forks[i].leg.is_confirmed() {
@@ -292,6 +308,7 @@ mod tests {
             },
             "127.0.0.1:30000".parse().unwrap(),
             "127.0.0.1:5060".parse().unwrap(),
+            HashMap::new(),
         )
     }
 

@@ -1,6 +1,7 @@
 //! The gateway: SIP calls joined to Telegram calls. `tgcall` is one Telegram call's state
 //! machine (sans-IO).
 
+pub mod auth;
 pub mod dialrules;
 pub mod echo;
 pub mod hunt;

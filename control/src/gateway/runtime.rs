@@ -289,6 +289,12 @@ impl SipSide {
             SipSide::Hunt(h) => h.is_confirmed(),
         }
     }
+    fn is_held(&self) -> bool {
+        match self {
+            SipSide::Uas(l) => l.is_held(),
+            SipSide::Hunt(h) => h.is_held(),
+        }
+    }
 }
 
 struct GwCall {
@@ -334,6 +340,8 @@ struct GwCall {
     keypad_bot: Option<String>,
     /// The call's keypad: its token, and its message once in the chat.
     keypad: Option<(String, Option<i32>)>,
+    /// The last update of the SIP media leg still on its way to the dataplane.
+    leg_update: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl GwCall {
@@ -374,6 +382,10 @@ struct OutMessage {
     next: usize,
     /// The last failure (what the user reads when no target takes the text).
     last: (u16, String),
+    /// The `MESSAGE` out to the current target, and whether it already answered a challenge.
+    sent: Option<(SipRequest, bool)>,
+    /// The same `MESSAGE` with our credentials, to send when the core next drives us.
+    retry: Option<SipRequest>,
 }
 
 /// The gateway calls of one SIP core.
@@ -404,6 +416,26 @@ pub struct GatewayCalls {
     to_manager: mpsc::UnboundedSender<crate::link::Request>,
     /// The answered calls' keypad tokens.
     keypads: super::keypad::Keypads,
+    /// TCP and TLS connections PBXs opened to this core (peer → transport, our listener):
+    /// INVITEs and MESSAGEs to a PBX registered over one go over it, not over UDP.
+    reliable: HashMap<SocketAddr, (Transport, SocketAddr)>,
+}
+
+/// The transport a request to `dest` leaves on — the PBX's own TCP or TLS connection when it
+/// has one, else `fixed` (the call's) — with its Via and Contact readied for it.
+fn outbound(
+    reliable: &HashMap<SocketAddr, (Transport, SocketAddr)>,
+    ours: SocketAddr,
+    mut req: SipRequest,
+    dest: SocketAddr,
+    fixed: Transport,
+) -> (SipRequest, Transport) {
+    let (transport, local) = match reliable.get(&dest) {
+        Some(&(t, local)) => (t, Some(local)),
+        None => (fixed, None),
+    };
+    crate::sip::core::for_connection(req.headers_mut(), transport, local, ours);
+    (req, transport)
 }
 
 /// A gateway call's id, unique in the process (every SIP core has its own `GatewayCalls`; the
@@ -442,6 +474,7 @@ impl GatewayCalls {
             msg_clients: HashMap::new(),
             msg_queue: Vec::new(),
             msg_answers: Vec::new(),
+            reliable: HashMap::new(),
             notices: Default::default(),
             keypads: Default::default(),
         }
@@ -528,17 +561,21 @@ impl GatewayCalls {
         let mut spec = spec;
         spec.rtcp_mux = true;
         let sip_events = spec.codec.telephone_event.is_some();
-        self.spawn_update_leg(session, leg.0, spec);
+        let leg_update = self.spawn_update_leg(session, leg.0, spec, None);
+        let mut tg = TgCall::outgoing();
+        // A call offered on hold: the Telegram user sees us muted from the start.
+        tg.set_muted(sip.is_held());
         let call = GwCall {
             dtmf: route.dtmf.clone(),
             sip_events,
             keypad_bot: route.keypad_bot.clone(),
             keypad: None,
+            leg_update,
             gateway: route.gateway.clone(),
             storage: route.storage.clone(),
             account: route.account.clone(),
             sip: SipSide::Uas(Box::new(sip)),
-            tg: TgCall::outgoing(),
+            tg,
             session,
             sip_leg: leg.0,
             tg_leg: None,
@@ -632,6 +669,14 @@ impl GatewayCalls {
             },
             leg.1,
             self.local,
+            call.rungs
+                .iter()
+                .flatten()
+                .filter_map(|t| {
+                    let c = self.worker.pbx_credentials(&t.connection)?;
+                    Some((t.connection.clone(), c))
+                })
+                .collect(),
         );
         let id = next_call_id();
         self.by_session.insert(session, id);
@@ -649,6 +694,7 @@ impl GatewayCalls {
                 sip_events: false,
                 keypad_bot: call.keypad_bot.clone(),
                 keypad: None,
+                leg_update: None,
                 gateway: call.gateway.clone(),
                 storage: call.storage.clone(),
                 account: call.account.clone(),
@@ -677,6 +723,16 @@ impl GatewayCalls {
                 end: None,
             },
         );
+    }
+
+    /// A PBX's TCP or TLS connection to this core carried a message (it may be new).
+    pub fn connection_up(&mut self, peer: SocketAddr, transport: Transport, local: SocketAddr) {
+        self.reliable.insert(peer, (transport, local));
+    }
+
+    /// A PBX's TCP or TLS connection to this core closed.
+    pub fn connection_down(&mut self, peer: SocketAddr) {
+        self.reliable.remove(&peer);
     }
 
     /// A message for the gateway calls.
@@ -761,13 +817,25 @@ impl GatewayCalls {
                     }
                 }
                 Event::RtpTimeout {
-                    session, idle_ms, ..
+                    session,
+                    leg,
+                    idle_ms,
                 } => {
                     if let Some(c) = self
                         .by_session
                         .get(&session)
                         .and_then(|i| self.calls.get_mut(i))
                     {
+                        if c.sip.is_held() {
+                            // The dataplane stops timing a held call; this one crossed the hold.
+                            tracing::debug!(
+                                session,
+                                leg,
+                                idle_ms,
+                                "RTP timeout of a held call ignored"
+                            );
+                            return;
+                        }
                         tracing::info!(session, idle_ms, "RTP timeout: ending the gateway call");
                         c.sip.hang_up(408, "RTP timeout");
                         c.tg.hang_up(Hangup::Disconnect, now);
@@ -917,6 +985,10 @@ impl GatewayCalls {
         if let Some(&id) = self.msg_clients.get(key) {
             if resp.code >= 200 {
                 self.msg_clients.remove(key);
+                if super::auth::is_challenge(resp.code) && self.answer_message_challenge(id, &resp)
+                {
+                    return;
+                }
                 self.message_answered(id, resp.code, &resp.reason);
             }
             return;
@@ -924,6 +996,11 @@ impl GatewayCalls {
         let Some(id) = self.by_client.get(key).map(|(id, _)| *id) else {
             return;
         };
+        if key.method == Method::Invite && resp.code >= 300 {
+            // That INVITE transaction is over (a challenged INVITE goes out again as a new
+            // one, which a CANCEL must find instead).
+            self.by_client.remove(key);
+        }
         if let Some(c) = self.calls.get_mut(&id) {
             c.sip.on_response(resp);
         }
@@ -1098,6 +1175,9 @@ impl GatewayCalls {
             }
             TgAction::Event(ev) => match ev {
                 TgCallEvent::Ringing => c.sip.ringing(),
+                TgCallEvent::RemoteMuted(muted) => {
+                    tracing::info!(call = id, muted, "the Telegram user's microphone");
+                }
                 TgCallEvent::Keyed { emoji, .. } => {
                     tracing::info!(call = id, emoji = %emoji.join(" "), "Telegram call keys agreed");
                 }
@@ -1158,7 +1238,8 @@ impl GatewayCalls {
                 // A hunt's forks each have their own dialog: requests from those PBXs (a BYE,
                 // a re-INVITE) find the call by it.
                 self.by_call_id.entry(call_id.clone()).or_insert(id);
-                if let Ok(k) = tx.send_request(now, req, dest, c.transport) {
+                let (req, transport) = outbound(&self.reliable, self.local, req, dest, c.transport);
+                if let Ok(k) = tx.send_request(now, req, dest, transport) {
                     self.by_client.insert(k, (id, call_id));
                 }
             }
@@ -1177,12 +1258,18 @@ impl GatewayCalls {
                     }
                 }
             }
-            LegAction::SendAck { req, dest } => tx.send_stateless(dest, c.transport, req),
+            LegAction::SendAck { req, dest } => {
+                let (req, transport) = outbound(&self.reliable, self.local, req, dest, c.transport);
+                tx.send_stateless(dest, transport, req)
+            }
             LegAction::UpdateLeg(mut spec) => {
                 spec.rtcp_mux = true;
                 c.sip_events = spec.codec.telephone_event.is_some();
-                let (session, leg) = (c.session, c.sip_leg);
-                self.spawn_update_leg(session, leg, spec);
+                let (session, leg, previous) = (c.session, c.sip_leg, c.leg_update.take());
+                let update = self.spawn_update_leg(session, leg, spec, previous);
+                if let Some(c) = self.calls.get_mut(&id) {
+                    c.leg_update = update;
+                }
             }
             LegAction::Ringing => {}
             LegAction::Answered => {
@@ -1197,6 +1284,15 @@ impl GatewayCalls {
             LegAction::Dtmf(d) => {
                 let session = c.session;
                 self.send_digits(session, &d.to_string());
+            }
+            LegAction::Hold(held) => {
+                tracing::info!(
+                    call = id,
+                    held,
+                    "the PBX {} the call",
+                    if held { "holds" } else { "resumed" }
+                );
+                c.tg.set_muted(held);
             }
             LegAction::Ended { code, reason } => {
                 tracing::info!(call = id, code, %reason, "SIP side ended");
@@ -1288,6 +1384,8 @@ impl GatewayCalls {
                 msg: m,
                 next: 0,
                 last: (503, reasons::SIP_ACCOUNT_UNAVAILABLE.to_string()),
+                sent: None,
+                retry: None,
             },
         );
         self.msg_queue.push(id);
@@ -1300,6 +1398,26 @@ impl GatewayCalls {
         let Some(om) = self.messages.get_mut(&id) else {
             return;
         };
+        if let (Some(req), Some(target)) = (
+            om.retry.take(),
+            om.next.checked_sub(1).and_then(|i| om.msg.targets.get(i)),
+        ) {
+            // The current target's challenge, answered.
+            let (req, transport) =
+                outbound(&self.reliable, local, req, target.address, Transport::Udp);
+            match tx.send_request(now, req.clone(), target.address, transport) {
+                Ok(k) => {
+                    tracing::debug!(text = id, connection = %target.connection, "MESSAGE sent with credentials");
+                    om.sent = Some((req, true));
+                    self.msg_clients.insert(k, id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(text = id, connection = %target.connection, error = ?e, "MESSAGE not sent");
+                    om.last = (503, "Service Unavailable".to_string());
+                }
+            }
+        }
         while let Some(target) = om.msg.targets.get(om.next).cloned() {
             om.next += 1;
             let sender = super::messages::Sender {
@@ -1308,9 +1426,12 @@ impl GatewayCalls {
                 headers: &om.msg.headers,
             };
             let req = super::messages::request(&target, &sender, &om.msg.text, local);
-            match tx.send_request(now, req, target.address, Transport::Udp) {
+            let (req, transport) =
+                outbound(&self.reliable, local, req, target.address, Transport::Udp);
+            match tx.send_request(now, req.clone(), target.address, transport) {
                 Ok(k) => {
                     tracing::debug!(text = id, connection = %target.connection, uri = %target.request_uri, "MESSAGE sent");
+                    om.sent = Some((req, false));
                     self.msg_clients.insert(k, id);
                     return;
                 }
@@ -1322,6 +1443,35 @@ impl GatewayCalls {
         }
         if let Some(om) = self.messages.remove(&id) {
             self.message_failed(id, om);
+        }
+    }
+
+    /// A 401/407 to text `id`'s `MESSAGE`: true when it goes out again with our credentials
+    /// for that connection (once per target; a second challenge is a failure).
+    fn answer_message_challenge(&mut self, id: u64, resp: &SipResponse) -> bool {
+        let Some(om) = self.messages.get_mut(&id) else {
+            return false;
+        };
+        let Some(target) = om.next.checked_sub(1).and_then(|i| om.msg.targets.get(i)) else {
+            return false;
+        };
+        let Some((sent, false)) = &om.sent else {
+            return false;
+        };
+        let Some(creds) = self.worker.pbx_credentials(&target.connection) else {
+            return false;
+        };
+        match super::auth::authorize(sent, resp, &creds) {
+            Ok(again) => {
+                tracing::debug!(text = id, connection = %target.connection, code = resp.code, "MESSAGE challenged: answering");
+                om.retry = Some(again);
+                self.msg_queue.push(id);
+                true
+            }
+            Err(e) => {
+                tracing::info!(text = id, connection = %target.connection, error = %e, "cannot answer the PBX's challenge");
+                false
+            }
         }
     }
 
@@ -1690,14 +1840,24 @@ impl GatewayCalls {
         });
     }
 
-    fn spawn_update_leg(&self, session: SessionId, leg: LegId, spec: siptg_proto::LegSpec) {
-        if let Some(dp) = self.worker.dataplane().client() {
-            tokio::spawn(async move {
-                if let Err(e) = dp.update_leg(session, leg, spec).await {
-                    tracing::warn!(session, leg, error = %e, "media leg update refused");
-                }
-            });
-        }
+    /// Updates the SIP media leg in a task that waits for the call's previous update first:
+    /// a hold and its resume must reach the dataplane in the order the PBX sent them.
+    fn spawn_update_leg(
+        &self,
+        session: SessionId,
+        leg: LegId,
+        spec: siptg_proto::LegSpec,
+        previous: Option<tokio::task::JoinHandle<()>>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let dp = self.worker.dataplane().client()?;
+        Some(tokio::spawn(async move {
+            if let Some(p) = previous {
+                let _ = p.await;
+            }
+            if let Err(e) = dp.update_leg(session, leg, spec).await {
+                tracing::warn!(session, leg, error = %e, "media leg update refused");
+            }
+        }))
     }
 
     fn delete_session(&self, session: SessionId) {

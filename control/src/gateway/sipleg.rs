@@ -5,10 +5,13 @@
 //! The Telegram side speaks Opus and the dataplane's bridge transcodes G.711 to it, so the SIP
 //! side is offered and answered PCMA/PCMU (in the connection's order) with telephone-event.
 
+use super::auth::{self, Credentials};
 use crate::sip::call::{branch, strip_brackets, tag};
 use crate::sip::msg::{Method, SipRequest, SipResponse};
-use crate::sip::sdp::{self, AudioCodec, CodecPrefs, LocalMedia, SessionDescription};
-use siptg_proto::LegSpec;
+use crate::sip::sdp::{
+    self, AudioCodec, CodecPrefs, Direction, LocalMedia, NegotiatedMedia, SessionDescription,
+};
+use siptg_proto::{LegSpec, MediaDirection};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -37,6 +40,9 @@ pub enum LegAction {
     Answered,
     /// A DTMF digit from the PBX by SIP INFO.
     Dtmf(char),
+    /// The PBX put the call on hold (`true`: its offer said sendonly, inactive or
+    /// `c=0.0.0.0`) or took it off hold (`false`); the Telegram user is told.
+    Hold(bool),
     /// The dialog is over; `code`/`reason` say how (the PBX's final response for a UAC call that
     /// failed, or 200 for a normal end).
     Ended { code: u16, reason: String },
@@ -83,6 +89,19 @@ impl Dialog {
         h.add("CSeq", format!("{} {}", self.cseq, method.as_str()));
         req
     }
+}
+
+/// The dataplane leg for what offer/answer settled, with its direction: a held leg gets no
+/// audio from Telegram unless we may send, and no RTP timeout.
+fn leg_spec(neg: &NegotiatedMedia) -> LegSpec {
+    let mut spec = neg.to_leg_spec(true);
+    spec.direction = match neg.direction {
+        Direction::SendRecv => MediaDirection::SendRecv,
+        Direction::SendOnly => MediaDirection::SendOnly,
+        Direction::RecvOnly => MediaDirection::RecvOnly,
+        Direction::Inactive => MediaDirection::Inactive,
+    };
+    spec
 }
 
 /// The codecs of a gateway call's SIP leg, in the connection's order: Opus passes through to
@@ -138,6 +157,14 @@ pub struct SipLeg {
     /// UAC: our BYE is out (after a hang-up, or for a 2xx that crossed our CANCEL): a
     /// retransmitted 2xx is only ACKed.
     late_bye: bool,
+    /// The PBX holds the call (its last SDP wants none of our media).
+    held: bool,
+    /// Our offer in the 2xx to an offerless re-INVITE: the ACK brings the answer.
+    offered: Option<SessionDescription>,
+    /// UAC: our login at the PBX, to answer one digest challenge to the INVITE.
+    credentials: Option<Credentials>,
+    /// UAC: the INVITE went out again with credentials; a second challenge fails the call.
+    challenged: bool,
     out: VecDeque<LegAction>,
 }
 
@@ -185,7 +212,8 @@ impl SipLeg {
             cseq: 0,
             address: source,
         };
-        let spec = neg.to_leg_spec(true);
+        let spec = leg_spec(&neg);
+        let held = neg.remote_hold;
         Ok((
             Self {
                 uas: true,
@@ -198,6 +226,10 @@ impl SipLeg {
                 media,
                 ok: None,
                 late_bye: false,
+                held,
+                offered: None,
+                credentials: None,
+                challenged: false,
                 out: VecDeque::new(),
             },
             spec,
@@ -257,6 +289,10 @@ impl SipLeg {
             media,
             ok: None,
             late_bye: false,
+            held: false,
+            offered: None,
+            credentials: None,
+            challenged: false,
             out: VecDeque::new(),
         };
         leg.out.push_back(LegAction::Send {
@@ -274,6 +310,17 @@ impl SipLeg {
     /// Is the dialog over?
     pub fn is_ended(&self) -> bool {
         self.state == State::Ended
+    }
+
+    /// UAC: our login and password at the PBX (a `register_to_pbx` connection's), to answer
+    /// its digest challenge to the INVITE once.
+    pub fn set_credentials(&mut self, credentials: Option<Credentials>) {
+        self.credentials = credentials;
+    }
+
+    /// Does the PBX hold the call?
+    pub fn is_held(&self) -> bool {
+        self.held
     }
 
     /// Has the call been answered (2xx)?
@@ -394,6 +441,18 @@ impl SipLeg {
         match req.method {
             Method::Ack => {
                 self.ok = None;
+                if let Some(offer) = self.offered.take() {
+                    // The answer to our offer in the 2xx of an offerless re-INVITE.
+                    match SessionDescription::parse(&req.body)
+                        .ok()
+                        .and_then(|answer| sdp::apply_answer(&offer, &answer).ok())
+                    {
+                        Some(neg) => self.negotiated(&neg),
+                        None => {
+                            tracing::debug!(call_id = %self.dialog.call_id, "ACK without a usable answer to our offer")
+                        }
+                    }
+                }
             }
             Method::Cancel => {
                 if self.uas && self.state == State::Early {
@@ -409,9 +468,24 @@ impl SipLeg {
             }
             Method::Invite | Method::Update => {
                 // A re-INVITE (hold, a new address): answer from our side's codecs and follow
-                // the PBX's new address and direction.
+                // the PBX's new address and direction. RFC 3264 §6.1: the answer mirrors the
+                // offer's direction (sendonly → recvonly, inactive → inactive), so a changed
+                // answer gets a new `o=` version (§8).
                 if req.body.is_empty() {
-                    let r = self.response(&req, 200, "OK", req.method == Method::Invite);
+                    let offer = req.method == Method::Invite;
+                    if offer {
+                        // RFC 3264 §8: we offer in the 2xx, sendrecv (a PBX resumes this way
+                        // too); the answer comes in the ACK.
+                        let srtp = self
+                            .ours
+                            .media
+                            .iter()
+                            .any(|m| m.proto.to_ascii_uppercase().starts_with("RTP/SAVP"));
+                        self.media.session_version += 1;
+                        self.ours = sdp::offer(&self.prefs, &self.media, srtp);
+                        self.offered = Some(self.ours.clone());
+                    }
+                    let r = self.response(&req, 200, "OK", offer);
                     self.out.push_back(LegAction::Respond(r));
                     return;
                 }
@@ -419,11 +493,15 @@ impl SipLeg {
                     .ok()
                     .and_then(|offer| sdp::answer(&offer, &self.prefs, &self.media).ok())
                 {
-                    Some((answer, neg)) => {
+                    Some((mut answer, neg)) => {
+                        if answer.media != self.ours.media {
+                            self.media.session_version += 1;
+                            answer.origin.session_version = self.media.session_version.to_string();
+                        }
                         self.ours = answer;
-                        self.out
-                            .push_back(LegAction::UpdateLeg(neg.to_leg_spec(true)));
+                        self.offered = None;
                         let r = self.response(&req, 200, "OK", true);
+                        self.negotiated(&neg);
                         self.out.push_back(LegAction::Respond(r));
                     }
                     None => {
@@ -444,6 +522,16 @@ impl SipLeg {
                 let r = self.response(&req, 200, "OK", false);
                 self.out.push_back(LegAction::Respond(r));
             }
+        }
+    }
+
+    /// A new offer/answer outcome: the media leg follows it, and a change of the PBX's hold
+    /// is news for the Telegram side.
+    fn negotiated(&mut self, neg: &NegotiatedMedia) {
+        self.out.push_back(LegAction::UpdateLeg(leg_spec(neg)));
+        if neg.remote_hold != self.held {
+            self.held = neg.remote_hold;
+            self.out.push_back(LegAction::Hold(self.held));
         }
     }
 
@@ -488,10 +576,13 @@ impl SipLeg {
                     .ok()
                     .and_then(|answer| sdp::answer(&answer, &self.prefs, &self.media).ok())
                 {
-                    self.out
-                        .push_back(LegAction::UpdateLeg(neg.to_leg_spec(true)));
+                    self.held = neg.remote_hold;
+                    self.out.push_back(LegAction::UpdateLeg(leg_spec(&neg)));
                 }
                 self.out.push_back(LegAction::Answered);
+                if self.held {
+                    self.out.push_back(LegAction::Hold(true));
+                }
             } else if self.state == State::Ended && !self.late_bye {
                 // Answered although we cancelled (or lost a hunt): ACK, then end it at once.
                 self.late_bye = true;
@@ -502,6 +593,28 @@ impl SipLeg {
                 });
             }
         } else if code >= 300 && self.state == State::Early {
+            if auth::is_challenge(code) && !self.challenged {
+                if let Some(creds) = &self.credentials {
+                    match auth::authorize(&self.invite, &resp, creds) {
+                        Ok(again) => {
+                            tracing::debug!(call_id = %self.dialog.call_id, code, "INVITE challenged: answering");
+                            self.challenged = true;
+                            if let Some((n, _)) = again.cseq() {
+                                self.dialog.cseq = n;
+                            }
+                            self.invite = again.clone();
+                            self.out.push_back(LegAction::Send {
+                                req: again,
+                                dest: self.dialog.address,
+                            });
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::info!(call_id = %self.dialog.call_id, error = %e, "cannot answer the PBX's challenge")
+                        }
+                    }
+                }
+            }
             self.end(code, &resp.reason);
         }
     }
@@ -532,5 +645,182 @@ impl SipLeg {
         self.out.push_back(LegAction::RespondInvite(ok.clone()));
         let next = (interval * 2).min(Duration::from_secs(4));
         self.ok = Some((ok, now + next, next, give_up));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(direction: &str, addr: &str) -> Vec<u8> {
+        format!(
+            "v=0\r\no=- 7 {v} IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 {addr}\r\nt=0 0\r\n\
+             m=audio 4000 RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\n\
+             a=rtpmap:101 telephone-event/8000\r\n{direction}",
+            v = direction.len()
+        )
+        .into_bytes()
+    }
+
+    fn request(method: Method, cseq: u32, body: Vec<u8>) -> SipRequest {
+        let mut r = SipRequest::new(method.clone(), "sip:gw@127.0.0.1:5060".to_string());
+        let h = r.headers_mut();
+        h.add("Via", "SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKx");
+        h.add("From", "<sip:pbx@127.0.0.1>;tag=p");
+        h.add("To", "<sip:gw@127.0.0.1>");
+        h.add("Call-ID", "hold@test");
+        h.add("CSeq", format!("{cseq} {}", method.as_str()));
+        h.add("Contact", "<sip:pbx@127.0.0.1:5070>");
+        h.add("Content-Type", "application/sdp");
+        r.body = body;
+        r
+    }
+
+    fn answered_leg() -> SipLeg {
+        let (mut leg, spec) = SipLeg::uas(
+            request(Method::Invite, 1, offer("a=sendrecv\r\n", "127.0.0.1")),
+            "127.0.0.1:5070".parse().unwrap(),
+            gateway_prefs(&["PCMA".into()]),
+            "127.0.0.1:30000".parse().unwrap(),
+            "127.0.0.1:5060".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(spec.direction, MediaDirection::SendRecv);
+        leg.answer(Instant::now());
+        std::iter::from_fn(|| leg.poll_action()).for_each(drop);
+        leg
+    }
+
+    /// The answer to a re-INVITE: its direction attribute, `o=` version, the leg's direction
+    /// and the hold news.
+    fn reinvite(
+        leg: &mut SipLeg,
+        cseq: u32,
+        dir: &str,
+        addr: &str,
+    ) -> (String, String, MediaDirection, Option<bool>) {
+        leg.on_request(request(Method::Invite, cseq, offer(dir, addr)));
+        let acts: Vec<LegAction> = std::iter::from_fn(|| leg.poll_action()).collect();
+        let mut out = (String::new(), String::new(), MediaDirection::SendRecv, None);
+        for a in acts {
+            match a {
+                LegAction::Respond(r) => {
+                    assert_eq!(r.code, 200);
+                    let sd = SessionDescription::parse(&r.body).unwrap();
+                    out.1 = sd.origin.session_version.clone();
+                    out.0 = String::from_utf8_lossy(&r.body)
+                        .lines()
+                        .find(|l| {
+                            ["a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive"].contains(l)
+                        })
+                        .unwrap_or_default()
+                        .to_string();
+                }
+                LegAction::UpdateLeg(spec) => out.2 = spec.direction,
+                LegAction::Hold(h) => out.3 = Some(h),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_challenged_invite_is_answered_once() {
+        let mut leg = SipLeg::uac(
+            "sip:100@127.0.0.1:5070",
+            "127.0.0.1:5070".parse().unwrap(),
+            "+1000",
+            None,
+            &[],
+            gateway_prefs(&["PCMA".into()]),
+            "127.0.0.1:30000".parse().unwrap(),
+            "127.0.0.1:5060".parse().unwrap(),
+        );
+        leg.set_credentials(Some(Credentials {
+            login: "gw".into(),
+            password: "pw".into(),
+        }));
+        let sent = |leg: &mut SipLeg| -> Vec<LegAction> {
+            std::iter::from_fn(|| leg.poll_action()).collect()
+        };
+        let Some(LegAction::Send { req: first, .. }) = sent(&mut leg).pop() else {
+            panic!("no INVITE")
+        };
+        let challenge = |req: &SipRequest| {
+            let mut r = SipResponse::to(req, 401, "Unauthorized", Some("t"));
+            r.headers_mut().add(
+                "WWW-Authenticate",
+                "Digest realm=\"pbx\", nonce=\"n1\", algorithm=MD5, qop=\"auth\"",
+            );
+            r
+        };
+        leg.on_response(challenge(&first));
+        let acts = sent(&mut leg);
+        let [LegAction::Send { req: again, .. }] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(again.cseq(), Some((2, Method::Invite)));
+        assert_eq!(again.call_id(), first.call_id());
+        assert!(again
+            .header("Authorization")
+            .is_some_and(|a| a.contains("username=\"gw\"")));
+        assert!(!leg.is_ended());
+        // A second challenge: the call fails with it.
+        leg.on_response(challenge(again));
+        assert!(matches!(
+            sent(&mut leg).as_slice(),
+            [LegAction::Ended { code: 401, .. }]
+        ));
+    }
+
+    #[test]
+    fn hold_and_resume_are_mirrored_and_reported() {
+        let mut leg = answered_leg();
+        let (dir, v1, spec, hold) = reinvite(&mut leg, 2, "a=sendonly\r\n", "127.0.0.1");
+        assert_eq!(dir, "a=recvonly");
+        assert_eq!(spec, MediaDirection::RecvOnly);
+        assert_eq!(hold, Some(true));
+        assert!(leg.is_held());
+        let (dir, v2, spec, hold) = reinvite(&mut leg, 3, "a=inactive\r\n", "127.0.0.1");
+        assert_eq!(dir, "a=inactive");
+        assert_eq!(spec, MediaDirection::Inactive);
+        assert_eq!(hold, None, "still held: no second hold news");
+        assert_ne!(v1, v2, "a changed answer has a new o= version");
+        // Unchanged offer (a refresh): same answer, same version.
+        let (_, v3, _, hold) = reinvite(&mut leg, 4, "a=inactive\r\n", "127.0.0.1");
+        assert_eq!((v3.as_str(), hold), (v2.as_str(), None));
+        let (dir, _, spec, hold) = reinvite(&mut leg, 5, "a=sendrecv\r\n", "127.0.0.1");
+        assert_eq!(dir, "a=sendrecv");
+        assert_eq!(spec, MediaDirection::SendRecv);
+        assert_eq!(hold, Some(false));
+        assert!(!leg.is_held());
+        // RFC 2543 hold: c=0.0.0.0.
+        let (_, _, spec, hold) = reinvite(&mut leg, 6, "", "0.0.0.0");
+        assert_eq!((spec, hold), (MediaDirection::RecvOnly, Some(true)));
+        // Resumed by an offerless re-INVITE: we offer sendrecv in the 200, the ACK answers.
+        leg.on_request(request(Method::Invite, 7, Vec::new()));
+        let acts: Vec<LegAction> = std::iter::from_fn(|| leg.poll_action()).collect();
+        let [LegAction::Respond(ok)] = acts.as_slice() else {
+            panic!("{acts:?}")
+        };
+        assert!(String::from_utf8_lossy(&ok.body).contains("a=sendrecv"));
+        let offer = SessionDescription::parse(&ok.body).unwrap();
+        let (answer, _) = sdp::answer(
+            &offer,
+            &gateway_prefs(&["PCMA".into()]),
+            &LocalMedia::new("127.0.0.1".parse().unwrap(), 4000, 7),
+        )
+        .unwrap();
+        leg.on_request(request(Method::Ack, 7, answer.to_string().into_bytes()));
+        let acts: Vec<LegAction> = std::iter::from_fn(|| leg.poll_action()).collect();
+        assert!(
+            matches!(
+                acts.as_slice(),
+                [LegAction::UpdateLeg(spec), LegAction::Hold(false)]
+                    if spec.direction == MediaDirection::SendRecv
+                        && spec.remote == Some("127.0.0.1:4000".parse().unwrap())
+            ),
+            "{acts:?}"
+        );
     }
 }

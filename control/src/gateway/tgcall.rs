@@ -92,6 +92,9 @@ pub enum TgCallEvent {
     },
     /// Media flows.
     Connected,
+    /// The peer's `MediaState` arrived over the data channel: its microphone is muted or not
+    /// (a Telegram app shows the same for us while the PBX holds the call).
+    RemoteMuted(bool),
     /// The call is over.
     Ended(TgEnd),
 }
@@ -144,6 +147,10 @@ pub struct TgCall {
     /// Signalling that arrived before the media leg existed.
     early_signals: Vec<Vec<u8>>,
     connected_at: Option<Instant>,
+    /// What our `MediaState` says: muted while the PBX holds the call.
+    muted: bool,
+    /// The data channel is open: a `MediaState` can go out now.
+    data_open: bool,
     out: VecDeque<TgAction>,
 }
 
@@ -180,6 +187,8 @@ impl TgCall {
             signaling: None,
             early_signals: Vec::new(),
             connected_at: None,
+            muted: false,
+            data_open: false,
             out: VecDeque::new(),
         }
     }
@@ -495,12 +504,40 @@ impl TgCall {
                 self.flush(now);
             }
             TelegramEvent::DataOpen => {
-                let state = SignalingSession::media_state(false).to_json();
-                self.out
-                    .push_back(TgAction::Media(TelegramOp::SendData(state)));
+                self.data_open = true;
+                self.send_media_state();
             }
-            TelegramEvent::Data(_) => {}
+            TelegramEvent::Data(bytes) => match SignalingMessage::parse(&bytes) {
+                Ok(SignalingMessage::MediaState(m)) => {
+                    self.out
+                        .push_back(TgAction::Event(TgCallEvent::RemoteMuted(m.muted)));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "ignored a data-channel message"),
+            },
         }
+    }
+
+    /// Our audio is muted (the PBX holds the call) or not (resumed): the Telegram user's app
+    /// shows it, as when a Telegram user mutes. Sent as `MediaState` over the data channel (the
+    /// only way tgcalls v2 takes it), now if it is open, else when it opens.
+    pub fn set_muted(&mut self, muted: bool) {
+        if self.muted == muted {
+            return;
+        }
+        self.muted = muted;
+        if self.data_open {
+            self.send_media_state();
+        }
+    }
+
+    fn send_media_state(&mut self) {
+        if self.state == State::Ended {
+            return;
+        }
+        let state = SignalingSession::media_state(self.muted).to_json();
+        self.out
+            .push_back(TgAction::Media(TelegramOp::SendData(state)));
     }
 
     fn flush(&mut self, now: Instant) {
@@ -637,6 +674,54 @@ mod tests {
                 _ => {}
             }
         }
+    }
+
+    fn media_states(acts: &[TgAction]) -> Vec<bool> {
+        acts.iter()
+            .filter_map(|a| match a {
+                TgAction::Media(TelegramOp::SendData(d)) => match SignalingMessage::parse(d) {
+                    Ok(SignalingMessage::MediaState(m)) => Some(m.muted),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hold_mutes_our_media_state_when_the_data_channel_is_open() {
+        let now = Instant::now();
+        let mut c = TgCall::outgoing();
+        drain(&mut c);
+        // Held before the channel opens: the first MediaState already says muted.
+        c.set_muted(true);
+        assert!(media_states(&drain(&mut c)).is_empty());
+        c.on_media_event(TelegramEvent::DataOpen, now);
+        let first = drain(&mut c);
+        assert_eq!(media_states(&first), vec![true]);
+        // The full tgcalls object, as telegram-calls.md §2.3.3 shows it.
+        let TgAction::Media(TelegramOp::SendData(json)) = &first[0] else {
+            panic!("{first:?}")
+        };
+        let v: serde_json::Value = serde_json::from_slice(json).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"@type": "MediaState", "muted": true, "lowBattery": false,
+                "videoState": "inactive", "videoRotation": 0, "screencastState": "inactive"})
+        );
+        c.set_muted(true); // unchanged: nothing new
+        assert!(drain(&mut c).is_empty());
+        c.set_muted(false);
+        assert_eq!(media_states(&drain(&mut c)), vec![false]);
+        // The peer's own MediaState is an event.
+        c.on_media_event(
+            TelegramEvent::Data(br#"{"@type":"MediaState","muted":true}"#.to_vec()),
+            now,
+        );
+        assert_eq!(
+            drain(&mut c),
+            vec![TgAction::Event(TgCallEvent::RemoteMuted(true))]
+        );
     }
 
     /// Both sides of a call, with this test playing Telegram's servers.

@@ -112,6 +112,34 @@ fn for_transport(h: &mut Headers, via: bool, transport: Transport) {
     }
 }
 
+/// Readies a request we originate for the connection it leaves on: the transport in the top
+/// Via and our Contact (see [`for_transport`]) and, for a connection the peer opened to one of
+/// our listeners (`local`), that listener in place of `ours` (the UDP address the request was
+/// built with) as sent-by and Contact: a PBX registered over TCP or TLS sends its BYE there.
+pub(crate) fn for_connection(
+    h: &mut Headers,
+    transport: Transport,
+    local: Option<SocketAddr>,
+    ours: SocketAddr,
+) {
+    for_transport(h, true, transport);
+    let Some(local) = local.filter(|l| *l != ours && transport.is_reliable()) else {
+        return;
+    };
+    if let Some(mut v) = h.top_via() {
+        v.host = match local.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        v.port = Some(local.port());
+        h.replace_top_via(v.to_string());
+    }
+    if let Some(c) = h.get("Contact") {
+        let c = c.replace(&format!("@{ours}"), &format!("@{local}"));
+        h.set("Contact", c);
+    }
+}
+
 /// Runs the SIP core on `sock` (and the TCP connections of `tcp`) until the process ends.
 pub async fn serve(
     sock: Option<Arc<UdpSocket>>,
@@ -191,12 +219,14 @@ pub async fn serve(
                 match ev {
                     TcpEvent::Message { msg, peer, local, writer, transport } => {
                         conns.insert(peer, (writer, local, transport));
+                        gw.connection_up(peer, transport, local);
                         tx.on_message(Instant::now(), msg, peer, transport);
                     }
                     TcpEvent::Closed { peer, writer, failed, transport } => {
                         // Only this connection's entry: a newer one to the same peer stays.
                         if conns.get(&peer).is_some_and(|(w, _, _)| w.same_channel(&writer)) {
                             conns.remove(&peer);
+                            gw.connection_down(peer);
                         }
                         if failed {
                             tx.on_transport_error(peer, transport);
@@ -880,6 +910,34 @@ Call-ID: c\r\nCSeq: 2 BYE\r\nContact: <sip:siptg@127.0.0.1:5060>\r\nContent-Leng
             req.header("Contact"),
             Some("<sip:siptg@127.0.0.1:5060;transport=tcp>")
         );
+    }
+
+    /// A request for a PBX's own TLS connection to our listener names that listener (not the
+    /// UDP address it was built with) in its Via and Contact; UDP leaves it alone.
+    #[test]
+    fn requests_over_a_pbx_connection_name_the_listener() {
+        let raw = "INVITE sip:100@127.0.0.1:5070 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx;rport\r\n\
+From: <sip:alice@127.0.0.1:5060>;tag=1\r\nTo: <sip:100@127.0.0.1>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\
+Contact: <sip:siptg@127.0.0.1:5060>\r\nContent-Length: 0\r\n\r\n";
+        let Ok(SipMessage::Request(req)) = parse_datagram(raw.as_bytes()) else {
+            panic!("test request does not parse");
+        };
+        let ours: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+        let listener: SocketAddr = "127.0.0.1:5061".parse().unwrap();
+        let mut tls = req.clone();
+        for_connection(tls.headers_mut(), Transport::Tls, Some(listener), ours);
+        let via = tls.headers().get_all("Via").next().unwrap_or_default();
+        assert!(via.starts_with("SIP/2.0/TLS 127.0.0.1:5061;"), "{via}");
+        assert!(via.contains("branch=z9hG4bKx"), "{via}");
+        assert_eq!(
+            tls.header("Contact"),
+            Some("<sip:siptg@127.0.0.1:5061;transport=tls>")
+        );
+        // The From URI is not ours to move.
+        assert_eq!(tls.header("From"), Some("<sip:alice@127.0.0.1:5060>;tag=1"));
+        let mut udp = req.clone();
+        for_connection(udp.headers_mut(), Transport::Udp, None, ours);
+        assert_eq!(udp.to_bytes(), req.to_bytes());
     }
 
     /// TLS: `SIP/2.0/TLS` and `;transport=tls`; UDP leaves the message alone.

@@ -897,6 +897,7 @@ impl NegotiatedMedia {
             srtp: self.srtp.clone(),
             continuity: true,
             telegram: None,
+            direction: Default::default(),
         }
     }
 }

@@ -383,7 +383,7 @@ fn command<Io: LegIo>(
             add_leg(shard, io, session, spec, media_ip, now).map(Reply::Leg)
         }
         Command::UpdateLeg { session, leg, spec } => {
-            let info = shard.update_leg(session, leg, spec)?;
+            let info = shard.update_leg(session, leg, spec, now)?;
             io.remote_changed(session, leg);
             Ok(Reply::Leg(info))
         }

@@ -70,22 +70,17 @@ sim_autologin = { gateway = "+555000001" }
 key_file = "$WORK/gw/storage.key"
 [database]
 path = "$WORK/gw/db.redb"
-[[connection]]
-name = "pbx"
-type = "pbx_registers"
-login = "pbx"
-password = "pbx-pass-1"
-trusted_ips = ["10.80.0.0/24"]
-codecs = ["PCMA", "PCMU", "G722", "opus"]
-dtmf = ["rfc2833", "info"]
-[[gateway]]
-name = "gw"
-account = "gateway"
-connections = ["pbx"]
-pbx_number = "pbx"
 CFG
 start gateway ip netns exec "$ns" "$SIPTG" up --config "$WORK/gw.toml"
 wait_until 30 in_ns "$SIPTG" status --admin "$admin" || { cat "$WORK/gateway.log"; die "siptg did not start"; }
+# The PBX's line and the gateway are made on the running siptg, as an operator does (control
+# API, kept in its database), not in the config file.
+in_ns "$SIPTG" connection --admin "$admin" add pbx --type pbx_registers login=pbx password=pbx-pass-1 \
+    trusted_ips=10.80.0.0/24 codecs=PCMA,PCMU,G722,opus dtmf=rfc2833,info >"$WORK/setup.log" 2>&1 \
+  && in_ns "$SIPTG" gateway --admin "$admin" add gw --account gateway --connection pbx \
+    --pbx-number pbx >>"$WORK/setup.log" 2>&1 \
+  || { cat "$WORK/setup.log"; die "siptg connection/gateway add failed"; }
+log "made through the control API: $(in_ns "$SIPTG" connection --admin "$admin" list | tr -s ' ')"
 wait_until 20 bash -c "ip netns exec $ns $SIPTG status --admin $admin | grep -q 'account gateway .*active'" \
   || { in_ns "$SIPTG" status --admin "$admin"; die "the gateway account is not active"; }
 
@@ -132,8 +127,9 @@ echo "<sip:pbx@$sip>;auth_pass=pbx-pass-1;answermode=auto;regint=600" >"$dir/acc
 echo "\"Nina\" <sip:+555000002@$sip>" >"$dir/contacts"
 echo "sip:+555000002@$sip" >"$dir/current_contact"
 
-user() {  # user MODE [TARGET]: the Telegram user (ntgcalls) in the background, output in tg.log
-  in_ns timeout 90 "$venv/bin/python3" "$here/tg_user.py" "$SIPTG" "$sim" +555000002 "$@" --seconds 4 \
+user() {  # user MODE [TARGET] [OPTIONS]: the Telegram user (ntgcalls) in the background, output
+          # in tg.log; it talks 4 s unless OPTIONS say --seconds
+  in_ns timeout 90 "$venv/bin/python3" "$here/tg_user.py" "$SIPTG" "$sim" +555000002 --seconds 4 "$@" \
     >"$WORK/tg.log" 2>&1 &
   TG_PID=$!
 }
@@ -239,7 +235,45 @@ for c in "opus.so 48000 Opus" "g722.so 16000 G.722"; do
   check_phone "SIP ($3) → Telegram"
 done
 
-# 5. Text messages: the phone's MESSAGE reaches the Telegram user, whose answer reaches the
+# 5. Hold: a Telegram user calls, the phone answers, holds (a=sendonly), resumes. ntgcalls
+#    must report the gateway's microphone muted (our MediaState) and active again, and the
+#    phone must hear the user's tone after the resume (nothing goes to it while it holds).
+log "case: the PBX phone holds and resumes a Telegram user's call"
+phone_config g711.so 8000
+rm -f "$dir"/rec/*.wav
+in_ns timeout 40 baresip -f "$dir" -t 24 </dev/null >"$dir/log" 2>&1 &
+phone_pid=$!
+wait_until 10 grep -q "200 OK" "$dir/log" || { cat "$dir/log"; die "the phone did not register"; }
+user call +555000001 --expect-hold --seconds 12   # talks 12 s, then hangs up
+if wait_until 30 grep -q "callee: CONNECTED\|caller: CONNECTED" "$WORK/tg.log"; then
+  sleep 2
+  in_ns bash -c "$(declare -f ctrl); ctrl $ctl hold ''"
+  sleep 5
+  in_ns bash -c "$(declare -f ctrl); ctrl $ctl resume ''"
+fi
+wait $TG_PID || true
+wait $phone_pid || true
+sed 's/^/    /' "$WORK/tg.log" | grep -E "microphone|RESULT" || true
+grep -q "RESULT connected=yes heard=yes ended=yes .*hold=yes" "$WORK/tg.log" \
+  || { tail -n 30 "$WORK/tg.log"; failed+=("hold: the Telegram user did not see the hold and the resume"); }
+grep -q "the PBX holds the call" "$WORK/gateway.log" || failed+=("hold: the gateway saw no hold")
+w=$(ls "$dir"/rec/*-dec.wav 2>/dev/null | head -n 1)
+if [ -n "$w" ]; then
+  python3 - "$w" <<'PY'
+import sys, wave
+with wave.open(sys.argv[1], "rb") as r:
+    n = r.getnframes(); rate = r.getframerate()
+    r.setpos(max(0, n - int(rate * 2.5)))
+    data = r.readframes(n)
+    with wave.open(sys.argv[1] + ".tail.wav", "wb") as o:
+        o.setnchannels(r.getnchannels()); o.setsampwidth(2); o.setframerate(rate); o.writeframes(data)
+PY
+  goertzel "$w.tail.wav" 1000 440 || failed+=("hold: the phone did not hear the Telegram user after the resume")
+else
+  failed+=("hold: no recording on the phone")
+fi
+
+# 6. Text messages: the phone's MESSAGE reaches the Telegram user, whose answer reaches the
 #    phone as a MESSAGE (to the gateway's Number on the PBX, the phone's registration).
 #    The phone prints texts it receives through its stdio UI (which wants a live stdin).
 log "case: text messages between the SIP phone and the Telegram user"

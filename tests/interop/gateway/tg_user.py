@@ -4,6 +4,9 @@ implementation) plus `siptg tgsim-app` as the user's app on the simulated cloud.
     python3 tg_user.py SIPTG_BIN SIM_ADDR PHONE answer [--seconds S] [DTMF options]
     python3 tg_user.py SIPTG_BIN SIM_ADDR PHONE call TARGET [--seconds S] [DTMF options]
 
+`--expect-hold` requires ntgcalls to report the gateway's microphone muted (the PBX held the
+call: our `MediaState` said muted) and then active again (resumed).
+
 DTMF options: `--chat +PHONE --dtmf-out 7` types 7 in the chat with the gateway account once
 connected (the gateway sends it to the PBX as DTMF); `--expect-dtmf 5` requires the keypad
 message 5 from the gateway (the PBX's DTMF) before the call ends.
@@ -39,6 +42,8 @@ async def main():
     ap.add_argument("--chat", help="the gateway account (+phone) to type digits to")
     ap.add_argument("--dtmf-out", help="digits typed in the chat once connected (DTMF to the PBX)")
     ap.add_argument("--expect-dtmf", help="a digit the gateway must send as a keypad message")
+    ap.add_argument("--expect-hold", action="store_true",
+                    help="the gateway's MediaState must go muted, then unmuted")
     a = ap.parse_args()
     harness.SECONDS = int(a.seconds)
 
@@ -49,6 +54,21 @@ async def main():
     party.on_signal = app.signal
     app.on_signal = party.deliver
     await party.start()
+    # ntgcalls reports the peer's MediaState (its data-channel message) as remote source
+    # changes: the microphone IDLING when muted, ACTIVE when not.
+    mic_states = []
+    if a.expect_hold:
+        loop = asyncio.get_running_loop()
+
+        def remote(_id, src):
+            if src.device == harness.N.StreamDevice.MICROPHONE:
+                name = src.state.name
+
+                def note():
+                    mic_states.append(name)
+                    log(f"the gateway's microphone: {name}")
+                loop.call_soon_threadsafe(note)
+        party.call.on_remote_source_change(remote)
     app.send(op="dh")
     dh = await app.expect("dh")
     if a.mode == "answer":
@@ -108,9 +128,14 @@ async def main():
             ended = False
         await party.hang_up()
     await app.stop()
+    hold = "n/a"
+    if a.expect_hold:
+        held = "IDLING" in mic_states
+        hold = "yes" if held and "ACTIVE" in mic_states[mic_states.index("IDLING"):] else "no"
+        log(f"the gateway's microphone went: {mic_states}")
     print(f"RESULT connected=yes heard={'yes' if ok else 'no'} ended={'yes' if ended else 'no'} "
-          f"dtmf_in={dtmf_in}", flush=True)
-    return 0 if ok and ended and dtmf_in != "no" else 1
+          f"dtmf_in={dtmf_in} hold={hold}", flush=True)
+    return 0 if ok and ended and dtmf_in != "no" and hold != "no" else 1
 
 
 async def play_and_check(party, loop):

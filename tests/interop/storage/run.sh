@@ -158,7 +158,9 @@ case_() {
     log "  FAIL: $name"
     failed+=("$name")
   fi
-  if pgrep -f "siptg (tgcall-peer|tgsim-app)" >/dev/null; then
+  # This suite's own binary only (other siptg builds may be running tests on the machine),
+  # with a moment for a peer that is still closing.
+  if ! wait_until 5 bash -c "! pgrep -f '^$SIPTG (tgcall-peer|tgsim-app)' >/dev/null"; then
     log "  FAIL: a peer or app outlived its call"; failed+=("$name: leftover process")
     pkill -f "siptg (tgcall-peer|tgsim-app)" || true
   fi
