@@ -16,13 +16,18 @@ use std::time::Duration;
 /// `siptg storage …` actions.
 #[derive(clap::Subcommand)]
 pub enum StorageCmd {
-    /// Log a Telegram account in: phone → code → 2FA password, or --qr.
+    /// Log a Telegram account in: phone → code → 2FA password, or --qr; a bot (a gateway's
+    /// `keypad_bot`) with --bot-token.
     Login {
         /// The account's name in this Storage (used by gateways).
         name: String,
         /// International phone number, e.g. +79991234567.
-        #[arg(long, required_unless_present = "qr")]
+        #[arg(long, required_unless_present_any = ["qr", "bot_token"])]
         phone: Option<String>,
+        /// Log a bot in with the token @BotFather gave (`<id>:<secret>`; prefer
+        /// SIPTG_BOT_TOKEN to keep it out of shell history).
+        #[arg(long, env = "SIPTG_BOT_TOKEN", hide_env_values = true, conflicts_with_all = ["phone", "qr"])]
+        bot_token: Option<String>,
         /// The login code (asked on the terminal when missing).
         #[arg(long)]
         code: Option<String>,
@@ -81,7 +86,8 @@ pub async fn run(loaded: Loaded, cmd: StorageCmd) -> Result<(), String> {
                     r.me.as_ref()
                         .map(|m| {
                             format!(
-                                "user {}{}",
+                                "{} {}{}",
+                                if m.bot { "bot" } else { "user" },
                                 m.user_id,
                                 m.username
                                     .as_ref()
@@ -116,7 +122,20 @@ pub async fn run(loaded: Loaded, cmd: StorageCmd) -> Result<(), String> {
             code,
             password,
             qr,
+            bot_token,
         } => {
+            if let Some(token) = bot_token {
+                let me = accounts
+                    .bot_login(&name, &token)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                println!(
+                    "{name}: logged in as bot {}{}",
+                    me.user_id,
+                    me.username.map(|u| format!(" @{u}")).unwrap_or_default()
+                );
+                return Ok(());
+            }
             let step = if qr {
                 let a = accounts.connect(&name).await.map_err(|e| e.to_string())?;
                 let mut shown = Vec::new();

@@ -5,9 +5,14 @@
 //!
 //! Commands: `dh`, `call {peer, g_a_hash, versions}`, `accept {g_b, versions}`,
 //! `confirm {g_a, fingerprint, versions}`, `signal {data}`, `discard {reason}` (bytes in hex),
-//! `send {peer, text}` (a text message; `sent` when the cloud took it).
+//! `send {peer, text}` (a text message; `sent` when the cloud took it), `press {key, previous}` (presses
+//! the button labelled `key` on the last message with an inline keyboard, e.g. the gateway's
+//! keypad, or on the one before with `previous: true`; `pressed {key, answer}` with the bot's
+//! answer).
 //! Events: `ready`, `dh`, `calling`, `incoming`, `ringing`, `accepted`, `active`, `signal`,
-//! `discarded`, `message {from, text}` (a text received), `sent`, `error`.
+//! `discarded`, `message {from, text}` (a text received), `keypad {from, via_bot, id, keys}` (a
+//! message with an inline keyboard received), `deleted {ids}` (messages deleted from the
+//! chat), `sent`, `pressed`, `error`.
 
 use crate::tgcall_peer::{hex, unhex};
 use serde_json::{json, Value};
@@ -63,6 +68,35 @@ fn active_event(c: &tl::types::PhoneCall) -> Value {
 
 type Current = Arc<Mutex<Option<tl::enums::InputPhoneCall>>>;
 
+/// The last message with an inline keyboard: its chat (the sender), id, and buttons
+/// (label, callback data).
+#[derive(Clone)]
+struct Keyboard {
+    chat: Peer,
+    id: i32,
+    buttons: Vec<(String, Vec<u8>)>,
+}
+
+/// The last two messages with an inline keyboard: (the one before, the last).
+type LastKeyboard = Arc<Mutex<(Option<Keyboard>, Option<Keyboard>)>>;
+
+/// The callback buttons of an inline keyboard, in order.
+fn callback_buttons(markup: &Option<tl::enums::ReplyMarkup>) -> Vec<(String, Vec<u8>)> {
+    let Some(tl::enums::ReplyMarkup::ReplyInlineMarkup(m)) = markup else {
+        return Vec::new();
+    };
+    m.rows
+        .iter()
+        .flat_map(|tl::enums::KeyboardInlineButtonRow::Row(r)| r.buttons.iter())
+        .filter_map(
+            |tl::enums::KeyboardInlineButton::Button(b)| match &b.r#type {
+                tl::enums::InlineButtonType::Callback(c) => Some((b.text.clone(), c.data.clone())),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
 fn set_current(cur: &Current, id: i64, access_hash: i64) {
     *cur.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) =
@@ -111,8 +145,9 @@ pub async fn run(
     };
     emit(json!({"event": "ready", "user_id": me.user_id}));
     let cur: Current = Arc::default();
+    let keyboard: LastKeyboard = Arc::default();
 
-    let (acc2, cur2) = (account.clone(), cur.clone());
+    let (acc2, cur2, kb2) = (account.clone(), cur.clone(), keyboard.clone());
     tokio::spawn(async move {
         while let Some(u) = updates.recv().await {
             match u.update {
@@ -157,8 +192,39 @@ pub async fn run(
                                 _ => 0,
                             },
                         };
-                        emit(json!({"event": "message", "from": from, "text": m.message}));
+                        let buttons = callback_buttons(&m.reply_markup);
+                        let chat = u
+                            .users
+                            .iter()
+                            .filter_map(Peer::from_user)
+                            .find(|p| p.user_id == from);
+                        match chat {
+                            Some(chat) if !buttons.is_empty() => {
+                                let keys: Vec<String> =
+                                    buttons.iter().map(|(label, _)| label.clone()).collect();
+                                // Kept before it is told: a `press` may follow at once.
+                                {
+                                    let mut kb = kb2
+                                        .lock()
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                                    kb.0 = kb.1.take();
+                                    kb.1 = Some(Keyboard {
+                                        chat,
+                                        id: m.id,
+                                        buttons,
+                                    });
+                                }
+                                emit(
+                                    json!({"event": "keypad", "from": from, "via_bot": m.via_bot_id,
+                                            "id": m.id, "text": m.message, "keys": keys}),
+                                );
+                            }
+                            _ => emit(json!({"event": "message", "from": from, "text": m.message})),
+                        }
                     }
+                }
+                tl::enums::Update::DeleteMessages(d) => {
+                    emit(json!({"event": "deleted", "ids": d.messages}))
                 }
                 _ => {}
             }
@@ -174,7 +240,7 @@ pub async fn run(
                 continue;
             }
         };
-        if let Err(e) = command(&account, &cur, &cmd).await {
+        if let Err(e) = command(&account, &cur, &keyboard, &cmd).await {
             emit(json!({"event": "error", "op": cmd["op"], "error": e}));
         }
     }
@@ -229,7 +295,12 @@ fn field<'a>(cmd: &'a Value, name: &str) -> Result<&'a str, String> {
     cmd[name].as_str().ok_or_else(|| format!("missing {name}"))
 }
 
-async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), String> {
+async fn command(
+    account: &Account,
+    cur: &Current,
+    keyboard: &LastKeyboard,
+    cmd: &Value,
+) -> Result<(), String> {
     let err = |e: TgError| {
         e.rpc_name()
             .map(str::to_string)
@@ -259,6 +330,40 @@ async fn command(account: &Account, cur: &Current, cmd: &Value) -> Result<(), St
                 .await
                 .map_err(err)?;
             emit(json!({"event": "sent", "to": peer.user_id}));
+        }
+        "press" => {
+            let key = field(cmd, "key")?;
+            let kb = {
+                let both = keyboard
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if cmd["previous"].as_bool().unwrap_or(false) {
+                    both.0.clone()
+                } else {
+                    both.1.clone()
+                }
+            }
+            .ok_or("no such message with an inline keyboard")?;
+            let data = kb
+                .buttons
+                .iter()
+                .find(|(label, _)| label == key)
+                .map(|(_, data)| data.clone())
+                .ok_or_else(|| format!("no button {key:?} on message {}", kb.id))?;
+            let tl::enums::messages::BotCallbackAnswer::Answer(a) = account
+                .invoke(&tl::functions::messages::GetBotCallbackAnswer {
+                    game: false,
+                    peer: tl::enums::InputPeer::User(tl::types::InputPeerUser {
+                        user_id: kb.chat.user_id,
+                        access_hash: kb.chat.access_hash,
+                    }),
+                    msg_id: kb.id,
+                    data: Some(data),
+                    password: None,
+                })
+                .await
+                .map_err(err)?;
+            emit(json!({"event": "pressed", "key": key, "id": kb.id, "answer": a.message}));
         }
         "call" => {
             let peer = resolve(account, field(cmd, "peer")?).await?;

@@ -114,6 +114,12 @@ pub struct GatewayConfig {
     /// Telegram (a switched-off feature answers rather than drops).
     #[serde(default = "default_true")]
     pub messages: bool,
+    /// The keypad bot: the name of a bot account in the same Session Storage (`siptg account
+    /// login NAME --bot-token …`). During every answered call the gateway's account puts an
+    /// inline keypad made by this bot into the chat (a user account cannot attach buttons
+    /// itself); a press is DTMF to the PBX like a typed digit. None: digits are typed only.
+    #[serde(default)]
+    pub keypad_bot: Option<String>,
     /// A disabled gateway refuses its calls (`403 Route is not permitted`).
     #[serde(default = "default_true")]
     pub enabled: bool,
@@ -772,7 +778,8 @@ pub struct TelegramConfig {
     #[serde(default)]
     pub sim_world: Option<PathBuf>,
     /// With the embedded simulated cloud: accounts logged in at start (account name → phone;
-    /// the cloud's code is 12345), so `siptg demo` needs no login step.
+    /// the cloud's code is 12345; or → a bot's token `<id>:<secret>` for a bot such as a
+    /// gateway's `keypad_bot`), so `siptg demo` needs no login step.
     #[serde(default)]
     pub sim_autologin: std::collections::BTreeMap<String, String>,
     /// With the embedded simulated cloud: users (phones) whose app answers every call and
@@ -1325,6 +1332,19 @@ fn validate(c: &Config) -> Vec<(String, String)> {
         if g.lines == 0 {
             bad(&key("lines"), "must be at least 1".into());
         }
+        if let Some(bot) = &g.keypad_bot {
+            if bot.trim().is_empty() {
+                bad(
+                    &key("keypad_bot"),
+                    "is empty (leave it out for no keypad)".into(),
+                );
+            } else if bot == &g.account {
+                bad(
+                    &key("keypad_bot"),
+                    format!("{bot:?} is the gateway's own account: name a bot account (siptg account login NAME --bot-token …)"),
+                );
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for w in &g.allowed_workers {
             if !crate::tls::valid_node_name(w) {
@@ -1660,6 +1680,28 @@ mod tests {
         assert!(conn.keepalive.is_zero());
         assert_eq!(c.sip.min_se, Duration::from_secs(90));
         assert_eq!(c.sip.session_expires, Duration::from_secs(1800));
+    }
+
+    /// `keypad_bot` is optional and names another account than the gateway's own.
+    #[test]
+    fn a_keypad_bot_is_another_account_than_the_gateways() {
+        let base = "[[connection]]\nname = \"t\"\ntype = \"ip\"\nserver = \"127.0.0.1:9\"\n\
+                    [[gateway]]\nname = \"g\"\naccount = \"a\"\nconnections = [\"t\"]\n";
+        let c = parse(
+            &format!("{base}keypad_bot = \"kb\"\n"),
+            "t.toml",
+            Vec::new(),
+        )
+        .expect("valid");
+        assert_eq!(c.gateway[0].keypad_bot.as_deref(), Some("kb"));
+        assert_eq!(
+            parse(base, "t.toml", Vec::new()).expect("valid").gateway[0].keypad_bot,
+            None
+        );
+        let issues = err(&format!("{base}keypad_bot = \"a\"\n"));
+        assert_eq!(issues[0].key, "gateway[0].keypad_bot", "{issues:?}");
+        let issues = err(&format!("{base}keypad_bot = \" \"\n"));
+        assert_eq!(issues[0].key, "gateway[0].keypad_bot", "{issues:?}");
     }
 
     /// The plan limits parse (durations as elsewhere, "0s" = unlimited) and `allowed_workers`

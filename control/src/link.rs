@@ -180,6 +180,10 @@ pub struct GatewayRoute {
     /// Telegram user.
     #[serde(default = "yes")]
     pub messages: bool,
+    /// The gateway's keypad bot (an account of the same Storage): the answered call's chat
+    /// gets its inline keypad (`gateway::keypad`).
+    #[serde(default)]
+    pub keypad_bot: Option<String>,
 }
 
 fn yes() -> bool {
@@ -210,6 +214,9 @@ pub struct IncomingCall {
     /// The gateway's text messages are on (a `MESSAGE` in the call's dialog).
     #[serde(default = "yes")]
     pub messages: bool,
+    /// The gateway's keypad bot, as in [`GatewayRoute::keypad_bot`].
+    #[serde(default)]
+    pub keypad_bot: Option<String>,
 }
 
 /// A Telegram user's text message to a gateway's account, routed by the Manager to a Worker

@@ -565,6 +565,7 @@ impl Routing {
             max_call_secs: g.max_call_duration.as_secs(),
             talk_budget_ms: talk_budget.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
             messages: g.messages,
+            keypad_bot: g.keypad_bot.clone(),
         }))
     }
 
@@ -1528,6 +1529,7 @@ impl Manager {
             talk_budget_ms: talk_budget.map(|b| u64::try_from(b.as_millis()).unwrap_or(u64::MAX)),
             rungs,
             messages: g.messages,
+            keypad_bot: g.keypad_bot.clone(),
         };
         tracing::info!(gateway = %g.name, caller = caller_id, rungs = ?plan, "Telegram call to the PBX");
         match link

@@ -899,3 +899,97 @@ async fn text_messages_both_ways() {
     });
     a.invoke(&send(&carol, "hi")).await.unwrap();
 }
+
+/// A keypad bot in the Storage: it logs in by its token (a wrong one is Telegram's
+/// ACCESS_TOKEN_INVALID), is recorded as a bot, comes back after a restart without account
+/// hygiene (a bot has no calls or privacy), and its inline queries reach the Storage's update
+/// stream, answered through the allow-list.
+#[tokio::test]
+async fn a_bot_logs_in_by_token_and_hears_inline_queries() {
+    use siptg_control::telegram::account::ALLOWED;
+    let mut cfg = world();
+    cfg.users
+        .push(SimUser::new_bot(77, "keypad_bot", "77:keypad-secret"));
+    let env = Env::new(cfg).await;
+    let accounts = env.accounts().await;
+    let wrong = accounts.bot_login("keypad", "77:nope").await.unwrap_err();
+    assert_eq!(wrong.rpc_name(), Some("ACCESS_TOKEN_INVALID"), "{wrong}");
+    let malformed = accounts.bot_login("keypad", "no-token").await.unwrap_err();
+    assert!(malformed.to_string().contains("@BotFather"), "{malformed}");
+    let me = accounts
+        .bot_login("keypad", "77:keypad-secret")
+        .await
+        .unwrap();
+    assert!(me.bot && me.user_id == 77);
+    assert_eq!(me.username.as_deref(), Some("keypad_bot"));
+    let rec = accounts.record("keypad").await.unwrap().unwrap();
+    assert_eq!(rec.state, AccountState::Active);
+    assert!(rec.me.is_some_and(|m| m.bot));
+    drop(accounts);
+
+    // After a restart: connected again, no hygiene attempted (the cloud refuses a bot's
+    // account.* as BOT_METHOD_INVALID, and its log would show it).
+    let accounts = env.accounts().await;
+    let list = accounts.start_all().await.unwrap();
+    let bot = list.iter().find(|r| r.name == "keypad").unwrap();
+    assert_eq!(bot.state, AccountState::Active);
+    let refused = env.sim.with_world(|w| w.log.clone());
+    assert!(
+        !refused.iter().any(|(m, _)| m.starts_with("account.")),
+        "{refused:?}"
+    );
+
+    // A user's inline query reaches the bot through the Storage's updates.
+    let mut updates = accounts.subscribe();
+    login(&accounts, "gw", "+10000000001").await;
+    let gw = accounts.get("gw").unwrap();
+    let ask = tl::functions::messages::GetInlineBotResults {
+        bot: tl::enums::InputUser::User(tl::types::InputUser {
+            user_id: 77,
+            access_hash: match env.sim.with_world(|w| w.user_tl_for(77, ALICE)) {
+                Some(tl::enums::User::User(u)) => u.access_hash.unwrap(),
+                other => panic!("{other:?}"),
+            },
+        }),
+        peer: tl::enums::InputPeer::PeerSelf,
+        geo_point: None,
+        query: "abc".into(),
+        offset: String::new(),
+    };
+    let asking = tokio::spawn(async move {
+        use tl::Serializable;
+        gw.invoke_allowed(ask.to_bytes()).await
+    });
+    let q = loop {
+        let u = tokio::time::timeout(Duration::from_secs(5), updates.recv())
+            .await
+            .expect("the bot hears the query")
+            .unwrap();
+        if let tl::enums::Update::BotInlineQuery(q) = u.update {
+            assert_eq!(u.account, "keypad");
+            break q;
+        }
+    };
+    assert_eq!(q.query, "abc");
+    let bot = accounts.get("keypad").unwrap();
+    let answer = siptg_control::gateway::keypad::inline_results(q.query_id, "abc");
+    {
+        use tl::Serializable;
+        bot.invoke_allowed(answer.to_bytes()).await.unwrap();
+    }
+    let results = asking.await.unwrap().unwrap();
+    let tl::enums::messages::BotResults::Results(r) = {
+        use tl::Deserializable;
+        tl::enums::messages::BotResults::from_bytes(&results).unwrap()
+    };
+    assert_eq!(r.results.len(), 1);
+    for m in [
+        "messages.getInlineBotResults",
+        "messages.sendInlineBotResult",
+        "messages.deleteMessages",
+        "messages.setInlineBotResults",
+        "messages.setBotCallbackAnswer",
+    ] {
+        assert!(ALLOWED.contains(&m), "{m}");
+    }
+}

@@ -65,6 +65,10 @@ pub struct Supervisor {
     client: Mutex<Option<DataplaneClient>>,
     state: Mutex<State>,
     registry: Mutex<HashMap<SessionId, Tracked>>,
+    /// Every connection's events, re-sent: one subscription outlives reconnects and sees a
+    /// new connection's events from its first (a call can use the connection as soon as
+    /// `client()` returns it).
+    events: tokio::sync::broadcast::Sender<siptg_proto::Event>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -89,7 +93,14 @@ impl Supervisor {
             client: Mutex::new(None),
             state: Mutex::new(State::default()),
             registry: Mutex::new(HashMap::new()),
+            events: tokio::sync::broadcast::channel(4096).0,
         })
+    }
+
+    /// The dataplane's events across connections and restarts (subscribe once, before any
+    /// call can start: nothing a call's media reports is missed).
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<siptg_proto::Event> {
+        self.events.subscribe()
     }
 
     /// The live connection, if any.
@@ -264,7 +275,10 @@ impl Supervisor {
             tokio::select! {
                 _ = c.closed() => break,
                 ev = events.recv() => match ev {
-                    Ok(ev) => self.on_event(ev),
+                    Ok(ev) => {
+                        let _ = self.events.send(ev.clone());
+                        self.on_event(ev)
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "dataplane events dropped (consumer too slow)");
                     }

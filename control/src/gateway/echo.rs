@@ -102,6 +102,10 @@ async fn serve(
                     }
                     tl::enums::Update::NewMessage(m) => {
                         if let tl::enums::Message::Message(m) = m.message {
+                            // A keypad (sent via a bot) is buttons, not a text to echo.
+                            if m.via_bot_id.is_some() {
+                                continue;
+                            }
                             if let Some(tl::enums::Peer::User(from)) = &m.from_id {
                                 // The sender comes with the message (with its access hash).
                                 let peer = users.iter().filter_map(Peer::from_user).find(|p| p.user_id == from.user_id);

@@ -6,6 +6,7 @@ pub mod dialrules;
 pub mod echo;
 pub mod hunt;
 pub mod incoming;
+pub mod keypad;
 pub mod limits;
 pub mod messages;
 pub mod runtime;

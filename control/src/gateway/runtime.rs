@@ -66,6 +66,14 @@ pub enum GwMsg {
     },
     /// The Manager's new deadline for an answered call: its share of the month's talk time.
     TalkBudget { call: u64, remaining_ms: u64 },
+    /// The keypad of call `id` is in the chat (its message id), or could not be shown.
+    Keypad {
+        id: u64,
+        storage: String,
+        account: String,
+        token: String,
+        result: Result<i32, super::keypad::KeypadError>,
+    },
     /// The media session and SIP leg of an incoming Telegram call exist.
     IncomingReady {
         call: Box<IncomingCall>,
@@ -328,6 +336,10 @@ struct GwCall {
     dtmf: Vec<String>,
     /// The SIP leg negotiated telephone-event (RFC 4733 digits can go in its RTP).
     sip_events: bool,
+    /// The gateway's keypad bot (an account of `storage`), if it has one.
+    keypad_bot: Option<String>,
+    /// The call's keypad: its token, and its message once in the chat.
+    keypad: Option<(String, Option<i32>)>,
     /// The last update of the SIP media leg still on its way to the dataplane.
     leg_update: Option<tokio::task::JoinHandle<()>>,
 }
@@ -402,6 +414,8 @@ pub struct GatewayCalls {
     /// News for the Manager (answers, ends), sent in order by one task: an end never
     /// overtakes its call's answer.
     to_manager: mpsc::UnboundedSender<crate::link::Request>,
+    /// The answered calls' keypad tokens.
+    keypads: super::keypad::Keypads,
     /// TCP and TLS connections PBXs opened to this core (peer → transport, our listener):
     /// INVITEs and MESSAGEs to a PBX registered over one go over it, not over UDP.
     reliable: HashMap<SocketAddr, (Transport, SocketAddr)>,
@@ -462,6 +476,7 @@ impl GatewayCalls {
             msg_answers: Vec::new(),
             reliable: HashMap::new(),
             notices: Default::default(),
+            keypads: Default::default(),
         }
     }
 
@@ -553,6 +568,8 @@ impl GatewayCalls {
         let call = GwCall {
             dtmf: route.dtmf.clone(),
             sip_events,
+            keypad_bot: route.keypad_bot.clone(),
+            keypad: None,
             leg_update,
             gateway: route.gateway.clone(),
             storage: route.storage.clone(),
@@ -675,6 +692,8 @@ impl GatewayCalls {
             GwCall {
                 dtmf: call.dtmf.clone(),
                 sip_events: false,
+                keypad_bot: call.keypad_bot.clone(),
+                keypad: None,
                 leg_update: None,
                 gateway: call.gateway.clone(),
                 storage: call.storage.clone(),
@@ -724,6 +743,13 @@ impl GatewayCalls {
             GwMsg::Message(m) => self.message(*m),
             GwMsg::MessageAnswered { key, resp } => self.msg_answers.push((key, *resp)),
             GwMsg::IncomingReady { call, session, leg } => self.start_incoming(call, session, leg),
+            GwMsg::Keypad {
+                id,
+                storage,
+                account,
+                token,
+                result,
+            } => self.keypad_shown(id, &storage, &account, &token, result, now),
             GwMsg::TalkBudget { call, remaining_ms } => {
                 if let Some(c) = self.calls.get_mut(&call) {
                     if c.answered_at.is_some() && c.talk_budget.is_some() {
@@ -763,38 +789,20 @@ impl GatewayCalls {
                     if !super::messages::is_keypad(text) {
                         return;
                     }
-                    if let Some(c) = self
+                    let call = self
                         .calls
-                        .values_mut()
-                        .find(|c| c.account == update_account && c.tg_user == Some(from.user_id))
-                    {
-                        let method = dtmf_method(&c.dtmf, c.sip_events);
-                        tracing::info!(digits = %text, ?method, "DTMF from the Telegram user");
-                        for d in text.chars().map(|d| d.to_ascii_uppercase()) {
-                            match method {
-                                DtmfMethod::Rfc4733 => {
-                                    if let (Some(leg), Some(dp)) =
-                                        (c.tg_leg, self.worker.dataplane().client())
-                                    {
-                                        let session = c.session;
-                                        tokio::spawn(async move {
-                                            if let Err(e) = dp
-                                                .telegram(
-                                                    session,
-                                                    leg,
-                                                    siptg_proto::TelegramOp::SendDtmf { digit: d },
-                                                )
-                                                .await
-                                            {
-                                                tracing::warn!(session, error = %e, "RFC 4733 digit refused");
-                                            }
-                                        });
-                                    }
-                                }
-                                DtmfMethod::Info => c.sip.send_info(d),
-                            }
-                        }
+                        .iter()
+                        .find(|(_, c)| {
+                            c.account == update_account && c.tg_user == Some(from.user_id)
+                        })
+                        .map(|(id, _)| *id);
+                    if let Some(id) = call {
+                        self.dtmf_to_pbx(id, text);
                     }
+                }
+                tl::enums::Update::BotInlineQuery(q) => self.keypad_query(&update_account, &q),
+                tl::enums::Update::InlineBotCallbackQuery(q) => {
+                    self.keypad_press(&update_account, &q, now)
                 }
                 _ => {}
             },
@@ -1063,6 +1071,7 @@ impl GatewayCalls {
                     break;
                 }
             }
+            self.start_keypad(id);
             let finished = self
                 .calls
                 .get(&id)
@@ -1078,6 +1087,12 @@ impl GatewayCalls {
                     self.by_phone.retain(|_, v| *v != id);
                     self.by_session.remove(&c.session);
                     self.delete_session(c.session);
+                    if let Some((token, msg)) = &c.keypad {
+                        self.keypads.end(token, now);
+                        if let Some(m) = msg {
+                            self.delete_keypad(&c.storage, &c.account, *m);
+                        }
+                    }
                 }
             }
         }
@@ -1518,6 +1533,179 @@ impl GatewayCalls {
         );
     }
 
+    /// Digits for the PBX from call `id`'s Telegram user (typed in the chat or pressed on the
+    /// keypad): RFC 4733 in the call's RTP or SIP INFO, by the connection's `dtmf`.
+    fn dtmf_to_pbx(&mut self, id: u64, digits: &str) {
+        let Some(c) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let method = dtmf_method(&c.dtmf, c.sip_events);
+        tracing::info!(call = id, %digits, ?method, "DTMF from the Telegram user");
+        for d in digits.chars().map(|d| d.to_ascii_uppercase()) {
+            match method {
+                DtmfMethod::Rfc4733 => {
+                    if let (Some(leg), Some(dp)) = (c.tg_leg, self.worker.dataplane().client()) {
+                        let session = c.session;
+                        tokio::spawn(async move {
+                            if let Err(e) = dp
+                                .telegram(
+                                    session,
+                                    leg,
+                                    siptg_proto::TelegramOp::SendDtmf { digit: d },
+                                )
+                                .await
+                            {
+                                tracing::warn!(session, error = %e, "RFC 4733 digit refused");
+                            }
+                        });
+                    }
+                }
+                DtmfMethod::Info => c.sip.send_info(d),
+            }
+        }
+    }
+
+    /// Once call `id` is answered and its gateway has a keypad bot: a token for the call, and
+    /// a task that puts the bot's keypad into the chat.
+    fn start_keypad(&mut self, id: u64) {
+        let Some(c) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let (Some(bot), Some(user), None, Some(_)) =
+            (c.keypad_bot.clone(), c.tg_user, &c.keypad, c.answered_at)
+        else {
+            return;
+        };
+        if c.sip.is_ended() || c.tg.is_ended() {
+            return;
+        }
+        let token = self.keypads.start(id, &c.storage);
+        c.keypad = Some((token.clone(), None));
+        let (worker, txc) = (self.worker.clone(), self.tx.clone());
+        let (storage, account) = (c.storage.clone(), c.account.clone());
+        tokio::spawn(async move {
+            let result = show_keypad(&worker, &storage, &account, &bot, user, &token).await;
+            let _ = txc
+                .send(GwMsg::Keypad {
+                    id,
+                    storage,
+                    account,
+                    token,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    /// The keypad task's outcome: remember the message (or delete it at once when the call
+    /// ended meanwhile); a keypad that could not be shown only costs the buttons.
+    fn keypad_shown(
+        &mut self,
+        id: u64,
+        storage: &str,
+        account: &str,
+        token: &str,
+        result: Result<i32, super::keypad::KeypadError>,
+        now: Instant,
+    ) {
+        let call = self
+            .calls
+            .get_mut(&id)
+            .filter(|c| c.keypad.as_ref().is_some_and(|(t, _)| t == token));
+        match (result, call) {
+            (Ok(msg), Some(c)) => {
+                tracing::info!(call = id, msg, "keypad shown in the chat");
+                c.keypad = Some((token.to_string(), Some(msg)));
+            }
+            (Ok(msg), None) => {
+                tracing::debug!(call = id, msg, "keypad arrived after the call: deleted");
+                self.keypads.end(token, now);
+                self.delete_keypad(storage, account, msg);
+            }
+            (Err(e), _) => {
+                tracing::warn!(call = id, error = %e, "no keypad for the call; it goes on without one");
+            }
+        }
+    }
+
+    /// The keypad message `msg` leaves the chat (for both sides).
+    fn delete_keypad(&self, storage: &str, account: &str, msg: i32) {
+        let req = tl::functions::messages::DeleteMessages {
+            revoke: true,
+            id: vec![msg],
+        };
+        self.spawn_invoke(storage.into(), account.into(), req.to_bytes(), None);
+    }
+
+    /// An inline query to a keypad bot: answered with the keypad when its token is one of our
+    /// calls' (any other query is another Worker's or not a keypad's).
+    fn keypad_query(&mut self, bot: &str, q: &tl::types::UpdateBotInlineQuery) {
+        if !super::keypad::is_token(&q.query) {
+            return;
+        }
+        let Some(c) = self
+            .keypads
+            .call_of(&q.query)
+            .and_then(|id| self.calls.get(&id))
+        else {
+            return;
+        };
+        if c.keypad_bot.as_deref() != Some(bot) {
+            return;
+        }
+        let answer = super::keypad::inline_results(q.query_id, &q.query);
+        self.spawn_invoke(c.storage.clone(), bot.into(), answer.to_bytes(), None);
+    }
+
+    /// A press on a keypad: the bot answers it, and a live call's user's digit goes to the PBX.
+    /// A press on the keypad of an ended call (or by somebody else) sends nothing.
+    fn keypad_press(
+        &mut self,
+        bot: &str,
+        q: &tl::types::UpdateInlineBotCallbackQuery,
+        now: Instant,
+    ) {
+        use super::keypad::{press_answer, Press};
+        let data = q.data.as_deref().unwrap_or_default();
+        let (storage, text, dtmf) = match self.keypads.press(data, now) {
+            Press::Unknown => return,
+            Press::Ended { storage } => {
+                tracing::info!(
+                    user = q.user_id,
+                    "keypad press after the call ended: no DTMF"
+                );
+                (storage, "The call has ended".to_string(), None)
+            }
+            Press::Live { call, digit } => {
+                let Some(c) = self.calls.get(&call) else {
+                    return;
+                };
+                if c.keypad_bot.as_deref() != Some(bot) {
+                    return;
+                }
+                if c.tg_user != Some(q.user_id) {
+                    tracing::info!(
+                        call,
+                        user = q.user_id,
+                        "keypad press by another user: no DTMF"
+                    );
+                    (c.storage.clone(), "Not your call".to_string(), None)
+                } else {
+                    (
+                        c.storage.clone(),
+                        format!("Sent: {digit}"),
+                        Some((call, digit)),
+                    )
+                }
+            }
+        };
+        let answer = press_answer(q.query_id, &text);
+        self.spawn_invoke(storage, bot.into(), answer.to_bytes(), None);
+        if let Some((call, digit)) = dtmf {
+            self.dtmf_to_pbx(call, &digit.to_string());
+        }
+    }
+
     /// DTMF from the PBX → a keypad message to the Telegram user.
     fn send_digits(&mut self, session: SessionId, digits: &str) {
         let Some(c) = self
@@ -1679,6 +1867,144 @@ impl GatewayCalls {
             });
         }
     }
+}
+
+/// A typed request of `account` through the Manager to Storage `storage`.
+async fn invoke_as<R: tl::RemoteCall>(
+    worker: &Worker,
+    storage: &str,
+    account: &str,
+    request: &R,
+) -> Result<R::Return, TgError> {
+    let body = request.to_bytes();
+    let method = crate::telegram::account::method_name(&body);
+    match worker
+        .telegram(
+            storage,
+            account,
+            TelegramOp::Invoke {
+                body: b64().encode(&body),
+            },
+        )
+        .await?
+    {
+        TelegramAnswer::Invoked { body } => {
+            let bytes = b64()
+                .decode(body.as_bytes())
+                .map_err(|e| TgError::transport(format!("storage answer: {e}")))?;
+            R::Return::from_bytes(&bytes).map_err(|e| TgError::Decode {
+                request: method.into(),
+                why: e.to_string(),
+            })
+        }
+        other => Err(TgError::transport(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// A user (or bot) as `account` sees it, by the Storage's resolution.
+async fn resolve_as(
+    worker: &Worker,
+    storage: &str,
+    account: &str,
+    query: crate::telegram::resolve::PeerQuery,
+) -> Result<Peer, TgError> {
+    match worker
+        .telegram(storage, account, TelegramOp::Resolve { query })
+        .await?
+    {
+        TelegramAnswer::Peer { peer, .. } => Ok(peer),
+        other => Err(TgError::transport(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Puts bot `bot`'s keypad for `token` into the chat of `account` with `user`: the inline
+/// query, then the result sent via the bot. Returns the message's id.
+async fn show_keypad(
+    worker: &Worker,
+    storage: &str,
+    account: &str,
+    bot: &str,
+    user: i64,
+    token: &str,
+) -> Result<i32, super::keypad::KeypadError> {
+    use super::keypad::KeypadError;
+    use crate::telegram::resolve::PeerQuery;
+    let tg = |step: &'static str| move |source: TgError| KeypadError::Telegram { step, source };
+    // The bot is an account of the same Storage; the gateway's account finds it by username.
+    let accounts = match worker
+        .telegram(storage, account, TelegramOp::Accounts)
+        .await
+        .map_err(tg("list the storage's accounts"))?
+    {
+        TelegramAnswer::Accounts { accounts } => accounts,
+        other => {
+            return Err(tg("list the storage's accounts")(TgError::transport(
+                format!("unexpected answer {other:?}"),
+            )))
+        }
+    };
+    let record = accounts
+        .iter()
+        .find(|r| r.name == bot)
+        .ok_or_else(|| KeypadError::NoBot {
+            bot: bot.into(),
+            storage: storage.into(),
+        })?;
+    let username = record
+        .me
+        .as_ref()
+        .filter(|m| m.bot && record.state == crate::telegram::accounts::AccountState::Active)
+        .and_then(|m| m.username.clone())
+        .ok_or_else(|| KeypadError::BotNotLoggedIn { bot: bot.into() })?;
+    let bot_peer = resolve_as(worker, storage, account, PeerQuery::Username(username))
+        .await
+        .map_err(tg("resolve the bot"))?;
+    let user_peer = resolve_as(worker, storage, account, PeerQuery::UserId(user))
+        .await
+        .map_err(tg("resolve the user"))?;
+    let peer = tl::enums::InputPeer::User(tl::types::InputPeerUser {
+        user_id: user_peer.user_id,
+        access_hash: user_peer.access_hash,
+    });
+    let tl::enums::messages::BotResults::Results(results) = invoke_as(
+        worker,
+        storage,
+        account,
+        &tl::functions::messages::GetInlineBotResults {
+            bot: bot_peer.input_user(),
+            peer: peer.clone(),
+            geo_point: None,
+            query: token.into(),
+            offset: String::new(),
+        },
+    )
+    .await
+    .map_err(tg("ask the bot (messages.getInlineBotResults)"))?;
+    let result = results.results.first().ok_or(KeypadError::NoResult)?;
+    let random_id: i64 = rand::random();
+    let sent = invoke_as(
+        worker,
+        storage,
+        account,
+        &tl::functions::messages::SendInlineBotResult {
+            silent: true,
+            background: false,
+            clear_draft: false,
+            hide_via: false,
+            peer,
+            reply_to: None,
+            random_id,
+            query_id: results.query_id,
+            id: result.id(),
+            schedule_date: None,
+            send_as: None,
+            quick_reply_shortcut: None,
+            allow_paid_stars: None,
+        },
+    )
+    .await
+    .map_err(tg("send the keypad (messages.sendInlineBotResult)"))?;
+    super::keypad::sent_message_id(&sent, random_id).ok_or(KeypadError::NoMessageId)
 }
 
 /// How digits go to the PBX.

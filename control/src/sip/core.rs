@@ -171,7 +171,10 @@ pub async fn serve(
     let (gw_tx, mut gw_rx) = mpsc::channel::<GwMsg>(4096);
     let mut gw = GatewayCalls::new(worker.clone(), gw_tx.clone(), local);
     if worker.set_gateway_channel(gw_tx.clone()) {
-        tokio::spawn(forward_dataplane_events(worker.clone(), gw_tx.clone()));
+        tokio::spawn(forward_dataplane_events(
+            worker.dataplane().events(),
+            gw_tx.clone(),
+        ));
     }
     loop {
         let calls_due = calls
@@ -539,29 +542,29 @@ pub async fn serve(
 }
 
 /// Forwards the dataplane's events to the gateway calls (Telegram media, RTP timeouts, DTMF),
-/// following the dataplane across restarts.
-async fn forward_dataplane_events(worker: Arc<Worker>, tx: mpsc::Sender<GwMsg>) {
+/// across the dataplane's reconnects and restarts (the supervisor's subscription, taken before
+/// any call exists: a first call right after the dataplane connects misses none of them).
+async fn forward_dataplane_events(
+    mut events: tokio::sync::broadcast::Receiver<siptg_proto::Event>,
+    tx: mpsc::Sender<GwMsg>,
+) {
     loop {
-        if let Some(dp) = worker.dataplane().client() {
-            let mut events = dp.events();
-            loop {
-                match events.recv().await {
-                    Ok(
-                        ev @ (siptg_proto::Event::Telegram { .. }
-                        | siptg_proto::Event::RtpTimeout { .. }
-                        | siptg_proto::Event::Dtmf { .. }),
-                    ) => {
-                        if tx.send(GwMsg::Dataplane(ev)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(_) => break,
+        match events.recv().await {
+            Ok(
+                ev @ (siptg_proto::Event::Telegram { .. }
+                | siptg_proto::Event::RtpTimeout { .. }
+                | siptg_proto::Event::Dtmf { .. }),
+            ) => {
+                if tx.send(GwMsg::Dataplane(ev)).await.is_err() {
+                    return;
                 }
             }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "dataplane events lost for the gateway calls");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
 }
 

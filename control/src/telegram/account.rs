@@ -32,12 +32,20 @@ pub const ALLOWED: &[&str] = &[
     "account.setPrivacy",
     "account.getAuthorizations",
     "account.changeAuthorizationSettings",
+    // The in-call keypad (`gateway::keypad`): the gateway's account asks its bot, sends the
+    // keypad into the chat and deletes it at the end; the bot answers the query and presses.
+    "messages.getInlineBotResults",
+    "messages.sendInlineBotResult",
+    "messages.deleteMessages",
+    "messages.setInlineBotResults",
+    "messages.setBotCallbackAnswer",
 ];
 
 /// Requests that reach other users, held back by PEER_FLOOD.
 const TO_PEER: &[&str] = &[
     "phone.requestCall",
     "messages.sendMessage",
+    "messages.sendInlineBotResult",
     "contacts.importContacts",
 ];
 
@@ -89,6 +97,10 @@ pub struct Me {
     pub phone: Option<String>,
     pub username: Option<String>,
     pub first_name: String,
+    /// A bot account (logged in by token): no calls, no account hygiene; it serves a
+    /// gateway's inline keypad (`keypad_bot`).
+    #[serde(default)]
+    pub bot: bool,
 }
 
 impl Me {
@@ -99,6 +111,7 @@ impl Me {
                 phone: u.phone.clone(),
                 username: u.username.clone(),
                 first_name: u.first_name.clone().unwrap_or_default(),
+                bot: u.bot,
             }),
             tl::enums::User::Empty(_) => None,
         }
@@ -332,6 +345,30 @@ impl Account {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A bot's login by the token @BotFather gave (`auth.importBotAuthorization`). A wrong
+    /// token is Telegram's ACCESS_TOKEN_INVALID.
+    pub async fn bot_sign_in(&self, token: &str) -> Result<LoginStep, TgError> {
+        let token = token.trim();
+        let well_formed = token.split_once(':').is_some_and(|(id, secret)| {
+            !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) && !secret.is_empty()
+        });
+        if !well_formed {
+            return Err(TgError::Invalid {
+                what: "bot token".into(),
+                why: "expected <bot id>:<secret>, as @BotFather gives it".into(),
+            });
+        }
+        let r = self
+            .invoke(&tl::functions::auth::ImportBotAuthorization {
+                flags: 0,
+                api_id: self.opts.api_id,
+                api_hash: self.opts.api_hash.clone(),
+                bot_auth_token: token.to_string(),
+            })
+            .await;
+        self.after_authorization(r).await
     }
 
     /// Login step 3, for accounts with 2FA: the password, proven by SRP (it is never sent).

@@ -65,6 +65,9 @@ pub fn update_allowed(u: &tl::enums::Update) -> bool {
             | tl::enums::Update::PhoneCallSignalingData(_)
             | tl::enums::Update::NewMessage(_)
             | tl::enums::Update::LoginToken
+            // A keypad bot's inline queries and button presses (`gateway::keypad`).
+            | tl::enums::Update::BotInlineQuery(_)
+            | tl::enums::Update::InlineBotCallbackQuery(_)
     )
 }
 
@@ -295,6 +298,25 @@ impl Accounts {
         Ok(sent)
     }
 
+    /// A bot's login by its token: connects `name`, signs in and records it (no hygiene: a
+    /// bot has no calls, devices or privacy settings).
+    pub async fn bot_login(self: &Arc<Self>, name: &str, token: &str) -> Result<Me, TgError> {
+        let account = self.connect(name).await?;
+        let step = account.bot_sign_in(token).await?;
+        self.finish_step(name, &step).await?;
+        match step {
+            LoginStep::Done(me) if me.bot => Ok(me),
+            LoginStep::Done(me) => Err(TgError::Invalid {
+                what: "bot token".into(),
+                why: format!("user {} is not a bot", me.user_id),
+            }),
+            other => Err(TgError::Invalid {
+                what: "bot login".into(),
+                why: format!("did not finish: {other:?}"),
+            }),
+        }
+    }
+
     /// Records the outcome of a login step; on success applies hygiene and stores the session.
     pub async fn finish_step(
         &self,
@@ -316,8 +338,12 @@ impl Accounts {
         tracing::info!(
             account = name,
             user_id = me.user_id,
+            bot = me.bot,
             "Telegram account logged in"
         );
+        if me.bot {
+            return Ok(None);
+        }
         let report = account.apply_hygiene(&self.hygiene).await?;
         Ok(Some(report))
     }
@@ -353,8 +379,11 @@ impl Accounts {
                 let state = match self.connect(&r.name).await {
                     Ok(a) => match a.me().await {
                         Ok(me) => {
+                            let bot = me.bot;
                             r.me = Some(me);
-                            if let Err(e) = a.apply_hygiene(&self.hygiene).await {
+                            if bot {
+                                // Bots have no calls or privacy settings to tidy.
+                            } else if let Err(e) = a.apply_hygiene(&self.hygiene).await {
                                 tracing::warn!(account = %r.name, error = %e, "account hygiene not applied");
                             }
                             AccountState::Active

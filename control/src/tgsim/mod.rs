@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use world::{Delivery, To};
+use world::{Delivery, Reply, Ticket, To};
 pub use world::{Privacy, SimUser, TurnServer, World, WorldConfig};
 
 /// The built-in world (`config/tgsim.example.toml`).
@@ -47,6 +47,7 @@ pub fn load_world(path: Option<&std::path::Path>) -> Result<WorldConfig, WorldEr
     };
     let cfg: WorldConfig = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let mut ids = std::collections::HashSet::new();
+    let mut tokens = std::collections::HashSet::new();
     let mut phones = std::collections::HashSet::new();
     let mut names = std::collections::HashSet::new();
     for u in &cfg.users {
@@ -70,6 +71,30 @@ pub fn load_world(path: Option<&std::path::Path>) -> Result<WorldConfig, WorldEr
                 return Err(bad(format!("user {}: username {n} is taken", u.id)));
             }
         }
+        // As @BotFather makes them: a bot has a username ending in "bot" and a unique token.
+        if u.bot {
+            let named = u
+                .username
+                .as_deref()
+                .is_some_and(|n| n.to_ascii_lowercase().ends_with("bot"));
+            if !named {
+                return Err(bad(format!(
+                    "bot {}: a bot's username must end in \"bot\"",
+                    u.id
+                )));
+            }
+            match &u.bot_token {
+                Some(t) if t.starts_with(&format!("{}:", u.id)) && tokens.insert(t.clone()) => {}
+                _ => {
+                    return Err(bad(format!(
+                        "bot {}: bot_token must be unique and look like \"{}:SECRET\"",
+                        u.id, u.id
+                    )))
+                }
+            }
+        } else if u.bot_token.is_some() {
+            return Err(bad(format!("user {}: only bots have a bot_token", u.id)));
+        }
     }
     Ok(cfg)
 }
@@ -87,6 +112,8 @@ struct Inner {
     next_conn: std::sync::atomic::AtomicU64,
     addr: SocketAddr,
     wake: tokio::sync::Notify,
+    /// Parked requests (waiting for a bot): the connection and request id to answer.
+    parked: Mutex<HashMap<Ticket, (u64, u64)>>,
 }
 
 struct Conn {
@@ -116,6 +143,7 @@ impl TgSim {
                 next_conn: 0.into(),
                 addr,
                 wake: tokio::sync::Notify::new(),
+                parked: Mutex::new(HashMap::new()),
             }),
         };
         tracing::info!(%addr, "simulated Telegram cloud listening");
@@ -161,11 +189,13 @@ impl TgSim {
                     _ = sleep => {}
                     _ = wake => {}
                 }
-                let out = match inner.world.lock() {
-                    Ok(mut w) => w.tick(Instant::now()),
+                let (out, answers) = match inner.world.lock() {
+                    Ok(mut w) => (w.tick(Instant::now()), w.take_answers()),
                     Err(_) => break,
                 };
-                TgSim { inner }.deliver(out);
+                let sim = TgSim { inner };
+                sim.answer_parked(answers);
+                sim.deliver(out);
             }
         });
         Ok(sim)
@@ -211,6 +241,36 @@ impl TgSim {
         Ok(())
     }
 
+    /// Sends late answers (a bot's, or its timeout) to the requests that wait for them.
+    fn answer_parked(&self, answers: Vec<(Ticket, Result<Vec<u8>, world::RpcErr>)>) {
+        if answers.is_empty() {
+            return;
+        }
+        let conns = self
+            .inner
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut parked = self
+            .inner
+            .parked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (ticket, answer) in answers {
+            // A connection that went away has nobody left to answer.
+            let Some((conn, id)) = parked.remove(&ticket) else {
+                continue;
+            };
+            let frame = match answer {
+                Ok(body) => SimFrame::Result { id, body },
+                Err((code, message)) => SimFrame::RpcError { id, code, message },
+            };
+            if let Some(c) = conns.get(&conn) {
+                let _ = c.tx.send(frame.encode());
+            }
+        }
+    }
+
     fn deliver(&self, out: Vec<Delivery>) {
         if out.is_empty() {
             return;
@@ -227,29 +287,35 @@ impl TgSim {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for d in out {
-            // As Telegram does, a call request or a message comes with the user it is from,
-            // so the recipient can address them (access hash).
-            let from = match &d.update {
+            // As Telegram does, a call request, a message (and the bot it came via), an inline
+            // query or a button press comes with the users it names, so the recipient can
+            // address them (access hash).
+            let from: Vec<i64> = match &d.update {
                 tl::enums::Update::PhoneCall(u) => match &u.phone_call {
-                    tl::enums::PhoneCall::Requested(r) => Some(r.admin_id),
-                    _ => None,
+                    tl::enums::PhoneCall::Requested(r) => vec![r.admin_id],
+                    _ => vec![],
                 },
                 tl::enums::Update::NewMessage(m) => match &m.message {
-                    tl::enums::Message::Message(m) => match &m.from_id {
-                        Some(tl::enums::Peer::User(u)) => Some(u.user_id),
-                        _ => None,
-                    },
-                    _ => None,
+                    tl::enums::Message::Message(m) => {
+                        let sender = match &m.from_id {
+                            Some(tl::enums::Peer::User(u)) => Some(u.user_id),
+                            _ => None,
+                        };
+                        sender.into_iter().chain(m.via_bot_id).collect()
+                    }
+                    _ => vec![],
                 },
-                _ => None,
+                tl::enums::Update::BotInlineQuery(q) => vec![q.user_id],
+                tl::enums::Update::InlineBotCallbackQuery(q) => vec![q.user_id],
+                _ => vec![],
             };
             let viewer = match d.to {
                 To::User(u) => u,
                 To::Key(_) => 0,
             };
             let users: Vec<tl::enums::User> = from
-                .and_then(|f| world.user_tl_for(f, viewer))
-                .into_iter()
+                .iter()
+                .filter_map(|f| world.user_tl_for(*f, viewer))
                 .collect();
             let body = if users.is_empty() {
                 tl::enums::Updates::UpdateShort(tl::types::UpdateShort {
@@ -333,12 +399,28 @@ impl TgSim {
                     if self.with_world(|w| w.unanswered(&body)) {
                         continue;
                     }
-                    let outcome = self.with_world(|w| w.handle(key, &body, Instant::now()));
-                    let reply = match outcome.reply {
-                        Ok(body) => SimFrame::Result { id, body },
-                        Err((code, message)) => SimFrame::RpcError { id, code, message },
-                    };
-                    let _ = tx.send(reply.encode());
+                    let (outcome, answers) = self.with_world(|w| {
+                        let o = w.handle(key, &body, Instant::now());
+                        (o, w.take_answers())
+                    });
+                    match outcome.reply {
+                        Reply::Now(Ok(body)) => {
+                            let _ = tx.send(SimFrame::Result { id, body }.encode());
+                        }
+                        Reply::Now(Err((code, message))) => {
+                            let _ = tx.send(SimFrame::RpcError { id, code, message }.encode());
+                        }
+                        // Answered when the bot answers (or times out); registered before
+                        // the bot hears the query.
+                        Reply::Later(ticket) => {
+                            self.inner
+                                .parked
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .insert(ticket, (conn_id, id));
+                        }
+                    }
+                    self.answer_parked(answers);
                     // A login on this connection makes it a device of its user: deliver what
                     // still rings.
                     self.deliver(outcome.deliveries);
@@ -354,6 +436,11 @@ impl TgSim {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&conn_id);
+        self.inner
+            .parked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, (c, _)| *c != conn_id);
         self.with_world(|w| w.bye(&key));
         writer.abort();
         result

@@ -68,6 +68,14 @@ pub struct SimUser {
     /// Shown to others without an access hash (a "min" user): they cannot call it.
     #[serde(default)]
     pub anonymous: bool,
+    /// A bot account (made with @BotFather): it logs in with `bot_token`
+    /// (`auth.importBotAuthorization`), not a code, answers inline queries and button presses,
+    /// and cannot use the methods of user accounts.
+    #[serde(default)]
+    pub bot: bool,
+    /// A bot's token, `<id>:<secret>` as @BotFather gives it.
+    #[serde(default)]
+    pub bot_token: Option<String>,
 }
 
 /// The simulated cloud's access hash of user `id` (the same for every viewer, stable).
@@ -98,7 +106,17 @@ impl SimUser {
             messages: Privacy::Everybody,
             offline: false,
             anonymous: false,
+            bot: false,
+            bot_token: None,
         }
+    }
+
+    /// A bot with an inline mode, logging in with `token`.
+    pub fn new_bot(id: i64, username: &str, token: &str) -> Self {
+        let mut b = Self::new(id, &format!("42{id}"), Some(username), username);
+        b.bot = true;
+        b.bot_token = Some(token.to_string());
+        b
     }
 
     fn access_hash(&self) -> i64 {
@@ -153,6 +171,14 @@ pub struct WorldConfig {
     /// Methods the cloud never answers (to test RPC timeouts), e.g. `["phone.requestCall"]`.
     #[serde(default)]
     pub unanswered: Vec<String>,
+    /// How long an inline query or a button press waits for the bot's answer before the
+    /// asking user gets `BOT_RESPONSE_TIMEOUT` (Telegram gives bots a few seconds).
+    #[serde(default = "default_bot_timeout", with = "secs")]
+    pub bot_answer_timeout: Duration,
+}
+
+fn default_bot_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_offline_ring() -> Duration {
@@ -183,6 +209,7 @@ impl Default for WorldConfig {
             offline_ring_timeout: default_offline_ring(),
             ring_timeout: default_ring(),
             unanswered: Vec::new(),
+            bot_answer_timeout: default_bot_timeout(),
         }
     }
 }
@@ -247,12 +274,79 @@ pub struct Delivery {
     pub is_call: bool,
 }
 
+/// A request whose answer comes later (an inline query or a button press waiting for its bot):
+/// the runtime keeps which connection and request it was, and sends what
+/// [`World::take_answers`] gives for it.
+pub type Ticket = u64;
+
+/// The answer to one request.
+#[derive(Debug)]
+pub enum Reply {
+    /// Answered now.
+    Now(Result<Vec<u8>, RpcErr>),
+    /// Answered later (the bot's answer, or `BOT_RESPONSE_TIMEOUT`), through
+    /// [`World::take_answers`].
+    Later(Ticket),
+}
+
+impl Reply {
+    /// The answer if it came now; a parked request is `(0, "ANSWER_PENDING")`.
+    pub fn now(self) -> Result<Vec<u8>, RpcErr> {
+        match self {
+            Reply::Now(r) => r,
+            Reply::Later(_) => Err(err(0, "ANSWER_PENDING")),
+        }
+    }
+
+    /// Is it an error answered now?
+    pub fn is_err(&self) -> bool {
+        matches!(self, Reply::Now(Err(_)))
+    }
+}
+
 /// What one request produced.
 #[derive(Debug)]
 pub struct Outcome {
-    pub reply: Result<Vec<u8>, RpcErr>,
+    pub reply: Reply,
     pub deliveries: Vec<Delivery>,
 }
+
+/// An inline query from a user to a bot (`messages.getInlineBotResults`).
+#[derive(Debug, Clone)]
+struct InlineQuery {
+    bot: i64,
+    user: i64,
+    /// The user's request, while the bot has not answered.
+    waiting: Option<Ticket>,
+    deadline: Instant,
+    /// The bot's results (`messages.setInlineBotResults`), usable by `sendInlineBotResult`.
+    results: Vec<tl::types::BotInlineResult>,
+    asked: Instant,
+}
+
+/// A press of an inline button (`messages.getBotCallbackAnswer`) waiting for the bot.
+#[derive(Debug, Clone)]
+struct CallbackQuery {
+    bot: i64,
+    ticket: Ticket,
+    deadline: Instant,
+}
+
+/// A private message the cloud keeps (for deleting it and pressing its buttons).
+#[derive(Debug, Clone)]
+struct StoredMessage {
+    from: i64,
+    to: i64,
+    via_bot: Option<i64>,
+    markup: Option<tl::enums::ReplyMarkup>,
+    /// Users for whom it is deleted.
+    deleted_for: HashSet<i64>,
+}
+
+/// Longest callback data of an inline button (Telegram: 1–64 bytes).
+pub const MAX_CALLBACK_DATA: usize = 64;
+/// Longest text a bot may show for a button press.
+pub const MAX_CALLBACK_ANSWER: usize = 200;
 
 /// The simulated cloud.
 pub struct World {
@@ -271,6 +365,15 @@ pub struct World {
     dh_prime: Vec<u8>,
     next_message: i32,
     epoch: (Instant, i32),
+    /// Inline queries by query id (kept a while after the answer: their results can be sent).
+    inline: HashMap<i64, InlineQuery>,
+    /// Button presses waiting for their bot, by query id.
+    callbacks: HashMap<i64, CallbackQuery>,
+    /// Private messages by id.
+    messages: HashMap<i32, StoredMessage>,
+    next_ticket: Ticket,
+    /// Late answers to parked requests, for the runtime.
+    answers: Vec<(Ticket, Result<Vec<u8>, RpcErr>)>,
     /// Every refused request, for tests: (method, error).
     pub log: Vec<(String, String)>,
 }
@@ -296,6 +399,11 @@ impl World {
             dh_prime,
             next_message: 0,
             epoch: (now, unix_now),
+            inline: HashMap::new(),
+            callbacks: HashMap::new(),
+            messages: HashMap::new(),
+            next_ticket: 0,
+            answers: Vec::new(),
             log: Vec::new(),
         }
     }
@@ -416,7 +524,19 @@ fn decode<R: Deserializable>(body: &[u8]) -> Result<R, RpcErr> {
     R::from_bytes(body.get(4..).unwrap_or_default()).map_err(|_| err(400, "INPUT_REQUEST_INVALID"))
 }
 
-fn ok<T: Serializable>(value: T) -> Result<Vec<u8>, RpcErr> {
+/// What a request handler decided: an answer body now, or a parked request.
+enum Answer {
+    Body(Vec<u8>),
+    /// Answered later (the bot's answer or its timeout) through [`World::take_answers`].
+    Parked,
+}
+
+fn ok<T: Serializable>(value: T) -> Result<Answer, RpcErr> {
+    Ok(Answer::Body(value.to_bytes()))
+}
+
+/// A late answer's body.
+fn late<T: Serializable>(value: T) -> Result<Vec<u8>, RpcErr> {
     Ok(value.to_bytes())
 }
 
@@ -450,9 +570,9 @@ impl World {
                 .is_some_and(|v| v.contacts.contains(&id)),
             mutual_contact: false,
             deleted: false,
-            bot: false,
+            bot: u.bot,
             bot_chat_history: false,
-            bot_nochats: false,
+            bot_nochats: u.bot,
             verified: false,
             restricted: false,
             min: u.anonymous && id != viewer,
@@ -481,12 +601,12 @@ impl World {
             first_name: Some(u.first_name.clone()),
             last_name: (!u.last_name.is_empty()).then(|| u.last_name.clone()),
             username: u.username.clone(),
-            phone: Some(u.phone.clone()),
+            phone: (!u.bot).then(|| u.phone.clone()),
             photo: None,
             status: Some(now_status),
-            bot_info_version: None,
+            bot_info_version: u.bot.then_some(1),
             restriction_reason: None,
-            bot_inline_placeholder: None,
+            bot_inline_placeholder: u.bot.then(|| "keypad".to_string()),
             lang_code: None,
             emoji_status: None,
             usernames: None,
@@ -555,12 +675,83 @@ impl World {
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .unwrap_or(0);
         let mut deliveries = Vec::new();
-        let reply = self.dispatch(key, id, body, now, &mut deliveries);
+        let ticket = self.next_ticket + 1;
+        let reply = self.dispatch(key, id, body, now, &mut deliveries, ticket);
         if let Err((code, msg)) = &reply {
             self.log
                 .push((tl::name_for_id(id).to_string(), format!("{code} {msg}")));
         }
+        let reply = match reply {
+            Ok(Answer::Parked) => {
+                self.next_ticket = ticket;
+                Reply::Later(ticket)
+            }
+            Ok(Answer::Body(b)) => Reply::Now(Ok(b)),
+            Err(e) => Reply::Now(Err(e)),
+        };
         Outcome { reply, deliveries }
+    }
+
+    /// Answers to parked requests (bots' answers and timeouts) since the last call.
+    pub fn take_answers(&mut self) -> Vec<(Ticket, Result<Vec<u8>, RpcErr>)> {
+        std::mem::take(&mut self.answers)
+    }
+
+    fn answer_later(&mut self, ticket: Ticket, answer: Result<Vec<u8>, RpcErr>) {
+        if let Err((code, msg)) = &answer {
+            self.log
+                .push(("(answer)".to_string(), format!("{code} {msg}")));
+        }
+        self.answers.push((ticket, answer));
+    }
+
+    fn me_user(&self, key: &[u8; 32]) -> Result<i64, RpcErr> {
+        let me = self.me(key)?;
+        if self.users.get(&me).is_some_and(|u| u.bot) {
+            return Err(err(400, "BOT_METHOD_INVALID"));
+        }
+        Ok(me)
+    }
+
+    fn me_bot(&self, key: &[u8; 32]) -> Result<i64, RpcErr> {
+        let me = self.me(key)?;
+        if !self.users.get(&me).is_some_and(|u| u.bot) {
+            return Err(err(400, "USER_BOT_REQUIRED"));
+        }
+        Ok(me)
+    }
+
+    /// The user an `InputPeer` of a private chat names.
+    fn input_peer_user(&self, me: i64, peer: &tl::enums::InputPeer) -> Result<i64, RpcErr> {
+        match peer {
+            tl::enums::InputPeer::User(u) => self
+                .input_user(
+                    me,
+                    &tl::enums::InputUser::User(tl::types::InputUser {
+                        user_id: u.user_id,
+                        access_hash: u.access_hash,
+                    }),
+                )
+                .map_err(|_| err(400, "PEER_ID_INVALID")),
+            tl::enums::InputPeer::PeerSelf => Ok(me),
+            _ => Err(err(400, "PEER_ID_INVALID")),
+        }
+    }
+
+    /// Telegram's checks before `me` writes to `to` (blocks, "new chats from contacts only").
+    fn may_write(&self, me: i64, to: i64) -> Result<(), RpcErr> {
+        if self.users.get(&to).is_some_and(|u| u.blocked.contains(&me)) {
+            return Err(err(400, "USER_IS_BLOCKED"));
+        }
+        if to != me
+            && self
+                .users
+                .get(&to)
+                .is_some_and(|u| !allowed(u.messages, u, me))
+        {
+            return Err(err(403, "PRIVACY_PREMIUM_REQUIRED"));
+        }
+        Ok(())
     }
 
     fn me(&self, key: &[u8; 32]) -> Result<i64, RpcErr> {
@@ -575,10 +766,313 @@ impl World {
         body: &[u8],
         now: Instant,
         out: &mut Vec<Delivery>,
-    ) -> Result<Vec<u8>, RpcErr> {
+        ticket: Ticket,
+    ) -> Result<Answer, RpcErr> {
         use tl::functions as f;
         let unix = self.unix(now);
+        // Bots have no calls, devices, privacy settings or contacts.
+        let is_bot = self
+            .user_of(&key)
+            .and_then(|u| self.users.get(&u))
+            .is_some_and(|u| u.bot);
+        let name = tl::name_for_id(id);
+        if is_bot
+            && (name.starts_with("phone.")
+                || name.starts_with("account.")
+                || name == "contacts.importContacts"
+                || name == "messages.getDhConfig")
+        {
+            return Err(err(400, "BOT_METHOD_INVALID"));
+        }
         match id {
+            f::auth::ImportBotAuthorization::CONSTRUCTOR_ID => {
+                let r: f::auth::ImportBotAuthorization = decode(body)?;
+                let bot = self
+                    .users
+                    .values()
+                    .find(|u| u.bot && u.bot_token.as_deref() == Some(r.bot_auth_token.as_str()))
+                    .map(|u| u.id)
+                    .ok_or_else(|| err(400, "ACCESS_TOKEN_INVALID"))?;
+                self.authorize(&key, bot);
+                ok(self.authorization(bot))
+            }
+            f::messages::GetInlineBotResults::CONSTRUCTOR_ID => {
+                let r: f::messages::GetInlineBotResults = decode(body)?;
+                let me = self.me_user(&key)?;
+                let bot = self
+                    .input_user(me, &r.bot)
+                    .map_err(|_| err(400, "BOT_INVALID"))?;
+                if !self.users.get(&bot).is_some_and(|u| u.bot) {
+                    return Err(err(400, "BOT_INVALID"));
+                }
+                let peer = self.input_peer_user(me, &r.peer)?;
+                if r.query.len() > 512 {
+                    return Err(err(400, "QUERY_TOO_SHORT"));
+                }
+                let query_id = self.fresh_query_id();
+                self.inline.insert(
+                    query_id,
+                    InlineQuery {
+                        bot,
+                        user: me,
+                        waiting: Some(ticket),
+                        deadline: now + self.cfg.bot_answer_timeout,
+                        results: Vec::new(),
+                        asked: now,
+                    },
+                );
+                let peer_type = if peer == bot {
+                    tl::enums::InlineQueryPeerType::SameBotPm
+                } else if self.users.get(&peer).is_some_and(|u| u.bot) {
+                    tl::enums::InlineQueryPeerType::BotPm
+                } else {
+                    tl::enums::InlineQueryPeerType::Pm
+                };
+                out.push(Delivery {
+                    to: To::User(bot),
+                    update: tl::enums::Update::BotInlineQuery(tl::types::UpdateBotInlineQuery {
+                        query_id,
+                        user_id: me,
+                        query: r.query,
+                        geo: None,
+                        peer_type: Some(peer_type),
+                        offset: r.offset,
+                    }),
+                    is_call: false,
+                });
+                Ok(Answer::Parked)
+            }
+            f::messages::SetInlineBotResults::CONSTRUCTOR_ID => {
+                let r: f::messages::SetInlineBotResults = decode(body)?;
+                let me = self.me_bot(&key)?;
+                let q = self
+                    .inline
+                    .get(&r.query_id)
+                    .filter(|q| q.bot == me && q.waiting.is_some())
+                    .ok_or_else(|| err(400, "QUERY_ID_INVALID"))?;
+                let user = q.user;
+                let results = inline_results(&r.results)?;
+                let bot_user = self.user_tl(me, user);
+                let answer =
+                    tl::enums::messages::BotResults::Results(tl::types::messages::BotResults {
+                        gallery: r.gallery,
+                        query_id: r.query_id,
+                        next_offset: r.next_offset,
+                        switch_pm: None,
+                        switch_webview: None,
+                        results: results
+                            .iter()
+                            .cloned()
+                            .map(tl::enums::BotInlineResult::Result)
+                            .collect(),
+                        cache_time: r.cache_time,
+                        users: bot_user.into_iter().collect(),
+                    });
+                if let Some(q) = self.inline.get_mut(&r.query_id) {
+                    q.results = results;
+                    if let Some(t) = q.waiting.take() {
+                        self.answer_later(t, late(answer));
+                    }
+                }
+                ok(true)
+            }
+            f::messages::SendInlineBotResult::CONSTRUCTOR_ID => {
+                let r: f::messages::SendInlineBotResult = decode(body)?;
+                let me = self.me_user(&key)?;
+                let to = self.input_peer_user(me, &r.peer)?;
+                let q = self
+                    .inline
+                    .get(&r.query_id)
+                    .filter(|q| q.user == me && q.waiting.is_none())
+                    .ok_or_else(|| err(400, "QUERY_ID_INVALID"))?;
+                let bot = q.bot;
+                let result = q
+                    .results
+                    .iter()
+                    .find(|x| x.id == r.id)
+                    .cloned()
+                    .ok_or_else(|| err(400, "RESULT_ID_INVALID"))?;
+                self.may_write(me, to)?;
+                let tl::enums::BotInlineMessage::Text(content) = result.send_message else {
+                    return Err(err(400, "RESULT_TYPE_INVALID"));
+                };
+                self.next_message += 1;
+                let id = self.next_message;
+                self.messages.insert(
+                    id,
+                    StoredMessage {
+                        from: me,
+                        to,
+                        via_bot: Some(bot),
+                        markup: content.reply_markup.clone(),
+                        deleted_for: HashSet::new(),
+                    },
+                );
+                let message = |out: bool| {
+                    let mut m = text_message(id, me, to, unix, &content.message);
+                    if let tl::enums::Message::Message(m) = &mut m {
+                        m.out = out;
+                        m.via_bot_id = Some(bot);
+                        m.reply_markup = content.reply_markup.clone();
+                        if out {
+                            m.peer_id = tl::enums::Peer::User(tl::types::PeerUser { user_id: to });
+                        }
+                    }
+                    m
+                };
+                out.push(Delivery {
+                    to: To::User(to),
+                    update: tl::enums::Update::NewMessage(tl::types::UpdateNewMessage {
+                        message: message(false),
+                        pts: id,
+                        pts_count: 1,
+                    }),
+                    is_call: false,
+                });
+                let users = [bot, to]
+                    .iter()
+                    .filter_map(|u| self.user_tl(*u, me))
+                    .collect();
+                ok(tl::enums::Updates::Updates(tl::types::Updates {
+                    updates: vec![
+                        tl::enums::Update::MessageId(tl::types::UpdateMessageId {
+                            id,
+                            random_id: r.random_id,
+                        }),
+                        tl::enums::Update::NewMessage(tl::types::UpdateNewMessage {
+                            message: message(true),
+                            pts: id,
+                            pts_count: 1,
+                        }),
+                    ],
+                    users,
+                    chats: vec![],
+                    date: unix,
+                    seq: 0,
+                }))
+            }
+            f::messages::GetBotCallbackAnswer::CONSTRUCTOR_ID => {
+                let r: f::messages::GetBotCallbackAnswer = decode(body)?;
+                let me = self.me_user(&key)?;
+                let other = self.input_peer_user(me, &r.peer)?;
+                let m = self
+                    .messages
+                    .get(&r.msg_id)
+                    .filter(|m| {
+                        ((m.from == me && m.to == other) || (m.from == other && m.to == me))
+                            && !m.deleted_for.contains(&me)
+                    })
+                    .ok_or_else(|| err(400, "MESSAGE_ID_INVALID"))?;
+                let data = r.data.ok_or_else(|| err(400, "DATA_INVALID"))?;
+                let has_button = callback_data(m.markup.as_ref()).any(|d| d == data.as_slice());
+                let Some(bot) = m.via_bot.filter(|_| has_button) else {
+                    return Err(err(400, "DATA_INVALID"));
+                };
+                let query_id = self.fresh_query_id();
+                self.callbacks.insert(
+                    query_id,
+                    CallbackQuery {
+                        bot,
+                        ticket,
+                        deadline: now + self.cfg.bot_answer_timeout,
+                    },
+                );
+                let chat_instance = sim_access_hash(me.min(other) ^ other.max(me).rotate_left(17));
+                out.push(Delivery {
+                    to: To::User(bot),
+                    update: tl::enums::Update::InlineBotCallbackQuery(
+                        tl::types::UpdateInlineBotCallbackQuery {
+                            query_id,
+                            user_id: me,
+                            msg_id: tl::enums::InputBotInlineMessageId::Id(
+                                tl::types::InputBotInlineMessageId {
+                                    dc_id: 1,
+                                    id: i64::from(r.msg_id),
+                                    access_hash: sim_access_hash(i64::from(r.msg_id)),
+                                },
+                            ),
+                            chat_instance,
+                            data: Some(data),
+                            game_short_name: None,
+                        },
+                    ),
+                    is_call: false,
+                });
+                Ok(Answer::Parked)
+            }
+            f::messages::SetBotCallbackAnswer::CONSTRUCTOR_ID => {
+                let r: f::messages::SetBotCallbackAnswer = decode(body)?;
+                let me = self.me_bot(&key)?;
+                if self.callbacks.get(&r.query_id).is_none_or(|q| q.bot != me) {
+                    return Err(err(400, "QUERY_ID_INVALID"));
+                }
+                if r.message
+                    .as_ref()
+                    .is_some_and(|m| m.chars().count() > MAX_CALLBACK_ANSWER)
+                {
+                    return Err(err(400, "MESSAGE_TOO_LONG"));
+                }
+                if let Some(q) = self.callbacks.remove(&r.query_id) {
+                    let answer = tl::enums::messages::BotCallbackAnswer::Answer(
+                        tl::types::messages::BotCallbackAnswer {
+                            alert: r.alert,
+                            has_url: r.url.is_some(),
+                            native_ui: false,
+                            message: r.message,
+                            url: r.url,
+                            cache_time: r.cache_time,
+                        },
+                    );
+                    self.answer_later(q.ticket, late(answer));
+                }
+                ok(true)
+            }
+            f::messages::DeleteMessages::CONSTRUCTOR_ID => {
+                let r: f::messages::DeleteMessages = decode(body)?;
+                let me = self.me(&key)?;
+                let mut deleted: HashMap<i64, Vec<i32>> = HashMap::new();
+                for id in &r.id {
+                    let Some(m) = self.messages.get_mut(id) else {
+                        continue;
+                    };
+                    if (m.from != me && m.to != me) || m.deleted_for.contains(&me) {
+                        continue;
+                    }
+                    let other = if m.from == me { m.to } else { m.from };
+                    let mut whom = vec![me];
+                    if r.revoke && other != me {
+                        whom.push(other);
+                    }
+                    for u in whom {
+                        if m.deleted_for.insert(u) {
+                            deleted.entry(u).or_default().push(*id);
+                        }
+                    }
+                }
+                let mine = deleted.get(&me).map_or(0, Vec::len);
+                self.next_message += 1;
+                let pts = self.next_message;
+                for (user, ids) in deleted {
+                    let n = i32::try_from(ids.len()).unwrap_or(i32::MAX);
+                    out.push(Delivery {
+                        to: To::User(user),
+                        update: tl::enums::Update::DeleteMessages(
+                            tl::types::UpdateDeleteMessages {
+                                messages: ids,
+                                pts,
+                                pts_count: n,
+                            },
+                        ),
+                        is_call: false,
+                    });
+                }
+                ok(tl::enums::messages::AffectedMessages::Messages(
+                    tl::types::messages::AffectedMessages {
+                        pts,
+                        pts_count: i32::try_from(mine).unwrap_or(i32::MAX),
+                    },
+                ))
+            }
             f::auth::SendCode::CONSTRUCTOR_ID => {
                 let r: f::auth::SendCode = decode(body)?;
                 let phone: String = r
@@ -1105,19 +1599,19 @@ impl World {
                 if r.message.chars().count() > 4096 {
                     return Err(err(400, "MESSAGE_TOO_LONG"));
                 }
-                if self.users.get(&to).is_some_and(|u| u.blocked.contains(&me)) {
-                    return Err(err(400, "USER_IS_BLOCKED"));
-                }
-                if to != me
-                    && self
-                        .users
-                        .get(&to)
-                        .is_some_and(|u| !allowed(u.messages, u, me))
-                {
-                    return Err(err(403, "PRIVACY_PREMIUM_REQUIRED"));
-                }
+                self.may_write(me, to)?;
                 self.next_message += 1;
                 let id = self.next_message;
+                self.messages.insert(
+                    id,
+                    StoredMessage {
+                        from: me,
+                        to,
+                        via_bot: None,
+                        markup: None,
+                        deleted_for: HashSet::new(),
+                    },
+                );
                 out.push(Delivery {
                     to: To::User(to),
                     update: tl::enums::Update::NewMessage(tl::types::UpdateNewMessage {
@@ -1211,7 +1705,7 @@ impl World {
         })
     }
 
-    fn resolved(&self, user: i64, me: i64) -> Result<Vec<u8>, RpcErr> {
+    fn resolved(&self, user: i64, me: i64) -> Result<Answer, RpcErr> {
         ok(tl::enums::contacts::ResolvedPeer::Peer(
             tl::types::contacts::ResolvedPeer {
                 peer: tl::enums::Peer::User(tl::types::PeerUser { user_id: user }),
@@ -1228,7 +1722,7 @@ impl World {
         r: tl::functions::phone::RequestCall,
         now: Instant,
         out: &mut Vec<Delivery>,
-    ) -> Result<Vec<u8>, RpcErr> {
+    ) -> Result<Answer, RpcErr> {
         if callee == me {
             return Err(err(400, "USER_ID_INVALID"));
         }
@@ -1517,16 +2011,53 @@ impl World {
         self.calls.retain(|_, c| {
             c.state != CallState::Discarded || now < c.ring_deadline + Duration::from_secs(600)
         });
+        // Bots that did not answer in time: the asking user hears BOT_RESPONSE_TIMEOUT.
+        let mut late = Vec::new();
+        for q in self.inline.values_mut() {
+            if q.waiting.is_some() && now >= q.deadline {
+                late.extend(q.waiting.take());
+            }
+        }
+        self.callbacks.retain(|_, q| {
+            if now >= q.deadline {
+                late.push(q.ticket);
+                false
+            } else {
+                true
+            }
+        });
+        for t in late {
+            self.answer_later(t, Err(err(400, "BOT_RESPONSE_TIMEOUT")));
+        }
+        // Results stay sendable for a while after the query, as Telegram caches them.
+        self.inline
+            .retain(|_, q| now.saturating_duration_since(q.asked) < Duration::from_secs(600));
         out
     }
 
-    /// The earliest ring deadline, for the runtime's timer.
+    /// The earliest ring deadline or bot answer deadline, for the runtime's timer.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.calls
+        let rings = self
+            .calls
             .values()
             .filter(|c| matches!(c.state, CallState::Requested | CallState::Waiting { .. }))
-            .map(|c| c.ring_deadline)
-            .min()
+            .map(|c| c.ring_deadline);
+        let inline = self
+            .inline
+            .values()
+            .filter(|q| q.waiting.is_some())
+            .map(|q| q.deadline);
+        let presses = self.callbacks.values().map(|q| q.deadline);
+        rings.chain(inline).chain(presses).min()
+    }
+
+    fn fresh_query_id(&self) -> i64 {
+        loop {
+            let id: i64 = rand::thread_rng().gen_range(1..i64::MAX);
+            if !self.inline.contains_key(&id) && !self.callbacks.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     /// A newly connected device: it gets the calls that still ring for its user (what a push
@@ -1648,6 +2179,83 @@ fn privacy_of(rules: &[tl::enums::InputPrivacyRule]) -> Privacy {
     Privacy::Nobody
 }
 
+/// Every callback button's data in a reply markup.
+fn callback_data(markup: Option<&tl::enums::ReplyMarkup>) -> impl Iterator<Item = &[u8]> {
+    let rows = match markup {
+        Some(tl::enums::ReplyMarkup::ReplyInlineMarkup(m)) => m.rows.as_slice(),
+        _ => &[],
+    };
+    rows.iter()
+        .flat_map(|tl::enums::KeyboardInlineButtonRow::Row(r)| r.buttons.iter())
+        .filter_map(
+            |tl::enums::KeyboardInlineButton::Button(b)| match &b.r#type {
+                tl::enums::InlineButtonType::Callback(c) => Some(c.data.as_slice()),
+                _ => None,
+            },
+        )
+}
+
+/// A bot's inline results as the cloud checks and keeps them: text articles whose keyboard
+/// (inline only) has buttons with text and callback data of 1–64 bytes.
+fn inline_results(
+    results: &[tl::enums::InputBotInlineResult],
+) -> Result<Vec<tl::types::BotInlineResult>, RpcErr> {
+    let mut ids = HashSet::new();
+    let mut out = Vec::new();
+    for r in results {
+        let tl::enums::InputBotInlineResult::Result(r) = r else {
+            return Err(err(400, "RESULT_TYPE_INVALID"));
+        };
+        if r.id.is_empty() || r.id.len() > 64 {
+            return Err(err(400, "RESULT_ID_INVALID"));
+        }
+        if !ids.insert(r.id.clone()) {
+            return Err(err(400, "RESULT_ID_DUPLICATE"));
+        }
+        let tl::enums::InputBotInlineMessage::Text(m) = &r.send_message else {
+            return Err(err(400, "RESULT_TYPE_INVALID"));
+        };
+        if m.message.trim().is_empty() {
+            return Err(err(400, "MESSAGE_EMPTY"));
+        }
+        match &m.reply_markup {
+            None => {}
+            Some(tl::enums::ReplyMarkup::ReplyInlineMarkup(k)) => {
+                for tl::enums::KeyboardInlineButtonRow::Row(row) in &k.rows {
+                    for tl::enums::KeyboardInlineButton::Button(b) in &row.buttons {
+                        if b.text.is_empty() {
+                            return Err(err(400, "BUTTON_TEXT_INVALID"));
+                        }
+                        if let tl::enums::InlineButtonType::Callback(c) = &b.r#type {
+                            if c.data.is_empty() || c.data.len() > MAX_CALLBACK_DATA {
+                                return Err(err(400, "BUTTON_DATA_INVALID"));
+                            }
+                        }
+                    }
+                }
+            }
+            Some(_) => return Err(err(400, "REPLY_MARKUP_INVALID")),
+        }
+        out.push(tl::types::BotInlineResult {
+            id: r.id.clone(),
+            r#type: r.r#type.clone(),
+            title: r.title.clone(),
+            description: r.description.clone(),
+            url: r.url.clone(),
+            thumb: None,
+            content: None,
+            send_message: tl::enums::BotInlineMessage::Text(tl::types::BotInlineMessageText {
+                no_webpage: m.no_webpage,
+                invert_media: m.invert_media,
+                message: m.message.clone(),
+                entities: m.entities.clone(),
+                reply_markup: m.reply_markup.clone(),
+            }),
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1702,7 +2310,7 @@ mod tests {
             now,
         );
         let tl::enums::phone::PhoneCall::Call(pc) =
-            tl::enums::phone::PhoneCall::from_bytes(&o.reply.unwrap()).unwrap();
+            tl::enums::phone::PhoneCall::from_bytes(&o.reply.now().unwrap()).unwrap();
         let tl::enums::PhoneCall::Waiting(wt) = pc.phone_call else {
             panic!()
         };
@@ -1722,6 +2330,7 @@ mod tests {
             now,
         )
         .reply
+        .now()
         .unwrap();
         let o = call(
             &mut w,
@@ -1736,7 +2345,7 @@ mod tests {
             now,
         );
         let tl::enums::phone::PhoneCall::Call(pc) =
-            tl::enums::phone::PhoneCall::from_bytes(&o.reply.unwrap()).unwrap();
+            tl::enums::phone::PhoneCall::from_bytes(&o.reply.now().unwrap()).unwrap();
         let tl::enums::PhoneCall::Call(c) = pc.phone_call else {
             panic!()
         };
@@ -1787,7 +2396,7 @@ mod tests {
                 now,
             );
             let tl::enums::account::PrivacyRules::Rules(r) =
-                tl::enums::account::PrivacyRules::from_bytes(&o.reply.unwrap()).unwrap();
+                tl::enums::account::PrivacyRules::from_bytes(&o.reply.now().unwrap()).unwrap();
             r.rules
         };
         assert_eq!(
@@ -1805,6 +2414,7 @@ mod tests {
             now,
         )
         .reply
+        .now()
         .unwrap();
         assert_eq!(
             privacy(&mut w),
@@ -1824,6 +2434,7 @@ mod tests {
             now,
         )
         .reply
+        .now()
         .unwrap();
         let o = call(
             &mut w,
@@ -1832,7 +2443,7 @@ mod tests {
             now,
         );
         let tl::enums::account::Authorizations::Authorizations(list) =
-            tl::enums::account::Authorizations::from_bytes(&o.reply.unwrap()).unwrap();
+            tl::enums::account::Authorizations::from_bytes(&o.reply.now().unwrap()).unwrap();
         let tl::enums::Authorization::Authorization(me) = &list.authorizations[0];
         assert!(me.current && me.call_requests_disabled);
     }
@@ -1852,5 +2463,352 @@ mod tests {
         ] {
             assert!(w.handle(k, &body, now).reply.is_err());
         }
+    }
+
+    // --- Inline bots: the keypad ---
+
+    const GW: i64 = 1;
+    const ALICE: i64 = 2;
+    const BOT: i64 = 77;
+    const TOKEN: &str = "77:keypad-secret";
+
+    /// A world with the gateway account, Alice and the keypad bot, each logged in.
+    fn bot_world(now: Instant) -> (World, [u8; 32], [u8; 32], [u8; 32]) {
+        let cfg = WorldConfig {
+            users: vec![
+                SimUser::new(GW, "10000000001", Some("gw"), "Gateway"),
+                SimUser::new(ALICE, "10000000002", Some("alice"), "Alice"),
+                SimUser::new_bot(BOT, "keypad_bot", TOKEN),
+            ],
+            ..WorldConfig::default()
+        };
+        let mut w = World::new(cfg, now, 1_000);
+        let (kg, ka, kb) = (w.hello(None, now), w.hello(None, now), w.hello(None, now));
+        w.authorize(&kg, GW);
+        w.authorize(&ka, ALICE);
+        let o = call(&mut w, kb, bot_login(TOKEN), now);
+        assert!(!o.reply.is_err(), "{:?}", o.reply);
+        (w, kg, ka, kb)
+    }
+
+    fn bot_login(token: &str) -> Vec<u8> {
+        tl::functions::auth::ImportBotAuthorization {
+            flags: 0,
+            api_id: 1,
+            api_hash: "x".into(),
+            bot_auth_token: token.into(),
+        }
+        .to_bytes()
+    }
+
+    fn input_user(id: i64) -> tl::enums::InputUser {
+        tl::enums::InputUser::User(tl::types::InputUser {
+            user_id: id,
+            access_hash: sim_access_hash(id),
+        })
+    }
+
+    fn input_peer(id: i64) -> tl::enums::InputPeer {
+        tl::enums::InputPeer::User(tl::types::InputPeerUser {
+            user_id: id,
+            access_hash: sim_access_hash(id),
+        })
+    }
+
+    fn ask(bot: i64, query: &str) -> Vec<u8> {
+        tl::functions::messages::GetInlineBotResults {
+            bot: input_user(bot),
+            peer: input_peer(ALICE),
+            geo_point: None,
+            query: query.into(),
+            offset: String::new(),
+        }
+        .to_bytes()
+    }
+
+    fn press(msg_id: i32, data: &[u8]) -> Vec<u8> {
+        tl::functions::messages::GetBotCallbackAnswer {
+            game: false,
+            peer: input_peer(GW),
+            msg_id,
+            data: Some(data.to_vec()),
+            password: None,
+        }
+        .to_bytes()
+    }
+
+    fn rpc_error(o: Outcome) -> String {
+        match o.reply {
+            Reply::Now(Err((_, name))) => name,
+            other => panic!("expected an RPC error, got {other:?}"),
+        }
+    }
+
+    /// The gateway asks the bot; returns the ticket and the query as the bot got it.
+    fn inline_query(w: &mut World, kg: [u8; 32], token: &str, now: Instant) -> (Ticket, i64) {
+        let o = call(w, kg, ask(BOT, token), now);
+        let Reply::Later(ticket) = o.reply else {
+            panic!("an inline query waits for the bot: {:?}", o.reply);
+        };
+        let [d] = o.deliveries.as_slice() else {
+            panic!("one update for the bot: {:?}", o.deliveries);
+        };
+        assert_eq!(d.to, To::User(BOT));
+        let tl::enums::Update::BotInlineQuery(q) = &d.update else {
+            panic!("{:?}", d.update);
+        };
+        assert_eq!((q.user_id, q.query.as_str()), (GW, token));
+        (ticket, q.query_id)
+    }
+
+    /// The whole keypad: query, the bot's answer, the message sent via the bot; returns its id.
+    fn sent_keypad(w: &mut World, kg: [u8; 32], kb: [u8; 32], token: &str, now: Instant) -> i32 {
+        let (ticket, query_id) = inline_query(w, kg, token, now);
+        let o = call(
+            w,
+            kb,
+            crate::gateway::keypad::inline_results(query_id, token).to_bytes(),
+            now,
+        );
+        assert!(!o.reply.is_err(), "{:?}", o.reply);
+        let answers = w.take_answers();
+        let [(t, Ok(body))] = answers.as_slice() else {
+            panic!("the gateway gets the bot's results: {answers:?}");
+        };
+        assert_eq!(*t, ticket);
+        let tl::enums::messages::BotResults::Results(r) =
+            tl::enums::messages::BotResults::from_bytes(body).unwrap();
+        assert_eq!(r.query_id, query_id);
+        assert_eq!(r.results.len(), 1);
+        let o = call(
+            w,
+            kg,
+            tl::functions::messages::SendInlineBotResult {
+                silent: false,
+                background: false,
+                clear_draft: false,
+                hide_via: false,
+                peer: input_peer(ALICE),
+                reply_to: None,
+                random_id: 99,
+                query_id,
+                id: r.results[0].id(),
+                schedule_date: None,
+                send_as: None,
+                quick_reply_shortcut: None,
+                allow_paid_stars: None,
+            }
+            .to_bytes(),
+            now,
+        );
+        let Ok(tl::enums::Updates::Updates(u)) =
+            tl::enums::Updates::from_bytes(&o.reply.now().unwrap())
+        else {
+            panic!("sendInlineBotResult answers Updates");
+        };
+        let id = u
+            .updates
+            .iter()
+            .find_map(|x| match x {
+                tl::enums::Update::MessageId(m) if m.random_id == 99 => Some(m.id),
+                _ => None,
+            })
+            .expect("updateMessageID with our random_id");
+        // Alice gets it via the bot, with the keyboard.
+        let [d] = o.deliveries.as_slice() else {
+            panic!("{:?}", o.deliveries);
+        };
+        assert_eq!(d.to, To::User(ALICE));
+        let tl::enums::Update::NewMessage(m) = &d.update else {
+            panic!("{:?}", d.update);
+        };
+        let tl::enums::Message::Message(m) = &m.message else {
+            panic!()
+        };
+        assert_eq!(m.id, id);
+        assert_eq!(m.via_bot_id, Some(BOT));
+        assert!(matches!(
+            m.reply_markup,
+            Some(tl::enums::ReplyMarkup::ReplyInlineMarkup(_))
+        ));
+        id
+    }
+
+    #[test]
+    fn a_bot_logs_in_by_its_token_and_a_wrong_token_is_access_token_invalid() {
+        let now = Instant::now();
+        let (mut w, _, _, kb) = bot_world(now);
+        assert_eq!(w.user_of(&kb), Some(BOT));
+        let k = w.hello(None, now);
+        assert_eq!(
+            rpc_error(call(&mut w, k, bot_login("77:wrong"), now)),
+            "ACCESS_TOKEN_INVALID"
+        );
+        // A user's phone is no bot token.
+        assert_eq!(
+            rpc_error(call(&mut w, k, bot_login("10000000002"), now)),
+            "ACCESS_TOKEN_INVALID"
+        );
+        // A bot has no privacy settings or calls.
+        let privacy = tl::functions::account::GetPrivacy {
+            key: tl::enums::InputPrivacyKey::PhoneCall,
+        }
+        .to_bytes();
+        assert_eq!(
+            rpc_error(call(&mut w, kb, privacy, now)),
+            "BOT_METHOD_INVALID"
+        );
+        // Others see it as a bot.
+        let Some(tl::enums::User::User(u)) = w.user_tl_for(BOT, ALICE) else {
+            panic!()
+        };
+        assert!(u.bot && u.bot_inline_placeholder.is_some());
+    }
+
+    #[test]
+    fn the_keypad_goes_via_the_bot_and_a_press_reaches_the_bot_and_its_answer_the_user() {
+        let now = Instant::now();
+        let (mut w, kg, ka, kb) = bot_world(now);
+        let token = crate::gateway::keypad::new_token();
+        let msg = sent_keypad(&mut w, kg, kb, &token, now);
+        let data = crate::gateway::keypad::callback_data(&token, '5');
+        let o = call(&mut w, ka, press(msg, &data), now);
+        let Reply::Later(ticket) = o.reply else {
+            panic!("a press waits for the bot: {:?}", o.reply);
+        };
+        let [d] = o.deliveries.as_slice() else {
+            panic!("{:?}", o.deliveries);
+        };
+        assert_eq!(d.to, To::User(BOT));
+        let tl::enums::Update::InlineBotCallbackQuery(q) = &d.update else {
+            panic!("{:?}", d.update);
+        };
+        assert_eq!(q.user_id, ALICE);
+        assert_eq!(q.data.as_deref(), Some(data.as_slice()));
+        // The gateway account cannot answer for the bot.
+        let answer = crate::gateway::keypad::press_answer(q.query_id, "5").to_bytes();
+        assert_eq!(
+            rpc_error(call(&mut w, kg, answer.clone(), now)),
+            "USER_BOT_REQUIRED"
+        );
+        assert!(!call(&mut w, kb, answer.clone(), now).reply.is_err());
+        let answers = w.take_answers();
+        let [(t, Ok(body))] = answers.as_slice() else {
+            panic!("{answers:?}");
+        };
+        assert_eq!(*t, ticket);
+        let tl::enums::messages::BotCallbackAnswer::Answer(a) =
+            tl::enums::messages::BotCallbackAnswer::from_bytes(body).unwrap();
+        assert_eq!(a.message.as_deref(), Some("5"));
+        // Answered once: the query id is spent.
+        assert_eq!(rpc_error(call(&mut w, kb, answer, now)), "QUERY_ID_INVALID");
+        // The gateway deletes the keypad for both; then a press is on no message.
+        let o = call(
+            &mut w,
+            kg,
+            tl::functions::messages::DeleteMessages {
+                revoke: true,
+                id: vec![msg],
+            }
+            .to_bytes(),
+            now,
+        );
+        let tl::enums::messages::AffectedMessages::Messages(am) =
+            tl::enums::messages::AffectedMessages::from_bytes(&o.reply.now().unwrap()).unwrap();
+        assert_eq!(am.pts_count, 1);
+        let to_alice = o.deliveries.iter().any(|d| {
+            d.to == To::User(ALICE)
+                && matches!(&d.update, tl::enums::Update::DeleteMessages(u) if u.messages == vec![msg])
+        });
+        assert!(to_alice, "{:?}", o.deliveries);
+        assert_eq!(
+            rpc_error(call(&mut w, ka, press(msg, &data), now)),
+            "MESSAGE_ID_INVALID"
+        );
+    }
+
+    #[test]
+    fn bot_methods_refuse_wrong_callers_unknown_queries_and_bad_buttons() {
+        let now = Instant::now();
+        let (mut w, kg, ka, kb) = bot_world(now);
+        // Inline queries go to bots only, and only users ask them.
+        assert_eq!(
+            rpc_error(call(&mut w, kg, ask(ALICE, "x"), now)),
+            "BOT_INVALID"
+        );
+        assert_eq!(
+            rpc_error(call(&mut w, kb, ask(BOT, "x"), now)),
+            "BOT_METHOD_INVALID"
+        );
+        // A query id nobody asked.
+        let results = crate::gateway::keypad::inline_results(12345, "abc").to_bytes();
+        assert_eq!(
+            rpc_error(call(&mut w, kb, results, now)),
+            "QUERY_ID_INVALID"
+        );
+        let press_answer = crate::gateway::keypad::press_answer(12345, "5").to_bytes();
+        assert_eq!(
+            rpc_error(call(&mut w, kb, press_answer, now)),
+            "QUERY_ID_INVALID"
+        );
+        // Callback data over 64 bytes.
+        let (_, query_id) = inline_query(&mut w, kg, "long", now);
+        let mut r = crate::gateway::keypad::inline_results(query_id, "long");
+        if let tl::enums::InputBotInlineResult::Result(x) = &mut r.results[0] {
+            if let tl::enums::InputBotInlineMessage::Text(t) = &mut x.send_message {
+                t.reply_markup = Some(crate::gateway::keypad::markup(&"x".repeat(70)));
+            }
+        }
+        assert_eq!(
+            rpc_error(call(&mut w, kb, r.to_bytes(), now)),
+            "BUTTON_DATA_INVALID"
+        );
+        // Users cannot answer inline queries.
+        let r = crate::gateway::keypad::inline_results(query_id, "long").to_bytes();
+        assert_eq!(rpc_error(call(&mut w, ka, r, now)), "USER_BOT_REQUIRED");
+        // A result that was never offered, and data that is on no button.
+        let token = crate::gateway::keypad::new_token();
+        let msg = sent_keypad(&mut w, kg, kb, &token, now);
+        assert_eq!(
+            rpc_error(call(&mut w, ka, press(msg, b"k:forged:5"), now)),
+            "DATA_INVALID"
+        );
+        // Only the chat's members press its buttons.
+        let data = crate::gateway::keypad::callback_data(&token, '1');
+        assert_eq!(
+            rpc_error(call(&mut w, kg, press(msg, &data), now)),
+            "MESSAGE_ID_INVALID"
+        );
+    }
+
+    #[test]
+    fn a_bot_that_does_not_answer_times_the_query_and_the_press_out() {
+        let now = Instant::now();
+        let (mut w, kg, ka, kb) = bot_world(now);
+        let (ticket, _) = inline_query(&mut w, kg, "silent", now);
+        let deadline = w.next_deadline().expect("the bot's answer is awaited");
+        assert_eq!(deadline, now + Duration::from_secs(5));
+        assert!(w.tick(deadline - Duration::from_millis(1)).is_empty());
+        assert!(w.take_answers().is_empty());
+        w.tick(deadline);
+        assert_eq!(
+            w.take_answers(),
+            vec![(ticket, Err((400, "BOT_RESPONSE_TIMEOUT".to_string())))]
+        );
+        // The same for a press.
+        let token = crate::gateway::keypad::new_token();
+        let msg = sent_keypad(&mut w, kg, kb, &token, deadline);
+        let data = crate::gateway::keypad::callback_data(&token, '#');
+        let Reply::Later(t) = call(&mut w, ka, press(msg, &data), deadline).reply else {
+            panic!()
+        };
+        let later = deadline + Duration::from_secs(5);
+        assert_eq!(w.next_deadline(), Some(later));
+        w.tick(later);
+        assert_eq!(
+            w.take_answers(),
+            vec![(t, Err((400, "BOT_RESPONSE_TIMEOUT".to_string())))]
+        );
+        assert_eq!(w.next_deadline(), None);
     }
 }
