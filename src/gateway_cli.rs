@@ -38,7 +38,8 @@ pub enum GatewayCmd {
     /// `messages` (Telegram texts ⇄ SIP MESSAGE),
     /// `connections=a,b`, `allowed_callers=@x,+1…`, `caller_id=…|…`, `caller_name=…|…`,
     /// `max_call_duration=2h`, `monthly_duration=30h`, `failed_calls_per_hour=10`,
-    /// `allowed_workers=worker-1,…`; an empty value or 0 lifts a limit).
+    /// `allowed_workers=worker-1,…`, `keypad_bot=ACCOUNT` (a bot of the Storage that puts a
+    /// keypad into the chat during calls); an empty value or 0 lifts a limit).
     Set { name: String, changes: Vec<String> },
     /// Removes a gateway.
     Rm { name: String },
@@ -195,6 +196,7 @@ pub async fn run(admin: SocketAddr, cmd: GatewayCmd) -> Result<(), String> {
                         }
                     }
                     "allowed_workers" => g.allowed_workers = list(v),
+                    "keypad_bot" => g.keypad_bot = (!v.is_empty()).then(|| v.into()),
                     other => return Err(format!("unknown setting {other:?}")),
                 }
             }

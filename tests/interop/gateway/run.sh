@@ -46,6 +46,13 @@ phone = "555000002"
 username = "ntg_user"
 first_name = "Nina"
 last_name = "Telegram"
+[[users]]
+id = 703
+phone = "555000003"
+username = "gw_keypad_bot"
+first_name = "Keypad"
+bot = true
+bot_token = "703:keypad-token"
 TOML
 mkdir -p "$WORK/gw"
 cat >"$WORK/gw.toml" <<CFG
@@ -65,7 +72,7 @@ listen = ["udp:$sip"]
 backend = "sim"
 sim_address = "$sim"
 sim_world = "$WORK/world.toml"
-sim_autologin = { gateway = "+555000001" }
+sim_autologin = { gateway = "+555000001", keypad = "703:keypad-token" }
 [storage]
 key_file = "$WORK/gw/storage.key"
 [database]
@@ -79,6 +86,7 @@ in_ns "$SIPTG" connection --admin "$admin" add pbx --type pbx_registers login=pb
     trusted_ips=10.80.0.0/24 codecs=PCMA,PCMU,G722,opus dtmf=rfc2833,info >"$WORK/setup.log" 2>&1 \
   && in_ns "$SIPTG" gateway --admin "$admin" add gw --account gateway --connection pbx \
     --pbx-number pbx >>"$WORK/setup.log" 2>&1 \
+  && in_ns "$SIPTG" gateway --admin "$admin" set gw keypad_bot=keypad >>"$WORK/setup.log" 2>&1 \
   || { cat "$WORK/setup.log"; die "siptg connection/gateway add failed"; }
 log "made through the control API: $(in_ns "$SIPTG" connection --admin "$admin" list | tr -s ' ')"
 wait_until 20 bash -c "ip netns exec $ns $SIPTG status --admin $admin | grep -q 'account gateway .*active'" \
@@ -201,14 +209,44 @@ fi
 log "  the Telegram user got the phone's DTMF: $(grep -o 'keypad message from the gateway.*' "$WORK/tg.log" | head -n 1)"
 
 # 2. Telegram → SIP: the Telegram user calls the gateway account; the phone (auto-answer)
-#    rings as `pbx` (the gateway's Number on the PBX); the Telegram user hangs up.
-log "case: a Telegram user calls the gateway's account, the PBX phone answers, the user hangs up"
-rm -f "$dir"/rec/*.wav
+#    rings as `pbx` (the gateway's Number on the PBX); the user presses 9 on the keypad the
+#    gateway's bot put into the chat (the phone must receive DTMF 9); the user hangs up.
+log "case: a Telegram user calls the gateway's account, the PBX phone answers, keypad 9, the user hangs up"
+rm -f "$dir"/rec/*.wav "$dir/events"
 in_ns timeout 40 baresip -f "$dir" -t 16 </dev/null >"$dir/log" 2>&1 &
 phone_pid=$!
 wait_until 10 grep -q "200 OK" "$dir/log" || { cat "$dir/log"; die "the phone did not register"; }
-user call +555000001
+in_ns python3 - "$ctl" "$dir/events" <<'PY' &
+import socket, sys, time
+end = time.time() + 10
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1); break
+    except OSError:
+        if time.time() > end: sys.exit("ctrl_tcp not reachable")
+        time.sleep(0.1)
+end = time.time() + 20
+with open(sys.argv[2], "wb") as f:
+    while time.time() < end:
+        try:
+            chunk = s.recv(4096)
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        f.write(chunk); f.flush()
+PY
+events_pid=$!
+user call +555000001 --press 9
 wait $TG_PID || true
+wait $events_pid 2>/dev/null || true
+sed 's/^/    /' "$WORK/tg.log" | grep -E "keypad|pressed" || true
+if grep -q 'CALL_DTMF_START[^}]*"param":"9"' "$dir/events" 2>/dev/null || grep -q "received DTMF: '9'" "$dir/log"; then
+  log "  the phone received keypad 9: $(grep -o '"type":"CALL_DTMF_START"[^}]*' "$dir/events" | head -n 1)"
+else
+  { tr ',' '\n' <"$dir/events" | grep -i dtmf | head -n 5; } 2>/dev/null || true
+  failed+=("keypad: the phone did not receive DTMF 9")
+fi
 sleep 1
 grep -q "X-TG-ID\|Nina\|555000002" "$dir/log" && log "  the phone saw the caller: $(grep -m1 -o 'Nina[^"]*\|+555000002' "$dir/log" || true)"
 wait $phone_pid || true

@@ -9,7 +9,8 @@ call: our `MediaState` said muted) and then active again (resumed).
 
 DTMF options: `--chat +PHONE --dtmf-out 7` types 7 in the chat with the gateway account once
 connected (the gateway sends it to the PBX as DTMF); `--expect-dtmf 5` requires the keypad
-message 5 from the gateway (the PBX's DTMF) before the call ends.
+message 5 from the gateway (the PBX's DTMF) before the call ends; `--press 9` waits for the
+keypad the gateway's bot puts into the chat and presses 9 on it (DTMF to the PBX).
 
 Plays a 1000 Hz tone and checks it hears 440 Hz (the SIP phone's tone); `call` hangs up after
 the tone, `answer` waits for the other side to hang up. Prints one result line and exits 0 only
@@ -42,6 +43,7 @@ async def main():
     ap.add_argument("--chat", help="the gateway account (+phone) to type digits to")
     ap.add_argument("--dtmf-out", help="digits typed in the chat once connected (DTMF to the PBX)")
     ap.add_argument("--expect-dtmf", help="a digit the gateway must send as a keypad message")
+    ap.add_argument("--press", help="a key to press on the gateway's inline keypad once connected")
     ap.add_argument("--expect-hold", action="store_true",
                     help="the gateway's MediaState must go muted, then unmuted")
     a = ap.parse_args()
@@ -97,6 +99,13 @@ async def main():
         app.send(op="send", peer=a.chat, text=a.dtmf_out)
         await app.expect("sent")
         log(f"typed {a.dtmf_out} in the chat with {a.chat}")
+    if a.press:
+        # The gateway's keypad bot puts its keypad into the chat once the call is answered.
+        k = await app.expect("keypad", 15)
+        log(f"keypad from the gateway via bot {k['via_bot']}: {' '.join(k['keys'])}")
+        app.send(op="press", key=a.press)
+        p = await app.expect("pressed", 15)
+        log(f"pressed {a.press} on the keypad; the bot answered {p['answer']!r}")
     # harness.NtgParty.play_and_listen checks for the other role's tone: both are 1000 Hz
     # here, so check 440 Hz (the SIP phone) ourselves on what was heard.
     loop = asyncio.get_running_loop()
