@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{sip_register, siptg, Proc, SimUp, TestNode};
+use common::{admin_cli, sip_register, Proc, SimUp, TestNode};
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
@@ -32,22 +32,6 @@ fn start(node: &TestNode) -> Proc {
         ..Default::default()
     }
     .start(node)
-}
-
-fn cli(node: &TestNode, args: &[&str]) -> (bool, String) {
-    let admin = node.admin.to_string();
-    let mut all = vec![args[0], "--admin", admin.as_str()];
-    all.extend_from_slice(&args[1..]);
-    let out = std::process::Command::new(siptg())
-        .args(&all)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 /// The password `siptg connection add|reset-password` printed.
@@ -102,14 +86,14 @@ fn next_register(sock: &UdpSocket, within: Duration) -> Option<u32> {
 fn connections_through_the_control_api() {
     let node = TestNode::new();
     let p = start(&node);
-    let (ok, out) = cli(&node, &["connection", "list"]);
+    let (ok, out) = admin_cli(&node, &["connection", "list"]);
     assert!(
         ok && out.contains("trunk") && out.contains("config"),
         "{out}"
     );
 
     // A PBX-registers connection: login from the name, a made-up password printed.
-    let (ok, out) = cli(
+    let (ok, out) = admin_cli(
         &node,
         &[
             "connection",
@@ -185,7 +169,7 @@ fn connections_through_the_control_api() {
             "no connection \"nope\"",
         ),
     ] {
-        let (ok, out) = cli(&node, args);
+        let (ok, out) = admin_cli(&node, args);
         assert!(!ok && out.contains(want), "{args:?}: {out}");
     }
     assert_eq!(
@@ -194,7 +178,7 @@ fn connections_through_the_control_api() {
     );
 
     // A gateway can use it; while it does, the connection cannot be removed.
-    let (ok, out) = cli(
+    let (ok, out) = admin_cli(
         &node,
         &[
             "gateway",
@@ -207,7 +191,7 @@ fn connections_through_the_control_api() {
         ],
     );
     assert!(ok, "{out}");
-    let (ok, out) = cli(&node, &["connection", "rm", "office"]);
+    let (ok, out) = admin_cli(&node, &["connection", "rm", "office"]);
     assert!(!ok && out.contains("belongs to gateway \"gw\""), "{out}");
 
     // A register-to-PBX connection: the Worker registers at the PBX at once.
@@ -216,7 +200,7 @@ fn connections_through_the_control_api() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let server = registrar.local_addr().unwrap().to_string();
-    let (ok, out) = cli(
+    let (ok, out) = admin_cli(
         &node,
         &[
             "connection",
@@ -239,12 +223,12 @@ fn connections_through_the_control_api() {
     );
     let status = node.status().unwrap().to_string();
     assert!(status.contains("upstream"), "{status}");
-    let (ok, out) = cli(&node, &["connection", "list"]);
+    let (ok, out) = admin_cli(&node, &["connection", "list"]);
     assert!(
         ok && out.contains("gw1@") && out.contains("api") && !out.contains("secret"),
         "{out}"
     );
-    let (ok, out) = cli(&node, &["connection", "show", "upstream"]);
+    let (ok, out) = admin_cli(&node, &["connection", "show", "upstream"]);
     assert!(ok && out.contains("\"password\": \"secret\""), "{out}");
 
     // Kept across a restart, with the same password.
@@ -268,7 +252,7 @@ fn connections_through_the_control_api() {
         "the restarted Worker did not register the stored connection: {seen:?}"
     );
     // A new password takes over from the old one.
-    let (ok, out) = cli(&node, &["connection", "reset-password", "office"]);
+    let (ok, out) = admin_cli(&node, &["connection", "reset-password", "office"]);
     assert!(ok, "{out}");
     let fresh = printed_password(&out);
     assert_ne!(fresh, password);
@@ -276,14 +260,14 @@ fn connections_through_the_control_api() {
     assert_eq!(sip_register(node.sip, "office", &fresh), (200, "OK".into()));
 
     // Removed: the registration at the PBX is withdrawn (Expires: 0).
-    let (ok, out) = cli(&node, &["connection", "rm", "upstream"]);
+    let (ok, out) = admin_cli(&node, &["connection", "rm", "upstream"]);
     assert!(ok, "{out}");
     assert_eq!(
         next_register(&registrar, Duration::from_secs(10)),
         Some(0),
         "no un-REGISTER after removal"
     );
-    let (ok, out) = cli(&node, &["connection", "rm", "upstream"]);
+    let (ok, out) = admin_cli(&node, &["connection", "rm", "upstream"]);
     assert!(!ok && out.contains("no connection"), "{out}");
     drop(p);
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{sip_invite, siptg, Proc, SimUp, TestNode};
+use common::{admin_cli, sip_invite, Proc, SimUp, TestNode};
 use std::time::{Duration, Instant};
 
 const WORLD: &str = r#"
@@ -38,19 +38,7 @@ fn start(node: &TestNode) -> Proc {
 }
 
 fn cli(node: &TestNode, args: &[&str]) -> (bool, String) {
-    let admin = node.admin.to_string();
-    let mut all = vec!["gateway", "--admin", admin.as_str()];
-    all.extend_from_slice(args);
-    let out = std::process::Command::new(siptg())
-        .args(&all)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    admin_cli(node, &[&["gateway"], args].concat())
 }
 
 /// The status of an INVITE once it is past start-up answers.

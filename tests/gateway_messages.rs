@@ -633,15 +633,8 @@ pbx_number = "100"
     );
 }
 
-/// A PBX that registers to siptg: its MESSAGE is refused until it has registered (as its
-/// INVITE would be), then accepted by its login; a Telegram user's text goes to its binding.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_registered_pbx_sends_and_receives_texts() {
-    let pbx = Pbx::new().await;
-    let node = TestNode::new();
-    let up = start_with(
-        &node,
-        r#"
+/// Gateway `gw` on line `office`, a PBX that registers to siptg (`office` / `office-secret`).
+const OFFICE: &str = r#"
 [[connection]]
 name = "office"
 type = "pbx_registers"
@@ -653,9 +646,15 @@ name = "gw"
 account = "gateway"
 connections = ["office"]
 pbx_number = "100"
-"#,
-        r#"gateway = "+10000000001""#,
-    );
+"#;
+
+/// A PBX that registers to siptg: its MESSAGE is refused until it has registered (as its
+/// INVITE would be), then accepted by its login; a Telegram user's text goes to its binding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_pbx_sends_and_receives_texts() {
+    let pbx = Pbx::new().await;
+    let node = TestNode::new();
+    let up = start_with(&node, OFFICE, r#"gateway = "+10000000001""#);
     let (alice, mut alice_updates) = alice(&node).await;
     let gw = user(&alice, "10000000001").await;
     // Before REGISTER (retried while the Manager and Worker link up).
@@ -760,23 +759,7 @@ async fn a_pbx_registered_over_tcp_gets_texts_over_its_connection() {
     let mut node = TestNode::new();
     let tcp = free_tcp();
     node.sip_tcp = Some(tcp);
-    let up = start_with(
-        &node,
-        r#"
-[[connection]]
-name = "office"
-type = "pbx_registers"
-login = "office"
-password = "office-secret"
-trusted_ips = ["127.0.0.1"]
-[[gateway]]
-name = "gw"
-account = "gateway"
-connections = ["office"]
-pbx_number = "100"
-"#,
-        r#"gateway = "+10000000001""#,
-    );
+    let up = start_with(&node, OFFICE, r#"gateway = "+10000000001""#);
     let stream = wait_for("the TCP listener", Duration::from_secs(30), || {
         std::net::TcpStream::connect(tcp).ok()
     });

@@ -115,6 +115,23 @@ pub struct Routing {
     limits: Mutex<crate::gateway::limits::Limits>,
 }
 
+/// Checks the name of something the control API makes (a gateway, a connection): it ends up
+/// in URLs, logs and metric labels.
+fn api_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
 impl Routing {
     /// Routing over `connections`, with a registrar challenging in realm `realm`.
     pub fn new(connections: Vec<ConnectionConfig>, realm: &str) -> Self {
@@ -158,17 +175,7 @@ impl Routing {
     /// ([`connection_problems`](crate::config::connection_problems)), a name that is new or an
     /// API connection's, a `pbx_registers` login no other connection uses.
     pub fn check_connection(&self, c: &ConnectionConfig) -> Result<(), String> {
-        let name_ok = !c.name.is_empty()
-            && c.name.len() <= 64
-            && c.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-        if !name_ok {
-            return Err(format!(
-                "connection name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
-                c.name
-            ));
-        }
+        api_name("connection", &c.name)?;
         if self.is_fixed_connection(&c.name) {
             return Err(format!(
                 "connection {:?} is defined in the config file; change it there",
@@ -221,13 +228,16 @@ impl Routing {
         *slot = Arc::new(list);
     }
 
-    /// Removes an API connection: refused while a gateway uses it (its calls would have nowhere
-    /// to go); `Ok(false)` when there is none of that name.
-    pub fn remove_connection(&self, name: &str) -> Result<bool, String> {
+    /// Whether the API may remove connection `name`: not one of the config file's, nor one a
+    /// gateway uses (its calls would have nowhere to go); `Ok(false)` when there is none.
+    pub fn removable_connection(&self, name: &str) -> Result<bool, String> {
         if self.is_fixed_connection(name) {
             return Err(format!(
                 "connection {name:?} is defined in the config file; remove it there"
             ));
+        }
+        if !self.connections().iter().any(|c| c.name == name) {
+            return Ok(false);
         }
         if let Some(g) = self.gateway_of_connection(name) {
             return Err(format!(
@@ -236,13 +246,15 @@ impl Routing {
                 g.name, g.name
             ));
         }
+        Ok(true)
+    }
+
+    /// Removes an API connection (after [`removable_connection`](Self::removable_connection)).
+    pub fn remove_connection(&self, name: &str) {
         let mut slot = self.connections.write().unwrap_or_else(|p| p.into_inner());
         let mut list = (**slot).clone();
-        let before = list.len();
         list.retain(|c| c.name != name);
-        let removed = list.len() != before;
         *slot = Arc::new(list);
-        Ok(removed)
     }
 
     /// The API connections Worker `worker` runs itself (outbound registrations and OPTIONS
@@ -282,17 +294,7 @@ impl Routing {
     /// Checks a gateway the API wants to add or change: its connections exist and belong to no
     /// other gateway, its callers parse, its name is new or an API gateway's.
     pub fn check_gateway(&self, g: &crate::config::GatewayConfig) -> Result<(), String> {
-        let name_ok = !g.name.is_empty()
-            && g.name.len() <= 64
-            && g.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-        if !name_ok {
-            return Err(format!(
-                "gateway name {:?}: use 1 to 64 letters, digits, '-', '_' or '.'",
-                g.name
-            ));
-        }
+        api_name("gateway", &g.name)?;
         if self.is_fixed_gateway(&g.name) {
             return Err(format!(
                 "gateway {:?} is defined in the config file; change it there",
@@ -1191,29 +1193,18 @@ impl Manager {
 
     /// Removes a connection made through the control API (not while a gateway uses it).
     pub async fn delete_connection(&self, name: &str) -> Result<bool, String> {
-        if self.routing.is_fixed_connection(name) {
-            return Err(format!(
-                "connection {name:?} is defined in the config file; remove it there"
-            ));
-        }
-        if !self.routing.connections().iter().any(|c| c.name == name) {
+        if !self.routing.removable_connection(name)? {
             return Ok(false);
-        }
-        if let Some(g) = self.routing.gateway_of_connection(name) {
-            return Err(format!(
-                "connection {name:?} belongs to gateway {:?}; take it out of the gateway first",
-                g.name
-            ));
         }
         let store = self.store.get().ok_or(reasons::DATABASE_ERROR)?;
         store
             .delete(crate::store::Table::Connections, name)
             .await
             .map_err(|e| format!("{}: {e}", reasons::DATABASE_ERROR))?;
-        let removed = self.routing.remove_connection(name)?;
+        self.routing.remove_connection(name);
         tracing::info!(connection = %name, "connection removed");
         self.send_worker_connections();
-        Ok(removed)
+        Ok(true)
     }
 
     /// Sends every linked Worker the API connections it runs.

@@ -434,3 +434,18 @@ path = "var/db.redb"
             .expect("sim_address in siptg.toml")
     }
 }
+
+/// Runs `siptg GROUP --admin <node's admin> ARGS…` (`args[0]` is the group: `gateway`,
+/// `connection`); whether it succeeded, and its stdout and stderr.
+pub fn admin_cli(node: &TestNode, args: &[&str]) -> (bool, String) {
+    let admin = node.admin.to_string();
+    let mut all = vec![args[0], "--admin", admin.as_str()];
+    all.extend_from_slice(&args[1..]);
+    let out = Command::new(siptg()).args(&all).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}

@@ -1398,40 +1398,36 @@ impl GatewayCalls {
         let Some(om) = self.messages.get_mut(&id) else {
             return;
         };
-        if let (Some(req), Some(target)) = (
-            om.retry.take(),
-            om.next.checked_sub(1).and_then(|i| om.msg.targets.get(i)),
-        ) {
-            // The current target's challenge, answered.
-            let (req, transport) =
-                outbound(&self.reliable, local, req, target.address, Transport::Udp);
-            match tx.send_request(now, req.clone(), target.address, transport) {
-                Ok(k) => {
-                    tracing::debug!(text = id, connection = %target.connection, "MESSAGE sent with credentials");
-                    om.sent = Some((req, true));
-                    self.msg_clients.insert(k, id);
-                    return;
+        loop {
+            // The current target's challenge answered, else the next target.
+            let retry = om.retry.take().zip(
+                om.next
+                    .checked_sub(1)
+                    .and_then(|i| om.msg.targets.get(i))
+                    .cloned(),
+            );
+            let (req, target, authorized) = match retry {
+                Some((req, target)) => (req, target, true),
+                None => {
+                    let Some(target) = om.msg.targets.get(om.next).cloned() else {
+                        break;
+                    };
+                    om.next += 1;
+                    let sender = super::messages::Sender {
+                        user: &om.msg.from_user,
+                        name: om.msg.from_name.as_deref(),
+                        headers: &om.msg.headers,
+                    };
+                    let req = super::messages::request(&target, &sender, &om.msg.text, local);
+                    (req, target, false)
                 }
-                Err(e) => {
-                    tracing::warn!(text = id, connection = %target.connection, error = ?e, "MESSAGE not sent");
-                    om.last = (503, "Service Unavailable".to_string());
-                }
-            }
-        }
-        while let Some(target) = om.msg.targets.get(om.next).cloned() {
-            om.next += 1;
-            let sender = super::messages::Sender {
-                user: &om.msg.from_user,
-                name: om.msg.from_name.as_deref(),
-                headers: &om.msg.headers,
             };
-            let req = super::messages::request(&target, &sender, &om.msg.text, local);
             let (req, transport) =
                 outbound(&self.reliable, local, req, target.address, Transport::Udp);
             match tx.send_request(now, req.clone(), target.address, transport) {
                 Ok(k) => {
-                    tracing::debug!(text = id, connection = %target.connection, uri = %target.request_uri, "MESSAGE sent");
-                    om.sent = Some((req, false));
+                    tracing::debug!(text = id, connection = %target.connection, uri = %target.request_uri, authorized, "MESSAGE sent");
+                    om.sent = Some((req, authorized));
                     self.msg_clients.insert(k, id);
                     return;
                 }
